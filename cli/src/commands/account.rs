@@ -1,0 +1,122 @@
+//! `verge login`, `verge whoami`, `verge profiles list|use`.
+
+use serde::Serialize;
+use verge_api::client::Client;
+use verge_api::{ErrorDetail, ErrorKind};
+
+use super::{Failure, Result};
+use crate::args::{LoginArgs, ProfilesCmd, Target};
+use crate::context::Context;
+use crate::output::Output;
+use crate::profile::{Profile, ProfileFile};
+
+/// Checks the token with the server first: a bad token writes nothing.
+pub async fn login(target: &Target, args: LoginArgs, out: &Output) -> Result {
+    let need = |what: &str, flag: &str| {
+        Failure(
+            ErrorDetail::new(ErrorKind::BadRequest, format!("verge login needs {what}"))
+                .with_next(format!("verge login {flag}")),
+        )
+    };
+    let server = target.server.clone().ok_or_else(|| need("--server", "--server URL --token TOKEN"))?;
+    let token = target.token.clone().ok_or_else(|| need("--token", "--server URL --token TOKEN"))?;
+    let ca = match &target.ca_cert {
+        Some(p) => Some(std::fs::read(p).map_err(|e| {
+            Failure(ErrorDetail::new(
+                ErrorKind::BadRequest,
+                format!("cannot read CA certificate {}: {e}", p.display()),
+            ))
+        })?),
+        None => None,
+    };
+    let client = Client::new(&server, Some(&token), ca.as_deref())?;
+    let who = client.whoami().await?;
+    let profile = Profile {
+        server: client.server().to_string(),
+        token,
+        ca_cert: target.ca_cert.clone(),
+        org: target.org.clone().or(who.org.clone()),
+        project: target.project.clone(),
+    };
+    let path = ProfileFile::save_current(&args.profile_name, profile)?;
+    #[derive(Serialize)]
+    struct LoggedIn<'a> {
+        profile: &'a str,
+        server: &'a str,
+        admin: bool,
+        org: Option<&'a str>,
+    }
+    let done = LoggedIn {
+        profile: &args.profile_name,
+        server: client.server(),
+        admin: who.admin,
+        org: who.org.as_deref(),
+    };
+    out.one(&done, |d| {
+        let who = match d.org {
+            Some(org) => format!("a token of org {org}"),
+            None => "a cluster admin token".to_string(),
+        };
+        format!("logged in to {} with {who}; saved as profile {:?} in {}", d.server, d.profile, path.display())
+    });
+    Ok(())
+}
+
+pub async fn whoami(ctx: &Context, out: &Output) -> Result {
+    let who = ctx.client.whoami().await?;
+    out.one(&who, |w| match &w.org {
+        Some(org) => format!("token {} ({}) of org {org} at {}", w.token_name, w.token_id, ctx.client.server()),
+        None => format!("cluster admin token {} ({}) at {}", w.token_name, w.token_id, ctx.client.server()),
+    });
+    Ok(())
+}
+
+pub fn profiles(target: &Target, cmd: ProfilesCmd, out: &Output) -> Result {
+    let mut file = ProfileFile::load()?;
+    match cmd {
+        ProfilesCmd::List => {
+            #[derive(Serialize)]
+            struct Row {
+                name: String,
+                current: bool,
+                server: String,
+                org: Option<String>,
+                project: Option<String>,
+            }
+            let current = target.profile.clone().or(file.current.clone());
+            let rows: Vec<Row> = file
+                .profiles
+                .iter()
+                .map(|(name, p)| Row {
+                    current: Some(name) == current.as_ref(),
+                    name: name.clone(),
+                    server: p.server.clone(),
+                    org: p.org.clone(),
+                    project: p.project.clone(),
+                })
+                .collect();
+            out.list(&rows, &["", "name", "server", "org", "project"], |r| {
+                vec![
+                    if r.current { "*" } else { "" }.into(),
+                    r.name.clone(),
+                    r.server.clone(),
+                    r.org.clone().unwrap_or_default(),
+                    r.project.clone().unwrap_or_default(),
+                ]
+            });
+        }
+        ProfilesCmd::Use { name } => {
+            if !file.profiles.contains_key(&name) {
+                return Err(Failure(
+                    ErrorDetail::new(ErrorKind::NotFound, format!("profile {name:?} not found"))
+                        .with_next("verge profiles list")
+                        .with_next("verge login --server URL --token TOKEN --name NAME"),
+                ));
+            }
+            file.current = Some(name.clone());
+            file.store()?;
+            out.one(&serde_json::json!({"current": name}), |_| format!("now using profile {name:?}"));
+        }
+    }
+    Ok(())
+}

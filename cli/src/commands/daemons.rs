@@ -1,0 +1,177 @@
+//! `verge control` and `verge dev`: run the control plane in this process
+//! until SIGINT or SIGTERM, then shut down gracefully.
+//!
+//! Both print `VERGE_SERVER=<url>` on stdout once they serve; the admin
+//! token (`VERGE_TOKEN=...`) is printed by `verge control` on its first start
+//! only, and by `verge dev` on every start, which keeps its copy in the data
+//! dir (mode 0600) because a dev cluster is a single user's.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use tokio_util::sync::CancellationToken;
+use verge_control::store::{Store, StoreError};
+use verge_control::{Config, auth};
+use verge_api::{ErrorDetail, ErrorKind};
+
+use super::{Failure, Result};
+use crate::args::{ControlArgs, DevArgs, LogArgs, LogFormat};
+use crate::profile::{Profile, ProfileFile};
+
+fn init_logging(log: &LogArgs) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
+    match log.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn start_failed(e: verge_control::StartError) -> Failure {
+    Failure(ErrorDetail::new(ErrorKind::BadRequest, format!("control plane did not start: {e}")))
+}
+
+/// Cancels `token` on the first SIGINT or SIGTERM.
+fn cancel_on_signal(token: CancellationToken) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        token.cancel();
+    });
+    Ok(())
+}
+
+pub async fn control(args: ControlArgs) -> Result {
+    init_logging(&args.log);
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path).map_err(|e| Failure(ErrorDetail::new(ErrorKind::BadRequest, e.to_string())))?,
+        None => Config::default(),
+    };
+    if let Some(v) = args.listen {
+        config.listen = v;
+    }
+    if let Some(v) = args.data_dir {
+        config.data_dir = v;
+    }
+    if let Some(v) = args.database {
+        config.database = Some(v);
+    }
+    if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
+        config.tls = Some(verge_control::config::TlsConfig { cert, key });
+    }
+    if let Some(v) = args.max_body_bytes {
+        config.max_body_bytes = v;
+    }
+    let shutdown = CancellationToken::new();
+    cancel_on_signal(shutdown.clone())?;
+    let started = verge_control::start(&config, shutdown).await.map_err(start_failed)?;
+    println!("VERGE_SERVER={}", started.url);
+    if let Some(token) = &started.admin_token {
+        println!("VERGE_TOKEN={token}");
+        eprintln!("verge control: this is the cluster admin token; it is shown only now.");
+    }
+    started.wait().await;
+    Ok(())
+}
+
+fn default_dev_dir() -> anyhow::Result<PathBuf> {
+    if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").filter(|x| !x.is_empty()) {
+        return Ok(PathBuf::from(xdg).join("verge").join("dev"));
+    }
+    let home = std::env::var_os("HOME").context("HOME is not set: pass --data-dir")?;
+    Ok(PathBuf::from(home).join(".local/share/verge/dev"))
+}
+
+/// The dev cluster's admin token: new on first start, else the saved copy,
+/// else (data dir made by `verge control`) a freshly minted one.
+async fn dev_token(store: &Store, first: Option<String>, data_dir: &Path) -> anyhow::Result<String> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = data_dir.join("dev-admin-token");
+    let token = match first {
+        Some(t) => t,
+        None => match std::fs::read_to_string(&path) {
+            Ok(t) => return Ok(t.trim().to_string()),
+            Err(_) => auth::create_admin_token(store, "dev").await?,
+        },
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    std::io::Write::write_all(&mut f, token.as_bytes())?;
+    Ok(token)
+}
+
+/// Creates org `dev` and its project `default` unless they exist.
+async fn dev_defaults(store: &Store) -> anyhow::Result<()> {
+    let org = match store.create_org("dev").await {
+        Ok(org) => org,
+        Err(StoreError::Conflict) => store.org_by_name("dev").await?.context("org dev vanished")?,
+        Err(e) => return Err(e.into()),
+    };
+    match store.create_project(&org.id, "default").await {
+        Ok(_) | Err(StoreError::Conflict) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub async fn dev(args: DevArgs) -> Result {
+    init_logging(&args.log);
+    let data_dir = match args.data_dir {
+        Some(d) => d,
+        None => default_dev_dir()?,
+    };
+    let config = Config {
+        listen: args.listen,
+        data_dir: data_dir.clone(),
+        ..Config::default()
+    };
+    let shutdown = CancellationToken::new();
+    cancel_on_signal(shutdown.clone())?;
+    let started = verge_control::start(&config, shutdown.clone()).await.map_err(start_failed)?;
+    let setup = async {
+        let token = dev_token(&started.store, started.admin_token.clone(), &data_dir).await?;
+        dev_defaults(&started.store).await?;
+        let profile = Profile {
+            server: started.url.clone(),
+            token: token.clone(),
+            ca_cert: None,
+            org: Some("dev".into()),
+            project: Some("default".into()),
+        };
+        let path = ProfileFile::save_current("dev", profile)?;
+        anyhow::Ok((token, path))
+    };
+    let (token, profile_path) = match setup.await {
+        Ok(v) => v,
+        Err(e) => {
+            shutdown.cancel();
+            started.wait().await;
+            return Err(e.into());
+        }
+    };
+    println!("VERGE_SERVER={}", started.url);
+    println!("VERGE_TOKEN={token}");
+    eprintln!(
+        "verge dev: control plane ready on {} (SQLite in {}); profile \"dev\" saved in {} and selected.\n\
+         verge dev: org \"dev\", project \"default\". Try `verge apps create hello` in another shell. Ctrl-C stops.",
+        started.url,
+        data_dir.display(),
+        profile_path.display()
+    );
+    started.wait().await;
+    Ok(())
+}

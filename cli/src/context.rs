@@ -1,0 +1,109 @@
+//! Resolving where a client command goes: flags and environment first (clap
+//! merges those), then the selected profile, then `./verge.toml` for the app.
+
+use verge_api::client::Client;
+use verge_api::{ErrorDetail, ErrorKind};
+
+use crate::args::Target;
+use crate::commands::Failure;
+use crate::profile::{Profile, ProfileFile};
+
+/// A connected client and the defaults that go with it.
+#[derive(Debug)]
+pub struct Context {
+    pub client: Client,
+    target: Target,
+    profile: Option<Profile>,
+}
+
+fn missing(what: &str, flag: &str, next: &[&str]) -> Failure {
+    let mut d = ErrorDetail::new(ErrorKind::BadRequest, format!("no {what} given"));
+    d.next.push(format!("pass {flag}"));
+    d.next.extend(next.iter().map(|n| n.to_string()));
+    Failure(d)
+}
+
+impl Context {
+    pub fn new(target: &Target) -> Result<Context, Failure> {
+        let file = ProfileFile::load()?;
+        let profile = file.select(target.profile.as_deref()).cloned();
+        if let (Some(name), None) = (&target.profile, &profile) {
+            return Err(Failure(
+                ErrorDetail::new(ErrorKind::NotFound, format!("profile {name:?} not found"))
+                    .with_next("verge profiles list"),
+            ));
+        }
+        let server = target
+            .server
+            .clone()
+            .or_else(|| profile.as_ref().map(|p| p.server.clone()))
+            .ok_or_else(|| {
+                missing(
+                    "server",
+                    "--server URL or set VERGE_SERVER",
+                    &["verge login --server URL --token TOKEN", "start a local cluster with `verge dev`"],
+                )
+            })?;
+        let token = target.token.clone().or_else(|| profile.as_ref().map(|p| p.token.clone()));
+        let ca_path = target
+            .ca_cert
+            .clone()
+            .or_else(|| profile.as_ref().and_then(|p| p.ca_cert.clone()));
+        let ca = match &ca_path {
+            Some(p) => Some(std::fs::read(p).map_err(|e| {
+                Failure(ErrorDetail::new(
+                    ErrorKind::BadRequest,
+                    format!("cannot read CA certificate {}: {e}", p.display()),
+                ))
+            })?),
+            None => None,
+        };
+        let client = Client::new(&server, token.as_deref(), ca.as_deref())?;
+        Ok(Context {
+            client,
+            target: target.clone(),
+            profile,
+        })
+    }
+
+    /// The org to act on: `--org`, the profile's, or the token's own.
+    pub async fn org(&self) -> Result<String, Failure> {
+        if let Some(org) = self.target.org.clone().or_else(|| self.profile.as_ref()?.org.clone()) {
+            return Ok(org);
+        }
+        match self.client.whoami().await?.org {
+            Some(org) => Ok(org),
+            None => Err(missing("org", "--org ORG or set VERGE_ORG", &["verge orgs list"])),
+        }
+    }
+
+    /// `--org` (or `VERGE_ORG`) only, without the profile's default.
+    pub fn explicit_org(&self) -> Option<String> {
+        self.target.org.clone()
+    }
+
+    pub fn project(&self) -> Result<String, Failure> {
+        self.target
+            .project
+            .clone()
+            .or_else(|| self.profile.as_ref()?.project.clone())
+            .ok_or_else(|| missing("project", "--project PROJECT or set VERGE_PROJECT", &["verge projects list"]))
+    }
+
+    /// `--app`, else `app = "..."` in `./verge.toml`.
+    pub fn app(&self) -> Result<String, Failure> {
+        if let Some(app) = &self.target.app {
+            return Ok(app.clone());
+        }
+        app_from_manifest().ok_or_else(|| {
+            missing("app", "--app APP or set VERGE_APP", &["run in a directory with a verge.toml", "verge apps list"])
+        })
+    }
+}
+
+/// The `app` key of `./verge.toml`, when there is one.
+fn app_from_manifest() -> Option<String> {
+    let text = std::fs::read_to_string("verge.toml").ok()?;
+    let table: toml::Table = toml::from_str(&text).ok()?;
+    table.get("app")?.as_str().map(str::to_string)
+}

@@ -1,0 +1,95 @@
+//! CLI profiles: named (server, token, defaults) sets in
+//! `$VERGE_CONFIG_DIR/config.toml` (default `$XDG_CONFIG_HOME/verge`, then
+//! `~/.config/verge`). The file holds tokens, so it is written 0600, and
+//! atomically (write a temporary file, then rename).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileFile {
+    /// The profile used when none is named.
+    pub current: Option<String>,
+    #[serde(default)]
+    pub profiles: BTreeMap<String, Profile>,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Profile {
+    pub server: String,
+    pub token: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub org: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub project: Option<String>,
+}
+
+/// The directory of the CLI's configuration.
+pub fn config_dir() -> anyhow::Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("VERGE_CONFIG_DIR") {
+        return Ok(PathBuf::from(dir));
+    }
+    if let Some(xdg) = std::env::var_os("XDG_CONFIG_HOME").filter(|x| !x.is_empty()) {
+        return Ok(PathBuf::from(xdg).join("verge"));
+    }
+    let home = std::env::var_os("HOME").context("neither VERGE_CONFIG_DIR nor HOME is set")?;
+    Ok(PathBuf::from(home).join(".config").join("verge"))
+}
+
+fn path() -> anyhow::Result<PathBuf> {
+    Ok(config_dir()?.join("config.toml"))
+}
+
+impl ProfileFile {
+    /// The profile file, or an empty one when there is none yet.
+    pub fn load() -> anyhow::Result<ProfileFile> {
+        let path = path()?;
+        match std::fs::read_to_string(&path) {
+            Ok(text) => toml::from_str(&text)
+                .with_context(|| format!("profile file {} is invalid; fix or delete it", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ProfileFile::default()),
+            Err(e) => Err(e).with_context(|| format!("cannot read profile file {}", path.display())),
+        }
+    }
+
+    /// The profile named `name`, or the current one.
+    pub fn select(&self, name: Option<&str>) -> Option<&Profile> {
+        self.profiles.get(name.or(self.current.as_deref())?)
+    }
+
+    /// Saves `profile` as `name` and makes it current.
+    pub fn save_current(name: &str, profile: Profile) -> anyhow::Result<PathBuf> {
+        let mut file = ProfileFile::load()?;
+        file.profiles.insert(name.to_string(), profile);
+        file.current = Some(name.to_string());
+        file.store()
+    }
+
+    pub fn store(&self) -> anyhow::Result<PathBuf> {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let path = path()?;
+        let dir = path.parent().expect("config.toml has a parent");
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let tmp = dir.join(".config.toml.tmp");
+        let text = toml::to_string_pretty(self).context("cannot encode profiles")?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(path)
+    }
+}

@@ -1,0 +1,23 @@
+//! `verge-api`: the contract between Verge's parts.
+//!
+//! This crate owns the shapes that cross a process boundary: the resource
+//! types the HTTP API returns ([`resources`]), the request bodies it accepts
+//! ([`requests`]), the error body every failure carries ([`error`]), the
+//! naming rules both sides check ([`names`]), and, behind the `client`
+//! feature, the typed HTTP client the CLI uses ([`client`]). Later issues add
+//! the manifest (`verge.toml`) types and the control ⇄ node ⇄ ingress wire
+//! messages here.
+//!
+//! It must not depend on a server, a database or a runtime: the node, the
+//! ingress and the CLI all link it, and the JSON it defines is a stable
+//! contract (see `docs/cli.md`). Fields may be added; none may be renamed.
+
+pub mod error;
+pub mod names;
+pub mod requests;
+pub mod resources;
+
+#[cfg(feature = "client")]
+pub mod client;
+
+pub use error::{ErrorBody, ErrorDetail, ErrorKind};

@@ -1,0 +1,60 @@
+//! Naming rules for orgs, projects, apps and envs, checked by the CLI before
+//! sending and by the server before storing.
+//!
+//! A name is a DNS label: 1–63 characters of `a-z`, `0-9` and `-`, starting
+//! with a letter and not ending with `-`. Names end up in hostnames, paths
+//! and log lines, so they stay boring.
+
+/// Checks `name` as the name of a `kind` ("org", "app", ...). The error says
+/// what is wrong and what a valid name looks like.
+pub fn validate(kind: &str, name: &str) -> Result<(), String> {
+    let problem = if name.is_empty() {
+        Some("is empty".to_string())
+    } else if name.len() > 63 {
+        Some(format!("is {} characters long (at most 63)", name.len()))
+    } else if !name.starts_with(|c: char| c.is_ascii_lowercase()) {
+        Some("must start with a lower-case letter".to_string())
+    } else if name.ends_with('-') {
+        Some("must not end with '-'".to_string())
+    } else {
+        name.chars()
+            .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
+            .map(|c| format!("contains {c:?}"))
+    };
+    match problem {
+        None => Ok(()),
+        Some(p) => Err(format!(
+            "{kind} name {name:?} {p}: use lower-case letters, digits and '-', like \"my-{kind}\""
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::validate;
+
+    #[test]
+    fn accepts_dns_labels() {
+        for ok in ["a", "acme", "web-2", "x1"] {
+            assert!(validate("org", ok).is_ok(), "{ok}");
+        }
+    }
+
+    #[test]
+    fn rejects_with_the_reason() {
+        let cases = [
+            ("", "is empty"),
+            ("Acme", "must start with a lower-case letter"),
+            ("1st", "must start with a lower-case letter"),
+            ("web-", "must not end with '-'"),
+            ("my_app", "contains '_'"),
+            ("a.b", "contains '.'"),
+        ];
+        for (name, why) in cases {
+            let err = validate("app", name).unwrap_err();
+            assert!(err.contains(why), "{name}: {err}");
+            assert!(err.starts_with("app name"), "{err}");
+        }
+        assert!(validate("org", &"a".repeat(64)).unwrap_err().contains("64 characters"));
+    }
+}

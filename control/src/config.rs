@@ -1,0 +1,171 @@
+//! Control-plane configuration: a TOML file (`verge control --config F`),
+//! overridden field by field by flags and environment variables in the binary,
+//! then checked as a whole by [`Config::validate`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Everything `verge control` needs to start. Every field has a default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address of the HTTP API. Plain HTTP is only allowed on loopback.
+    pub listen: SocketAddr,
+    /// Where the SQLite database and other local state live.
+    pub data_dir: PathBuf,
+    /// `sqlite://PATH` or `postgres://...`; default: SQLite in `data_dir`.
+    pub database: Option<String>,
+    /// Largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+    /// Most concurrent client connections; more wait to be accepted.
+    pub max_connections: usize,
+    /// How long in-flight requests may take to finish on shutdown.
+    pub shutdown_timeout_secs: u64,
+    /// Serve HTTPS with this certificate and key.
+    pub tls: Option<TlsConfig>,
+}
+
+/// PEM files of the API's certificate chain and private key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            data_dir: PathBuf::from("/var/lib/verge"),
+            database: None,
+            max_body_bytes: 1024 * 1024,
+            max_connections: 10_000,
+            shutdown_timeout_secs: 30,
+            tls: None,
+        }
+    }
+}
+
+/// A configuration that cannot be used, and why.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error(
+        "refusing to serve plain HTTP on {0}: tokens would cross the network in clear text; \
+         set [tls] cert and key (or --tls-cert/--tls-key), or listen on a loopback address"
+    )]
+    PlainHttpNotLoopback(SocketAddr),
+    #[error("tls: {what} file {path} does not exist")]
+    TlsFileMissing { what: &'static str, path: PathBuf },
+    #[error(
+        "database {0:?} is not supported: use sqlite://PATH or postgres://USER:PASSWORD@HOST/DB"
+    )]
+    BadDatabase(String),
+    #[error("{field} must be greater than 0")]
+    Zero { field: &'static str },
+}
+
+impl Config {
+    /// Reads a TOML config file. Unknown keys are errors, with their position.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().replace('\n', " "),
+        })
+    }
+
+    /// The database URL: the configured one, or SQLite in the data dir.
+    pub fn database_url(&self) -> String {
+        match &self.database {
+            Some(url) => url.clone(),
+            None => format!("sqlite://{}", self.data_dir.join("verge.db").display()),
+        }
+    }
+
+    /// Checks the configuration as a whole, before anything is started.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        match &self.tls {
+            None if !self.listen.ip().is_loopback() => {
+                return Err(ConfigError::PlainHttpNotLoopback(self.listen));
+            }
+            Some(tls) => {
+                for (what, path) in [("certificate", &tls.cert), ("key", &tls.key)] {
+                    if !path.exists() {
+                        return Err(ConfigError::TlsFileMissing {
+                            what,
+                            path: path.clone(),
+                        });
+                    }
+                }
+            }
+            None => {}
+        }
+        let url = self.database_url();
+        if crate::store::Backend::of_url(&url).is_none() {
+            return Err(ConfigError::BadDatabase(url));
+        }
+        for (field, value) in [
+            ("max_body_bytes", self.max_body_bytes),
+            ("max_connections", self.max_connections),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Zero { field });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        toml::from_str::<Config>(text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_are_valid_and_local() {
+        let c = Config::default();
+        c.validate().unwrap();
+        assert!(c.listen.ip().is_loopback());
+        assert!(c.database_url().starts_with("sqlite:///var/lib/verge/"));
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_name() {
+        let err = parse("listen = \"127.0.0.1:1\"\nlisten_addr = 1\n").unwrap_err();
+        assert!(err.contains("listen_addr"), "{err}");
+    }
+
+    #[test]
+    fn plain_http_off_loopback_is_refused() {
+        let c = parse("listen = \"0.0.0.0:7070\"").unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("refusing to serve plain HTTP on 0.0.0.0:7070"), "{err}");
+        let v6 = parse("listen = \"[::1]:7070\"").unwrap();
+        v6.validate().unwrap();
+    }
+
+    #[test]
+    fn bad_database_and_missing_tls_files_are_named() {
+        let c = parse("database = \"mysql://x\"").unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("mysql://x"));
+        let c = parse("[tls]\ncert = \"/nonexistent/c.pem\"\nkey = \"/nonexistent/k.pem\"").unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("certificate file /nonexistent/c.pem"), "{err}");
+    }
+}

@@ -1,0 +1,24 @@
+//! `verge-control`: the Verge control plane, as a library the `verge` binary runs.
+//!
+//! It owns desired state: the store of orgs, projects, apps, envs and tokens
+//! ([`store`]), who may touch what ([`auth`]), the `/v1` HTTP API
+//! ([`http`]), its metrics ([`metrics`]) and the listener with TLS and graceful
+//! shutdown ([`server`]). Later issues add releases, the scheduler, the
+//! reconciler and the QUIC sessions with nodes and ingresses beside these.
+//!
+//! It must not run workloads or proxy traffic (that is `verge-node` and
+//! `verge-ingress`), must not print to stdout (the binary decides what the
+//! user sees), and must not keep state outside the store: a restarted
+//! control plane, or a second replica on the same PostgreSQL, sees all of it.
+
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod metrics;
+pub mod server;
+pub mod store;
+mod time;
+
+pub use config::Config;
+pub use server::{Started, StartError, start};

@@ -1,0 +1,209 @@
+//! Starting and stopping the control plane: open the store, bootstrap the
+//! admin token, bind the listener (HTTPS with rustls when a certificate is
+//! configured), serve until the cancellation token fires, then drain
+//! in-flight requests and close the store.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::config::{Config, ConfigError, TlsConfig};
+use crate::http::{AppState, router};
+use crate::metrics::Metrics;
+use crate::store::{Store, StoreError};
+
+/// Why the control plane did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot create data dir {path}: {source}")]
+    DataDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("tls: {0}")]
+    Tls(String),
+    #[error("cannot listen on {addr}: {source} (is another control plane running? pick another --listen)")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A running control plane.
+#[derive(Debug)]
+pub struct Started {
+    /// The base URL clients use, with the port actually bound.
+    pub url: String,
+    pub local_addr: SocketAddr,
+    /// The cluster admin token, on the very first start only.
+    pub admin_token: Option<String>,
+    pub store: Store,
+    serve: JoinHandle<()>,
+}
+
+impl Started {
+    /// Waits for the server to stop (after the cancellation token fired and
+    /// in-flight requests drained), then closes the store.
+    pub async fn wait(self) {
+        if let Err(e) = self.serve.await {
+            tracing::error!(error = %e, "http server task failed");
+        }
+        self.store.close().await;
+        tracing::info!("control plane stopped");
+    }
+}
+
+/// Starts the control plane described by `config`; it stops when `shutdown` is cancelled.
+pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Started, StartError> {
+    config.validate()?;
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+    let store = Store::open(&config.database_url()).await?;
+    tracing::info!(backend = ?store.backend(), "store open, migrations applied");
+    let admin_token = crate::auth::bootstrap(&store).await?;
+    let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let local_addr = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let url = format!("{scheme}://{local_addr}");
+    let app = router(AppState {
+        store: store.clone(),
+        metrics: Metrics::new(),
+        max_body_bytes: config.max_body_bytes,
+    });
+    let limits = Limits {
+        connections: Arc::new(Semaphore::new(config.max_connections)),
+        drain: Duration::from_secs(config.shutdown_timeout_secs),
+    };
+    tracing::info!(%url, "control plane listening");
+    let serve = tokio::spawn(
+        serve(listener, tls, app, limits, shutdown).instrument(tracing::info_span!("http_server")),
+    );
+    Ok(Started {
+        url,
+        local_addr,
+        admin_token,
+        store,
+        serve,
+    })
+}
+
+fn tls_acceptor(tls: &TlsConfig) -> Result<TlsAcceptor, StartError> {
+    let certs = CertificateDer::pem_file_iter(&tls.cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| StartError::Tls(format!("certificate {}: {e}", tls.cert.display())))?;
+    if certs.is_empty() {
+        return Err(StartError::Tls(format!("no certificate in {}", tls.cert.display())));
+    }
+    let key = PrivateKeyDer::from_pem_file(&tls.key)
+        .map_err(|e| StartError::Tls(format!("private key {}: {e}", tls.key.display())))?;
+    let mut server = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| StartError::Tls(e.to_string()))?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| StartError::Tls(format!("{} and {}: {e}", tls.cert.display(), tls.key.display())))?;
+    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(server)))
+}
+
+struct Limits {
+    connections: Arc<Semaphore>,
+    drain: Duration,
+}
+
+/// The accept loop: one task per connection, HTTP/1.1 and HTTP/2, until
+/// `shutdown`; then waits up to `limits.drain` for open requests to finish.
+async fn serve(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    app: Router,
+    limits: Limits,
+    shutdown: CancellationToken,
+) {
+    let graceful = GracefulShutdown::new();
+    let builder = auto::Builder::new(TokioExecutor::new());
+    loop {
+        let permit = tokio::select! {
+            p = limits.connections.clone().acquire_owned() => p.expect("semaphore never closed"),
+            () = shutdown.cancelled() => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        let service = TowerToHyperService::new(app.clone());
+        let builder = builder.clone();
+        let tls = tls.clone();
+        let watcher = graceful.watcher();
+        let conn = async move {
+            let _permit = permit;
+            let result = match tls {
+                None => {
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    watcher.watch(conn.into_owned()).await
+                }
+                Some(acceptor) => match acceptor.accept(stream).await {
+                    Ok(stream) => {
+                        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                        watcher.watch(conn.into_owned()).await
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "tls handshake failed");
+                        return;
+                    }
+                },
+            };
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        };
+        tokio::spawn(conn.instrument(tracing::debug_span!("connection", %peer)));
+    }
+    drop(listener);
+    tracing::info!("shutting down: no new connections, draining open requests");
+    tokio::select! {
+        () = graceful.shutdown() => tracing::info!("all connections closed"),
+        () = tokio::time::sleep(limits.drain) => {
+            tracing::warn!(timeout = ?limits.drain, "drain timeout: closing remaining connections");
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! Pushing images to a registry with `oci-client`.
+//!
+//! Registries on loopback addresses are reached over plain HTTP, as Docker
+//! does; every other registry over HTTPS. Access is anonymous.
+
+use std::net::IpAddr;
+
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::manifest::OCI_IMAGE_MEDIA_TYPE;
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+
+use crate::{Error, Image, Result};
+
+/// Installs rustls' `ring` crypto provider for the process, if none is yet.
+/// Needed before any `oci-client` use; calling it again is harmless.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Whether `registry` (`host`, `host:port`, `[v6]:port`) is on a loopback
+/// address: `localhost`, 127.0.0.0/8 or `::1`.
+pub fn is_loopback_registry(registry: &str) -> bool {
+    let host = if let Ok(ip) = registry.parse::<IpAddr>() {
+        return ip.is_loopback();
+    } else if let Some(bracketed) = registry.strip_prefix('[') {
+        bracketed.split(']').next().unwrap_or_default()
+    } else {
+        registry
+            .rsplit_once(':')
+            .map_or(registry, |(host, _port)| host)
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// An `oci-client` client for `reference`'s registry: plain HTTP if it is on
+/// loopback, HTTPS otherwise. Installs the crypto provider first.
+pub fn client_for(reference: &Reference) -> Client {
+    install_crypto_provider();
+    let registry = reference.resolve_registry();
+    let protocol = if is_loopback_registry(registry) {
+        ClientProtocol::HttpsExcept(vec![registry.to_string()])
+    } else {
+        ClientProtocol::Https
+    };
+    Client::new(ClientConfig {
+        protocol,
+        ..Default::default()
+    })
+}
+
+/// Pushes `image` (layers, config, then manifest) to `reference`, e.g.
+/// `127.0.0.1:5000/hello:1.0`, and returns the manifest digest `sha256:...`.
+/// Blobs the registry already has are not uploaded again.
+pub async fn push(image: &Image, reference: &str) -> Result<String> {
+    let parsed: Reference = reference
+        .parse()
+        .map_err(|source| Error::InvalidReference {
+            reference: reference.into(),
+            source,
+        })?;
+    let failed = |source| Error::Push {
+        reference: reference.into(),
+        source,
+    };
+    let client = client_for(&parsed);
+    client
+        .store_auth_if_needed(parsed.resolve_registry(), &RegistryAuth::Anonymous)
+        .await;
+
+    let layers = image.layers.iter().map(|l| (&l.digest, l.data.clone()));
+    let config = (&image.manifest.config.digest, image.config.data.to_vec());
+    for (digest, data) in layers.chain([config]) {
+        if !client.blob_exists(&parsed, digest).await.map_err(failed)? {
+            client
+                .push_blob(&parsed, data, digest)
+                .await
+                .map_err(failed)?;
+        }
+    }
+
+    let content_type = http::HeaderValue::from_static(OCI_IMAGE_MEDIA_TYPE);
+    let location = client
+        .push_manifest_raw(&parsed, image.manifest_json.clone(), content_type)
+        .await
+        .map_err(failed)?;
+    // Registries answer with the manifest's URL by digest: it must be ours.
+    if let Some(at) = location.rfind("sha256:") {
+        let stored = location[at..].split(['?', '#']).next().unwrap_or_default();
+        if stored != image.digest {
+            return Err(Error::DigestMismatch {
+                reference: reference.into(),
+                location,
+                expected: image.digest.clone(),
+            });
+        }
+    }
+    Ok(image.digest.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_registries() {
+        for yes in [
+            "127.0.0.1:5000",
+            "127.1.2.3",
+            "localhost:5000",
+            "LOCALHOST",
+            "[::1]:5000",
+            "::1",
+        ] {
+            assert!(is_loopback_registry(yes), "{yes}");
+        }
+        for no in [
+            "10.0.0.1:5000",
+            "registry.example.com",
+            "ghcr.io:443",
+            "[2001:db8::1]:5000",
+            "localhost.evil.com",
+        ] {
+            assert!(!is_loopback_registry(no), "{no}");
+        }
+    }
+
+    #[test]
+    fn plain_http_exception_is_keyed_on_host_and_port() {
+        // `client_for` lists `resolve_registry()` as the HTTP exception.
+        let r: Reference = "127.0.0.1:5000/hello:1.0".parse().unwrap();
+        assert_eq!(r.resolve_registry(), "127.0.0.1:5000");
+        assert!(is_loopback_registry(r.resolve_registry()));
+    }
+}

@@ -1,1 +1,173 @@
-//! placeholder
+//! A real OCI registry for tests: Debian's `docker-registry` (the CNCF
+//! distribution registry), on a free loopback port, storing into a tempdir.
+//!
+//! [`Registry::start`] returns once `GET /v2/` answers 200; dropping the
+//! [`Registry`] kills and reaps the process and deletes its storage.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use tokio::process::{Child, Command};
+
+/// Where Debian's `docker-registry` package installs the registry.
+pub const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
+
+/// How long the registry gets to answer `GET /v2/` after spawning.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// Attempts, each on a new port, in case another process took the port.
+const START_ATTEMPTS: usize = 3;
+/// Lines of registry log quoted in errors.
+const LOG_TAIL_LINES: usize = 30;
+
+/// A running `docker-registry`, anonymous and plain HTTP on 127.0.0.1.
+pub struct Registry {
+    child: Child,
+    host: String,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Registry {
+    /// Starts a registry on a free port and waits until it serves.
+    pub async fn start() -> anyhow::Result<Registry> {
+        if !Path::new(REGISTRY_BIN).is_file() {
+            bail!(
+                "{REGISTRY_BIN} not found: the tests need a real OCI registry; \
+                 install it with `apt-get install docker-registry` \
+                 (or run the project's test script, which installs it)"
+            );
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("verge-registry-")
+            .tempdir()
+            .context("creating the registry's tempdir")?;
+        let mut errors = Vec::new();
+        for attempt in 1..=START_ATTEMPTS {
+            let port = free_port()?;
+            match start_on(dir.path(), port).await {
+                Ok((child, log)) => {
+                    return Ok(Registry {
+                        child,
+                        host: format!("127.0.0.1:{port}"),
+                        log,
+                        _dir: dir,
+                    });
+                }
+                Err(e) => errors.push(format!("attempt {attempt} (port {port}): {e:#}")),
+            }
+        }
+        bail!("docker-registry did not start:\n{}", errors.join("\n"))
+    }
+
+    /// `127.0.0.1:PORT`, the registry part of image references.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The registry's log file (its stdout and stderr).
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// The last lines of the registry's log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        log_tail(&self.log)
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        // SIGKILL, then reap: poll briefly, it exits at once.
+        let _ = self.child.start_kill();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// A port free on 127.0.0.1 right now (bound to port 0, then released).
+pub fn free_port() -> anyhow::Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// Writes the config, spawns the registry, waits for `GET /v2/` to answer 200.
+async fn start_on(dir: &Path, port: u16) -> anyhow::Result<(Child, PathBuf)> {
+    let config = dir.join("config.yml");
+    std::fs::write(&config, config_yaml(&dir.join("data"), port))
+        .with_context(|| format!("writing {}", config.display()))?;
+    let log = dir.join("registry.log");
+    let out = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    let mut child = Command::new(REGISTRY_BIN)
+        .arg("serve")
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("spawning {REGISTRY_BIN}"))?;
+    match wait_ready(&mut child, port).await {
+        Ok(()) => Ok((child, log)),
+        Err(e) => {
+            let _ = child.kill().await;
+            Err(e.context(format!("registry log tail:\n{}", log_tail(&log))))
+        }
+    }
+}
+
+/// Polls `GET http://127.0.0.1:PORT/v2/` until 200, the child exits, or the deadline.
+async fn wait_ready(child: &mut Child, port: u16) -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .context("building an HTTP client")?;
+    let url = format!("http://127.0.0.1:{port}/v2/");
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            bail!("docker-registry exited ({status}) before serving {url}");
+        }
+        let last = match http.get(&url).send().await {
+            Ok(resp) if resp.status() == reqwest::StatusCode::OK => return Ok(()),
+            Ok(resp) => format!("status {}", resp.status()),
+            Err(e) => e.to_string(),
+        };
+        if Instant::now() > deadline {
+            bail!("{url} did not answer 200 within {READY_TIMEOUT:?} (last: {last})");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Anonymous, plain HTTP on loopback, deletes enabled, storage under `data`.
+fn config_yaml(data: &Path, port: u16) -> String {
+    format!(
+        "version: 0.1\n\
+         log:\n  level: info\n\
+         storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
+         http:\n  addr: 127.0.0.1:{port}\n  secret: verge-tests-only\n",
+        yaml_string(&data.display().to_string())
+    )
+}
+
+/// A single-quoted YAML scalar (quotes doubled).
+fn yaml_string(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+fn log_tail(log: &Path) -> String {
+    match std::fs::read_to_string(log) {
+        Ok(text) => {
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
+        }
+        Err(e) => format!("(cannot read {}: {e})", log.display()),
+    }
+}

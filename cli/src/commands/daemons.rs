@@ -1,7 +1,7 @@
 //! `verge control` and `verge dev`: run the control plane in this process
 //! until SIGINT or SIGTERM, then shut down gracefully.
 //!
-//! Both print `VERGE_SERVER=<url>` on stdout once they serve; the admin
+//! Both print `VERGE_SERVER=<url>` on stdout, last, once they serve; the admin
 //! token (`VERGE_TOKEN=...`) is printed by `verge control` on its first start
 //! only, and by `verge dev` on every start, which keeps its copy in the data
 //! dir (mode 0600) because a dev cluster is a single user's.
@@ -75,11 +75,12 @@ pub async fn control(args: ControlArgs) -> Result {
     let shutdown = CancellationToken::new();
     cancel_on_signal(shutdown.clone())?;
     let started = verge_control::start(&config, shutdown).await.map_err(start_failed)?;
-    println!("VERGE_SERVER={}", started.url);
+    // The token first: VERGE_SERVER, last, tells scripts the server is ready.
     if let Some(token) = &started.admin_token {
         println!("VERGE_TOKEN={token}");
-        eprintln!("verge control: this is the cluster admin token; it is shown only now.");
+        eprintln!("verge control: VERGE_TOKEN is the cluster admin token; it is shown only now.");
     }
+    println!("VERGE_SERVER={}", started.url);
     started.wait().await;
     Ok(())
 }
@@ -163,8 +164,8 @@ pub async fn dev(args: DevArgs) -> Result {
             return Err(e.into());
         }
     };
-    println!("VERGE_SERVER={}", started.url);
     println!("VERGE_TOKEN={token}");
+    println!("VERGE_SERVER={}", started.url);
     eprintln!(
         "verge dev: control plane ready on {} (SQLite in {}); profile \"dev\" saved in {} and selected.\n\
          verge dev: org \"dev\", project \"default\". Try `verge apps create hello` in another shell. Ctrl-C stops.",

@@ -1,0 +1,179 @@
+//! A real `verge control` process on an ephemeral loopback port, on SQLite
+//! (a file in a temporary data dir) or on a fresh PostgreSQL database.
+
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use tempfile::TempDir;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::cli::Cli;
+
+/// Which store backend a test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// What a start printed on stdout.
+#[derive(Debug)]
+pub struct Banner {
+    pub server: String,
+    /// Only on the very first start.
+    pub token: Option<String>,
+}
+
+/// A running control plane and the state it keeps across restarts.
+#[derive(Debug)]
+pub struct ControlPlane {
+    pub url: String,
+    /// The admin token printed on first start.
+    pub admin_token: String,
+    pub data_dir: TempDir,
+    /// Profiles of the CLI runs of this test.
+    pub config_dir: TempDir,
+    database: Option<String>,
+    extra: Vec<String>,
+    child: Option<Child>,
+    stderr_log: std::path::PathBuf,
+}
+
+impl ControlPlane {
+    pub async fn start(backend: Backend) -> ControlPlane {
+        Self::start_with(backend, &[]).await
+    }
+
+    /// Starts with extra `verge control` arguments (e.g. TLS flags).
+    pub async fn start_with(backend: Backend, extra: &[&str]) -> ControlPlane {
+        let database = match backend {
+            Backend::Sqlite => None,
+            Backend::Postgres => Some(crate::postgres::fresh_database().await),
+        };
+        let data_dir = tempfile::tempdir().expect("temp data dir");
+        let stderr_log = data_dir.path().join("control.log");
+        let mut cp = ControlPlane {
+            url: String::new(),
+            admin_token: String::new(),
+            data_dir,
+            config_dir: tempfile::tempdir().expect("temp config dir"),
+            database,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            child: None,
+            stderr_log,
+        };
+        let banner = cp.launch().await;
+        cp.admin_token = banner
+            .token
+            .unwrap_or_else(|| panic!("first start printed no VERGE_TOKEN line\n{}", cp.log()));
+        cp
+    }
+
+    /// The control plane's log so far (its stderr).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
+    }
+
+    /// The `verge control` command line this plane runs with.
+    pub fn args(&self) -> Vec<String> {
+        let mut args = vec![
+            "control".to_string(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--data-dir".into(),
+            self.data_dir.path().display().to_string(),
+        ];
+        if let Some(db) = &self.database {
+            args.extend(["--database".into(), db.clone()]);
+        }
+        args.extend(self.extra.iter().cloned());
+        args
+    }
+
+    async fn launch(&mut self) -> Banner {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.stderr_log)
+            .expect("control log file");
+        let mut child = Command::new(crate::verge_bin())
+            .args(self.args())
+            .env("RUST_LOG", "info,sqlx=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn verge control");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let banner = tokio::time::timeout(Duration::from_secs(30), read_banner(stdout))
+            .await
+            .unwrap_or_else(|_| panic!("verge control printed no VERGE_SERVER within 30s\n{}", self.log()))
+            .unwrap_or_else(|| panic!("verge control exited before serving\n{}", self.log()));
+        self.url = banner.server.clone();
+        self.child = Some(child);
+        banner
+    }
+
+    /// Sends SIGTERM and waits for the process to exit.
+    pub async fn stop(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("control plane is running");
+        let pid = child.id().expect("child pid") as libc::pid_t;
+        // SAFETY: kill(2) with a valid signal on the pid of our own child, not yet reaped.
+        let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
+        assert_eq!(rc, 0, "kill(SIGTERM) failed");
+        tokio::time::timeout(Duration::from_secs(30), child.wait())
+            .await
+            .expect("control plane did not exit within 30s of SIGTERM")
+            .expect("wait for control plane")
+    }
+
+    /// Stops gracefully (asserting a clean exit) and starts again on the same
+    /// data dir and database. Returns what the new start printed.
+    pub async fn restart(&mut self) -> Banner {
+        let status = self.stop().await;
+        assert!(status.success(), "control plane exited with {status} on SIGTERM\n{}", self.log());
+        self.launch().await
+    }
+
+    /// The CLI, as the admin.
+    pub fn cli(&self) -> Cli {
+        self.cli_as(&self.admin_token)
+    }
+
+    /// The CLI, as the holder of `token`.
+    pub fn cli_as(&self, token: &str) -> Cli {
+        Cli::new(self.config_dir.path()).target(&self.url, token)
+    }
+
+    /// A plain HTTP client for raw requests to this plane.
+    pub fn http(&self) -> reqwest::Client {
+        crate::init_tls();
+        reqwest::Client::new()
+    }
+
+    /// `{url}/{path}` for raw HTTP requests.
+    pub fn endpoint(&self, path: &str) -> String {
+        format!("{}{path}", self.url)
+    }
+}
+
+/// Reads a daemon's stdout until `VERGE_SERVER=`; `None` if it ends first.
+pub async fn read_banner(stdout: tokio::process::ChildStdout) -> Option<Banner> {
+    let mut lines = BufReader::new(stdout).lines();
+    let mut token = None;
+    while let Ok(Some(line)) = lines.next_line().await {
+        if let Some(t) = line.strip_prefix("VERGE_TOKEN=") {
+            token = Some(t.to_string());
+        } else if let Some(s) = line.strip_prefix("VERGE_SERVER=") {
+            // Keep draining stdout so the child never blocks on a full pipe.
+            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+            return Some(Banner {
+                server: s.to_string(),
+                token,
+            });
+        }
+    }
+    None
+}

@@ -6,7 +6,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(name = "verge", version, about = "Verge: run applications on machines at the edge")]
+#[command(
+    name = "verge",
+    version,
+    about = "Verge: run applications on machines at the edge"
+)]
 pub struct Cli {
     #[command(flatten)]
     pub target: Target,

@@ -41,10 +41,16 @@ impl Context {
                 missing(
                     "server",
                     "--server URL or set VERGE_SERVER",
-                    &["verge login --server URL --token TOKEN", "start a local cluster with `verge dev`"],
+                    &[
+                        "verge login --server URL --token TOKEN",
+                        "start a local cluster with `verge dev`",
+                    ],
                 )
             })?;
-        let token = target.token.clone().or_else(|| profile.as_ref().map(|p| p.token.clone()));
+        let token = target
+            .token
+            .clone()
+            .or_else(|| profile.as_ref().map(|p| p.token.clone()));
         let ca_path = target
             .ca_cert
             .clone()
@@ -68,12 +74,21 @@ impl Context {
 
     /// The org to act on: `--org`, the profile's, or the token's own.
     pub async fn org(&self) -> Result<String, Failure> {
-        if let Some(org) = self.target.org.clone().or_else(|| self.profile.as_ref()?.org.clone()) {
+        if let Some(org) = self
+            .target
+            .org
+            .clone()
+            .or_else(|| self.profile.as_ref()?.org.clone())
+        {
             return Ok(org);
         }
         match self.client.whoami().await?.org {
             Some(org) => Ok(org),
-            None => Err(missing("org", "--org ORG or set VERGE_ORG", &["verge orgs list"])),
+            None => Err(missing(
+                "org",
+                "--org ORG or set VERGE_ORG",
+                &["verge orgs list"],
+            )),
         }
     }
 
@@ -87,7 +102,13 @@ impl Context {
             .project
             .clone()
             .or_else(|| self.profile.as_ref()?.project.clone())
-            .ok_or_else(|| missing("project", "--project PROJECT or set VERGE_PROJECT", &["verge projects list"]))
+            .ok_or_else(|| {
+                missing(
+                    "project",
+                    "--project PROJECT or set VERGE_PROJECT",
+                    &["verge projects list"],
+                )
+            })
     }
 
     /// `--app`, else `app = "..."` in `./verge.toml`.
@@ -96,7 +117,11 @@ impl Context {
             return Ok(app.clone());
         }
         app_from_manifest().ok_or_else(|| {
-            missing("app", "--app APP or set VERGE_APP", &["run in a directory with a verge.toml", "verge apps list"])
+            missing(
+                "app",
+                "--app APP or set VERGE_APP",
+                &["run in a directory with a verge.toml", "verge apps list"],
+            )
         })
     }
 }

@@ -23,7 +23,10 @@ fn main() -> std::process::ExitCode {
     // One TLS implementation for every HTTPS and QUIC connection of the process.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let out = Output::new(cli.output);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

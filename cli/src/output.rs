@@ -23,7 +23,12 @@ impl Output {
     }
 
     /// A list: a JSON array, or a table with `headers` and one row per item.
-    pub fn list<T: Serialize>(&self, items: &[T], headers: &[&str], row: impl Fn(&T) -> Vec<String>) {
+    pub fn list<T: Serialize>(
+        &self,
+        items: &[T],
+        headers: &[&str],
+        row: impl Fn(&T) -> Vec<String>,
+    ) {
         if self.is_json() {
             return self.json(&items);
         }
@@ -32,7 +37,9 @@ impl Output {
             return;
         }
         let mut table = Table::new();
-        table.load_preset(presets::NOTHING).set_header(headers.iter().map(|h| h.to_uppercase()));
+        table
+            .load_preset(presets::NOTHING)
+            .set_header(headers.iter().map(|h| h.to_uppercase()));
         for item in items {
             table.add_row(row(item));
         }
@@ -51,14 +58,20 @@ impl Output {
     }
 
     fn json<T: Serialize + ?Sized>(&self, value: &T) {
-        println!("{}", serde_json::to_string_pretty(value).expect("API types serialise"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(value).expect("API types serialise")
+        );
     }
 
     pub fn error(&self, failure: &Failure) {
         let d = &failure.0;
         if self.is_json() {
             let body = verge_api::ErrorBody { error: d.clone() };
-            eprintln!("{}", serde_json::to_string(&body).expect("error body serialises"));
+            eprintln!(
+                "{}",
+                serde_json::to_string(&body).expect("error body serialises")
+            );
             return;
         }
         eprintln!("error: {}", d.message.replace('\n', " "));

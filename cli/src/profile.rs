@@ -52,10 +52,16 @@ impl ProfileFile {
     pub fn load() -> anyhow::Result<ProfileFile> {
         let path = path()?;
         match std::fs::read_to_string(&path) {
-            Ok(text) => toml::from_str(&text)
-                .with_context(|| format!("profile file {} is invalid; fix or delete it", path.display())),
+            Ok(text) => toml::from_str(&text).with_context(|| {
+                format!(
+                    "profile file {} is invalid; fix or delete it",
+                    path.display()
+                )
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ProfileFile::default()),
-            Err(e) => Err(e).with_context(|| format!("cannot read profile file {}", path.display())),
+            Err(e) => {
+                Err(e).with_context(|| format!("cannot read profile file {}", path.display()))
+            }
         }
     }
 

@@ -155,7 +155,10 @@ mod tests {
     fn plain_http_off_loopback_is_refused() {
         let c = parse("listen = \"0.0.0.0:7070\"").unwrap();
         let err = c.validate().unwrap_err().to_string();
-        assert!(err.contains("refusing to serve plain HTTP on 0.0.0.0:7070"), "{err}");
+        assert!(
+            err.contains("refusing to serve plain HTTP on 0.0.0.0:7070"),
+            "{err}"
+        );
         let v6 = parse("listen = \"[::1]:7070\"").unwrap();
         v6.validate().unwrap();
     }
@@ -164,7 +167,8 @@ mod tests {
     fn bad_database_and_missing_tls_files_are_named() {
         let c = parse("database = \"mysql://x\"").unwrap();
         assert!(c.validate().unwrap_err().to_string().contains("mysql://x"));
-        let c = parse("[tls]\ncert = \"/nonexistent/c.pem\"\nkey = \"/nonexistent/k.pem\"").unwrap();
+        let c =
+            parse("[tls]\ncert = \"/nonexistent/c.pem\"\nkey = \"/nonexistent/k.pem\"").unwrap();
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("certificate file /nonexistent/c.pem"), "{err}");
     }

@@ -21,4 +21,4 @@ pub mod store;
 mod time;
 
 pub use config::Config;
-pub use server::{Started, StartError, start};
+pub use server::{StartError, Started, start};

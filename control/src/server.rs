@@ -40,7 +40,9 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error("tls: {0}")]
     Tls(String),
-    #[error("cannot listen on {addr}: {source} (is another control plane running? pick another --listen)")]
+    #[error(
+        "cannot listen on {addr}: {source} (is another control plane running? pick another --listen)"
+    )]
     Bind {
         addr: SocketAddr,
         source: std::io::Error,
@@ -121,7 +123,10 @@ fn tls_acceptor(tls: &TlsConfig) -> Result<TlsAcceptor, StartError> {
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
         .map_err(|e| StartError::Tls(format!("certificate {}: {e}", tls.cert.display())))?;
     if certs.is_empty() {
-        return Err(StartError::Tls(format!("no certificate in {}", tls.cert.display())));
+        return Err(StartError::Tls(format!(
+            "no certificate in {}",
+            tls.cert.display()
+        )));
     }
     let key = PrivateKeyDer::from_pem_file(&tls.key)
         .map_err(|e| StartError::Tls(format!("private key {}: {e}", tls.key.display())))?;
@@ -132,7 +137,13 @@ fn tls_acceptor(tls: &TlsConfig) -> Result<TlsAcceptor, StartError> {
     .map_err(|e| StartError::Tls(e.to_string()))?
     .with_no_client_auth()
     .with_single_cert(certs, key)
-    .map_err(|e| StartError::Tls(format!("{} and {}: {e}", tls.cert.display(), tls.key.display())))?;
+    .map_err(|e| {
+        StartError::Tls(format!(
+            "{} and {}: {e}",
+            tls.cert.display(),
+            tls.key.display()
+        ))
+    })?;
     server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(server)))
 }
@@ -178,12 +189,14 @@ async fn serve(
             let _permit = permit;
             let result = match tls {
                 None => {
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    let conn =
+                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                     watcher.watch(conn.into_owned()).await
                 }
                 Some(acceptor) => match acceptor.accept(stream).await {
                     Ok(stream) => {
-                        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                        let conn =
+                            builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                         watcher.watch(conn.into_owned()).await
                     }
                     Err(e) => {

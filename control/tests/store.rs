@@ -45,8 +45,17 @@ async fn orgs_are_unique_and_sorted(store: Store, _url: String) {
     for name in ["zeta", "acme", "mid"] {
         store.create_org(name).await.unwrap();
     }
-    assert!(matches!(store.create_org("acme").await, Err(StoreError::Conflict)));
-    let names: Vec<_> = store.list_orgs().await.unwrap().into_iter().map(|o| o.name).collect();
+    assert!(matches!(
+        store.create_org("acme").await,
+        Err(StoreError::Conflict)
+    ));
+    let names: Vec<_> = store
+        .list_orgs()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.name)
+        .collect();
     assert_eq!(names, ["acme", "mid", "zeta"]);
     let acme = store.org_by_name("acme").await.unwrap().unwrap();
     assert!(acme.id.starts_with("org_"));
@@ -60,45 +69,116 @@ async fn rows_below_an_org_stay_in_it(store: Store, _url: String) {
     let pa = store.create_project(&a.id, "web").await.unwrap();
     // The same names are fine in another org.
     let pb = store.create_project(&b.id, "web").await.unwrap();
-    assert!(matches!(store.create_project(&a.id, "web").await, Err(StoreError::Conflict)));
+    assert!(matches!(
+        store.create_project(&a.id, "web").await,
+        Err(StoreError::Conflict)
+    ));
     let app = store.create_app(&a.id, &pa, "shop").await.unwrap();
     store.create_app(&b.id, &pb, "shop").await.unwrap();
-    assert!(matches!(store.create_app(&a.id, &pa, "shop").await, Err(StoreError::Conflict)));
+    assert!(matches!(
+        store.create_app(&a.id, &pa, "shop").await,
+        Err(StoreError::Conflict)
+    ));
     let other = store.create_project(&a.id, "other").await.unwrap();
     store.create_app(&a.id, &other, "admin").await.unwrap();
 
     assert_eq!(store.list_projects(&a.id).await.unwrap().len(), 2);
-    let apps_a: Vec<_> = store.list_apps(&a.id, None).await.unwrap().into_iter().map(|a| (a.name, a.project)).collect();
-    assert_eq!(apps_a, [("admin".to_string(), "other".to_string()), ("shop".into(), "web".into())]);
-    let in_web: Vec<_> = store.list_apps(&a.id, Some(&pa.id)).await.unwrap().into_iter().map(|a| a.name).collect();
+    let apps_a: Vec<_> = store
+        .list_apps(&a.id, None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| (a.name, a.project))
+        .collect();
+    assert_eq!(
+        apps_a,
+        [
+            ("admin".to_string(), "other".to_string()),
+            ("shop".into(), "web".into())
+        ]
+    );
+    let in_web: Vec<_> = store
+        .list_apps(&a.id, Some(&pa.id))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| a.name)
+        .collect();
     assert_eq!(in_web, ["shop"]);
     // A project of org b filters org a's apps to nothing: isolation is in SQL.
-    assert!(store.list_apps(&a.id, Some(&pb.id)).await.unwrap().is_empty());
+    assert!(
+        store
+            .list_apps(&a.id, Some(&pb.id))
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert!(store.app_by_name(&b.id, "admin").await.unwrap().is_none());
 
     store.create_env(&app, "prod").await.unwrap();
     store.create_env(&app, "dev").await.unwrap();
-    assert!(matches!(store.create_env(&app, "prod").await, Err(StoreError::Conflict)));
-    let envs: Vec<_> = store.list_envs(&app.id).await.unwrap().into_iter().map(|e| e.name).collect();
+    assert!(matches!(
+        store.create_env(&app, "prod").await,
+        Err(StoreError::Conflict)
+    ));
+    let envs: Vec<_> = store
+        .list_envs(&app.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
     assert_eq!(envs, ["dev", "prod"]);
 }
 
 async fn tokens_are_found_by_hash_until_revoked(store: Store, _url: String) {
     let org = store.create_org("acme").await.unwrap();
-    let admin = store.create_token(None, "admin", "hash-admin").await.unwrap();
-    assert_eq!((admin.org_id.as_deref(), admin.org.as_deref()), (None, None));
-    let t = store.create_token(Some(&org.id), "ci", "hash-ci").await.unwrap();
+    let admin = store
+        .create_token(None, "admin", "hash-admin")
+        .await
+        .unwrap();
+    assert_eq!(
+        (admin.org_id.as_deref(), admin.org.as_deref()),
+        (None, None)
+    );
+    let t = store
+        .create_token(Some(&org.id), "ci", "hash-ci")
+        .await
+        .unwrap();
     assert_eq!(t.org.as_deref(), Some("acme"));
-    assert!(matches!(store.create_token(None, "dup", "hash-ci").await, Err(StoreError::Conflict)));
+    assert!(matches!(
+        store.create_token(None, "dup", "hash-ci").await,
+        Err(StoreError::Conflict)
+    ));
 
-    assert_eq!(store.active_token_by_hash("hash-ci").await.unwrap().unwrap().id, t.id);
-    assert!(store.active_token_by_hash("hash-other").await.unwrap().is_none());
+    assert_eq!(
+        store
+            .active_token_by_hash("hash-ci")
+            .await
+            .unwrap()
+            .unwrap()
+            .id,
+        t.id
+    );
+    assert!(
+        store
+            .active_token_by_hash("hash-other")
+            .await
+            .unwrap()
+            .is_none()
+    );
     assert_eq!(store.list_tokens(Some(&org.id)).await.unwrap().len(), 1);
     assert_eq!(store.list_tokens(None).await.unwrap().len(), 2);
 
     let revoked = store.revoke_token(&t.id).await.unwrap().unwrap();
     assert!(revoked.revoked_at.is_some());
-    assert!(store.active_token_by_hash("hash-ci").await.unwrap().is_none());
+    assert!(
+        store
+            .active_token_by_hash("hash-ci")
+            .await
+            .unwrap()
+            .is_none()
+    );
     // Revoking again keeps the first revocation time.
     let again = store.revoke_token(&t.id).await.unwrap().unwrap();
     assert_eq!(again.revoked_at, revoked.revoked_at);
@@ -127,7 +207,10 @@ async fn sqlite_uses_wal_and_survives_reopen() {
     let url = format!("sqlite://{}", dir.path().join("verge.db").display());
     let store = Store::open(&url).await.unwrap();
     store.create_org("acme").await.unwrap();
-    assert!(dir.path().join("verge.db-wal").exists(), "no WAL file next to the database");
+    assert!(
+        dir.path().join("verge.db-wal").exists(),
+        "no WAL file next to the database"
+    );
     store.close().await;
     let reopened = Store::open(&url).await.unwrap();
     assert_eq!(reopened.list_orgs().await.unwrap()[0].name, "acme");
@@ -136,8 +219,17 @@ async fn sqlite_uses_wal_and_survives_reopen() {
 #[tokio::test]
 async fn unsupported_and_unreachable_databases_are_named() {
     let err = Store::open("mysql://x/y").await.unwrap_err().to_string();
-    assert!(err.contains("unsupported database URL \"mysql://x/y\""), "{err}");
-    let err = Store::open("postgres://verge:secret@127.0.0.1:1/verge").await.unwrap_err().to_string();
-    assert!(err.starts_with("cannot open database postgres://verge:***@127.0.0.1:1/verge"), "{err}");
+    assert!(
+        err.contains("unsupported database URL \"mysql://x/y\""),
+        "{err}"
+    );
+    let err = Store::open("postgres://verge:secret@127.0.0.1:1/verge")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("cannot open database postgres://verge:***@127.0.0.1:1/verge"),
+        "{err}"
+    );
     assert!(!err.contains("secret"), "{err}");
 }

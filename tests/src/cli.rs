@@ -24,7 +24,8 @@ impl Cli {
 
     /// The same CLI with `VERGE_SERVER` and `VERGE_TOKEN` set.
     pub fn target(&self, server: &str, token: &str) -> Cli {
-        self.with_env("VERGE_SERVER", server).with_env("VERGE_TOKEN", token)
+        self.with_env("VERGE_SERVER", server)
+            .with_env("VERGE_TOKEN", token)
     }
 
     pub fn with_env(&self, key: &str, value: &str) -> Cli {
@@ -95,21 +96,36 @@ impl Run {
     /// Asserts success and parses stdout as JSON.
     pub fn json(&self) -> Value {
         let out = self.ok();
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("verge {:?}: stdout is not JSON ({e}):\n{out}", self.args))
+        serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("verge {:?}: stdout is not JSON ({e}):\n{out}", self.args))
     }
 
     /// Asserts failure and parses stderr as the `{"error": {...}}` body.
     pub fn error_json(&self) -> Value {
-        assert!(!self.success(), "verge {:?} succeeded but should have failed:\n{}", self.args, self.stdout());
+        assert!(
+            !self.success(),
+            "verge {:?} succeeded but should have failed:\n{}",
+            self.args,
+            self.stdout()
+        );
         let err = self.stderr();
-        let v: Value = serde_json::from_str(err.trim())
-            .unwrap_or_else(|e| panic!("verge {:?}: stderr is not a JSON error ({e}):\n{err}", self.args));
+        let v: Value = serde_json::from_str(err.trim()).unwrap_or_else(|e| {
+            panic!(
+                "verge {:?}: stderr is not a JSON error ({e}):\n{err}",
+                self.args
+            )
+        });
         v["error"].clone()
     }
 
     /// Asserts failure and returns stderr.
     pub fn failed(&self) -> String {
-        assert!(!self.success(), "verge {:?} succeeded but should have failed:\n{}", self.args, self.stdout());
+        assert!(
+            !self.success(),
+            "verge {:?} succeeded but should have failed:\n{}",
+            self.args,
+            self.stdout()
+        );
         self.stderr()
     }
 }

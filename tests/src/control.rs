@@ -109,7 +109,12 @@ impl ControlPlane {
         let stdout = child.stdout.take().expect("piped stdout");
         let banner = tokio::time::timeout(Duration::from_secs(30), read_banner(stdout))
             .await
-            .unwrap_or_else(|_| panic!("verge control printed no VERGE_SERVER within 30s\n{}", self.log()))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "verge control printed no VERGE_SERVER within 30s\n{}",
+                    self.log()
+                )
+            })
             .unwrap_or_else(|| panic!("verge control exited before serving\n{}", self.log()));
         self.url = banner.server.clone();
         self.child = Some(child);
@@ -133,7 +138,11 @@ impl ControlPlane {
     /// data dir and database. Returns what the new start printed.
     pub async fn restart(&mut self) -> Banner {
         let status = self.stop().await;
-        assert!(status.success(), "control plane exited with {status} on SIGTERM\n{}", self.log());
+        assert!(
+            status.success(),
+            "control plane exited with {status} on SIGTERM\n{}",
+            self.log()
+        );
         self.launch().await
     }
 

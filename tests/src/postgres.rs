@@ -18,7 +18,10 @@ pub fn admin_url() -> String {
 /// Creates an empty database `verge_test_<ulid>` and returns its URL.
 pub async fn fresh_database() -> String {
     let admin = admin_url();
-    let name = format!("verge_test_{}", ulid::Ulid::new().to_string().to_lowercase());
+    let name = format!(
+        "verge_test_{}",
+        ulid::Ulid::new().to_string().to_lowercase()
+    );
     let mut conn = sqlx::postgres::PgConnection::connect(&admin)
         .await
         .unwrap_or_else(|e| panic!("cannot connect to VERGE_TEST_POSTGRES ({admin}): {e}"));
@@ -27,6 +30,8 @@ pub async fn fresh_database() -> String {
         .await
         .unwrap_or_else(|e| panic!("CREATE DATABASE {name}: {e}"));
     let _ = conn.close().await;
-    let (base, _db) = admin.rsplit_once('/').expect("admin URL has a database path");
+    let (base, _db) = admin
+        .rsplit_once('/')
+        .expect("admin URL has a database path");
     format!("{base}/{name}")
 }

@@ -39,9 +39,23 @@ fn names(list: &Value) -> Vec<String> {
 async fn seed(cp: &ControlPlane) {
     let cli = cp.cli();
     cli.run(&["orgs", "create", "acme"]).await.ok();
-    cli.run(&["projects", "create", "web", "--org", "acme"]).await.ok();
-    cli.run(&["apps", "create", "shop", "--org", "acme", "--project", "web"]).await.ok();
-    cli.run(&["envs", "create", "prod", "--org", "acme", "--app", "shop"]).await.ok();
+    cli.run(&["projects", "create", "web", "--org", "acme"])
+        .await
+        .ok();
+    cli.run(&[
+        "apps",
+        "create",
+        "shop",
+        "--org",
+        "acme",
+        "--project",
+        "web",
+    ])
+    .await
+    .ok();
+    cli.run(&["envs", "create", "prod", "--org", "acme", "--app", "shop"])
+        .await
+        .ok();
 }
 
 async fn bootstrap_token_is_printed_once_and_works(backend: Backend) {
@@ -51,58 +65,153 @@ async fn bootstrap_token_is_printed_once_and_works(backend: Backend) {
     assert_eq!(who["admin"], json!(true));
     assert_eq!(who["org"], Value::Null);
     let again = cp.restart().await;
-    assert_eq!(again.token, None, "the admin token must be printed on the first start only");
+    assert_eq!(
+        again.token, None,
+        "the admin token must be printed on the first start only"
+    );
     // Stored hashed: the secret itself is nowhere in the database file or log.
     if backend == Backend::Sqlite {
         let db = std::fs::read(cp.data_dir.path().join("verge.db")).unwrap();
         let secret = cp.admin_token.as_bytes();
-        assert!(!db.windows(secret.len()).any(|w| w == secret), "token stored in clear");
+        assert!(
+            !db.windows(secret.len()).any(|w| w == secret),
+            "token stored in clear"
+        );
     }
-    assert!(!cp.log().contains(&cp.admin_token), "token written to the log");
+    assert!(
+        !cp.log().contains(&cp.admin_token),
+        "token written to the log"
+    );
     cp.cli().run(&["whoami"]).await.ok();
 }
 
 async fn nouns_are_created_and_listed(backend: Backend) {
     let cp = ControlPlane::start(backend).await;
     let cli = cp.cli();
-    let org = cli.run(&["orgs", "create", "acme", "-o", "json"]).await.json();
-    assert_eq!(org["name"], "acme");
-    assert!(org["id"].as_str().unwrap().starts_with("org_"));
-    let project = cli.run(&["projects", "create", "web", "--org", "acme", "-o", "json"]).await.json();
-    assert_eq!((project["name"].as_str(), project["org"].as_str()), (Some("web"), Some("acme")));
-    let app = cli
-        .run(&["apps", "create", "shop", "--org", "acme", "--project", "web", "-o", "json"])
+    let org = cli
+        .run(&["orgs", "create", "acme", "-o", "json"])
         .await
         .json();
-    assert_eq!((app["name"].as_str(), app["project"].as_str()), (Some("shop"), Some("web")));
-    let env = cli.run(&["envs", "create", "prod", "--org", "acme", "--app", "shop", "-o", "json"]).await.json();
-    assert_eq!((env["name"].as_str(), env["app"].as_str()), (Some("prod"), Some("shop")));
-    cli.run(&["envs", "create", "staging", "--org", "acme", "--app", "shop"]).await.ok();
+    assert_eq!(org["name"], "acme");
+    assert!(org["id"].as_str().unwrap().starts_with("org_"));
+    let project = cli
+        .run(&["projects", "create", "web", "--org", "acme", "-o", "json"])
+        .await
+        .json();
+    assert_eq!(
+        (project["name"].as_str(), project["org"].as_str()),
+        (Some("web"), Some("acme"))
+    );
+    let app = cli
+        .run(&[
+            "apps",
+            "create",
+            "shop",
+            "--org",
+            "acme",
+            "--project",
+            "web",
+            "-o",
+            "json",
+        ])
+        .await
+        .json();
+    assert_eq!(
+        (app["name"].as_str(), app["project"].as_str()),
+        (Some("shop"), Some("web"))
+    );
+    let env = cli
+        .run(&[
+            "envs", "create", "prod", "--org", "acme", "--app", "shop", "-o", "json",
+        ])
+        .await
+        .json();
+    assert_eq!(
+        (env["name"].as_str(), env["app"].as_str()),
+        (Some("prod"), Some("shop"))
+    );
+    cli.run(&[
+        "envs", "create", "staging", "--org", "acme", "--app", "shop",
+    ])
+    .await
+    .ok();
 
-    assert_eq!(names(&cli.run(&["orgs", "list", "-o", "json"]).await.json()), ["acme"]);
-    assert_eq!(names(&cli.run(&["projects", "list", "--org", "acme", "-o", "json"]).await.json()), ["web"]);
-    assert_eq!(names(&cli.run(&["apps", "list", "--org", "acme", "-o", "json"]).await.json()), ["shop"]);
-    let envs = cli.run(&["envs", "list", "--org", "acme", "--app", "shop", "-o", "json"]).await.json();
+    assert_eq!(
+        names(&cli.run(&["orgs", "list", "-o", "json"]).await.json()),
+        ["acme"]
+    );
+    assert_eq!(
+        names(
+            &cli.run(&["projects", "list", "--org", "acme", "-o", "json"])
+                .await
+                .json()
+        ),
+        ["web"]
+    );
+    assert_eq!(
+        names(
+            &cli.run(&["apps", "list", "--org", "acme", "-o", "json"])
+                .await
+                .json()
+        ),
+        ["shop"]
+    );
+    let envs = cli
+        .run(&[
+            "envs", "list", "--org", "acme", "--app", "shop", "-o", "json",
+        ])
+        .await
+        .json();
     assert_eq!(names(&envs), ["prod", "staging"]);
     for key in ["id", "name", "org", "app", "created_at"] {
         assert!(envs[0].get(key).is_some(), "envs list lacks {key}: {envs}");
     }
     // Human output is a table with the names in it.
-    let table = cli.run(&["envs", "list", "--org", "acme", "--app", "shop"]).await.ok();
+    let table = cli
+        .run(&["envs", "list", "--org", "acme", "--app", "shop"])
+        .await
+        .ok();
     assert!(table.lines().next().unwrap().contains("NAME"), "{table}");
     assert!(table.contains("staging"), "{table}");
 
     // Duplicates and invalid names are refused, with the reason and a next step.
-    let dup = cli.run(&["apps", "create", "shop", "--org", "acme", "--project", "web", "-o", "json"]).await;
+    let dup = cli
+        .run(&[
+            "apps",
+            "create",
+            "shop",
+            "--org",
+            "acme",
+            "--project",
+            "web",
+            "-o",
+            "json",
+        ])
+        .await;
     let err = dup.error_json();
     assert_eq!(err["kind"], "conflict");
-    assert!(err["message"].as_str().unwrap().contains("app \"shop\" already exists"), "{err}");
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .contains("app \"shop\" already exists"),
+        "{err}"
+    );
     let human = cli.run(&["orgs", "create", "acme"]).await.failed();
-    assert!(human.starts_with("error: org \"acme\" already exists"), "{human}");
+    assert!(
+        human.starts_with("error: org \"acme\" already exists"),
+        "{human}"
+    );
     assert!(human.contains("try: verge orgs list"), "{human}");
     let bad = cli.run(&["orgs", "create", "Bad_Name"]).await.failed();
-    assert!(bad.contains("org name \"Bad_Name\" must start with a lower-case letter"), "{bad}");
-    let missing = cli.run(&["apps", "create", "x", "--org", "acme", "--project", "nope"]).await.failed();
+    assert!(
+        bad.contains("org name \"Bad_Name\" must start with a lower-case letter"),
+        "{bad}"
+    );
+    let missing = cli
+        .run(&["apps", "create", "x", "--org", "acme", "--project", "nope"])
+        .await
+        .failed();
     assert!(missing.contains("project \"nope\" not found"), "{missing}");
 }
 
@@ -111,7 +220,10 @@ async fn another_orgs_token_gets_404_and_no_data(backend: Backend) {
     seed(&cp).await;
     let admin = cp.cli();
     admin.run(&["orgs", "create", "rival"]).await.ok();
-    let rival = admin.run(&["tokens", "create", "--org", "rival", "-o", "json"]).await.json();
+    let rival = admin
+        .run(&["tokens", "create", "--org", "rival", "-o", "json"])
+        .await
+        .json();
     assert_eq!(rival["org"], "rival");
     let token = rival["token"].as_str().unwrap();
     let cli = cp.cli_as(token);
@@ -119,7 +231,9 @@ async fn another_orgs_token_gets_404_and_no_data(backend: Backend) {
     // Through the CLI: 404, never 403, and nothing of acme's.
     for args in [
         vec!["apps", "list", "--org", "acme", "-o", "json"],
-        vec!["envs", "list", "--org", "acme", "--app", "shop", "-o", "json"],
+        vec![
+            "envs", "list", "--org", "acme", "--app", "shop", "-o", "json",
+        ],
         vec!["projects", "create", "x", "--org", "acme", "-o", "json"],
     ] {
         let run = cli.run(&args).await;
@@ -129,7 +243,10 @@ async fn another_orgs_token_gets_404_and_no_data(backend: Backend) {
         assert!(!run.stderr().contains("shop") && !run.stdout().contains("shop"));
     }
     // Its own org works, and lists show only its own org.
-    assert_eq!(names(&cli.run(&["orgs", "list", "-o", "json"]).await.json()), ["rival"]);
+    assert_eq!(
+        names(&cli.run(&["orgs", "list", "-o", "json"]).await.json()),
+        ["rival"]
+    );
     cli.run(&["projects", "create", "mine"]).await.ok();
 
     // Raw HTTP: same status and body for "exists elsewhere" and "does not exist".
@@ -142,9 +259,15 @@ async fn another_orgs_token_gets_404_and_no_data(backend: Backend) {
     assert_eq!(nobody.status(), 404);
     let nobody_body: Value = nobody.json().await.unwrap();
     assert_eq!(theirs_body["error"]["kind"], nobody_body["error"]["kind"]);
-    assert!(!theirs_body.to_string().contains("app_"), "leaks an ID: {theirs_body}");
+    assert!(
+        !theirs_body.to_string().contains("app_"),
+        "leaks an ID: {theirs_body}"
+    );
     // An org token cannot act as an admin.
-    let forbidden = cli.run(&["orgs", "create", "third", "-o", "json"]).await.error_json();
+    let forbidden = cli
+        .run(&["orgs", "create", "third", "-o", "json"])
+        .await
+        .error_json();
     assert_eq!(forbidden["kind"], "forbidden");
 }
 
@@ -153,40 +276,86 @@ async fn wrong_token_gets_401_with_a_clear_message(backend: Backend) {
     let wrong = "vrg_0000000000000000000000000000000000000000000000000000000000000000";
     let run = cp.cli_as(wrong).run(&["orgs", "list"]).await;
     let stderr = run.failed();
-    assert!(stderr.starts_with("error: invalid or revoked API token"), "{stderr}");
+    assert!(
+        stderr.starts_with("error: invalid or revoked API token"),
+        "{stderr}"
+    );
     assert!(stderr.contains("try: verge login"), "{stderr}");
-    let err = cp.cli_as(wrong).run(&["orgs", "list", "-o", "json"]).await.error_json();
+    let err = cp
+        .cli_as(wrong)
+        .run(&["orgs", "list", "-o", "json"])
+        .await
+        .error_json();
     assert_eq!(err["kind"], "unauthorized");
 
     let http = cp.http();
-    let resp = http.get(cp.endpoint("/v1/orgs")).bearer_auth(wrong).send().await.unwrap();
+    let resp = http
+        .get(cp.endpoint("/v1/orgs"))
+        .bearer_auth(wrong)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 401);
     let resp = http.get(cp.endpoint("/v1/orgs")).send().await.unwrap();
     assert_eq!(resp.status(), 401);
     let body: Value = resp.json().await.unwrap();
-    assert!(body["error"]["message"].as_str().unwrap().contains("missing API token"), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("missing API token"),
+        "{body}"
+    );
 }
 
 async fn revoked_token_fails_on_the_next_request(backend: Backend) {
     let cp = ControlPlane::start(backend).await;
     seed(&cp).await;
-    let created = cp.cli().run(&["tokens", "create", "--org", "acme", "--name", "ci", "-o", "json"]).await.json();
+    let created = cp
+        .cli()
+        .run(&[
+            "tokens", "create", "--org", "acme", "--name", "ci", "-o", "json",
+        ])
+        .await
+        .json();
     let token = created["token"].as_str().unwrap();
     let id = created["id"].as_str().unwrap();
     let user = cp.cli_as(token);
-    assert_eq!(names(&user.run(&["apps", "list", "-o", "json"]).await.json()), ["shop"]);
+    assert_eq!(
+        names(&user.run(&["apps", "list", "-o", "json"]).await.json()),
+        ["shop"]
+    );
 
-    let listed = cp.cli().run(&["tokens", "list", "--org", "acme", "-o", "json"]).await.json();
+    let listed = cp
+        .cli()
+        .run(&["tokens", "list", "--org", "acme", "-o", "json"])
+        .await
+        .json();
     assert_eq!(names(&listed), ["ci"]);
-    assert!(!listed.to_string().contains(token), "token list shows a secret");
-    let revoked = cp.cli().run(&["tokens", "revoke", id, "-o", "json"]).await.json();
+    assert!(
+        !listed.to_string().contains(token),
+        "token list shows a secret"
+    );
+    let revoked = cp
+        .cli()
+        .run(&["tokens", "revoke", id, "-o", "json"])
+        .await
+        .json();
     assert!(revoked["revoked_at"].is_string(), "{revoked}");
 
     let err = user.run(&["apps", "list", "-o", "json"]).await.error_json();
     assert_eq!(err["kind"], "unauthorized");
     // Only admins manage tokens.
-    let other = cp.cli().run(&["tokens", "create", "--org", "acme", "-o", "json"]).await.json();
-    let err = cp.cli_as(other["token"].as_str().unwrap()).run(&["tokens", "list", "-o", "json"]).await.error_json();
+    let other = cp
+        .cli()
+        .run(&["tokens", "create", "--org", "acme", "-o", "json"])
+        .await
+        .json();
+    let err = cp
+        .cli_as(other["token"].as_str().unwrap())
+        .run(&["tokens", "list", "-o", "json"])
+        .await
+        .error_json();
     assert_eq!(err["kind"], "forbidden");
 }
 
@@ -203,11 +372,31 @@ async fn bad_and_oversized_bodies_are_refused_and_change_nothing(backend: Backen
             .send()
     };
     let cases: [(&str, Vec<u8>, u16, &str); 5] = [
-        ("/v1/orgs", b"{\"name\": ".to_vec(), 400, "invalid request body"),
-        ("/v1/orgs", b"{\"nam\": \"x\"}".to_vec(), 400, "unknown field `nam`"),
+        (
+            "/v1/orgs",
+            b"{\"name\": ".to_vec(),
+            400,
+            "invalid request body",
+        ),
+        (
+            "/v1/orgs",
+            b"{\"nam\": \"x\"}".to_vec(),
+            400,
+            "unknown field `nam`",
+        ),
         ("/v1/orgs", b"[1,2]".to_vec(), 400, "invalid request body"),
-        ("/v1/orgs/acme/apps", b"{\"name\": \"x\"}".to_vec(), 400, "missing field `project`"),
-        ("/v1/orgs", format!("{{\"name\": \"{}\"}}", "a".repeat(2 << 20)).into_bytes(), 413, "larger than"),
+        (
+            "/v1/orgs/acme/apps",
+            b"{\"name\": \"x\"}".to_vec(),
+            400,
+            "missing field `project`",
+        ),
+        (
+            "/v1/orgs",
+            format!("{{\"name\": \"{}\"}}", "a".repeat(2 << 20)).into_bytes(),
+            413,
+            "larger than",
+        ),
     ];
     for (path, body, status, needle) in cases {
         let resp = post(path, body).await.unwrap();
@@ -216,25 +405,54 @@ async fn bad_and_oversized_bodies_are_refused_and_change_nothing(backend: Backen
         let message = err["error"]["message"].as_str().unwrap();
         assert!(message.contains(needle), "{path}: {message}");
     }
-    let no_type = cp.http().post(cp.endpoint("/v1/orgs")).bearer_auth(&cp.admin_token).body("{\"name\":\"x\"}").send().await.unwrap();
+    let no_type = cp
+        .http()
+        .post(cp.endpoint("/v1/orgs"))
+        .bearer_auth(&cp.admin_token)
+        .body("{\"name\":\"x\"}")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(no_type.status(), 400);
     // Nothing changed.
     let cli = cp.cli();
-    assert_eq!(names(&cli.run(&["orgs", "list", "-o", "json"]).await.json()), ["acme"]);
-    assert_eq!(names(&cli.run(&["apps", "list", "--org", "acme", "-o", "json"]).await.json()), ["shop"]);
+    assert_eq!(
+        names(&cli.run(&["orgs", "list", "-o", "json"]).await.json()),
+        ["acme"]
+    );
+    assert_eq!(
+        names(
+            &cli.run(&["apps", "list", "--org", "acme", "-o", "json"])
+                .await
+                .json()
+        ),
+        ["shop"]
+    );
 }
 
 async fn restart_keeps_everything(backend: Backend) {
     let mut cp = ControlPlane::start(backend).await;
     seed(&cp).await;
-    let token = cp.cli().run(&["tokens", "create", "--org", "acme", "-o", "json"]).await.json();
+    let token = cp
+        .cli()
+        .run(&["tokens", "create", "--org", "acme", "-o", "json"])
+        .await
+        .json();
     let snapshot = async |cp: &ControlPlane| {
         let cli = cp.cli();
         [
             cli.run(&["orgs", "list", "-o", "json"]).await.json(),
-            cli.run(&["projects", "list", "--org", "acme", "-o", "json"]).await.json(),
-            cli.run(&["apps", "list", "--org", "acme", "-o", "json"]).await.json(),
-            cli.run(&["envs", "list", "--org", "acme", "--app", "shop", "-o", "json"]).await.json(),
+            cli.run(&["projects", "list", "--org", "acme", "-o", "json"])
+                .await
+                .json(),
+            cli.run(&["apps", "list", "--org", "acme", "-o", "json"])
+                .await
+                .json(),
+            cli.run(&[
+                "envs", "list", "--org", "acme", "--app", "shop", "-o", "json",
+            ])
+            .await
+            .json(),
             cli.run(&["tokens", "list", "-o", "json"]).await.json(),
         ]
     };
@@ -243,7 +461,10 @@ async fn restart_keeps_everything(backend: Backend) {
     let after = snapshot(&cp).await;
     assert_eq!(before, after);
     // Both tokens still authenticate after the restart.
-    cp.cli_as(token["token"].as_str().unwrap()).run(&["apps", "list"]).await.ok();
+    cp.cli_as(token["token"].as_str().unwrap())
+        .run(&["apps", "list"])
+        .await
+        .ok();
 }
 
 async fn health_and_metrics_are_served(backend: Backend) {
@@ -254,12 +475,25 @@ async fn health_and_metrics_are_served(backend: Backend) {
     assert_eq!(health.json::<Value>().await.unwrap()["status"], "ok");
     cp.cli().run(&["orgs", "list"]).await.ok();
     let _ = cp.cli_as("vrg_bad").run(&["orgs", "list"]).await;
-    let text = http.get(cp.endpoint("/metrics")).send().await.unwrap().text().await.unwrap();
+    let text = http
+        .get(cp.endpoint("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(
         text.contains(r#"verge_http_requests_total{method="GET",route="/v1/orgs",status="200"} 1"#),
         "{text}"
     );
-    assert!(text.contains(r#"route="/v1/orgs",status="401"} 1"#), "{text}");
-    assert!(text.contains("verge_http_request_duration_seconds_bucket"), "{text}");
+    assert!(
+        text.contains(r#"route="/v1/orgs",status="401"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains("verge_http_request_duration_seconds_bucket"),
+        "{text}"
+    );
     assert!(text.trim_end().ends_with("# EOF"), "not OpenMetrics text");
 }

@@ -11,17 +11,26 @@ use verge_tests::control::{Banner, read_banner};
 
 async fn start_dev(data: &std::path::Path, config: &std::path::Path) -> (Child, Banner) {
     let mut child = Command::new(verge_tests::verge_bin())
-        .args(["dev", "--listen", "127.0.0.1:0", "--data-dir", &data.display().to_string()])
+        .args([
+            "dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            &data.display().to_string(),
+        ])
         .env("VERGE_CONFIG_DIR", config)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let banner = tokio::time::timeout(Duration::from_secs(30), read_banner(child.stdout.take().unwrap()))
-        .await
-        .expect("verge dev printed VERGE_SERVER within 30s")
-        .expect("verge dev exited before serving");
+    let banner = tokio::time::timeout(
+        Duration::from_secs(30),
+        read_banner(child.stdout.take().unwrap()),
+    )
+    .await
+    .expect("verge dev printed VERGE_SERVER within 30s")
+    .expect("verge dev exited before serving");
     (child, banner)
 }
 
@@ -30,11 +39,18 @@ async fn interrupt(mut child: Child) -> std::process::ExitStatus {
     let pid = child.id().unwrap() as libc::pid_t;
     // SAFETY: kill(2) on the pid of our own running child.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
-    tokio::time::timeout(Duration::from_secs(30), child.wait()).await.expect("exit within 30s").unwrap()
+    tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("exit within 30s")
+        .unwrap()
 }
 
 fn names(v: &Value) -> Vec<&str> {
-    v.as_array().unwrap().iter().map(|o| o["name"].as_str().unwrap()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["name"].as_str().unwrap())
+        .collect()
 }
 
 #[tokio::test]
@@ -48,21 +64,39 @@ async fn dev_cluster_with_profile_and_clean_restart() {
     let cli = Cli::new(config.path());
     let profiles = std::fs::read_to_string(config.path().join("config.toml")).unwrap();
     assert!(profiles.contains("current = \"dev\""), "{profiles}");
-    assert_eq!(names(&cli.run(&["orgs", "list", "-o", "json"]).await.json()), ["dev"]);
-    assert_eq!(names(&cli.run(&["projects", "list", "-o", "json"]).await.json()), ["default"]);
-    let app = cli.run(&["apps", "create", "hello", "-o", "json"]).await.json();
-    assert_eq!((app["org"].as_str(), app["project"].as_str()), (Some("dev"), Some("default")));
+    assert_eq!(
+        names(&cli.run(&["orgs", "list", "-o", "json"]).await.json()),
+        ["dev"]
+    );
+    assert_eq!(
+        names(&cli.run(&["projects", "list", "-o", "json"]).await.json()),
+        ["default"]
+    );
+    let app = cli
+        .run(&["apps", "create", "hello", "-o", "json"])
+        .await
+        .json();
+    assert_eq!(
+        (app["org"].as_str(), app["project"].as_str()),
+        (Some("dev"), Some("default"))
+    );
     let listed = cli.run(&["profiles", "list", "-o", "json"]).await.json();
     assert_eq!(listed[0]["name"], "dev");
     assert_eq!(listed[0]["current"], true);
 
     let status = interrupt(child).await;
     assert!(status.success(), "verge dev exited with {status} on Ctrl-C");
-    assert!(!cli.run(&["orgs", "list"]).await.success(), "still serving after Ctrl-C");
+    assert!(
+        !cli.run(&["orgs", "list"]).await.success(),
+        "still serving after Ctrl-C"
+    );
 
     // State and token survive; the profile follows the new address.
     let (child, second) = start_dev(data.path(), config.path()).await;
     assert_eq!(second.token.as_deref(), Some(token.as_str()));
-    assert_eq!(names(&cli.run(&["apps", "list", "-o", "json"]).await.json()), ["hello"]);
+    assert_eq!(
+        names(&cli.run(&["apps", "list", "-o", "json"]).await.json()),
+        ["hello"]
+    );
     assert!(interrupt(child).await.success());
 }

@@ -27,8 +27,13 @@ fn make_pki(dir: &std::path::Path) -> [std::path::PathBuf; 3] {
 async fn https_with_a_configured_certificate() {
     let pki = tempfile::tempdir().unwrap();
     let [ca, cert, key] = make_pki(pki.path());
-    let (cert, key, ca) = (cert.display().to_string(), key.display().to_string(), ca.display().to_string());
-    let cp = ControlPlane::start_with(Backend::Sqlite, &["--tls-cert", &cert, "--tls-key", &key]).await;
+    let (cert, key, ca) = (
+        cert.display().to_string(),
+        key.display().to_string(),
+        ca.display().to_string(),
+    );
+    let cp =
+        ControlPlane::start_with(Backend::Sqlite, &["--tls-cert", &cert, "--tls-key", &key]).await;
     assert!(cp.url.starts_with("https://127.0.0.1:"), "{}", cp.url);
 
     // Trusting the cluster's CA, the CLI works over TLS.
@@ -38,12 +43,18 @@ async fn https_with_a_configured_certificate() {
 
     // Without it, the certificate is refused and the error says where.
     let untrusted = cp.cli().run(&["orgs", "list"]).await.failed();
-    assert!(untrusted.contains("cannot reach the control plane at https://127.0.0.1"), "{untrusted}");
+    assert!(
+        untrusted.contains("cannot reach the control plane at https://127.0.0.1"),
+        "{untrusted}"
+    );
 
     // Plain HTTP to the TLS port gets no API answer.
     let plain = cp.url.replacen("https://", "http://", 1);
     let resp = cp.http().get(format!("{plain}/healthz")).send().await;
-    assert!(resp.map(|r| !r.status().is_success()).unwrap_or(true), "plain HTTP answered on the TLS port");
+    assert!(
+        resp.map(|r| !r.status().is_success()).unwrap_or(true),
+        "plain HTTP answered on the TLS port"
+    );
 }
 
 #[tokio::test]
@@ -51,22 +62,46 @@ async fn plain_http_off_loopback_and_broken_config_are_refused() {
     let data = tempfile::tempdir().unwrap();
     let cli = Cli::new(data.path());
     let d = data.path().display().to_string();
-    let run = cli.run(&["control", "--listen", "0.0.0.0:0", "--data-dir", &d]).await;
+    let run = cli
+        .run(&["control", "--listen", "0.0.0.0:0", "--data-dir", &d])
+        .await;
     let err = run.failed();
-    assert!(err.contains("refusing to serve plain HTTP on 0.0.0.0:0"), "{err}");
-    assert!(!data.path().join("verge.db").exists(), "a refused start created a database");
+    assert!(
+        err.contains("refusing to serve plain HTTP on 0.0.0.0:0"),
+        "{err}"
+    );
+    assert!(
+        !data.path().join("verge.db").exists(),
+        "a refused start created a database"
+    );
 
     let config = data.path().join("control.toml");
     std::fs::write(&config, "listen = \"127.0.0.1:0\"\nlisten_port = 7\n").unwrap();
-    let err = cli.run(&["control", "--config", &config.display().to_string()]).await.failed();
+    let err = cli
+        .run(&["control", "--config", &config.display().to_string()])
+        .await
+        .failed();
     assert!(err.contains("unknown field `listen_port`"), "{err}");
     assert!(err.contains(&config.display().to_string()), "{err}");
 
     let err = cli
-        .run(&["control", "--listen", "127.0.0.1:0", "--data-dir", &d, "--tls-cert", "/nonexistent.pem", "--tls-key", "/nonexistent.key"])
+        .run(&[
+            "control",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            &d,
+            "--tls-cert",
+            "/nonexistent.pem",
+            "--tls-key",
+            "/nonexistent.key",
+        ])
         .await
         .failed();
-    assert!(err.contains("certificate file /nonexistent.pem does not exist"), "{err}");
+    assert!(
+        err.contains("certificate file /nonexistent.pem does not exist"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -82,13 +117,21 @@ async fn a_config_file_is_read_and_flags_override_it() {
     )
     .unwrap();
     let mut child = tokio::process::Command::new(verge_tests::verge_bin())
-        .args(["control", "--config", &config.display().to_string(), "--listen", "127.0.0.1:0"])
+        .args([
+            "control",
+            "--config",
+            &config.display().to_string(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let banner = verge_tests::control::read_banner(child.stdout.take().unwrap()).await.expect("banner");
+    let banner = verge_tests::control::read_banner(child.stdout.take().unwrap())
+        .await
+        .expect("banner");
     // --listen overrode the file's port 1; data_dir and max_body_bytes came from the file.
     assert!(!banner.server.ends_with(":1"), "{}", banner.server);
     assert!(data.path().join("state/verge.db").exists());

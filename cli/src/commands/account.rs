@@ -18,8 +18,14 @@ pub async fn login(target: &Target, args: LoginArgs, out: &Output) -> Result {
                 .with_next(format!("verge login {flag}")),
         )
     };
-    let server = target.server.clone().ok_or_else(|| need("--server", "--server URL --token TOKEN"))?;
-    let token = target.token.clone().ok_or_else(|| need("--token", "--server URL --token TOKEN"))?;
+    let server = target
+        .server
+        .clone()
+        .ok_or_else(|| need("--server", "--server URL --token TOKEN"))?;
+    let token = target
+        .token
+        .clone()
+        .ok_or_else(|| need("--token", "--server URL --token TOKEN"))?;
     let ca = match &target.ca_cert {
         Some(p) => Some(std::fs::read(p).map_err(|e| {
             Failure(ErrorDetail::new(
@@ -57,7 +63,12 @@ pub async fn login(target: &Target, args: LoginArgs, out: &Output) -> Result {
             Some(org) => format!("a token of org {org}"),
             None => "a cluster admin token".to_string(),
         };
-        format!("logged in to {} with {who}; saved as profile {:?} in {}", d.server, d.profile, path.display())
+        format!(
+            "logged in to {} with {who}; saved as profile {:?} in {}",
+            d.server,
+            d.profile,
+            path.display()
+        )
     });
     Ok(())
 }
@@ -65,8 +76,18 @@ pub async fn login(target: &Target, args: LoginArgs, out: &Output) -> Result {
 pub async fn whoami(ctx: &Context, out: &Output) -> Result {
     let who = ctx.client.whoami().await?;
     out.one(&who, |w| match &w.org {
-        Some(org) => format!("token {} ({}) of org {org} at {}", w.token_name, w.token_id, ctx.client.server()),
-        None => format!("cluster admin token {} ({}) at {}", w.token_name, w.token_id, ctx.client.server()),
+        Some(org) => format!(
+            "token {} ({}) of org {org} at {}",
+            w.token_name,
+            w.token_id,
+            ctx.client.server()
+        ),
+        None => format!(
+            "cluster admin token {} ({}) at {}",
+            w.token_name,
+            w.token_id,
+            ctx.client.server()
+        ),
     });
     Ok(())
 }
@@ -115,7 +136,9 @@ pub fn profiles(target: &Target, cmd: ProfilesCmd, out: &Output) -> Result {
             }
             file.current = Some(name.clone());
             file.store()?;
-            out.one(&serde_json::json!({"current": name}), |_| format!("now using profile {name:?}"));
+            out.one(&serde_json::json!({"current": name}), |_| {
+                format!("now using profile {name:?}")
+            });
         }
     }
     Ok(())

@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
+use verge_api::{ErrorDetail, ErrorKind};
 use verge_control::store::{Store, StoreError};
 use verge_control::{Config, auth};
-use verge_api::{ErrorDetail, ErrorKind};
 
 use super::{Failure, Result};
 use crate::args::{ControlArgs, DevArgs, LogArgs, LogFormat};
@@ -33,7 +33,10 @@ fn init_logging(log: &LogArgs) {
 }
 
 fn start_failed(e: verge_control::StartError) -> Failure {
-    Failure(ErrorDetail::new(ErrorKind::BadRequest, format!("control plane did not start: {e}")))
+    Failure(ErrorDetail::new(
+        ErrorKind::BadRequest,
+        format!("control plane did not start: {e}"),
+    ))
 }
 
 /// Cancels `token` on the first SIGINT or SIGTERM.
@@ -54,7 +57,8 @@ fn cancel_on_signal(token: CancellationToken) -> anyhow::Result<()> {
 pub async fn control(args: ControlArgs) -> Result {
     init_logging(&args.log);
     let mut config = match &args.config {
-        Some(path) => Config::from_file(path).map_err(|e| Failure(ErrorDetail::new(ErrorKind::BadRequest, e.to_string())))?,
+        Some(path) => Config::from_file(path)
+            .map_err(|e| Failure(ErrorDetail::new(ErrorKind::BadRequest, e.to_string())))?,
         None => Config::default(),
     };
     if let Some(v) = args.listen {
@@ -74,7 +78,9 @@ pub async fn control(args: ControlArgs) -> Result {
     }
     let shutdown = CancellationToken::new();
     cancel_on_signal(shutdown.clone())?;
-    let started = verge_control::start(&config, shutdown).await.map_err(start_failed)?;
+    let started = verge_control::start(&config, shutdown)
+        .await
+        .map_err(start_failed)?;
     // The token first: VERGE_SERVER, last, tells scripts the server is ready.
     if let Some(token) = &started.admin_token {
         println!("VERGE_TOKEN={token}");
@@ -95,7 +101,11 @@ fn default_dev_dir() -> anyhow::Result<PathBuf> {
 
 /// The dev cluster's admin token: new on first start, else the saved copy,
 /// else (data dir made by `verge control`) a freshly minted one.
-async fn dev_token(store: &Store, first: Option<String>, data_dir: &Path) -> anyhow::Result<String> {
+async fn dev_token(
+    store: &Store,
+    first: Option<String>,
+    data_dir: &Path,
+) -> anyhow::Result<String> {
     use std::os::unix::fs::OpenOptionsExt as _;
     let path = data_dir.join("dev-admin-token");
     let token = match first {
@@ -120,7 +130,10 @@ async fn dev_token(store: &Store, first: Option<String>, data_dir: &Path) -> any
 async fn dev_defaults(store: &Store) -> anyhow::Result<()> {
     let org = match store.create_org("dev").await {
         Ok(org) => org,
-        Err(StoreError::Conflict) => store.org_by_name("dev").await?.context("org dev vanished")?,
+        Err(StoreError::Conflict) => store
+            .org_by_name("dev")
+            .await?
+            .context("org dev vanished")?,
         Err(e) => return Err(e.into()),
     };
     match store.create_project(&org.id, "default").await {
@@ -142,7 +155,9 @@ pub async fn dev(args: DevArgs) -> Result {
     };
     let shutdown = CancellationToken::new();
     cancel_on_signal(shutdown.clone())?;
-    let started = verge_control::start(&config, shutdown.clone()).await.map_err(start_failed)?;
+    let started = verge_control::start(&config, shutdown.clone())
+        .await
+        .map_err(start_failed)?;
     let setup = async {
         let token = dev_token(&started.store, started.admin_token.clone(), &data_dir).await?;
         dev_defaults(&started.store).await?;

@@ -19,7 +19,10 @@ pub async fn orgs(ctx: &Context, cmd: NounCmd, out: &Output) -> Result {
             valid("org", &name)?;
             let org = ctx.client.create_org(&name).await?;
             out.one(&org, |o| {
-                format!("created org {} ({})\nnext: verge projects create NAME --org {}", o.name, o.id, o.name)
+                format!(
+                    "created org {} ({})\nnext: verge projects create NAME --org {}",
+                    o.name, o.id, o.name
+                )
             });
         }
         NounCmd::List => {
@@ -39,13 +42,21 @@ pub async fn projects(ctx: &Context, cmd: NounCmd, out: &Output) -> Result {
             valid("project", &name)?;
             let p = ctx.client.create_project(&org, &name).await?;
             out.one(&p, |p| {
-                format!("created project {} in org {} ({})\nnext: verge apps create NAME --project {}", p.name, p.org, p.id, p.name)
+                format!(
+                    "created project {} in org {} ({})\nnext: verge apps create NAME --project {}",
+                    p.name, p.org, p.id, p.name
+                )
             });
         }
         NounCmd::List => {
             let ps = ctx.client.list_projects(&org).await?;
             out.list(&ps, &["name", "org", "id", "created"], |p| {
-                vec![p.name.clone(), p.org.clone(), p.id.clone(), p.created_at.clone()]
+                vec![
+                    p.name.clone(),
+                    p.org.clone(),
+                    p.id.clone(),
+                    p.created_at.clone(),
+                ]
             });
         }
     }
@@ -67,7 +78,13 @@ pub async fn apps(ctx: &Context, cmd: NounCmd, out: &Output) -> Result {
             let project = ctx.project().ok();
             let apps = ctx.client.list_apps(&org, project.as_deref()).await?;
             out.list(&apps, &["name", "project", "org", "id", "created"], |a| {
-                vec![a.name.clone(), a.project.clone(), a.org.clone(), a.id.clone(), a.created_at.clone()]
+                vec![
+                    a.name.clone(),
+                    a.project.clone(),
+                    a.org.clone(),
+                    a.id.clone(),
+                    a.created_at.clone(),
+                ]
             });
         }
     }
@@ -81,12 +98,20 @@ pub async fn envs(ctx: &Context, cmd: NounCmd, out: &Output) -> Result {
         NounCmd::Create { name } => {
             valid("env", &name)?;
             let e = ctx.client.create_env(&org, &app, &name).await?;
-            out.one(&e, |e| format!("created env {} of app {} ({})", e.name, e.app, e.id));
+            out.one(&e, |e| {
+                format!("created env {} of app {} ({})", e.name, e.app, e.id)
+            });
         }
         NounCmd::List => {
             let envs = ctx.client.list_envs(&org, &app).await?;
             out.list(&envs, &["name", "app", "org", "id", "created"], |e| {
-                vec![e.name.clone(), e.app.clone(), e.org.clone(), e.id.clone(), e.created_at.clone()]
+                vec![
+                    e.name.clone(),
+                    e.app.clone(),
+                    e.org.clone(),
+                    e.id.clone(),
+                    e.created_at.clone(),
+                ]
             });
         }
     }

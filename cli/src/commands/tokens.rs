@@ -19,7 +19,10 @@ pub async fn run(ctx: &Context, cmd: TokensCmd, out: &Output) -> Result {
         }
         TokensCmd::List => {
             // An admin listing without --org sees every token.
-            let tokens = ctx.client.list_tokens(ctx.explicit_org().as_deref()).await?;
+            let tokens = ctx
+                .client
+                .list_tokens(ctx.explicit_org().as_deref())
+                .await?;
             out.list(&tokens, &["id", "name", "org", "created", "revoked"], |t| {
                 vec![
                     t.id.clone(),
@@ -32,7 +35,9 @@ pub async fn run(ctx: &Context, cmd: TokensCmd, out: &Output) -> Result {
         }
         TokensCmd::Revoke { id } => {
             let t = ctx.client.revoke_token(&id).await?;
-            out.one(&t, |t| format!("revoked token {} ({}); it stops working now", t.id, t.name));
+            out.one(&t, |t| {
+                format!("revoked token {} ({}); it stops working now", t.id, t.name)
+            });
         }
     }
     Ok(())

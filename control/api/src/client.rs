@@ -47,13 +47,19 @@ impl ClientError {
             ClientError::Api(d) => d.clone(),
             ClientError::Connect { server, .. } => {
                 ErrorDetail::new(ErrorKind::Unavailable, self.to_string())
-                    .with_next(format!("check that the control plane at {server} is running"))
+                    .with_next(format!(
+                        "check that the control plane at {server} is running"
+                    ))
                     .with_next("start a local one with `verge dev`")
             }
-            ClientError::BadServer { .. } => ErrorDetail::new(ErrorKind::BadRequest, self.to_string())
-                .with_next("pass --server http://HOST:PORT or set VERGE_SERVER"),
+            ClientError::BadServer { .. } => {
+                ErrorDetail::new(ErrorKind::BadRequest, self.to_string())
+                    .with_next("pass --server http://HOST:PORT or set VERGE_SERVER")
+            }
             ClientError::BadCaCert(_) => ErrorDetail::new(ErrorKind::BadRequest, self.to_string())
-                .with_next("pass --ca-cert with a PEM file holding the control plane's CA certificate"),
+                .with_next(
+                    "pass --ca-cert with a PEM file holding the control plane's CA certificate",
+                ),
             ClientError::Decode { status, .. } => {
                 ErrorDetail::new(ErrorKind::from_status(*status), self.to_string())
                     .with_next("check that --server points at a Verge control plane")
@@ -100,7 +106,9 @@ impl Client {
             }
             builder = builder.tls_certs_only(certs);
         }
-        let http = builder.build().map_err(|e| ClientError::BadCaCert(e.to_string()))?;
+        let http = builder
+            .build()
+            .map_err(|e| ClientError::BadCaCert(e.to_string()))?;
         Ok(Client {
             http,
             base,
@@ -152,7 +160,9 @@ impl Client {
         if !status.is_success() {
             return match serde_json::from_slice::<ErrorBody>(&bytes) {
                 Ok(body) => Err(ClientError::Api(body.error)),
-                Err(_) => Err(decode_err(String::from_utf8_lossy(&bytes).chars().take(200).collect())),
+                Err(_) => Err(decode_err(
+                    String::from_utf8_lossy(&bytes).chars().take(200).collect(),
+                )),
             };
         }
         let bytes = if status == StatusCode::NO_CONTENT || bytes.is_empty() {
@@ -197,7 +207,12 @@ impl Client {
         self.get(self.url(&["orgs", org, "projects"])).await
     }
 
-    pub async fn create_app(&self, org: &str, project: &str, name: &str) -> Result<App, ClientError> {
+    pub async fn create_app(
+        &self,
+        org: &str,
+        project: &str,
+        name: &str,
+    ) -> Result<App, ClientError> {
         let body = CreateApp {
             name: name.into(),
             project: project.into(),
@@ -206,7 +221,11 @@ impl Client {
     }
 
     /// Apps of `org`, of one project when `project` is given.
-    pub async fn list_apps(&self, org: &str, project: Option<&str>) -> Result<Vec<App>, ClientError> {
+    pub async fn list_apps(
+        &self,
+        org: &str,
+        project: Option<&str>,
+    ) -> Result<Vec<App>, ClientError> {
         let mut url = self.url(&["orgs", org, "apps"]);
         if let Some(p) = project {
             url.query_pairs_mut().append_pair("project", p);
@@ -220,14 +239,20 @@ impl Client {
 
     pub async fn create_env(&self, org: &str, app: &str, name: &str) -> Result<Env, ClientError> {
         let body = CreateNamed { name: name.into() };
-        self.post(self.url(&["orgs", org, "apps", app, "envs"]), &body).await
+        self.post(self.url(&["orgs", org, "apps", app, "envs"]), &body)
+            .await
     }
 
     pub async fn list_envs(&self, org: &str, app: &str) -> Result<Vec<Env>, ClientError> {
-        self.get(self.url(&["orgs", org, "apps", app, "envs"])).await
+        self.get(self.url(&["orgs", org, "apps", app, "envs"]))
+            .await
     }
 
-    pub async fn create_token(&self, org: &str, name: Option<&str>) -> Result<CreatedToken, ClientError> {
+    pub async fn create_token(
+        &self,
+        org: &str,
+        name: Option<&str>,
+    ) -> Result<CreatedToken, ClientError> {
         let body = CreateToken {
             org: org.into(),
             name: name.map(str::to_string),
@@ -245,6 +270,7 @@ impl Client {
     }
 
     pub async fn revoke_token(&self, id: &str) -> Result<Token, ClientError> {
-        self.call(Method::DELETE, self.url(&["tokens", id]), None::<&()>).await
+        self.call(Method::DELETE, self.url(&["tokens", id]), None::<&()>)
+            .await
     }
 }

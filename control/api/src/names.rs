@@ -55,6 +55,10 @@ mod tests {
             assert!(err.contains(why), "{name}: {err}");
             assert!(err.starts_with("app name"), "{err}");
         }
-        assert!(validate("org", &"a".repeat(64)).unwrap_err().contains("64 characters"));
+        assert!(
+            validate("org", &"a".repeat(64))
+                .unwrap_err()
+                .contains("64 characters")
+        );
     }
 }

@@ -22,10 +22,16 @@ use crate::time::rfc3339;
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/orgs", get(list_orgs).post(create_org))
-        .route("/orgs/{org}/projects", get(list_projects).post(create_project))
+        .route(
+            "/orgs/{org}/projects",
+            get(list_projects).post(create_project),
+        )
         .route("/orgs/{org}/apps", get(list_apps).post(create_app))
         .route("/orgs/{org}/apps/{app}", get(get_app))
-        .route("/orgs/{org}/apps/{app}/envs", get(list_envs).post(create_env))
+        .route(
+            "/orgs/{org}/apps/{app}/envs",
+            get(list_envs).post(create_env),
+        )
 }
 
 type Created<T> = Result<(StatusCode, axum::Json<T>), ApiError>;
@@ -80,14 +86,17 @@ async fn find_app(store: &Store, org: &OrgRow, name: &str) -> Result<AppRow, Api
         .ok_or_else(|| ApiError::not_found("app", name).next(format!("verge apps create {name}")))
 }
 
-async fn create_org(State(st): State<AppState>, caller: Caller, Json(body): Json<CreateNamed>) -> Created<Org> {
+async fn create_org(
+    State(st): State<AppState>,
+    caller: Caller,
+    Json(body): Json<CreateNamed>,
+) -> Created<Org> {
     caller.require_admin("creating an org")?;
     valid_name("org", &body.name)?;
-    let row = st
-        .store
-        .create_org(&body.name)
-        .await
-        .or_conflict(|| format!("org {:?} already exists", body.name), "verge orgs list")?;
+    let row = st.store.create_org(&body.name).await.or_conflict(
+        || format!("org {:?} already exists", body.name),
+        "verge orgs list",
+    )?;
     tracing::info!(org = %row.id, name = %row.name, "org created");
     Ok((StatusCode::CREATED, axum::Json(org(row))))
 }
@@ -96,7 +105,10 @@ async fn create_org(State(st): State<AppState>, caller: Caller, Json(body): Json
 async fn list_orgs(State(st): State<AppState>, caller: Caller) -> Listed<Org> {
     let rows = st.store.list_orgs().await?;
     Ok(axum::Json(
-        rows.into_iter().filter(|o| caller.sees_org(&o.id)).map(org).collect(),
+        rows.into_iter()
+            .filter(|o| caller.sees_org(&o.id))
+            .map(org)
+            .collect(),
     ))
 }
 
@@ -120,10 +132,16 @@ async fn create_project(
     Ok((StatusCode::CREATED, axum::Json(project(&o, row))))
 }
 
-async fn list_projects(State(st): State<AppState>, caller: Caller, Path(org_name): Path<String>) -> Listed<Project> {
+async fn list_projects(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(org_name): Path<String>,
+) -> Listed<Project> {
     let o = caller.org(&st.store, &org_name).await?;
     let rows = st.store.list_projects(&o.id).await?;
-    Ok(axum::Json(rows.into_iter().map(|r| project(&o, r)).collect()))
+    Ok(axum::Json(
+        rows.into_iter().map(|r| project(&o, r)).collect(),
+    ))
 }
 
 async fn create_app(
@@ -134,9 +152,14 @@ async fn create_app(
 ) -> Created<App> {
     let o = caller.org(&st.store, &org_name).await?;
     valid_name("app", &body.name)?;
-    let p = st.store.project_by_name(&o.id, &body.project).await?.ok_or_else(|| {
-        ApiError::not_found("project", &body.project).next(format!("verge projects create {}", body.project))
-    })?;
+    let p = st
+        .store
+        .project_by_name(&o.id, &body.project)
+        .await?
+        .ok_or_else(|| {
+            ApiError::not_found("project", &body.project)
+                .next(format!("verge projects create {}", body.project))
+        })?;
     let row = st
         .store
         .create_app(&o.id, &p, &body.name)
@@ -194,14 +217,10 @@ async fn create_env(
     let o = caller.org(&st.store, &org_name).await?;
     let a = find_app(&st.store, &o, &app_name).await?;
     valid_name("env", &body.name)?;
-    let row = st
-        .store
-        .create_env(&a, &body.name)
-        .await
-        .or_conflict(
-            || format!("env {:?} already exists in app {:?}", body.name, a.name),
-            "verge envs list",
-        )?;
+    let row = st.store.create_env(&a, &body.name).await.or_conflict(
+        || format!("env {:?} already exists in app {:?}", body.name, a.name),
+        "verge envs list",
+    )?;
     tracing::info!(org = %o.id, app = %a.id, env = %row.id, "env created");
     Ok((StatusCode::CREATED, axum::Json(env(&o, &a, row))))
 }
@@ -214,5 +233,7 @@ async fn list_envs(
     let o = caller.org(&st.store, &org_name).await?;
     let a = find_app(&st.store, &o, &app_name).await?;
     let rows = st.store.list_envs(&a.id).await?;
-    Ok(axum::Json(rows.into_iter().map(|r| env(&o, &a, r)).collect()))
+    Ok(axum::Json(
+        rows.into_iter().map(|r| env(&o, &a, r)).collect(),
+    ))
 }

@@ -41,10 +41,15 @@ async fn create(
     let org = caller.org(&st.store, &body.org).await?;
     let name = body.name.unwrap_or_else(|| format!("{}-token", org.name));
     if name.is_empty() || name.len() > 100 {
-        return Err(ApiError::bad_request("token name must be 1 to 100 characters"));
+        return Err(ApiError::bad_request(
+            "token name must be 1 to 100 characters",
+        ));
     }
     let secret = generate_token();
-    let row = st.store.create_token(Some(&org.id), &name, &hash_token(&secret)).await?;
+    let row = st
+        .store
+        .create_token(Some(&org.id), &name, &hash_token(&secret))
+        .await?;
     tracing::info!(org = %org.id, token = %row.id, "token created");
     Ok((
         StatusCode::CREATED,

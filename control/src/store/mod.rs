@@ -191,6 +191,9 @@ mod tests {
             super::redact("postgres://verge:s3cret@db:5432/verge"),
             "postgres://verge:***@db:5432/verge"
         );
-        assert_eq!(super::redact("sqlite:///var/lib/verge.db"), "sqlite:///var/lib/verge.db");
+        assert_eq!(
+            super::redact("sqlite:///var/lib/verge.db"),
+            "sqlite:///var/lib/verge.db"
+        );
     }
 }

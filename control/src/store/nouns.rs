@@ -123,7 +123,12 @@ impl Store {
     }
 
     /// Creates an app in `project` (which must belong to `org_id`).
-    pub async fn create_app(&self, org_id: &str, project: &ProjectRow, name: &str) -> Result<AppRow> {
+    pub async fn create_app(
+        &self,
+        org_id: &str,
+        project: &ProjectRow,
+        name: &str,
+    ) -> Result<AppRow> {
         debug_assert_eq!(project.org_id, org_id);
         let row = AppRow {
             id: new_id("app"),

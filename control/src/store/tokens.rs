@@ -21,7 +21,12 @@ const TOKEN_COLUMNS: &str = "t.id, t.org_id, o.name AS org, t.name, t.created_at
 
 impl Store {
     /// Stores a token by its hash; `org_id` `None` makes it a cluster admin token.
-    pub async fn create_token(&self, org_id: Option<&str>, name: &str, hash: &str) -> Result<TokenRow> {
+    pub async fn create_token(
+        &self,
+        org_id: Option<&str>,
+        name: &str,
+        hash: &str,
+    ) -> Result<TokenRow> {
         let id = new_id("tok");
         sqlx::query(
             "INSERT INTO tokens (id, org_id, name, hash, created_at) VALUES ($1, $2, $3, $4, $5)",
@@ -39,13 +44,19 @@ impl Store {
     /// The unrevoked token whose hash is `hash`.
     pub async fn active_token_by_hash(&self, hash: &str) -> Result<Option<TokenRow>> {
         let sql = format!("SELECT {TOKEN_COLUMNS} WHERE t.hash = $1 AND t.revoked_at IS NULL");
-        let row = sqlx::query_as(&sql).bind(hash).fetch_optional(&self.pool).await?;
+        let row = sqlx::query_as(&sql)
+            .bind(hash)
+            .fetch_optional(&self.pool)
+            .await?;
         Ok(row)
     }
 
     pub async fn token_by_id(&self, id: &str) -> Result<Option<TokenRow>> {
         let sql = format!("SELECT {TOKEN_COLUMNS} WHERE t.id = $1");
-        let row = sqlx::query_as(&sql).bind(id).fetch_optional(&self.pool).await?;
+        let row = sqlx::query_as(&sql)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
         Ok(row)
     }
 
@@ -54,7 +65,10 @@ impl Store {
         let sql = format!(
             "SELECT {TOKEN_COLUMNS} WHERE ($1 IS NULL OR t.org_id = $1) ORDER BY t.created_at, t.id"
         );
-        let rows = sqlx::query_as(&sql).bind(org_id).fetch_all(&self.pool).await?;
+        let rows = sqlx::query_as(&sql)
+            .bind(org_id)
+            .fetch_all(&self.pool)
+            .await?;
         Ok(rows)
     }
 

@@ -127,6 +127,9 @@ pub struct ControlArgs {
     /// Largest accepted request body in bytes [default: 1048576]
     #[arg(long)]
     pub max_body_bytes: Option<usize>,
+    /// Mint and print another cluster admin token (when the first one is lost)
+    #[arg(long)]
+    pub new_admin_token: bool,
     #[command(flatten)]
     pub log: LogArgs,
 }

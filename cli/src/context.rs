@@ -25,13 +25,27 @@ fn missing(what: &str, flag: &str, next: &[&str]) -> Failure {
 
 impl Context {
     pub fn new(target: &Target) -> Result<Context, Failure> {
-        let file = ProfileFile::load()?;
-        let profile = file.select(target.profile.as_deref()).cloned();
+        let explicit =
+            target.server.is_some() && target.token.is_some() && target.profile.is_none();
+        let file = match ProfileFile::load() {
+            Ok(file) => file,
+            // Everything needed was given: a broken profile file does not matter.
+            Err(_) if explicit => ProfileFile::default(),
+            Err(e) => return Err(Failure(e.detail())),
+        };
+        let mut profile = file.select(target.profile.as_deref()).cloned();
         if let (Some(name), None) = (&target.profile, &profile) {
             return Err(Failure(
                 ErrorDetail::new(ErrorKind::NotFound, format!("profile {name:?} not found"))
                     .with_next("verge profiles list"),
             ));
+        }
+        // A profile belongs to its server: its token (and defaults) are never
+        // sent to another one named by --server or VERGE_SERVER.
+        if let (Some(server), Some(p)) = (&target.server, &profile) {
+            if !same_server(server, &p.server) {
+                profile = None;
+            }
         }
         let server = target
             .server
@@ -97,6 +111,11 @@ impl Context {
         self.target.org.clone()
     }
 
+    /// `--project` (or `VERGE_PROJECT`) only, without the profile's default.
+    pub fn explicit_project(&self) -> Option<String> {
+        self.target.project.clone()
+    }
+
     pub fn project(&self) -> Result<String, Failure> {
         self.target
             .project
@@ -124,6 +143,10 @@ impl Context {
             )
         })
     }
+}
+
+fn same_server(a: &str, b: &str) -> bool {
+    a.trim_end_matches('/') == b.trim_end_matches('/')
 }
 
 /// The `app` key of `./verge.toml`, when there is one.

@@ -14,12 +14,22 @@ mod output;
 mod profile;
 
 use clap::Parser;
+use clap::error::ErrorKind as ClapKind;
 
 use crate::args::Cli;
 use crate::output::Output;
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    // SAFETY: called first thing, before any thread exists; restores the
+    // default action so that `verge ... | head` ends quietly instead of
+    // panicking on EPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
     // One TLS implementation for every HTTPS and QUIC connection of the process.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let out = Output::new(cli.output);
@@ -40,4 +50,39 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// Usage errors: clap's own text, or the JSON error body under `-o json`.
+fn usage_error(e: clap::Error) -> std::process::ExitCode {
+    let wants_json = {
+        let args: Vec<String> = std::env::args().collect();
+        args.windows(2)
+            .any(|w| matches!(w[0].as_str(), "-o" | "--output") && w[1] == "json")
+            || args.iter().any(|a| a == "-ojson" || a == "--output=json")
+    };
+    let is_usage = !matches!(
+        e.kind(),
+        ClapKind::DisplayHelp
+            | ClapKind::DisplayVersion
+            | ClapKind::DisplayHelpOnMissingArgumentOrSubcommand
+    );
+    if !(wants_json && is_usage) {
+        e.exit();
+    }
+    let text = e
+        .kind()
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| e.to_string());
+    let message = e
+        .to_string()
+        .lines()
+        .next()
+        .unwrap_or(&text)
+        .trim_start_matches("error: ")
+        .to_string();
+    let detail = verge_api::ErrorDetail::new(verge_api::ErrorKind::BadRequest, message)
+        .with_next("verge --help");
+    Output::new(args::Format::Json).error(&commands::Failure(detail));
+    std::process::ExitCode::from(2)
 }

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
+use verge_api::{ErrorDetail, ErrorKind};
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -31,6 +32,23 @@ pub struct Profile {
     pub project: Option<String>,
 }
 
+/// A profile file that cannot be used, and its path.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ProfileError(String, Option<PathBuf>);
+
+impl ProfileError {
+    pub fn detail(&self) -> ErrorDetail {
+        let mut d = ErrorDetail::new(ErrorKind::BadRequest, self.0.clone());
+        if let Some(path) = &self.1 {
+            d.next.push(format!("fix or delete {}", path.display()));
+        }
+        d.next
+            .push("pass --server and --token to bypass profiles".into());
+        d
+    }
+}
+
 /// The directory of the CLI's configuration.
 pub fn config_dir() -> anyhow::Result<PathBuf> {
     if let Some(dir) = std::env::var_os("VERGE_CONFIG_DIR") {
@@ -49,19 +67,19 @@ fn path() -> anyhow::Result<PathBuf> {
 
 impl ProfileFile {
     /// The profile file, or an empty one when there is none yet.
-    pub fn load() -> anyhow::Result<ProfileFile> {
-        let path = path()?;
+    pub fn load() -> Result<ProfileFile, ProfileError> {
+        let path = path().map_err(|e| ProfileError(format!("{e:#}"), None))?;
+        let invalid = |why: String| {
+            ProfileError(
+                format!("profile file {} {why}", path.display()),
+                Some(path.clone()),
+            )
+        };
         match std::fs::read_to_string(&path) {
-            Ok(text) => toml::from_str(&text).with_context(|| {
-                format!(
-                    "profile file {} is invalid; fix or delete it",
-                    path.display()
-                )
-            }),
+            Ok(text) => toml::from_str(&text)
+                .map_err(|e| invalid(format!("is invalid: {}", e.message().replace('\n', " ")))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ProfileFile::default()),
-            Err(e) => {
-                Err(e).with_context(|| format!("cannot read profile file {}", path.display()))
-            }
+            Err(e) => Err(invalid(format!("cannot be read: {e}"))),
         }
     }
 

@@ -79,7 +79,10 @@ impl Caller {
     /// same answer whether it does not exist or belongs to someone else.
     pub async fn org(&self, store: &Store, name: &str) -> Result<OrgRow, ApiError> {
         match store.org_by_name(name).await? {
-            Some(org) if self.sees_org(&org.id) => Ok(org),
+            Some(org) if self.sees_org(&org.id) => {
+                tracing::Span::current().record("org", org.id.as_str());
+                Ok(org)
+            }
             _ => Err(ApiError::not_found("org", name)),
         }
     }

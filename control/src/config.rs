@@ -25,6 +25,10 @@ pub struct Config {
     pub shutdown_timeout_secs: u64,
     /// Serve HTTPS with this certificate and key.
     pub tls: Option<TlsConfig>,
+    /// Mint another cluster admin token on this start (recovery when the
+    /// first one is lost). A flag only: never read from the file.
+    #[serde(skip)]
+    pub new_admin_token: bool,
 }
 
 /// PEM files of the API's certificate chain and private key.
@@ -45,6 +49,7 @@ impl Default for Config {
             max_connections: 10_000,
             shutdown_timeout_secs: 30,
             tls: None,
+            new_admin_token: false,
         }
     }
 }

@@ -55,7 +55,8 @@ pub struct Started {
     /// The base URL clients use, with the port actually bound.
     pub url: String,
     pub local_addr: SocketAddr,
-    /// The cluster admin token, on the very first start only.
+    /// The cluster admin token: on the very first start, or when
+    /// [`Config::new_admin_token`] asked for another one.
     pub admin_token: Option<String>,
     pub store: Store,
     serve: JoinHandle<()>,
@@ -80,9 +81,8 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Start
         path: config.data_dir.clone(),
         source,
     })?;
-    let store = Store::open(&config.database_url()).await?;
-    tracing::info!(backend = ?store.backend(), "store open, migrations applied");
-    let admin_token = crate::auth::bootstrap(&store).await?;
+    // Everything that can fail for local reasons comes before the bootstrap,
+    // so a first start that fails never creates an admin token it cannot print.
     let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;
     let listener = TcpListener::bind(config.listen)
         .await
@@ -94,6 +94,15 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Start
         addr: config.listen,
         source,
     })?;
+    let store = Store::open(&config.database_url()).await?;
+    tracing::info!(backend = ?store.backend(), "store open, migrations applied");
+    let admin_token = match crate::auth::bootstrap(&store).await? {
+        None if config.new_admin_token => {
+            tracing::warn!("minting a new cluster admin token (--new-admin-token)");
+            Some(crate::auth::create_admin_token(&store, "admin-recovery").await?)
+        }
+        token => token,
+    };
     let scheme = if tls.is_some() { "https" } else { "http" };
     let url = format!("{scheme}://{local_addr}");
     let app = router(AppState {

@@ -146,6 +146,12 @@ impl ControlPlane {
         self.launch().await
     }
 
+    /// Like [`restart`](Self::restart), with `extra` replacing the extra arguments.
+    pub async fn restart_with(&mut self, extra: &[&str]) -> Banner {
+        self.extra = extra.iter().map(|s| s.to_string()).collect();
+        self.restart().await
+    }
+
     /// The CLI, as the admin.
     pub fn cli(&self) -> Cli {
         self.cli_as(&self.admin_token)

@@ -147,3 +147,138 @@ async fn completions_for_every_shell() {
     }
     assert!(!cli.run(&["completions", "tcsh"]).await.success());
 }
+
+#[tokio::test]
+async fn a_profile_token_is_never_sent_to_another_server() {
+    let home = ControlPlane::start(Backend::Sqlite).await;
+    let other = ControlPlane::start(Backend::Sqlite).await;
+    let cli = Cli::new(home.config_dir.path());
+    cli.run(&["login", "--server", &home.url, "--token", &home.admin_token])
+        .await
+        .ok();
+    // --server names another cluster: the profile (and its token) does not apply there.
+    let err = cli
+        .run(&["--server", &other.url, "whoami", "-o", "json"])
+        .await
+        .error_json();
+    assert_eq!(err["kind"], "unauthorized");
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .contains("missing API token"),
+        "{err}"
+    );
+    // The same server, spelled with a trailing slash, keeps the profile.
+    let same = format!("{}/", home.url);
+    cli.run(&["--server", &same, "whoami"]).await.ok();
+}
+
+#[tokio::test]
+async fn tokens_need_an_explicit_org_and_lists_are_not_filtered_by_default() {
+    let cp = ControlPlane::start(Backend::Sqlite).await;
+    let admin = cp.cli();
+    admin.run(&["orgs", "create", "acme"]).await.ok();
+    for p in ["web", "ops"] {
+        admin
+            .run(&["projects", "create", p, "--org", "acme"])
+            .await
+            .ok();
+    }
+    admin
+        .run(&[
+            "apps",
+            "create",
+            "shop",
+            "--org",
+            "acme",
+            "--project",
+            "web",
+        ])
+        .await
+        .ok();
+    admin
+        .run(&[
+            "apps",
+            "create",
+            "cron",
+            "--org",
+            "acme",
+            "--project",
+            "ops",
+        ])
+        .await
+        .ok();
+    // A profile with defaults (org acme, project web).
+    let cli = Cli::new(cp.config_dir.path());
+    cli.run(&[
+        "login",
+        "--server",
+        &cp.url,
+        "--token",
+        &cp.admin_token,
+        "--org",
+        "acme",
+        "--project",
+        "web",
+    ])
+    .await
+    .ok();
+    let err = cli
+        .run(&["tokens", "create", "-o", "json"])
+        .await
+        .error_json();
+    assert_eq!(err["message"], "verge tokens create needs --org ORG");
+    assert_eq!(
+        cli.run(&["tokens", "list", "-o", "json"])
+            .await
+            .json()
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    let all = cli.run(&["apps", "list", "-o", "json"]).await.json();
+    assert_eq!(all.as_array().unwrap().len(), 2, "{all}");
+    let web = cli
+        .run(&["apps", "list", "--project", "web", "-o", "json"])
+        .await
+        .json();
+    assert_eq!(web[0]["name"], "shop");
+    assert_eq!(web.as_array().unwrap().len(), 1);
+    // The profile's project is the default for creating.
+    let created = cli
+        .run(&["apps", "create", "blog", "-o", "json"])
+        .await
+        .json();
+    assert_eq!(created["project"], "web");
+}
+
+#[tokio::test]
+async fn usage_errors_and_pipes_behave() {
+    let config = tempfile::tempdir().unwrap();
+    let cli = Cli::new(config.path());
+    let run = cli.run(&["orgs", "frobnicate", "-o", "json"]).await;
+    assert_eq!(run.output.status.code(), Some(2));
+    let err = run.error_json();
+    assert_eq!(err["kind"], "bad_request");
+    assert!(
+        err["message"].as_str().unwrap().contains("frobnicate"),
+        "{err}"
+    );
+    // A broken pipe ends the process by SIGPIPE, not by a panic message.
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "{} completions bash | head -c 10 >/dev/null; echo $?",
+            verge_tests::verge_bin().display()
+        ))
+        .env("VERGE_CONFIG_DIR", config.path())
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("panicked"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

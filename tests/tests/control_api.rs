@@ -405,6 +405,17 @@ async fn bad_and_oversized_bodies_are_refused_and_change_nothing(backend: Backen
         let message = err["error"]["message"].as_str().unwrap();
         assert!(message.contains(needle), "{path}: {message}");
     }
+    let wrong_method = cp
+        .http()
+        .delete(cp.endpoint("/v1/orgs"))
+        .bearer_auth(&cp.admin_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong_method.status(), 405);
+    let body: Value = wrong_method.json().await.unwrap();
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("method DELETE is not allowed"), "{body}");
     let no_type = cp
         .http()
         .post(cp.endpoint("/v1/orgs"))

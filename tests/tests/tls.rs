@@ -47,6 +47,10 @@ async fn https_with_a_configured_certificate() {
         untrusted.contains("cannot reach the control plane at https://127.0.0.1"),
         "{untrusted}"
     );
+    assert!(
+        untrusted.contains("invalid peer certificate"),
+        "the TLS cause is lost: {untrusted}"
+    );
 
     // Plain HTTP to the TLS port gets no API answer.
     let plain = cp.url.replacen("https://", "http://", 1);

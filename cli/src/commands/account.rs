@@ -93,7 +93,7 @@ pub async fn whoami(ctx: &Context, out: &Output) -> Result {
 }
 
 pub fn profiles(target: &Target, cmd: ProfilesCmd, out: &Output) -> Result {
-    let mut file = ProfileFile::load()?;
+    let mut file = ProfileFile::load().map_err(|e| Failure(e.detail()))?;
     match cmd {
         ProfilesCmd::List => {
             #[derive(Serialize)]

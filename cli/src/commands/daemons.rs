@@ -76,6 +76,7 @@ pub async fn control(args: ControlArgs) -> Result {
     if let Some(v) = args.max_body_bytes {
         config.max_body_bytes = v;
     }
+    config.new_admin_token = args.new_admin_token;
     let shutdown = CancellationToken::new();
     cancel_on_signal(shutdown.clone())?;
     let started = verge_control::start(&config, shutdown)
@@ -84,7 +85,10 @@ pub async fn control(args: ControlArgs) -> Result {
     // The token first: VERGE_SERVER, last, tells scripts the server is ready.
     if let Some(token) = &started.admin_token {
         println!("VERGE_TOKEN={token}");
-        eprintln!("verge control: VERGE_TOKEN is the cluster admin token; it is shown only now.");
+        eprintln!(
+            "verge control: VERGE_TOKEN is a cluster admin token; it is shown only now \
+             (`verge control --new-admin-token` mints another)."
+        );
     }
     println!("VERGE_SERVER={}", started.url);
     started.wait().await;

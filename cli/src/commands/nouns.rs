@@ -75,7 +75,8 @@ pub async fn apps(ctx: &Context, cmd: NounCmd, out: &Output) -> Result {
             });
         }
         NounCmd::List => {
-            let project = ctx.project().ok();
+            // Every app of the org, unless a project is asked for explicitly.
+            let project = ctx.explicit_project();
             let apps = ctx.client.list_apps(&org, project.as_deref()).await?;
             out.list(&apps, &["name", "project", "org", "id", "created"], |a| {
                 vec![

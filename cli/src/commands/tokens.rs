@@ -1,6 +1,8 @@
 //! `verge tokens create --org O [--name N] / list / revoke ID`.
 
-use super::Result;
+use verge_api::{ErrorDetail, ErrorKind};
+
+use super::{Failure, Result};
 use crate::args::TokensCmd;
 use crate::context::Context;
 use crate::output::Output;
@@ -8,7 +10,14 @@ use crate::output::Output;
 pub async fn run(ctx: &Context, cmd: TokensCmd, out: &Output) -> Result {
     match cmd {
         TokensCmd::Create { name } => {
-            let org = ctx.org().await?;
+            // Explicit on purpose: a token is a credential, never minted for a default.
+            let org = ctx.explicit_org().ok_or_else(|| {
+                Failure(
+                    ErrorDetail::new(ErrorKind::BadRequest, "verge tokens create needs --org ORG")
+                        .with_next("verge tokens create --org ORG [--name NAME]")
+                        .with_next("verge orgs list"),
+                )
+            })?;
             let t = ctx.client.create_token(&org, name.as_deref()).await?;
             out.one(&t, |t| {
                 format!(

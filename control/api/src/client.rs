@@ -18,13 +18,9 @@ pub enum ClientError {
     /// The server answered with an error body.
     #[error("{0}")]
     Api(ErrorDetail),
-    /// The server could not be reached.
-    #[error("cannot reach the control plane at {server}: {source}")]
-    Connect {
-        server: String,
-        #[source]
-        source: reqwest::Error,
-    },
+    /// The server could not be reached (refused, timed out, TLS failed).
+    #[error("cannot reach the control plane at {server}: {cause}")]
+    Connect { server: String, cause: String },
     /// The server URL is not a valid http(s) URL.
     #[error("invalid server URL {server:?}: {reason}")]
     BadServer { server: String, reason: String },
@@ -65,6 +61,26 @@ impl ClientError {
                     .with_next("check that --server points at a Verge control plane")
             }
         }
+    }
+}
+
+/// The causes under a transport error, innermost last ("client error
+/// (Connect): invalid peer certificate: UnknownIssuer"), without reqwest's
+/// own "error sending request for url" line, which only repeats the URL.
+fn cause_chain(e: &reqwest::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        source = s.source();
+    }
+    if parts.is_empty() {
+        e.to_string()
+    } else {
+        parts.join(": ")
     }
 }
 
@@ -143,15 +159,13 @@ impl Client {
         if let Some(body) = body {
             req = req.json(body);
         }
-        let resp = req.send().await.map_err(|source| ClientError::Connect {
+        let connect = |e: reqwest::Error| ClientError::Connect {
             server: self.server().to_string(),
-            source,
-        })?;
+            cause: cause_chain(&e),
+        };
+        let resp = req.send().await.map_err(connect)?;
         let status = resp.status();
-        let bytes = resp.bytes().await.map_err(|source| ClientError::Connect {
-            server: self.server().to_string(),
-            source,
-        })?;
+        let bytes = resp.bytes().await.map_err(connect)?;
         let decode_err = |detail: String| ClientError::Decode {
             url: url.to_string(),
             status: status.as_u16(),

@@ -40,6 +40,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(health::metrics))
         .nest("/v1", v1)
         .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
         .layer(axum::middleware::from_fn_with_state(
             state.metrics.clone(),
             crate::metrics::track,
@@ -63,6 +64,15 @@ async fn no_route(method: Method, uri: Uri) -> ApiError {
         format!("no API route {method} {}", uri.path()),
     )
     .next("see docs/cli.md for the API the CLI uses")
+}
+
+async fn wrong_method(method: Method, uri: Uri) -> (axum::http::StatusCode, ApiError) {
+    let err = ApiError::new(
+        ErrorKind::BadRequest,
+        format!("method {method} is not allowed on {}", uri.path()),
+    )
+    .next("see docs/cli.md for the methods each route takes");
+    (axum::http::StatusCode::METHOD_NOT_ALLOWED, err)
 }
 
 /// A JSON request body whose every rejection is an [`ApiError`]: 413 when it

@@ -115,7 +115,8 @@ impl Store {
                         // and enforce the REFERENCES clauses.
                         conn.execute("PRAGMA busy_timeout = 5000").await?;
                         conn.execute("PRAGMA foreign_keys = ON").await?;
-                        conn.execute("PRAGMA synchronous = NORMAL").await?;
+                        // Every commit reaches the disk before it is acknowledged.
+                        conn.execute("PRAGMA synchronous = FULL").await?;
                     }
                     Ok(())
                 })

@@ -508,3 +508,40 @@ async fn health_and_metrics_are_served(backend: Backend) {
     );
     assert!(text.trim_end().ends_with("# EOF"), "not OpenMetrics text");
 }
+
+#[tokio::test]
+async fn logs_are_structured_json_with_request_context() {
+    let cp = ControlPlane::start_with(Backend::Sqlite, &["--log-format", "json"]).await;
+    cp.cli().run(&["orgs", "create", "acme"]).await.ok();
+    cp.cli()
+        .run(&["projects", "create", "web", "--org", "acme"])
+        .await
+        .ok();
+    let org_id = cp.cli().run(&["orgs", "list", "-o", "json"]).await.json()[0]["id"].clone();
+    let log = cp.log();
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["level"].is_string() && l["timestamp"].is_string())
+    );
+    let created = lines
+        .iter()
+        .find(|l| l["message"] == "project created")
+        .unwrap_or_else(|| panic!("no 'project created' event in\n{log}"));
+    assert_eq!(created["span"]["org"], org_id, "{created}");
+    assert!(
+        created["span"]["token"]
+            .as_str()
+            .unwrap()
+            .starts_with("tok_"),
+        "{created}"
+    );
+    assert!(
+        !log.contains(&cp.admin_token),
+        "a token secret reached the log"
+    );
+}

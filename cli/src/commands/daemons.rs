@@ -85,9 +85,10 @@ pub async fn control(args: ControlArgs) -> Result {
     // The token first: VERGE_SERVER, last, tells scripts the server is ready.
     if let Some(token) = &started.admin_token {
         println!("VERGE_TOKEN={token}");
-        eprintln!(
-            "verge control: VERGE_TOKEN is a cluster admin token; it is shown only now \
-             (`verge control --new-admin-token` mints another)."
+        // Through the log, so that `--log-format json` stays one JSON object per line.
+        tracing::warn!(
+            "VERGE_TOKEN (stdout) is a cluster admin token; it is shown only now \
+             (`verge control --new-admin-token` mints another)"
         );
     }
     println!("VERGE_SERVER={}", started.url);
@@ -185,12 +186,12 @@ pub async fn dev(args: DevArgs) -> Result {
     };
     println!("VERGE_TOKEN={token}");
     println!("VERGE_SERVER={}", started.url);
-    eprintln!(
-        "verge dev: control plane ready on {} (SQLite in {}); profile \"dev\" saved in {} and selected.\n\
-         verge dev: org \"dev\", project \"default\". Try `verge apps create hello` in another shell. Ctrl-C stops.",
-        started.url,
-        data_dir.display(),
-        profile_path.display()
+    tracing::info!(
+        url = %started.url,
+        data_dir = %data_dir.display(),
+        profile = %profile_path.display(),
+        "verge dev ready: profile \"dev\" (org \"dev\", project \"default\") saved and selected; \
+         try `verge apps create hello` in another shell; Ctrl-C stops"
     );
     started.wait().await;
     Ok(())

@@ -59,8 +59,9 @@ cargo build --workspace --all-targets --locked
 
 log "testing"
 if cargo nextest --version >/dev/null 2>&1; then
+    # Doc tests first: nextest's summary stays the last word.
+    cargo test --workspace --doc --locked --quiet
     cargo nextest run --workspace --no-fail-fast --locked
-    cargo test --workspace --doc --locked
 else
     cargo test --workspace --no-fail-fast --locked
 fi

@@ -37,10 +37,10 @@ pub struct Target {
     /// Profile to use instead of the current one
     #[arg(long, global = true, env = "VERGE_PROFILE")]
     pub profile: Option<String>,
-    /// Org (default: the profile's, or the token's own)
+    /// Org [default: the profile's, else the token's own; `tokens` commands use only this flag]
     #[arg(long, global = true, env = "VERGE_ORG")]
     pub org: Option<String>,
-    /// Project (default: the profile's)
+    /// Project [default for creating apps: the profile's; `apps list` filters only by this flag]
     #[arg(long, global = true, env = "VERGE_PROJECT")]
     pub project: Option<String>,
     /// App (default: `app` in ./verge.toml)

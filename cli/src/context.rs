@@ -1,7 +1,7 @@
 //! Resolving where a client command goes: flags and environment first (clap
 //! merges those), then the selected profile, then `./verge.toml` for the app.
 
-use verge_api::client::Client;
+use verge_api::client::{Client, same_server};
 use verge_api::{ErrorDetail, ErrorKind};
 
 use crate::args::Target;
@@ -42,10 +42,10 @@ impl Context {
         }
         // A profile belongs to its server: its token (and defaults) are never
         // sent to another one named by --server or VERGE_SERVER.
-        if let (Some(server), Some(p)) = (&target.server, &profile) {
-            if !same_server(server, &p.server) {
-                profile = None;
-            }
+        if let (Some(server), Some(p)) = (&target.server, &profile)
+            && !same_server(server, &p.server)
+        {
+            profile = None;
         }
         let server = target
             .server
@@ -143,10 +143,6 @@ impl Context {
             )
         })
     }
-}
-
-fn same_server(a: &str, b: &str) -> bool {
-    a.trim_end_matches('/') == b.trim_end_matches('/')
 }
 
 /// The `app` key of `./verge.toml`, when there is one.

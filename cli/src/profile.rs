@@ -89,31 +89,39 @@ impl ProfileFile {
     }
 
     /// Saves `profile` as `name` and makes it current.
-    pub fn save_current(name: &str, profile: Profile) -> anyhow::Result<PathBuf> {
+    pub fn save_current(name: &str, profile: Profile) -> Result<PathBuf, ProfileError> {
         let mut file = ProfileFile::load()?;
         file.profiles.insert(name.to_string(), profile);
         file.current = Some(name.to_string());
         file.store()
     }
 
-    pub fn store(&self) -> anyhow::Result<PathBuf> {
+    /// Writes the file: a temporary file, synced, then renamed over the old one.
+    pub fn store(&self) -> Result<PathBuf, ProfileError> {
         use std::io::Write as _;
         use std::os::unix::fs::OpenOptionsExt as _;
-        let path = path()?;
+        let path = path().map_err(|e| ProfileError(format!("{e:#}"), None))?;
+        let failed = |e: std::io::Error| {
+            ProfileError(
+                format!("cannot write profile file {}: {e}", path.display()),
+                Some(path.clone()),
+            )
+        };
         let dir = path.parent().expect("config.toml has a parent");
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(failed)?;
         let tmp = dir.join(".config.toml.tmp");
-        let text = toml::to_string_pretty(self).context("cannot encode profiles")?;
+        let text = toml::to_string_pretty(self).expect("profiles encode as TOML");
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .mode(0o600)
             .open(&tmp)
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
+            .map_err(failed)?;
+        f.write_all(text.as_bytes())
+            .and_then(|()| f.sync_all())
+            .map_err(failed)?;
+        std::fs::rename(&tmp, &path).map_err(failed)?;
         Ok(path)
     }
 }

@@ -39,7 +39,8 @@ pub async fn bootstrap(store: &Store) -> Result<Option<String>, StoreError> {
     Ok(Some(create_admin_token(store, "admin").await?))
 }
 
-/// Mints another cluster admin token (used by `verge dev` when it has lost its copy).
+/// Mints another cluster admin token: for `verge dev` when it has lost its
+/// copy, and for `verge control --new-admin-token`.
 pub async fn create_admin_token(store: &Store, name: &str) -> Result<String, StoreError> {
     let token = generate_token();
     store.create_token(None, name, &hash_token(&token)).await?;

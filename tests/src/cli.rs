@@ -38,6 +38,24 @@ impl Cli {
         &self.config_dir
     }
 
+    /// Runs `verge ARGS... -o json`, asserts success, and returns the `name`
+    /// of every element of the JSON array it prints.
+    pub async fn names(&self, args: &[&str]) -> Vec<String> {
+        let mut args = args.to_vec();
+        args.extend(["-o", "json"]);
+        let list = self.run(&args).await.json();
+        list.as_array()
+            .unwrap_or_else(|| panic!("verge {args:?} printed no JSON array: {list}"))
+            .iter()
+            .map(|v| {
+                v["name"]
+                    .as_str()
+                    .expect("every element has a name")
+                    .to_string()
+            })
+            .collect()
+    }
+
     /// Runs `verge ARGS...` to completion.
     pub async fn run(&self, args: &[&str]) -> Run {
         let mut cmd = tokio::process::Command::new(crate::verge_bin());

@@ -136,24 +136,13 @@ async fn nouns_are_created_and_listed(backend: Backend) {
     .await
     .ok();
 
+    assert_eq!(cli.names(&["orgs", "list"]).await, ["acme"]);
     assert_eq!(
-        names(&cli.run(&["orgs", "list", "-o", "json"]).await.json()),
-        ["acme"]
-    );
-    assert_eq!(
-        names(
-            &cli.run(&["projects", "list", "--org", "acme", "-o", "json"])
-                .await
-                .json()
-        ),
+        cli.names(&["projects", "list", "--org", "acme"]).await,
         ["web"]
     );
     assert_eq!(
-        names(
-            &cli.run(&["apps", "list", "--org", "acme", "-o", "json"])
-                .await
-                .json()
-        ),
+        cli.names(&["apps", "list", "--org", "acme"]).await,
         ["shop"]
     );
     let envs = cli
@@ -243,10 +232,7 @@ async fn another_orgs_token_gets_404_and_no_data(backend: Backend) {
         assert!(!run.stderr().contains("shop") && !run.stdout().contains("shop"));
     }
     // Its own org works, and lists show only its own org.
-    assert_eq!(
-        names(&cli.run(&["orgs", "list", "-o", "json"]).await.json()),
-        ["rival"]
-    );
+    assert_eq!(cli.names(&["orgs", "list"]).await, ["rival"]);
     cli.run(&["projects", "create", "mine"]).await.ok();
 
     // Raw HTTP: same status and body for "exists elsewhere" and "does not exist".
@@ -321,10 +307,7 @@ async fn revoked_token_fails_on_the_next_request(backend: Backend) {
     let token = created["token"].as_str().unwrap();
     let id = created["id"].as_str().unwrap();
     let user = cp.cli_as(token);
-    assert_eq!(
-        names(&user.run(&["apps", "list", "-o", "json"]).await.json()),
-        ["shop"]
-    );
+    assert_eq!(user.names(&["apps", "list"]).await, ["shop"]);
 
     let listed = cp
         .cli()
@@ -427,16 +410,9 @@ async fn bad_and_oversized_bodies_are_refused_and_change_nothing(backend: Backen
     assert_eq!(no_type.status(), 400);
     // Nothing changed.
     let cli = cp.cli();
+    assert_eq!(cli.names(&["orgs", "list"]).await, ["acme"]);
     assert_eq!(
-        names(&cli.run(&["orgs", "list", "-o", "json"]).await.json()),
-        ["acme"]
-    );
-    assert_eq!(
-        names(
-            &cli.run(&["apps", "list", "--org", "acme", "-o", "json"])
-                .await
-                .json()
-        ),
+        cli.names(&["apps", "list", "--org", "acme"]).await,
         ["shop"]
     );
 }

@@ -4,7 +4,6 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use serde_json::Value;
 use tokio::process::{Child, Command};
 use verge_tests::cli::Cli;
 use verge_tests::control::{Banner, read_banner};
@@ -45,14 +44,6 @@ async fn interrupt(mut child: Child) -> std::process::ExitStatus {
         .unwrap()
 }
 
-fn names(v: &Value) -> Vec<&str> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|o| o["name"].as_str().unwrap())
-        .collect()
-}
-
 #[tokio::test]
 async fn dev_cluster_with_profile_and_clean_restart() {
     let data = tempfile::tempdir().unwrap();
@@ -64,14 +55,8 @@ async fn dev_cluster_with_profile_and_clean_restart() {
     let cli = Cli::new(config.path());
     let profiles = std::fs::read_to_string(config.path().join("config.toml")).unwrap();
     assert!(profiles.contains("current = \"dev\""), "{profiles}");
-    assert_eq!(
-        names(&cli.run(&["orgs", "list", "-o", "json"]).await.json()),
-        ["dev"]
-    );
-    assert_eq!(
-        names(&cli.run(&["projects", "list", "-o", "json"]).await.json()),
-        ["default"]
-    );
+    assert_eq!(cli.names(&["orgs", "list"]).await, ["dev"]);
+    assert_eq!(cli.names(&["projects", "list"]).await, ["default"]);
     let app = cli
         .run(&["apps", "create", "hello", "-o", "json"])
         .await
@@ -94,9 +79,6 @@ async fn dev_cluster_with_profile_and_clean_restart() {
     // State and token survive; the profile follows the new address.
     let (child, second) = start_dev(data.path(), config.path()).await;
     assert_eq!(second.token.as_deref(), Some(token.as_str()));
-    assert_eq!(
-        names(&cli.run(&["apps", "list", "-o", "json"]).await.json()),
-        ["hello"]
-    );
+    assert_eq!(cli.names(&["apps", "list"]).await, ["hello"]);
     assert!(interrupt(child).await.success());
 }

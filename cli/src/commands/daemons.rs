@@ -149,6 +149,8 @@ async fn dev_defaults(store: &Store) -> anyhow::Result<()> {
 
 pub async fn dev(args: DevArgs) -> Result {
     init_logging(&args.log);
+    // A broken profile file would fail the dev setup after the start: refuse first.
+    ProfileFile::load()?;
     let data_dir = match args.data_dir {
         Some(d) => d,
         None => default_dev_dir()?,
@@ -173,7 +175,8 @@ pub async fn dev(args: DevArgs) -> Result {
             org: Some("dev".into()),
             project: Some("default".into()),
         };
-        let path = ProfileFile::save_current("dev", profile)?;
+        let path =
+            ProfileFile::save_current("dev", profile).map_err(|e| anyhow::anyhow!(e.detail()))?;
         anyhow::Ok((token, path))
     };
     let (token, profile_path) = match setup.await {

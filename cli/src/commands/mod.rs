@@ -22,6 +22,12 @@ impl From<ClientError> for Failure {
     }
 }
 
+impl From<crate::profile::ProfileError> for Failure {
+    fn from(e: crate::profile::ProfileError) -> Self {
+        Failure(e.detail())
+    }
+}
+
 impl From<anyhow::Error> for Failure {
     fn from(e: anyhow::Error) -> Self {
         Failure(ErrorDetail::new(ErrorKind::Internal, format!("{e:#}")))

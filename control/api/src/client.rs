@@ -41,12 +41,18 @@ impl ClientError {
     pub fn detail(&self) -> ErrorDetail {
         match self {
             ClientError::Api(d) => d.clone(),
-            ClientError::Connect { server, .. } => {
-                ErrorDetail::new(ErrorKind::Unavailable, self.to_string())
-                    .with_next(format!(
+            ClientError::Connect { server, cause } => {
+                let d = ErrorDetail::new(ErrorKind::Unavailable, self.to_string());
+                if cause.contains("certificate") {
+                    d.with_next(
+                        "pass --ca-cert FILE (or set VERGE_CA_CERT) naming the CA that signed the server's certificate",
+                    )
+                } else {
+                    d.with_next(format!(
                         "check that the control plane at {server} is running"
                     ))
                     .with_next("start a local one with `verge dev`")
+                }
             }
             ClientError::BadServer { .. } => {
                 ErrorDetail::new(ErrorKind::BadRequest, self.to_string())
@@ -81,6 +87,24 @@ fn cause_chain(e: &reqwest::Error) -> String {
         e.to_string()
     } else {
         parts.join(": ")
+    }
+}
+
+/// Whether two server URLs name the same control plane: same scheme, host
+/// and port after URL normalisation (case, default ports, trailing slash).
+pub fn same_server(a: &str, b: &str) -> bool {
+    let key = |s: &str| {
+        Url::parse(s).ok().map(|u| {
+            (
+                u.scheme().to_string(),
+                u.host_str().map(str::to_string),
+                u.port_or_known_default(),
+            )
+        })
+    };
+    match (key(a), key(b)) {
+        (Some(ka), Some(kb)) => ka == kb,
+        _ => a.trim_end_matches('/') == b.trim_end_matches('/'),
     }
 }
 
@@ -286,5 +310,31 @@ impl Client {
     pub async fn revoke_token(&self, id: &str) -> Result<Token, ClientError> {
         self.call(Method::DELETE, self.url(&["tokens", id]), None::<&()>)
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_server;
+
+    #[test]
+    fn same_server_normalises_urls() {
+        assert!(same_server(
+            "http://127.0.0.1:7070",
+            "http://127.0.0.1:7070/"
+        ));
+        assert!(same_server(
+            "https://Control.Example",
+            "https://control.example:443"
+        ));
+        assert!(!same_server(
+            "http://127.0.0.1:7070",
+            "http://127.0.0.1:7071"
+        ));
+        assert!(!same_server(
+            "http://localhost:7070",
+            "http://127.0.0.1:7070"
+        ));
+        assert!(!same_server("http://h:7070", "https://h:7070"));
     }
 }

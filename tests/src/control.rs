@@ -121,17 +121,28 @@ impl ControlPlane {
         banner
     }
 
-    /// Sends SIGTERM and waits for the process to exit.
-    pub async fn stop(&mut self) -> ExitStatus {
-        let mut child = self.child.take().expect("control plane is running");
+    /// Sends `signal` (e.g. `libc::SIGTERM`) to the running control plane.
+    pub fn signal(&self, signal: libc::c_int) {
+        let child = self.child.as_ref().expect("control plane is running");
         let pid = child.id().expect("child pid") as libc::pid_t;
         // SAFETY: kill(2) with a valid signal on the pid of our own child, not yet reaped.
-        let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
-        assert_eq!(rc, 0, "kill(SIGTERM) failed");
+        let rc = unsafe { libc::kill(pid, signal) };
+        assert_eq!(rc, 0, "kill({signal}) failed");
+    }
+
+    /// Waits (at most 30 s) for the process to exit.
+    pub async fn wait_exit(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("control plane is running");
         tokio::time::timeout(Duration::from_secs(30), child.wait())
             .await
-            .expect("control plane did not exit within 30s of SIGTERM")
+            .expect("control plane did not exit within 30s")
             .expect("wait for control plane")
+    }
+
+    /// Sends SIGTERM and waits for the process to exit.
+    pub async fn stop(&mut self) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        self.wait_exit().await
     }
 
     /// Stops gracefully (asserting a clean exit) and starts again on the same
@@ -143,6 +154,12 @@ impl ControlPlane {
             "control plane exited with {status} on SIGTERM\n{}",
             self.log()
         );
+        self.launch().await
+    }
+
+    /// Starts again after the process exited by itself (see [`wait_exit`](Self::wait_exit)).
+    pub async fn restart_after_exit(&mut self) -> Banner {
+        assert!(self.child.is_none(), "still running: use restart()");
         self.launch().await
     }
 

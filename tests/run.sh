@@ -7,61 +7,111 @@
 #     `verge` superuser role created), exported as VERGE_TEST_POSTGRES;
 #   - Debian's docker-registry binary (the tests start their own instances);
 #   - cargo-nextest when available, else plain `cargo test`.
-# Set VERGE_TEST_POSTGRES yourself to use another PostgreSQL server.
+# Set VERGE_TEST_POSTGRES yourself to use another PostgreSQL server (then
+# neither PostgreSQL nor psql is needed here).
+#
+# Each test creates its own `verge_test_<ulid>` database; the tests
+# themselves drop those older than an hour, so concurrent runs on one
+# server never lose each other's databases.
+#
+# Runs unattended (CI, no stdin, no TTY): never prompts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 log() { printf '==> %s\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 as_root() {
-    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+    if [ "$(id -u)" -eq 0 ]; then
+        "$@"
+    elif ! command -v sudo >/dev/null 2>&1; then
+        die "need root for: $* (run as root, or install sudo)"
+    elif [ -t 0 ]; then
+        sudo "$@"
+    else
+        # No terminal to ask a password on: fail instead of waiting.
+        sudo -n "$@"
+    fi
+}
+
+# rustup installs into ~/.cargo/bin, which a non-login shell may not have.
+if ! command -v cargo >/dev/null 2>&1 && [ -x "${CARGO_HOME:-${HOME:-/nonexistent}/.cargo}/bin/cargo" ]; then
+    export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+fi
+command -v cargo >/dev/null 2>&1 || die "cargo not found: install Rust with rustup (https://rustup.rs)"
+
+# The newest PostgreSQL server installed, e.g. "15"; empty when none is
+# (postgresql-common alone brings pg_ctlcluster but no server).
+pg_version() {
+    { ls /usr/lib/postgresql 2>/dev/null || true; } | sort -V | tail -n 1
 }
 
 missing=()
-command -v docker-registry >/dev/null 2>&1 || missing+=(docker-registry)
+# The path the harness runs (tests/src/registry.rs).
+[ -x /usr/bin/docker-registry ] || missing+=(docker-registry)
 if [ -z "${VERGE_TEST_POSTGRES:-}" ]; then
-    command -v pg_ctlcluster >/dev/null 2>&1 || missing+=(postgresql)
+    if [ -z "$(pg_version)" ] || ! command -v pg_ctlcluster >/dev/null 2>&1 ||
+        ! command -v psql >/dev/null 2>&1; then
+        missing+=(postgresql)
+    fi
 fi
 if [ ${#missing[@]} -gt 0 ]; then
     log "installing ${missing[*]}"
-    as_root apt-get update -qq
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    # Wait for another apt (e.g. unattended-upgrades on a fresh machine)
+    # rather than fail on its lock.
+    apt=(apt-get -q -y -o DPkg::Lock::Timeout=600)
+    as_root env DEBIAN_FRONTEND=noninteractive "${apt[@]}" update >/dev/null
+    as_root env DEBIAN_FRONTEND=noninteractive "${apt[@]}" install "${missing[@]}" >/dev/null
 fi
+[ -x /usr/bin/docker-registry ] || die "/usr/bin/docker-registry is still missing"
 
 if [ -z "${VERGE_TEST_POSTGRES:-}" ]; then
-    version=$(ls /usr/lib/postgresql | sort -V | tail -n 1)
-    if ! pg_lsclusters -h | awk '{print $1" "$2}' | grep -qx "$version main"; then
+    version=$(pg_version)
+    [ -n "$version" ] || die "no PostgreSQL server under /usr/lib/postgresql after installing postgresql"
+    # Field $1 of this version's "main" in pg_lsclusters -h (version, cluster,
+    # port, status, ...). awk reads all its input: no SIGPIPE under pipefail.
+    cluster_field() {
+        pg_lsclusters -h | awk -v v="$version" -v f="$1" '!done && $1==v && $2=="main" {print $f; done=1}'
+    }
+    if [ -z "$(cluster_field 2)" ]; then
         log "creating PostgreSQL $version cluster 'main'"
         as_root pg_createcluster "$version" main >/dev/null
     fi
-    port=$(pg_lsclusters -h | awk -v v="$version" '$1==v && $2=="main" {print $3}')
-    if ! pg_lsclusters -h | awk -v v="$version" '$1==v && $2=="main" {print $4}' | grep -q online; then
-        log "starting PostgreSQL $version on port $port"
-        as_root pg_ctlcluster "$version" main start
-    fi
-    for _ in $(seq 1 100); do
+    port=$(cluster_field 3)
+    [ -n "$port" ] || die "PostgreSQL $version cluster 'main' has no port"
+    case "$(cluster_field 4)" in
+        online*) ;;
+        *)
+            log "starting PostgreSQL $version on port $port"
+            as_root pg_ctlcluster "$version" main start
+            ;;
+    esac
+    for _ in $(seq 1 300); do
         pg_isready -q -h 127.0.0.1 -p "$port" && break
         sleep 0.1
     done
-    pg_isready -h 127.0.0.1 -p "$port" >/dev/null || { echo "PostgreSQL did not become ready on port $port" >&2; exit 1; }
-    as_root runuser -u postgres -- psql -q -p "$port" -v ON_ERROR_STOP=1 -c \
-        "DO \$\$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'verge') THEN CREATE ROLE verge LOGIN SUPERUSER PASSWORD 'verge'; END IF; END \$\$;" >/dev/null
+    pg_isready -h 127.0.0.1 -p "$port" >/dev/null || die "PostgreSQL did not become ready on port $port"
+    # From /: the postgres user may not be able to enter the checkout.
+    (cd / && as_root runuser -u postgres -- psql -X -q -p "$port" -v ON_ERROR_STOP=1 -c \
+        "DO \$\$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'verge') THEN CREATE ROLE verge LOGIN SUPERUSER PASSWORD 'verge'; END IF; END \$\$;" \
+        </dev/null >/dev/null)
     export VERGE_TEST_POSTGRES="postgres://verge:verge@127.0.0.1:$port/postgres"
 fi
 log "PostgreSQL for tests: ${VERGE_TEST_POSTGRES%%:*}://...@${VERGE_TEST_POSTGRES##*@}"
-
-# Databases left by earlier runs (each test makes a fresh one).
-psql "$VERGE_TEST_POSTGRES" -Atq -c "SELECT datname FROM pg_database WHERE datname LIKE 'verge_test_%'" |
-    while read -r db; do psql "$VERGE_TEST_POSTGRES" -q -c "DROP DATABASE IF EXISTS \"$db\"" >/dev/null || true; done
 
 log "building"
 cargo build --workspace --all-targets --locked
 
 log "testing"
 if cargo nextest --version >/dev/null 2>&1; then
-    # Doc tests first: nextest's summary stays the last word.
+    # Doc tests first: nextest's summary stays the last word. Nextest bounds
+    # every test (.config/nextest.toml).
     cargo test --workspace --doc --locked --quiet
     cargo nextest run --workspace --no-fail-fast --locked
-else
+elif [ -t 0 ]; then
     cargo test --workspace --no-fail-fast --locked
+else
+    # Unattended and without nextest's per-test timeout: bound the whole run
+    # so a hang cannot stall CI forever.
+    timeout --kill-after=60 3600 cargo test --workspace --no-fail-fast --locked
 fi

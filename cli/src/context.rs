@@ -2,7 +2,7 @@
 //! merges those), then the selected profile, then `./verge.toml` for the app.
 
 use verge_api::client::{Client, same_server};
-use verge_api::{ErrorDetail, ErrorKind};
+use verge_api::{ErrorDetail, ErrorKind, names};
 
 use crate::args::Target;
 use crate::commands::Failure;
@@ -25,6 +25,19 @@ fn missing(what: &str, flag: &str, next: &[&str]) -> Failure {
 
 impl Context {
     pub fn new(target: &Target) -> Result<Context, Failure> {
+        // Names given on the command line are checked before they become URL
+        // path segments ("..", "a/b" and the like are refused here).
+        for (kind, name) in [
+            ("org", &target.org),
+            ("project", &target.project),
+            ("app", &target.app),
+            ("env", &target.env),
+        ] {
+            if let Some(name) = name {
+                names::validate(kind, name)
+                    .map_err(|m| Failure(ErrorDetail::new(ErrorKind::BadRequest, m)))?;
+            }
+        }
         let explicit =
             target.server.is_some() && target.token.is_some() && target.profile.is_none();
         let file = match ProfileFile::load() {
@@ -45,6 +58,20 @@ impl Context {
         if let (Some(server), Some(p)) = (&target.server, &profile)
             && !same_server(server, &p.server)
         {
+            if let Some(name) = &target.profile {
+                return Err(Failure(
+                    ErrorDetail::new(
+                        ErrorKind::BadRequest,
+                        format!(
+                            "profile {name:?} belongs to {}, not to --server {server}",
+                            p.server
+                        ),
+                    )
+                    .with_next(
+                        "drop --server to use the profile, or drop --profile and pass --token",
+                    ),
+                ));
+            }
             profile = None;
         }
         let server = target
@@ -135,7 +162,7 @@ impl Context {
         if let Some(app) = &self.target.app {
             return Ok(app.clone());
         }
-        app_from_manifest().ok_or_else(|| {
+        app_from_manifest()?.ok_or_else(|| {
             missing(
                 "app",
                 "--app APP or set VERGE_APP",
@@ -145,9 +172,31 @@ impl Context {
     }
 }
 
-/// The `app` key of `./verge.toml`, when there is one.
-fn app_from_manifest() -> Option<String> {
-    let text = std::fs::read_to_string("verge.toml").ok()?;
-    let table: toml::Table = toml::from_str(&text).ok()?;
-    table.get("app")?.as_str().map(str::to_string)
+/// The `app` key of `./verge.toml`: `None` without the file; an error naming
+/// the file when it cannot be read as TOML or its `app` is not a valid name.
+fn app_from_manifest() -> Result<Option<String>, Failure> {
+    let bad = |m: String| {
+        Failure(
+            ErrorDetail::new(ErrorKind::BadRequest, m)
+                .with_next("fix verge.toml, or pass --app APP"),
+        )
+    };
+    let text = match std::fs::read_to_string("verge.toml") {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(bad(format!("cannot read verge.toml: {e}"))),
+    };
+    let table: toml::Table = toml::from_str(&text)
+        .map_err(|e| bad(format!("verge.toml is not valid TOML: {}", e.message())))?;
+    match table.get("app") {
+        None => Ok(None),
+        Some(toml::Value::String(app)) => {
+            names::validate("app", app).map_err(|m| bad(format!("verge.toml: {m}")))?;
+            Ok(Some(app.clone()))
+        }
+        Some(other) => Err(bad(format!(
+            "verge.toml: app must be a string, found {}",
+            other.type_str()
+        ))),
+    }
 }

@@ -11,7 +11,6 @@ use serde::{Deserialize, Serialize};
 use verge_api::{ErrorDetail, ErrorKind};
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ProfileFile {
     /// The profile used when none is named.
     pub current: Option<String>,
@@ -20,7 +19,6 @@ pub struct ProfileFile {
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Profile {
     pub server: String,
     pub token: String,
@@ -90,14 +88,45 @@ impl ProfileFile {
 
     /// Saves `profile` as `name` and makes it current.
     pub fn save_current(name: &str, profile: Profile) -> Result<PathBuf, ProfileError> {
-        let mut file = ProfileFile::load()?;
-        file.profiles.insert(name.to_string(), profile);
-        file.current = Some(name.to_string());
-        file.store()
+        ProfileFile::update(|file| {
+            file.profiles.insert(name.to_string(), profile);
+            file.current = Some(name.to_string());
+            Ok::<(), ProfileError>(())
+        })
     }
 
-    /// Writes the file: a temporary file, synced, then renamed over the old one.
-    pub fn store(&self) -> Result<PathBuf, ProfileError> {
+    /// Load, change, store, under an exclusive lock (`config.toml.lock`), so
+    /// that concurrent `verge login`s and `verge dev`s lose no profile.
+    pub fn update<E: From<ProfileError>>(
+        change: impl FnOnce(&mut ProfileFile) -> Result<(), E>,
+    ) -> Result<PathBuf, E> {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let path = path().map_err(|e| ProfileError(format!("{e:#}"), None))?;
+        let dir = path.parent().expect("config.toml has a parent");
+        let failed = |e: std::io::Error| {
+            ProfileError(
+                format!("cannot lock profile file {}: {e}", path.display()),
+                Some(path.clone()),
+            )
+        };
+        std::fs::create_dir_all(dir).map_err(failed)?;
+        let lock = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(dir.join("config.toml.lock"))
+            .map_err(failed)?;
+        lock.lock().map_err(failed)?;
+        let mut file = ProfileFile::load()?;
+        change(&mut file)?;
+        Ok(file.store()?)
+        // The lock is released when `lock` is dropped.
+    }
+
+    /// Writes the file: a temporary file of this process, synced, then
+    /// renamed over the old one. Callers hold the lock of [`update`](Self::update).
+    fn store(&self) -> Result<PathBuf, ProfileError> {
         use std::io::Write as _;
         use std::os::unix::fs::OpenOptionsExt as _;
         let path = path().map_err(|e| ProfileError(format!("{e:#}"), None))?;
@@ -109,7 +138,7 @@ impl ProfileFile {
         };
         let dir = path.parent().expect("config.toml has a parent");
         std::fs::create_dir_all(dir).map_err(failed)?;
-        let tmp = dir.join(".config.toml.tmp");
+        let tmp = dir.join(format!(".config.toml.{}.tmp", std::process::id()));
         let text = toml::to_string_pretty(self).expect("profiles encode as TOML");
         let mut f = std::fs::OpenOptions::new()
             .write(true)

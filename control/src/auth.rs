@@ -33,10 +33,19 @@ pub fn hash_token(token: &str) -> String {
 /// Creates the cluster admin token if none was ever created, and returns it;
 /// `None` on every later start. Safe against replicas starting together.
 pub async fn bootstrap(store: &Store) -> Result<Option<String>, StoreError> {
-    if !store.claim_once("admin_token_created", "true").await? {
-        return Ok(None);
+    let token = generate_token();
+    if store
+        .bootstrap_admin_token("admin", &hash_token(&token))
+        .await?
+    {
+        return Ok(Some(token));
     }
-    Ok(Some(create_admin_token(store, "admin").await?))
+    if store.active_admin_tokens().await? == 0 {
+        tracing::warn!(
+            "no active cluster admin token exists: start once with `verge control --new-admin-token` to mint one"
+        );
+    }
+    Ok(None)
 }
 
 /// Mints another cluster admin token: for `verge dev` when it has lost its
@@ -79,6 +88,10 @@ impl Caller {
     /// The org named `name`, if this caller may see it; 404 otherwise, the
     /// same answer whether it does not exist or belongs to someone else.
     pub async fn org(&self, store: &Store, name: &str) -> Result<OrgRow, ApiError> {
+        // A name that breaks the naming rules cannot exist: answer without a query.
+        if verge_api::names::validate("org", name).is_err() {
+            return Err(ApiError::not_found("org", name));
+        }
         match store.org_by_name(name).await? {
             Some(org) if self.sees_org(&org.id) => {
                 tracing::Span::current().record("org", org.id.as_str());

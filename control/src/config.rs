@@ -23,6 +23,9 @@ pub struct Config {
     pub max_connections: usize,
     /// How long in-flight requests may take to finish on shutdown.
     pub shutdown_timeout_secs: u64,
+    /// How long a client may take for a TLS handshake or a request's
+    /// headers, and may stay idle between requests, before it is disconnected.
+    pub client_timeout_secs: u64,
     /// Serve HTTPS with this certificate and key.
     pub tls: Option<TlsConfig>,
     /// Mint another cluster admin token on this start (recovery when the
@@ -48,6 +51,7 @@ impl Default for Config {
             max_body_bytes: 1024 * 1024,
             max_connections: 10_000,
             shutdown_timeout_secs: 30,
+            client_timeout_secs: 10,
             tls: None,
             new_admin_token: false,
         }
@@ -96,7 +100,15 @@ impl Config {
     pub fn database_url(&self) -> String {
         match &self.database {
             Some(url) => url.clone(),
-            None => format!("sqlite://{}", self.data_dir.join("verge.db").display()),
+            None => {
+                // Percent-encode what a URL would read as syntax ('%', '?', '#').
+                let path = self.data_dir.join("verge.db").display().to_string();
+                let path = path
+                    .replace('%', "%25")
+                    .replace('?', "%3F")
+                    .replace('#', "%23");
+                format!("sqlite://{path}")
+            }
         }
     }
 
@@ -125,6 +137,7 @@ impl Config {
         for (field, value) in [
             ("max_body_bytes", self.max_body_bytes),
             ("max_connections", self.max_connections),
+            ("client_timeout_secs", self.client_timeout_secs as usize),
         ] {
             if value == 0 {
                 return Err(ConfigError::Zero { field });

@@ -40,11 +40,20 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Conflict => ApiError::conflict("the resource already exists"),
+            StoreError::Unavailable(e) => {
+                tracing::error!(error = %e, "store unreachable");
+                ApiError::new(
+                    ErrorKind::Unavailable,
+                    "the control plane cannot reach its database; the request may not have been applied",
+                )
+                .next("retry shortly; after a create, list first to see whether it was applied")
+                .next("operators: check the database and the control plane's log")
+            }
             e => {
                 tracing::error!(error = %e, "store failure");
                 ApiError::new(
                     ErrorKind::Internal,
-                    "internal error: the control plane's store failed; the request changed nothing",
+                    "internal error: the control plane's store failed; the request may not have been applied",
                 )
                 .next("retry; if it persists, read the control plane's log")
             }

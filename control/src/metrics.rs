@@ -87,9 +87,9 @@ pub async fn track(State(metrics): State<Arc<Metrics>>, req: Request, next: Next
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "unmatched".to_string());
     let start = Instant::now();
-    metrics.in_flight.inc();
+    let in_flight = InFlight::enter(&metrics.in_flight);
     let response = next.run(req).await;
-    metrics.in_flight.dec();
+    drop(in_flight);
     let labels = RouteLabels { method, route };
     metrics
         .duration
@@ -104,4 +104,21 @@ pub async fn track(State(metrics): State<Arc<Metrics>>, req: Request, next: Next
         })
         .inc();
     response
+}
+
+/// Counts a request in flight until dropped, also when the request future
+/// is dropped unfinished (client gone, HTTP/2 stream reset, drain timeout).
+struct InFlight<'a>(&'a Gauge);
+
+impl<'a> InFlight<'a> {
+    fn enter(gauge: &'a Gauge) -> Self {
+        gauge.inc();
+        InFlight(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
@@ -113,6 +113,7 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Start
     let limits = Limits {
         connections: Arc::new(Semaphore::new(config.max_connections)),
         drain: Duration::from_secs(config.shutdown_timeout_secs),
+        client_timeout: Duration::from_secs(config.client_timeout_secs),
     };
     tracing::info!(%url, "control plane listening");
     let serve = tokio::spawn(
@@ -160,6 +161,10 @@ fn tls_acceptor(tls: &TlsConfig) -> Result<TlsAcceptor, StartError> {
 struct Limits {
     connections: Arc<Semaphore>,
     drain: Duration,
+    /// How long a client may take to complete a TLS handshake or send a
+    /// request's headers (also the idle limit between requests), so that
+    /// slow or silent peers cannot hold connection slots or stall a drain.
+    client_timeout: Duration,
 }
 
 /// The accept loop: one task per connection, HTTP/1.1 and HTTP/2, until
@@ -172,7 +177,17 @@ async fn serve(
     shutdown: CancellationToken,
 ) {
     let graceful = GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.client_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(limits.client_timeout)
+        .keep_alive_timeout(limits.client_timeout);
+    let handshake_timeout = limits.client_timeout;
     loop {
         let permit = tokio::select! {
             p = limits.connections.clone().acquire_owned() => p.expect("semaphore never closed"),
@@ -202,17 +217,23 @@ async fn serve(
                         builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                     watcher.watch(conn.into_owned()).await
                 }
-                Some(acceptor) => match acceptor.accept(stream).await {
-                    Ok(stream) => {
-                        let conn =
-                            builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                        watcher.watch(conn.into_owned()).await
+                Some(acceptor) => {
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            let conn = builder
+                                .serve_connection_with_upgrades(TokioIo::new(stream), service);
+                            watcher.watch(conn.into_owned()).await
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, "tls handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!("tls handshake timed out");
+                            return;
+                        }
                     }
-                    Err(e) => {
-                        tracing::debug!(error = %e, "tls handshake failed");
-                        return;
-                    }
-                },
+                }
             };
             if let Err(e) = result {
                 tracing::debug!(error = %e, "connection ended with an error");

@@ -1,6 +1,13 @@
 //! The store suite: the same scenarios against SQLite and PostgreSQL.
 
-use verge_control::store::{Backend, Store, StoreError};
+use verge_control::store::{Backend, Revoke, Store, StoreError, TokenRow};
+
+fn expect_revoked(r: Revoke) -> TokenRow {
+    match r {
+        Revoke::Revoked(row) => row,
+        other => panic!("expected Revoked, got {other:?}"),
+    }
+}
 
 /// Runs each scenario once per backend, as `sqlite::NAME` and `postgres::NAME`.
 macro_rules! on_both_backends {
@@ -20,6 +27,8 @@ on_both_backends!(
     rows_below_an_org_stay_in_it,
     tokens_are_found_by_hash_until_revoked,
     claim_once_has_one_winner_among_racers,
+    the_last_admin_token_is_never_revoked,
+    bootstrap_has_one_winner_and_makes_the_token_with_the_claim,
 );
 
 async fn open(backend: Backend) -> (Store, String, tempfile::TempDir) {
@@ -170,7 +179,7 @@ async fn tokens_are_found_by_hash_until_revoked(store: Store, _url: String) {
     assert_eq!(store.list_tokens(Some(&org.id)).await.unwrap().len(), 1);
     assert_eq!(store.list_tokens(None).await.unwrap().len(), 2);
 
-    let revoked = store.revoke_token(&t.id).await.unwrap().unwrap();
+    let revoked = expect_revoked(store.revoke_token(&t.id).await.unwrap());
     assert!(revoked.revoked_at.is_some());
     assert!(
         store
@@ -180,9 +189,12 @@ async fn tokens_are_found_by_hash_until_revoked(store: Store, _url: String) {
             .is_none()
     );
     // Revoking again keeps the first revocation time.
-    let again = store.revoke_token(&t.id).await.unwrap().unwrap();
+    let again = expect_revoked(store.revoke_token(&t.id).await.unwrap());
     assert_eq!(again.revoked_at, revoked.revoked_at);
-    assert!(store.revoke_token("tok_missing").await.unwrap().is_none());
+    assert!(matches!(
+        store.revoke_token("tok_missing").await.unwrap(),
+        Revoke::NotFound
+    ));
 }
 
 async fn claim_once_has_one_winner_among_racers(store: Store, _url: String) {
@@ -232,4 +244,51 @@ async fn unsupported_and_unreachable_databases_are_named() {
         "{err}"
     );
     assert!(!err.contains("secret"), "{err}");
+}
+
+async fn the_last_admin_token_is_never_revoked(store: Store, _url: String) {
+    let a = store.create_token(None, "a", "hash-a").await.unwrap();
+    let b = store.create_token(None, "b", "hash-b").await.unwrap();
+    // Two racing revocations of the only two admin tokens: one must lose.
+    let (ra, rb) = tokio::join!(store.revoke_token(&a.id), store.revoke_token(&b.id));
+    let outcomes = [ra.unwrap(), rb.unwrap()];
+    let refused = outcomes
+        .iter()
+        .filter(|r| matches!(r, Revoke::LastAdmin(_)))
+        .count();
+    assert_eq!(refused, 1, "{outcomes:?}");
+    assert_eq!(store.active_admin_tokens().await.unwrap(), 1);
+    // Org tokens are never held back by this rule.
+    let org = store.create_org("acme").await.unwrap();
+    let t = store
+        .create_token(Some(&org.id), "ci", "hash-ci")
+        .await
+        .unwrap();
+    expect_revoked(store.revoke_token(&t.id).await.unwrap());
+}
+
+async fn bootstrap_has_one_winner_and_makes_the_token_with_the_claim(store: Store, _url: String) {
+    let racers: Vec<_> = (0..6)
+        .map(|i| {
+            let s = store.clone();
+            tokio::spawn(async move {
+                s.bootstrap_admin_token("admin", &format!("hash-{i}"))
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut winners = 0;
+    for r in racers {
+        winners += r.await.unwrap() as usize;
+    }
+    assert_eq!(winners, 1);
+    assert_eq!(store.active_admin_tokens().await.unwrap(), 1);
+    assert!(
+        !store
+            .bootstrap_admin_token("admin", "hash-late")
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.active_admin_tokens().await.unwrap(), 1);
 }

@@ -1,10 +1,13 @@
 //! Running the `verge` CLI as a user would, isolated from the machine's own
-//! profiles by a per-test `VERGE_CONFIG_DIR`.
+//! profiles by a per-test `VERGE_CONFIG_DIR` and from the test's environment
+//! (no inherited `VERGE_*` variable), each run bounded by [`RUN_TIMEOUT`].
 
 use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::process::{Output, Stdio};
+use std::time::Duration;
 
 use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// A way to run `verge` with a fixed environment.
 #[derive(Debug, Clone)]
@@ -56,25 +59,75 @@ impl Cli {
             .collect()
     }
 
-    /// Runs `verge ARGS...` to completion.
+    /// Runs `verge ARGS...` to completion, at most [`RUN_TIMEOUT`]: past it
+    /// the process is killed and the test panics with the arguments and what
+    /// the run printed so far.
+    ///
+    /// The run inherits no `VERGE_*` variable from the test's environment
+    /// (see [`crate::isolate_env`]): only `VERGE_CONFIG_DIR` and what
+    /// [`target`](Self::target) and [`with_env`](Self::with_env) set.
     pub async fn run(&self, args: &[&str]) -> Run {
-        let mut cmd = tokio::process::Command::new(crate::verge_bin());
+        let mut cmd = crate::verge_command();
         cmd.args(args)
-            .env_remove("VERGE_SERVER")
-            .env_remove("VERGE_TOKEN")
-            .env_remove("VERGE_PROFILE")
-            .env_remove("VERGE_ORG")
-            .env_remove("VERGE_PROJECT")
-            .env_remove("VERGE_APP")
             .env("VERGE_CONFIG_DIR", &self.config_dir)
-            .stdin(std::process::Stdio::null());
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
-        let output = cmd.output().await.expect("run verge");
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run verge {args:?}: {e}"));
+        let mut stdout = child.stdout.take().expect("piped stdout");
+        let mut stderr = child.stderr.take().expect("piped stderr");
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let finished = tokio::time::timeout(RUN_TIMEOUT, async {
+            // Both pipes to their end, then the exit status; a chunk read is
+            // kept even if the deadline cancels the next one.
+            let (_, _, status) = tokio::join!(
+                drain(&mut stdout, &mut out),
+                drain(&mut stderr, &mut err),
+                child.wait()
+            );
+            status
+        })
+        .await;
+        let status = match finished {
+            Ok(status) => status.unwrap_or_else(|e| panic!("wait for verge {args:?}: {e}")),
+            Err(_) => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                panic!(
+                    "verge {args:?} did not finish within {RUN_TIMEOUT:?} (killed)\n\
+                     --- stdout so far ---\n{}\n--- stderr so far ---\n{}",
+                    String::from_utf8_lossy(&out),
+                    String::from_utf8_lossy(&err)
+                );
+            }
+        };
         Run {
             args: args.iter().map(|a| a.to_string()).collect(),
-            output,
+            output: Output {
+                status,
+                stdout: out,
+                stderr: err,
+            },
+        }
+    }
+}
+
+/// How long one [`Cli::run`] may take before it is killed.
+pub const RUN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Appends everything `pipe` yields to `buf`, chunk by chunk (cancel-safe:
+/// what was read before a cancellation stays in `buf`). Stops at EOF or on
+/// a read error.
+async fn drain(pipe: &mut (impl AsyncRead + Unpin), buf: &mut Vec<u8>) {
+    let mut chunk = [0u8; 8192];
+    loop {
+        match pipe.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
         }
     }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tempfile::TempDir;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 use crate::cli::Cli;
 
@@ -91,31 +91,44 @@ impl ControlPlane {
         args
     }
 
+    /// The URL of this plane's database, to inspect it directly (see
+    /// [`crate::store`]): `sqlite://<data_dir>/verge.db` on SQLite, the
+    /// test's own `postgres://.../verge_test_<ulid>` on PostgreSQL.
+    pub fn database_url(&self) -> String {
+        match &self.database {
+            Some(url) => url.clone(),
+            None => format!(
+                "sqlite://{}",
+                self.data_dir.path().join("verge.db").display()
+            ),
+        }
+    }
+
     async fn launch(&mut self) -> Banner {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.stderr_log)
             .expect("control log file");
-        let mut child = Command::new(crate::verge_bin())
+        // No inherited VERGE_* (a developer's VERGE_DATABASE would win over
+        // nothing, VERGE_LOG_FORMAT=json would change the log) nor RUST_LOG.
+        let mut child = crate::verge_command()
             .args(self.args())
+            .env_remove("RUST_LOG")
             .env("RUST_LOG", "info,sqlx=warn")
-            .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)
-            .kill_on_drop(true)
             .spawn()
             .expect("spawn verge control");
         let stdout = child.stdout.take().expect("piped stdout");
-        let banner = tokio::time::timeout(Duration::from_secs(30), read_banner(stdout))
-            .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "verge control printed no VERGE_SERVER within 30s\n{}",
-                    self.log()
-                )
-            })
-            .unwrap_or_else(|| panic!("verge control exited before serving\n{}", self.log()));
+        let banner = match read_banner_until(stdout, BANNER_TIMEOUT).await {
+            Ok(banner) => banner,
+            Err(e) => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                panic!("verge control {e}\n--- control log ---\n{}", self.log())
+            }
+        };
         self.url = banner.server.clone();
         self.child = Some(child);
         banner
@@ -133,10 +146,37 @@ impl ControlPlane {
     /// Waits (at most 30 s) for the process to exit.
     pub async fn wait_exit(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("control plane is running");
-        tokio::time::timeout(Duration::from_secs(30), child.wait())
-            .await
-            .expect("control plane did not exit within 30s")
-            .expect("wait for control plane")
+        match tokio::time::timeout(Duration::from_secs(30), child.wait()).await {
+            Ok(status) => status.expect("wait for control plane"),
+            Err(_) => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                panic!(
+                    "control plane did not exit within 30s (killed)\n--- control log ---\n{}",
+                    self.log()
+                )
+            }
+        }
+    }
+
+    /// Kills the process with SIGKILL, as a crash would, and reaps it. The
+    /// data dir and database stay: [`restart_after_exit`](Self::restart_after_exit)
+    /// starts again on them.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("control plane is running");
+        child.start_kill().expect("SIGKILL the control plane");
+        // SIGKILL cannot be caught: the exit is immediate, the wait short.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) => return,
+                Ok(None) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Ok(None) => panic!("control plane not reaped 10s after SIGKILL"),
+                Err(e) => panic!("wait for the killed control plane: {e}"),
+            }
+        }
     }
 
     /// Sends SIGTERM and waits for the process to exit.
@@ -191,21 +231,92 @@ impl ControlPlane {
     }
 }
 
+/// How long a start may take to print `VERGE_SERVER=`.
+pub const BANNER_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Reads a daemon's stdout until `VERGE_SERVER=`; `None` if it ends first.
+///
+/// Never hangs: past 60 s without the line it panics (prefer
+/// [`read_banner_within`], which takes the deadline and panics on EOF too).
 pub async fn read_banner(stdout: tokio::process::ChildStdout) -> Option<Banner> {
+    match read_banner_until(stdout, Duration::from_secs(60)).await {
+        Ok(banner) => Some(banner),
+        Err(e @ BannerError::TimedOut { .. }) => panic!("verge {e}"),
+        Err(BannerError::Eof { .. }) => None,
+    }
+}
+
+/// Reads a daemon's stdout until `VERGE_SERVER=` and returns what it printed.
+/// Panics, quoting the lines read so far, if the line does not come within
+/// `deadline` or stdout ends first (the process exited).
+pub async fn read_banner_within(stdout: tokio::process::ChildStdout, deadline: Duration) -> Banner {
+    read_banner_until(stdout, deadline)
+        .await
+        .unwrap_or_else(|e| panic!("verge {e}"))
+}
+
+/// Why no banner came; `Display` reads after "verge ".
+#[derive(Debug)]
+enum BannerError {
+    TimedOut { after: Duration, seen: Vec<String> },
+    Eof { seen: Vec<String> },
+}
+
+impl std::fmt::Display for BannerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let seen = match self {
+            BannerError::TimedOut { after, seen } => {
+                write!(f, "printed no VERGE_SERVER line within {after:?}")?;
+                seen
+            }
+            BannerError::Eof { seen } => {
+                write!(f, "closed stdout (exited?) before printing VERGE_SERVER")?;
+                seen
+            }
+        };
+        // Token lines are secrets of the test cluster only, but keep them out.
+        write!(f, "\n--- stdout so far ---")?;
+        for line in seen {
+            if line.starts_with("VERGE_TOKEN=") {
+                write!(f, "\nVERGE_TOKEN=<redacted>")?;
+            } else {
+                write!(f, "\n{line}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn read_banner_until(
+    stdout: tokio::process::ChildStdout,
+    deadline: Duration,
+) -> Result<Banner, BannerError> {
+    let until = tokio::time::Instant::now() + deadline;
     let mut lines = BufReader::new(stdout).lines();
     let mut token = None;
-    while let Ok(Some(line)) = lines.next_line().await {
+    let mut seen = Vec::new();
+    loop {
+        // `next_line` is cancel-safe: a timeout loses no line.
+        let line = match tokio::time::timeout_at(until, lines.next_line()).await {
+            Err(_) => {
+                return Err(BannerError::TimedOut {
+                    after: deadline,
+                    seen,
+                });
+            }
+            Ok(Ok(Some(line))) => line,
+            Ok(Ok(None) | Err(_)) => return Err(BannerError::Eof { seen }),
+        };
         if let Some(t) = line.strip_prefix("VERGE_TOKEN=") {
             token = Some(t.to_string());
         } else if let Some(s) = line.strip_prefix("VERGE_SERVER=") {
             // Keep draining stdout so the child never blocks on a full pipe.
             tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-            return Some(Banner {
+            return Ok(Banner {
                 server: s.to_string(),
                 token,
             });
         }
+        seen.push(line);
     }
-    None
 }

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod control;
 pub mod postgres;
 pub mod registry;
+pub mod store;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -27,6 +28,32 @@ pub fn verge_bin() -> PathBuf {
         bin.display()
     );
     bin
+}
+
+/// A `verge` command isolated from the environment the tests run in: no
+/// inherited `VERGE_*` variable (see [`isolate_env`]), stdin closed, killed
+/// when dropped. PATH, HOME and the rest are kept. Set what the run needs
+/// with `.env(...)` afterwards.
+pub fn verge_command() -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(verge_bin());
+    isolate_env(cmd.as_std_mut());
+    cmd.stdin(std::process::Stdio::null()).kill_on_drop(true);
+    cmd
+}
+
+/// Removes from `cmd` every inherited environment variable whose name starts
+/// with `VERGE_` (a developer's `VERGE_TOKEN`, `VERGE_DATABASE`,
+/// `VERGE_LOG_FORMAT`, ... and the harness's own `VERGE_TEST_POSTGRES`), so
+/// a `verge` child sees only what the test sets. Variables set with `.env()`
+/// after this call are kept. For a `tokio::process::Command`, pass
+/// `cmd.as_std_mut()`.
+pub fn isolate_env(cmd: &mut std::process::Command) -> &mut std::process::Command {
+    for (name, _) in std::env::vars_os() {
+        if name.as_encoded_bytes().starts_with(b"VERGE_") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd
 }
 
 /// Polls `check` every 20 ms until it returns `Some`, or panics naming `what`

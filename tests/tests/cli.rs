@@ -282,3 +282,143 @@ async fn usage_errors_and_pipes_behave() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test]
+async fn parallel_logins_keep_every_profile() {
+    let cp = ControlPlane::start(Backend::Sqlite).await;
+    let cli = Cli::new(cp.config_dir.path());
+    let runs: Vec<_> = (0..8)
+        .map(|i| {
+            let (cli, url, token) = (cli.clone(), cp.url.clone(), cp.admin_token.clone());
+            tokio::spawn(async move {
+                cli.run(&[
+                    "login",
+                    "--server",
+                    &url,
+                    "--token",
+                    &token,
+                    "--name",
+                    &format!("p{i}"),
+                ])
+                .await
+                .ok();
+            })
+        })
+        .collect();
+    for r in runs {
+        r.await.unwrap();
+    }
+    let mut names = cli.names(&["profiles", "list"]).await;
+    names.sort();
+    assert_eq!(names, (0..8).map(|i| format!("p{i}")).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn names_profiles_and_manifests_are_checked_before_use() {
+    let cp = ControlPlane::start(Backend::Sqlite).await;
+    let cli = cp.cli();
+    cli.run(&["orgs", "create", "acme"]).await.ok();
+    // ".." would otherwise vanish from the URL path.
+    let err = cli
+        .run(&["envs", "list", "--org", "acme", "--app", "..", "-o", "json"])
+        .await
+        .error_json();
+    assert_eq!(err["kind"], "bad_request");
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("app name \"..\""),
+        "{err}"
+    );
+    // A named profile never silently gives way to another --server.
+    let bare = Cli::new(cp.config_dir.path());
+    bare.run(&[
+        "login",
+        "--server",
+        &cp.url,
+        "--token",
+        &cp.admin_token,
+        "--name",
+        "home",
+    ])
+    .await
+    .ok();
+    let other = bare
+        .run(&[
+            "--profile",
+            "home",
+            "--server",
+            "http://127.0.0.1:9",
+            "whoami",
+        ])
+        .await
+        .failed();
+    assert!(other.contains("profile \"home\" belongs to"), "{other}");
+    // A broken verge.toml is reported, not taken for a missing app.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("verge.toml"), "app = [\n").unwrap();
+    let out = tokio::process::Command::new(verge_tests::verge_bin())
+        .args(["envs", "list", "--org", "acme"])
+        .current_dir(dir.path())
+        .env("VERGE_CONFIG_DIR", cp.config_dir.path())
+        .env("VERGE_SERVER", &cp.url)
+        .env("VERGE_TOKEN", &cp.admin_token)
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("verge.toml is not valid TOML"), "{stderr}");
+    // login checks the defaults it saves.
+    let err = bare
+        .run(&[
+            "login",
+            "--server",
+            &cp.url,
+            "--token",
+            &cp.admin_token,
+            "--org",
+            "nope",
+            "-o",
+            "json",
+        ])
+        .await
+        .error_json();
+    assert_eq!(err["kind"], "not_found");
+}
+
+#[tokio::test]
+async fn daemons_print_one_json_object_under_o_json() {
+    let data = tempfile::tempdir().unwrap();
+    let mut child = tokio::process::Command::new(verge_tests::verge_bin())
+        .args([
+            "control",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            &data.path().display().to_string(),
+            "-o",
+            "json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    use tokio::io::AsyncBufReadExt as _;
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(std::time::Duration::from_secs(30), lines.next_line())
+        .await
+        .expect("a line within 30s")
+        .unwrap()
+        .expect("a line");
+    let banner: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert!(
+        banner["server"]
+            .as_str()
+            .unwrap()
+            .starts_with("http://127.0.0.1:")
+    );
+    assert!(banner["token"].as_str().unwrap().starts_with("vrg_"));
+}

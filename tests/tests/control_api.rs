@@ -25,6 +25,7 @@ on_both_backends!(
     bad_and_oversized_bodies_are_refused_and_change_nothing,
     restart_keeps_everything,
     health_and_metrics_are_served,
+    malformed_names_in_paths_are_404_or_400_as_json,
 );
 
 fn names(list: &Value) -> Vec<String> {
@@ -520,4 +521,50 @@ async fn logs_are_structured_json_with_request_context() {
         !log.contains(&cp.admin_token),
         "a token secret reached the log"
     );
+}
+
+async fn malformed_names_in_paths_are_404_or_400_as_json(backend: Backend) {
+    let cp = ControlPlane::start(backend).await;
+    seed(&cp).await;
+    let http = cp.http();
+    let get = async |path: &str| {
+        let resp = http
+            .get(cp.endpoint(path))
+            .bearer_auth(&cp.admin_token)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let body: Value = resp
+            .json()
+            .await
+            .unwrap_or_else(|e| panic!("{path}: not a JSON body: {e}"));
+        (status, body)
+    };
+    // NUL bytes and other names that cannot exist: 404 on both backends, never 500.
+    for path in [
+        "/v1/orgs/a%00b/projects",
+        "/v1/orgs/acme/apps/sh%00op/envs",
+        "/v1/orgs/acme/apps?project=w%00eb",
+    ] {
+        let (status, body) = get(path).await;
+        assert_eq!(status, 404, "{path}: {body}");
+        assert_eq!(body["error"]["kind"], "not_found", "{path}");
+    }
+    // Undecodable paths and queries: 400 with the JSON error body.
+    for path in [
+        "/v1/orgs/%FF/projects",
+        "/v1/orgs/acme/apps?project=a&project=b",
+    ] {
+        let (status, body) = get(path).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert_eq!(body["error"]["kind"], "bad_request", "{path}");
+    }
+    let resp = http
+        .delete(cp.endpoint("/v1/tokens/tok_%00"))
+        .bearer_auth(&cp.admin_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
 }

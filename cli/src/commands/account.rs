@@ -37,11 +37,37 @@ pub async fn login(target: &Target, args: LoginArgs, out: &Output) -> Result {
     };
     let client = Client::new(&server, Some(&token), ca.as_deref())?;
     let who = client.whoami().await?;
+    // Defaults are checked now, not at the first command that uses them.
+    let org = target.org.clone().or(who.org.clone());
+    if let Some(org) = &org {
+        let projects = client.list_projects(org).await?;
+        if let Some(p) = &target.project
+            && !projects.iter().any(|x| &x.name == p)
+        {
+            return Err(Failure(
+                ErrorDetail::new(
+                    ErrorKind::NotFound,
+                    format!("project {p:?} not found in org {org:?}"),
+                )
+                .with_next(format!("verge projects list --org {org}")),
+            ));
+        }
+    }
+    // Saved absolute, so the profile works from any directory.
+    let ca_cert = match &target.ca_cert {
+        Some(p) => Some(std::fs::canonicalize(p).map_err(|e| {
+            Failure(ErrorDetail::new(
+                ErrorKind::BadRequest,
+                format!("cannot read CA certificate {}: {e}", p.display()),
+            ))
+        })?),
+        None => None,
+    };
     let profile = Profile {
         server: client.server().to_string(),
         token,
-        ca_cert: target.ca_cert.clone(),
-        org: target.org.clone().or(who.org.clone()),
+        ca_cert,
+        org,
         project: target.project.clone(),
     };
     let path = ProfileFile::save_current(&args.profile_name, profile)?;
@@ -93,7 +119,7 @@ pub async fn whoami(ctx: &Context, out: &Output) -> Result {
 }
 
 pub fn profiles(target: &Target, cmd: ProfilesCmd, out: &Output) -> Result {
-    let mut file = ProfileFile::load().map_err(|e| Failure(e.detail()))?;
+    let file = ProfileFile::load()?;
     match cmd {
         ProfilesCmd::List => {
             #[derive(Serialize)]
@@ -127,15 +153,20 @@ pub fn profiles(target: &Target, cmd: ProfilesCmd, out: &Output) -> Result {
             });
         }
         ProfilesCmd::Use { name } => {
-            if !file.profiles.contains_key(&name) {
-                return Err(Failure(
-                    ErrorDetail::new(ErrorKind::NotFound, format!("profile {name:?} not found"))
+            ProfileFile::update(|file| {
+                if !file.profiles.contains_key(&name) {
+                    return Err(Failure(
+                        ErrorDetail::new(
+                            ErrorKind::NotFound,
+                            format!("profile {name:?} not found"),
+                        )
                         .with_next("verge profiles list")
                         .with_next("verge login --server URL --token TOKEN --name NAME"),
-                ));
-            }
-            file.current = Some(name.clone());
-            file.store()?;
+                    ));
+                }
+                file.current = Some(name.clone());
+                Ok(())
+            })?;
             out.one(&serde_json::json!({"current": name}), |_| {
                 format!("now using profile {name:?}")
             });

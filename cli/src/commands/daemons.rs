@@ -12,10 +12,11 @@ use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 use verge_api::{ErrorDetail, ErrorKind};
 use verge_control::store::{Store, StoreError};
-use verge_control::{Config, auth};
+use verge_control::{Config, StartError, auth};
 
 use super::{Failure, Result};
 use crate::args::{ControlArgs, DevArgs, LogArgs, LogFormat};
+use crate::output::Output;
 use crate::profile::{Profile, ProfileFile};
 
 fn init_logging(log: &LogArgs) {
@@ -32,29 +33,85 @@ fn init_logging(log: &LogArgs) {
     }
 }
 
-fn start_failed(e: verge_control::StartError) -> Failure {
-    Failure(ErrorDetail::new(
-        ErrorKind::BadRequest,
-        format!("control plane did not start: {e}"),
-    ))
+fn start_failed(e: StartError) -> Failure {
+    let (kind, next): (ErrorKind, &[&str]) = match &e {
+        StartError::Config(_) => (
+            ErrorKind::BadRequest,
+            &["fix the configuration; every key is in docs/operations.md"],
+        ),
+        StartError::DataDir { .. } => (
+            ErrorKind::BadRequest,
+            &["pass --data-dir DIR naming a directory this user can write"],
+        ),
+        StartError::Tls(_) => (
+            ErrorKind::BadRequest,
+            &[
+                "check that --tls-cert and --tls-key are PEM files of a certificate chain and its private key",
+            ],
+        ),
+        StartError::Bind { .. } => (
+            ErrorKind::Conflict,
+            &["stop the process using that address, or pick another with --listen"],
+        ),
+        StartError::Store(StoreError::Migrate(_)) => (
+            ErrorKind::Internal,
+            &[
+                "the database holds a schema this version does not know: check which Verge version wrote it",
+            ],
+        ),
+        StartError::Store(_) => (
+            ErrorKind::Unavailable,
+            &[
+                "check that the database in --database is running and reachable with these credentials",
+            ],
+        ),
+    };
+    let mut detail = ErrorDetail::new(kind, format!("control plane did not start: {e}"));
+    detail.next.extend(next.iter().map(|n| n.to_string()));
+    Failure(detail)
 }
 
-/// Cancels `token` on the first SIGINT or SIGTERM.
+/// Cancels `token` on the first SIGINT or SIGTERM (graceful: drain, then
+/// exit); a second one exits at once, as an impatient operator expects.
 fn cancel_on_signal(token: CancellationToken) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
     tokio::spawn(async move {
         tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down (again to stop at once)"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down (again to stop at once)"),
         }
         token.cancel();
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        // Committed state is safe: the store acknowledges only durable commits.
+        tracing::warn!("second signal: exiting without waiting for open requests");
+        std::process::exit(130);
     });
     Ok(())
 }
 
-pub async fn control(args: ControlArgs) -> Result {
+/// What a daemon prints on stdout once it serves: `VERGE_TOKEN=` (when
+/// there is one to show) then `VERGE_SERVER=`, last, which tells scripts the
+/// server is ready; under `-o json`, one object `{"server", "token"}`.
+fn print_banner(out: &Output, server: &str, token: Option<&str>) {
+    if out.is_json() {
+        println!(
+            "{}",
+            serde_json::json!({ "server": server, "token": token })
+        );
+        return;
+    }
+    if let Some(token) = token {
+        println!("VERGE_TOKEN={token}");
+    }
+    println!("VERGE_SERVER={server}");
+}
+
+pub async fn control(args: ControlArgs, out: &Output) -> Result {
     init_logging(&args.log);
     let mut config = match &args.config {
         Some(path) => Config::from_file(path)
@@ -82,16 +139,14 @@ pub async fn control(args: ControlArgs) -> Result {
     let started = verge_control::start(&config, shutdown)
         .await
         .map_err(start_failed)?;
-    // The token first: VERGE_SERVER, last, tells scripts the server is ready.
-    if let Some(token) = &started.admin_token {
-        println!("VERGE_TOKEN={token}");
+    print_banner(out, &started.url, started.admin_token.as_deref());
+    if started.admin_token.is_some() {
         // Through the log, so that `--log-format json` stays one JSON object per line.
         tracing::warn!(
             "VERGE_TOKEN (stdout) is a cluster admin token; it is shown only now \
              (`verge control --new-admin-token` mints another)"
         );
     }
-    println!("VERGE_SERVER={}", started.url);
     started.wait().await;
     Ok(())
 }
@@ -104,8 +159,9 @@ fn default_dev_dir() -> anyhow::Result<PathBuf> {
     Ok(PathBuf::from(home).join(".local/share/verge/dev"))
 }
 
-/// The dev cluster's admin token: new on first start, else the saved copy,
-/// else (data dir made by `verge control`) a freshly minted one.
+/// The dev cluster's admin token: new on first start, else the saved copy
+/// while it is still an active admin token, else a freshly minted one (the
+/// copy was revoked or lost, or the data dir was made by `verge control`).
 async fn dev_token(
     store: &Store,
     first: Option<String>,
@@ -115,19 +171,34 @@ async fn dev_token(
     let path = data_dir.join("dev-admin-token");
     let token = match first {
         Some(t) => t,
-        None => match std::fs::read_to_string(&path) {
-            Ok(t) => return Ok(t.trim().to_string()),
-            Err(_) => auth::create_admin_token(store, "dev").await?,
-        },
+        None => {
+            let saved = match std::fs::read_to_string(&path) {
+                Ok(t) => Some(t.trim().to_string()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+            };
+            if let Some(t) = saved.filter(|t| !t.is_empty()) {
+                let row = store.active_token_by_hash(&auth::hash_token(&t)).await?;
+                if row.is_some_and(|r| r.org_id.is_none()) {
+                    return Ok(t);
+                }
+                tracing::warn!(path = %path.display(), "saved dev admin token is revoked; minting a new one");
+            }
+            auth::create_admin_token(store, "dev").await?
+        }
     };
+    // Atomically: a crash never leaves a truncated token behind.
+    let tmp = data_dir.join(".dev-admin-token.tmp");
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
+        .open(&tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
     std::io::Write::write_all(&mut f, token.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(token)
 }
 
@@ -147,7 +218,7 @@ async fn dev_defaults(store: &Store) -> anyhow::Result<()> {
     }
 }
 
-pub async fn dev(args: DevArgs) -> Result {
+pub async fn dev(args: DevArgs, out: &Output) -> Result {
     init_logging(&args.log);
     // A broken profile file would fail the dev setup after the start: refuse first.
     ProfileFile::load()?;
@@ -187,8 +258,7 @@ pub async fn dev(args: DevArgs) -> Result {
             return Err(e.into());
         }
     };
-    println!("VERGE_TOKEN={token}");
-    println!("VERGE_SERVER={}", started.url);
+    print_banner(out, &started.url, Some(&token));
     tracing::info!(
         url = %started.url,
         data_dir = %data_dir.display(),

@@ -39,8 +39,8 @@ pub type Result<T = ()> = std::result::Result<T, Failure>;
 pub async fn run(cli: Cli, out: &Output) -> Result {
     let target = &cli.target;
     match cli.command {
-        Command::Dev(args) => daemons::dev(args).await,
-        Command::Control(args) => daemons::control(args).await,
+        Command::Dev(args) => daemons::dev(args, out).await,
+        Command::Control(args) => daemons::control(args, out).await,
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "verge", &mut std::io::stdout());

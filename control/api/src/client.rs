@@ -137,7 +137,9 @@ impl Client {
         }
         let mut builder = reqwest::Client::builder()
             .user_agent(concat!("verge/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(std::time::Duration::from_secs(10));
+            .connect_timeout(std::time::Duration::from_secs(10))
+            // A server that accepts but never answers must not hang the CLI.
+            .read_timeout(std::time::Duration::from_secs(60));
         if let Some(pem) = ca_cert_pem {
             let certs = reqwest::Certificate::from_pem_bundle(pem)
                 .map_err(|e| ClientError::BadCaCert(e.to_string()))?;

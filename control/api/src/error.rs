@@ -23,6 +23,9 @@ pub enum ErrorKind {
     Unavailable,
     /// A bug or an unexpected failure inside the server.
     Internal,
+    /// A kind this version does not know (sent by a newer server).
+    #[serde(other)]
+    Unknown,
 }
 
 impl ErrorKind {
@@ -36,7 +39,7 @@ impl ErrorKind {
             ErrorKind::Conflict => 409,
             ErrorKind::PayloadTooLarge => 413,
             ErrorKind::Unavailable => 503,
-            ErrorKind::Internal => 500,
+            ErrorKind::Internal | ErrorKind::Unknown => 500,
         }
     }
 

@@ -5,7 +5,7 @@
 //! `POST/GET /v1/orgs/{org}/apps/{app}/envs`.
 
 use axum::Router;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use serde::Deserialize;
@@ -13,7 +13,7 @@ use verge_api::names;
 use verge_api::requests::{CreateApp, CreateNamed};
 use verge_api::resources::{App, Env, Org, Project};
 
-use super::{AppState, Json};
+use super::{AppState, Json, Path, Query};
 use crate::auth::Caller;
 use crate::error::{ApiError, OrConflict};
 use crate::store::{AppRow, EnvRow, OrgRow, ProjectRow, Store};
@@ -78,8 +78,24 @@ fn env(org: &OrgRow, app: &AppRow, row: EnvRow) -> Env {
     }
 }
 
+/// The project `name` of `org`, or a 404 naming it.
+async fn find_project(store: &Store, org: &OrgRow, name: &str) -> Result<ProjectRow, ApiError> {
+    let missing =
+        || ApiError::not_found("project", name).next(format!("verge projects create {name}"));
+    if names::validate("project", name).is_err() {
+        return Err(missing());
+    }
+    store
+        .project_by_name(&org.id, name)
+        .await?
+        .ok_or_else(missing)
+}
+
 /// The app `name` of `org`, or a 404 naming it.
 async fn find_app(store: &Store, org: &OrgRow, name: &str) -> Result<AppRow, ApiError> {
+    if names::validate("app", name).is_err() {
+        return Err(ApiError::not_found("app", name));
+    }
     store
         .app_by_name(&org.id, name)
         .await?
@@ -152,14 +168,7 @@ async fn create_app(
 ) -> Created<App> {
     let o = caller.org(&st.store, &org_name).await?;
     valid_name("app", &body.name)?;
-    let p = st
-        .store
-        .project_by_name(&o.id, &body.project)
-        .await?
-        .ok_or_else(|| {
-            ApiError::not_found("project", &body.project)
-                .next(format!("verge projects create {}", body.project))
-        })?;
+    let p = find_project(&st.store, &o, &body.project).await?;
     let row = st
         .store
         .create_app(&o.id, &p, &body.name)
@@ -186,13 +195,7 @@ async fn list_apps(
     let o = caller.org(&st.store, &org_name).await?;
     let project_id = match &filter.project {
         None => None,
-        Some(name) => Some(
-            st.store
-                .project_by_name(&o.id, name)
-                .await?
-                .ok_or_else(|| ApiError::not_found("project", name))?
-                .id,
-        ),
+        Some(name) => Some(find_project(&st.store, &o, name).await?.id),
     };
     let rows = st.store.list_apps(&o.id, project_id.as_deref()).await?;
     Ok(axum::Json(rows.into_iter().map(|r| app(&o, r)).collect()))

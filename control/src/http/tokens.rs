@@ -2,17 +2,17 @@
 //! `DELETE /v1/tokens/{id}` revokes.
 
 use axum::Router;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{delete, get};
 use serde::Deserialize;
 use verge_api::requests::CreateToken;
 use verge_api::resources::{CreatedToken, Token};
 
-use super::{AppState, Json};
+use super::{AppState, Json, Path, Query};
 use crate::auth::{Caller, generate_token, hash_token};
 use crate::error::ApiError;
-use crate::store::TokenRow;
+use crate::store::{Revoke, TokenRow};
 use crate::time::rfc3339;
 
 pub fn routes() -> Router<AppState> {
@@ -40,9 +40,9 @@ async fn create(
     caller.require_admin("creating a token")?;
     let org = caller.org(&st.store, &body.org).await?;
     let name = body.name.unwrap_or_else(|| format!("{}-token", org.name));
-    if name.is_empty() || name.len() > 100 {
+    if name.is_empty() || name.len() > 100 || name.chars().any(char::is_control) {
         return Err(ApiError::bad_request(
-            "token name must be 1 to 100 characters",
+            "token name must be 1 to 100 characters, none of them control characters",
         ));
     }
     let secret = generate_token();
@@ -86,11 +86,24 @@ async fn revoke(
     Path(id): Path<String>,
 ) -> Result<axum::Json<Token>, ApiError> {
     caller.require_admin("revoking a token")?;
-    let row = st
-        .store
-        .revoke_token(&id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("token", &id))?;
-    tracing::info!(token = %row.id, "token revoked");
-    Ok(axum::Json(token(row)))
+    // IDs are `tok_` and a ULID; anything else cannot exist (and must not
+    // reach the database: PostgreSQL refuses NUL bytes in text).
+    let well_formed = id
+        .strip_prefix("tok_")
+        .is_some_and(|rest| !rest.is_empty() && rest.chars().all(|c| c.is_ascii_alphanumeric()));
+    if !well_formed {
+        return Err(ApiError::not_found("token", &id));
+    }
+    match st.store.revoke_token(&id).await? {
+        Revoke::Revoked(row) => {
+            tracing::info!(token = %row.id, "token revoked");
+            Ok(axum::Json(token(row)))
+        }
+        Revoke::LastAdmin(row) => Err(ApiError::conflict(format!(
+            "token {} is the last active admin token: revoking it would lock every admin out",
+            row.id
+        ))
+        .next("mint another first: restart with `verge control --new-admin-token`, then revoke this one")),
+        Revoke::NotFound => Err(ApiError::not_found("token", &id)),
+    }
 }

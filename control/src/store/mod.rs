@@ -21,10 +21,10 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
-use sqlx::{AnyPool, Executor};
+use sqlx::{AnyPool, Connection as _, Executor};
 
 pub use nouns::{AppRow, EnvRow, OrgRow, ProjectRow};
-pub use tokens::TokenRow;
+pub use tokens::{Revoke, TokenRow};
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -63,6 +63,9 @@ pub enum StoreError {
     },
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The database could not be reached in time (down, network, pool exhausted).
+    #[error("database unreachable: {0}")]
+    Unavailable(sqlx::Error),
     #[error("database error: {0}")]
     Database(sqlx::Error),
     #[error("unsupported database URL {0:?}: use sqlite://PATH or postgres://...")]
@@ -73,6 +76,11 @@ impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
         match &e {
             sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Conflict,
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e),
             _ => StoreError::Database(e),
         }
     }
@@ -102,6 +110,14 @@ impl Store {
             source,
         };
         let options = AnyConnectOptions::from_str(&connect_url).map_err(connect_err)?;
+        // One direct connection first: the pool would retry until its acquire
+        // timeout and report only "timed out", hiding the real cause.
+        sqlx::AnyConnection::connect_with(&options)
+            .await
+            .map_err(connect_err)?
+            .close()
+            .await
+            .map_err(connect_err)?;
         let pool = AnyPoolOptions::new()
             .max_connections(match backend {
                 Backend::Sqlite => 4,
@@ -154,16 +170,36 @@ impl Store {
     /// Records a one-time fact under `key`; true only for the first caller,
     /// even among replicas racing on one PostgreSQL.
     pub async fn claim_once(&self, key: &str, value: &str) -> Result<bool> {
-        let done = sqlx::query(
-            "INSERT INTO cluster_meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
-        )
-        .bind(key)
-        .bind(value)
-        .execute(&self.pool)
-        .await?;
+        let done = sqlx::query(CLAIM)
+            .bind(key)
+            .bind(value)
+            .execute(&self.pool)
+            .await?;
         Ok(done.rows_affected() == 1)
     }
+
+    /// The first start's admin token, atomically with the fact that it was
+    /// made: true when this call created it (one replica wins a race), false
+    /// when the cluster was bootstrapped before.
+    pub async fn bootstrap_admin_token(&self, name: &str, hash: &str) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let claimed = sqlx::query(CLAIM)
+            .bind("admin_token_created")
+            .bind("true")
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+            == 1;
+        if claimed {
+            tokens::insert(&mut tx, None, name, hash).await?;
+        }
+        tx.commit().await?;
+        Ok(claimed)
+    }
 }
+
+const CLAIM: &str =
+    "INSERT INTO cluster_meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING";
 
 /// A new ID: `prefix_` and a lower-case ULID (sortable by creation time).
 pub(crate) fn new_id(prefix: &str) -> String {

@@ -34,18 +34,10 @@ pub fn hash_token(token: &str) -> String {
 /// `None` on every later start. Safe against replicas starting together.
 pub async fn bootstrap(store: &Store) -> Result<Option<String>, StoreError> {
     let token = generate_token();
-    if store
+    let created = store
         .bootstrap_admin_token("admin", &hash_token(&token))
-        .await?
-    {
-        return Ok(Some(token));
-    }
-    if store.active_admin_tokens().await? == 0 {
-        tracing::warn!(
-            "no active cluster admin token exists: start once with `verge control --new-admin-token` to mint one"
-        );
-    }
-    Ok(None)
+        .await?;
+    Ok(created.then_some(token))
 }
 
 /// Mints another cluster admin token: for `verge dev` when it has lost its

@@ -101,6 +101,14 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Start
             tracing::warn!("minting a new cluster admin token (--new-admin-token)");
             Some(crate::auth::create_admin_token(&store, "admin-recovery").await?)
         }
+        None => {
+            if store.active_admin_tokens().await? == 0 {
+                tracing::warn!(
+                    "no active cluster admin token exists: start once with `verge control --new-admin-token` to mint one"
+                );
+            }
+            None
+        }
         token => token,
     };
     let scheme = if tls.is_some() { "https" } else { "http" };

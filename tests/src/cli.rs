@@ -100,8 +100,8 @@ impl Cli {
                 panic!(
                     "verge {args:?} did not finish within {RUN_TIMEOUT:?} (killed)\n\
                      --- stdout so far ---\n{}\n--- stderr so far ---\n{}",
-                    String::from_utf8_lossy(&out),
-                    String::from_utf8_lossy(&err)
+                    shown(&out),
+                    shown(&err)
                 );
             }
         };
@@ -118,6 +118,15 @@ impl Cli {
 
 /// How long one [`Cli::run`] may take before it is killed.
 pub const RUN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Captured output for a message: lossy UTF-8, `(nothing)` when empty.
+fn shown(bytes: &[u8]) -> String {
+    if bytes.is_empty() {
+        "(nothing)".into()
+    } else {
+        String::from_utf8_lossy(bytes).into_owned()
+    }
+}
 
 /// Appends everything `pipe` yields to `buf`, chunk by chunk (cancel-safe:
 /// what was read before a cancellation stays in `buf`). Stops at EOF or on

@@ -110,8 +110,9 @@ impl ControlPlane {
             .append(true)
             .open(&self.stderr_log)
             .expect("control log file");
-        // No inherited VERGE_* (a developer's VERGE_DATABASE would win over
-        // nothing, VERGE_LOG_FORMAT=json would change the log) nor RUST_LOG.
+        // No inherited VERGE_* (a developer's VERGE_DATABASE would move a
+        // SQLite test onto their server, VERGE_LOG_FORMAT would change the
+        // log) nor RUST_LOG: the harness's own level below.
         let mut child = crate::verge_command()
             .args(self.args())
             .env_remove("RUST_LOG")
@@ -197,7 +198,8 @@ impl ControlPlane {
         self.launch().await
     }
 
-    /// Starts again after the process exited by itself (see [`wait_exit`](Self::wait_exit)).
+    /// Starts again after the process exited by itself (see
+    /// [`wait_exit`](Self::wait_exit)) or was killed ([`kill`](Self::kill)).
     pub async fn restart_after_exit(&mut self) -> Banner {
         assert!(self.child.is_none(), "still running: use restart()");
         self.launch().await
@@ -276,6 +278,9 @@ impl std::fmt::Display for BannerError {
         };
         // Token lines are secrets of the test cluster only, but keep them out.
         write!(f, "\n--- stdout so far ---")?;
+        if seen.is_empty() {
+            write!(f, "\n(nothing)")?;
+        }
         for line in seen {
             if line.starts_with("VERGE_TOKEN=") {
                 write!(f, "\nVERGE_TOKEN=<redacted>")?;

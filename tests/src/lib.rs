@@ -15,7 +15,7 @@ pub mod store;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// The `verge` binary of this build (target/<profile>/verge), built by the
+/// The `verge` binary of this build (`target/<profile>/verge`), built by the
 /// test command before the tests run.
 pub fn verge_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");

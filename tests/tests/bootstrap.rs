@@ -18,7 +18,7 @@ async fn a_failed_first_start_creates_no_token() {
     assert!(err.contains(&format!("cannot listen on {addr}")), "{err}");
 
     // The next start on a free port is still the first: it prints the token.
-    let mut child = tokio::process::Command::new(verge_tests::verge_bin())
+    let mut child = verge_tests::verge_command()
         .args(["control", "--listen", "127.0.0.1:0", "--data-dir", &d])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())

@@ -267,7 +267,8 @@ async fn usage_errors_and_pipes_behave() {
         "{err}"
     );
     // A broken pipe ends the process by SIGPIPE, not by a panic message.
-    let out = std::process::Command::new("sh")
+    let mut sh = std::process::Command::new("sh");
+    let out = verge_tests::isolate_env(&mut sh)
         .arg("-c")
         .arg(format!(
             "{} completions bash | head -c 10 >/dev/null; echo $?",
@@ -358,7 +359,7 @@ async fn names_profiles_and_manifests_are_checked_before_use() {
     // A broken verge.toml is reported, not taken for a missing app.
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("verge.toml"), "app = [\n").unwrap();
-    let out = tokio::process::Command::new(verge_tests::verge_bin())
+    let out = verge_tests::verge_command()
         .args(["envs", "list", "--org", "acme"])
         .current_dir(dir.path())
         .env("VERGE_CONFIG_DIR", cp.config_dir.path())
@@ -390,7 +391,7 @@ async fn names_profiles_and_manifests_are_checked_before_use() {
 #[tokio::test]
 async fn daemons_print_one_json_object_under_o_json() {
     let data = tempfile::tempdir().unwrap();
-    let mut child = tokio::process::Command::new(verge_tests::verge_bin())
+    let mut child = verge_tests::verge_command()
         .args([
             "control",
             "--listen",

@@ -4,12 +4,12 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use verge_tests::cli::Cli;
 use verge_tests::control::{Banner, read_banner};
 
 async fn start_dev(data: &std::path::Path, config: &std::path::Path) -> (Child, Banner) {
-    let mut child = Command::new(verge_tests::verge_bin())
+    let mut child = verge_tests::verge_command()
         .args([
             "dev",
             "--listen",

@@ -126,7 +126,7 @@ async fn daemon(
     args: &[&str],
     config: &std::path::Path,
 ) -> (tokio::process::Child, verge_tests::control::Banner) {
-    let mut child = tokio::process::Command::new(verge_tests::verge_bin())
+    let mut child = verge_tests::verge_command()
         .args(args)
         .env("VERGE_CONFIG_DIR", config)
         .stdout(std::process::Stdio::piped())

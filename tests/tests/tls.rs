@@ -120,7 +120,7 @@ async fn a_config_file_is_read_and_flags_override_it() {
         ),
     )
     .unwrap();
-    let mut child = tokio::process::Command::new(verge_tests::verge_bin())
+    let mut child = verge_tests::verge_command()
         .args([
             "control",
             "--config",

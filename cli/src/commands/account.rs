@@ -35,10 +35,25 @@ pub async fn login(target: &Target, args: LoginArgs, out: &Output) -> Result {
         })?),
         None => None,
     };
+    for (kind, name) in [("org", &target.org), ("project", &target.project)] {
+        if let Some(name) = name {
+            verge_api::names::validate(kind, name)
+                .map_err(|m| Failure(ErrorDetail::new(ErrorKind::BadRequest, m)))?;
+        }
+    }
     let client = Client::new(&server, Some(&token), ca.as_deref())?;
     let who = client.whoami().await?;
     // Defaults are checked now, not at the first command that uses them.
     let org = target.org.clone().or(who.org.clone());
+    if target.project.is_some() && org.is_none() {
+        return Err(Failure(
+            ErrorDetail::new(
+                ErrorKind::BadRequest,
+                "--project needs --org with a cluster admin token",
+            )
+            .with_next("verge login --server URL --token TOKEN --org ORG --project PROJECT"),
+        ));
+    }
     if let Some(org) = &org {
         let projects = client.list_projects(org).await?;
         if let Some(p) = &target.project

@@ -143,7 +143,7 @@ pub async fn control(args: ControlArgs, out: &Output) -> Result {
     if started.admin_token.is_some() {
         // Through the log, so that `--log-format json` stays one JSON object per line.
         tracing::warn!(
-            "VERGE_TOKEN (stdout) is a cluster admin token; it is shown only now \
+            "the cluster admin token printed on stdout is shown only now \
              (`verge control --new-admin-token` mints another)"
         );
     }

@@ -227,6 +227,32 @@ impl ControlPlane {
         reqwest::Client::new()
     }
 
+    /// Waits until the server is handling at least `n` requests besides the
+    /// `/metrics` request that asks (its `verge_http_requests_in_flight`
+    /// gauge), so that a test knows a request it sent is being served.
+    pub async fn wait_in_flight(&self, n: i64) {
+        let http = self.http();
+        let url = self.endpoint("/metrics");
+        crate::eventually(
+            Duration::from_secs(10),
+            &format!("{n} request(s) in flight"),
+            || {
+                let (http, url) = (http.clone(), url.clone());
+                async move {
+                    let text = http.get(&url).send().await.ok()?.text().await.ok()?;
+                    let gauge = text
+                        .lines()
+                        .find_map(|l| l.strip_prefix("verge_http_requests_in_flight "))?
+                        .trim()
+                        .parse::<i64>()
+                        .ok()?;
+                    (gauge > n).then_some(())
+                }
+            },
+        )
+        .await;
+    }
+
     /// `{url}/{path}` for raw HTTP requests.
     pub fn endpoint(&self, path: &str) -> String {
         format!("{}{path}", self.url)

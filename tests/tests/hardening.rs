@@ -110,6 +110,7 @@ async fn a_second_signal_stops_without_waiting_for_the_drain() {
         cp.admin_token
     );
     hold.write_all(head.as_bytes()).await.unwrap();
+    cp.wait_in_flight(1).await;
     cp.signal(libc::SIGTERM);
     eventually(Duration::from_secs(10), "the listener to close", || {
         let addr = addr.clone();

@@ -24,6 +24,9 @@ async fn sigterm_drains_the_request_in_flight() {
     conn.write_all(head.as_bytes()).await.unwrap();
     conn.write_all(&body[..5]).await.unwrap();
     conn.flush().await.unwrap();
+    // Accepted and in its handler, not still in the kernel's accept queue
+    // (a queued connection is reset when the listener closes).
+    cp.wait_in_flight(1).await;
 
     cp.signal(libc::SIGTERM);
     // Shutdown has begun once new connections are refused.

@@ -149,3 +149,54 @@ async fn a_config_file_is_read_and_flags_override_it() {
         .unwrap();
     assert_eq!(resp.status(), 413);
 }
+
+#[tokio::test]
+async fn environment_overrides_the_file_and_flags_override_the_environment() {
+    let data = tempfile::tempdir().unwrap();
+    let config = data.path().join("control.toml");
+    std::fs::write(
+        &config,
+        "listen = \"127.0.0.1:1\"\ndata_dir = \"/nonexistent/verge\"\n",
+    )
+    .unwrap();
+    let env_dir = data.path().join("from-env");
+    let flag_dir = data.path().join("from-flag");
+    let start = |with_flag: bool| {
+        let mut cmd = verge_tests::verge_command();
+        cmd.args(["control", "--config", &config.display().to_string()])
+            .env("VERGE_LISTEN", "127.0.0.1:0")
+            .env("VERGE_DATA_DIR", &env_dir)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null());
+        if with_flag {
+            cmd.args(["--data-dir", &flag_dir.display().to_string()]);
+        }
+        cmd.spawn().unwrap()
+    };
+    let mut child = start(false);
+    let banner = verge_tests::control::read_banner_within(
+        child.stdout.take().unwrap(),
+        verge_tests::control::BANNER_TIMEOUT,
+    )
+    .await;
+    assert!(
+        !banner.server.ends_with(":1"),
+        "VERGE_LISTEN did not override the file: {}",
+        banner.server
+    );
+    assert!(
+        env_dir.join("verge.db").exists(),
+        "VERGE_DATA_DIR did not override the file"
+    );
+    drop(child);
+    let mut child = start(true);
+    verge_tests::control::read_banner_within(
+        child.stdout.take().unwrap(),
+        verge_tests::control::BANNER_TIMEOUT,
+    )
+    .await;
+    assert!(
+        flag_dir.join("verge.db").exists(),
+        "--data-dir did not override VERGE_DATA_DIR"
+    );
+}

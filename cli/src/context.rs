@@ -96,15 +96,7 @@ impl Context {
             .ca_cert
             .clone()
             .or_else(|| profile.as_ref().and_then(|p| p.ca_cert.clone()));
-        let ca = match &ca_path {
-            Some(p) => Some(std::fs::read(p).map_err(|e| {
-                Failure(ErrorDetail::new(
-                    ErrorKind::BadRequest,
-                    format!("cannot read CA certificate {}: {e}", p.display()),
-                ))
-            })?),
-            None => None,
-        };
+        let ca = ca_path.as_deref().map(read_ca_cert).transpose()?;
         let client = Client::new(&server, token.as_deref(), ca.as_deref())?;
         Ok(Context {
             client,
@@ -170,6 +162,16 @@ impl Context {
             )
         })
     }
+}
+
+/// The PEM bytes of a `--ca-cert` file, or an error naming it.
+pub fn read_ca_cert(path: &std::path::Path) -> Result<Vec<u8>, Failure> {
+    std::fs::read(path).map_err(|e| {
+        Failure(ErrorDetail::new(
+            ErrorKind::BadRequest,
+            format!("cannot read CA certificate {}: {e}", path.display()),
+        ))
+    })
 }
 
 /// The `app` key of `./verge.toml`: `None` without the file; an error naming

@@ -253,10 +253,58 @@ impl ControlPlane {
         .await;
     }
 
+    /// Waits until the listener refuses connections: shutdown has begun.
+    pub async fn wait_listener_closed(&self) {
+        let addr = self
+            .url
+            .split("://")
+            .nth(1)
+            .expect("URL with a scheme")
+            .to_string();
+        crate::eventually(Duration::from_secs(10), "the listener to close", || {
+            let addr = addr.clone();
+            async move {
+                tokio::net::TcpStream::connect(&addr)
+                    .await
+                    .is_err()
+                    .then_some(())
+            }
+        })
+        .await;
+    }
+
     /// `{url}/{path}` for raw HTTP requests.
     pub fn endpoint(&self, path: &str) -> String {
         format!("{}{path}", self.url)
     }
+}
+
+/// Runs `verge ARGS` with `env` (isolated from the test's own `VERGE_*`)
+/// until it prints `VERGE_SERVER=`; returns the process and its banner.
+/// Its stderr is discarded; use [`ControlPlane`] when the log matters.
+pub async fn spawn_daemon(args: &[&str], env: &[(&str, &str)]) -> (Child, Banner) {
+    let mut cmd = crate::verge_command();
+    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn verge");
+    let banner =
+        read_banner_within(child.stdout.take().expect("piped stdout"), BANNER_TIMEOUT).await;
+    (child, banner)
+}
+
+/// Sends `signal` to a daemon of [`spawn_daemon`] and waits (at most 30 s)
+/// for its exit status.
+pub async fn stop_daemon(mut child: Child, signal: libc::c_int) -> ExitStatus {
+    let pid = child.id().expect("daemon still running") as libc::pid_t;
+    // SAFETY: kill(2) with a valid signal on the pid of our own child, not yet reaped.
+    let rc = unsafe { libc::kill(pid, signal) };
+    assert_eq!(rc, 0, "kill({signal}) failed");
+    tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("the daemon did not exit within 30s")
+        .expect("wait for the daemon")
 }
 
 /// How long a start may take to print `VERGE_SERVER=`.

@@ -2,7 +2,7 @@
 //! `--new-admin-token` mints another when the first one is gone.
 
 use verge_tests::cli::Cli;
-use verge_tests::control::{Backend, ControlPlane, read_banner};
+use verge_tests::control::{Backend, ControlPlane, spawn_daemon};
 
 #[tokio::test]
 async fn a_failed_first_start_creates_no_token() {
@@ -18,16 +18,11 @@ async fn a_failed_first_start_creates_no_token() {
     assert!(err.contains(&format!("cannot listen on {addr}")), "{err}");
 
     // The next start on a free port is still the first: it prints the token.
-    let mut child = verge_tests::verge_command()
-        .args(["control", "--listen", "127.0.0.1:0", "--data-dir", &d])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let banner = read_banner(child.stdout.take().unwrap())
-        .await
-        .expect("banner");
+    let (_child, banner) = spawn_daemon(
+        &["control", "--listen", "127.0.0.1:0", "--data-dir", &d],
+        &[],
+    )
+    .await;
     let token = banner
         .token
         .expect("the first successful start prints the admin token");

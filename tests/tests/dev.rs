@@ -1,47 +1,23 @@
 //! `verge dev`: prints VERGE_TOKEN and VERGE_SERVER, saves and selects the
 //! `dev` profile, stops cleanly on Ctrl-C and keeps its state.
 
-use std::process::Stdio;
-use std::time::Duration;
-
 use tokio::process::Child;
 use verge_tests::cli::Cli;
-use verge_tests::control::{Banner, read_banner};
+use verge_tests::control::{Banner, spawn_daemon, stop_daemon};
 
 async fn start_dev(data: &std::path::Path, config: &std::path::Path) -> (Child, Banner) {
-    let mut child = verge_tests::verge_command()
-        .args([
-            "dev",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            &data.display().to_string(),
-        ])
-        .env("VERGE_CONFIG_DIR", config)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let banner = tokio::time::timeout(
-        Duration::from_secs(30),
-        read_banner(child.stdout.take().unwrap()),
+    let data = data.display().to_string();
+    let config = config.display().to_string();
+    spawn_daemon(
+        &["dev", "--listen", "127.0.0.1:0", "--data-dir", &data],
+        &[("VERGE_CONFIG_DIR", &config)],
     )
     .await
-    .expect("verge dev printed VERGE_SERVER within 30s")
-    .expect("verge dev exited before serving");
-    (child, banner)
 }
 
 /// Ctrl-C, and the exit status.
-async fn interrupt(mut child: Child) -> std::process::ExitStatus {
-    let pid = child.id().unwrap() as libc::pid_t;
-    // SAFETY: kill(2) on the pid of our own running child.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
-    tokio::time::timeout(Duration::from_secs(30), child.wait())
-        .await
-        .expect("exit within 30s")
-        .unwrap()
+async fn interrupt(child: Child) -> std::process::ExitStatus {
+    stop_daemon(child, libc::SIGINT).await
 }
 
 #[tokio::test]

@@ -6,8 +6,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use verge_tests::cli::Cli;
-use verge_tests::control::{Backend, ControlPlane};
-use verge_tests::eventually;
+use verge_tests::control::{Backend, Banner, ControlPlane, spawn_daemon, stop_daemon};
 
 #[tokio::test]
 async fn a_client_that_never_finishes_its_headers_is_disconnected() {
@@ -112,49 +111,20 @@ async fn a_second_signal_stops_without_waiting_for_the_drain() {
     hold.write_all(head.as_bytes()).await.unwrap();
     cp.wait_in_flight(1).await;
     cp.signal(libc::SIGTERM);
-    eventually(Duration::from_secs(10), "the listener to close", || {
-        let addr = addr.clone();
-        async move { TcpStream::connect(&addr).await.is_err().then_some(()) }
-    })
-    .await;
+    cp.wait_listener_closed().await;
     cp.signal(libc::SIGTERM);
     let status = cp.wait_exit().await;
     assert_eq!(status.code(), Some(130), "{status}");
 }
 
-/// Runs `verge ARGS` until it prints `VERGE_SERVER`; returns it with its banner.
-async fn daemon(
-    args: &[&str],
-    config: &std::path::Path,
-) -> (tokio::process::Child, verge_tests::control::Banner) {
-    let mut child = verge_tests::verge_command()
-        .args(args)
-        .env("VERGE_CONFIG_DIR", config)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let banner = tokio::time::timeout(
-        Duration::from_secs(30),
-        verge_tests::control::read_banner(stdout),
-    )
-    .await
-    .expect("banner within 30s")
-    .expect("the daemon exited before serving");
-    (child, banner)
+/// Runs `verge ARGS` with profiles in `config` until it serves.
+async fn daemon(args: &[&str], config: &std::path::Path) -> (tokio::process::Child, Banner) {
+    spawn_daemon(args, &[("VERGE_CONFIG_DIR", &config.display().to_string())]).await
 }
 
 /// SIGTERM, and a clean exit.
-async fn stop(mut child: tokio::process::Child) {
-    let pid = child.id().unwrap() as libc::pid_t;
-    // SAFETY: kill(2) on the pid of our own running child.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
-        .await
-        .unwrap()
-        .unwrap();
+async fn stop(child: tokio::process::Child) {
+    let status = stop_daemon(child, libc::SIGTERM).await;
     assert!(status.success(), "{status}");
 }
 

@@ -6,7 +6,6 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use verge_tests::control::{Backend, ControlPlane};
-use verge_tests::eventually;
 
 #[tokio::test]
 async fn sigterm_drains_the_request_in_flight() {
@@ -30,11 +29,7 @@ async fn sigterm_drains_the_request_in_flight() {
 
     cp.signal(libc::SIGTERM);
     // Shutdown has begun once new connections are refused.
-    eventually(Duration::from_secs(10), "the listener to close", || {
-        let addr = addr.clone();
-        async move { TcpStream::connect(&addr).await.is_err().then_some(()) }
-    })
-    .await;
+    cp.wait_listener_closed().await;
 
     // The request in flight still completes.
     conn.write_all(&body[5..]).await.unwrap();

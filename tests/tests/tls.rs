@@ -3,7 +3,7 @@
 
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use verge_tests::cli::Cli;
-use verge_tests::control::{Backend, ControlPlane};
+use verge_tests::control::{Backend, ControlPlane, spawn_daemon};
 
 /// A CA, and a server certificate it signed for 127.0.0.1 and localhost,
 /// written as PEM files into `dir`. Returns (ca, cert, key) paths.
@@ -120,22 +120,12 @@ async fn a_config_file_is_read_and_flags_override_it() {
         ),
     )
     .unwrap();
-    let mut child = verge_tests::verge_command()
-        .args([
-            "control",
-            "--config",
-            &config.display().to_string(),
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let banner = verge_tests::control::read_banner(child.stdout.take().unwrap())
-        .await
-        .expect("banner");
+    let config = config.display().to_string();
+    let (_child, banner) = spawn_daemon(
+        &["control", "--config", &config, "--listen", "127.0.0.1:0"],
+        &[],
+    )
+    .await;
     // --listen overrode the file's port 1; data_dir and max_body_bytes came from the file.
     assert!(!banner.server.ends_with(":1"), "{}", banner.server);
     assert!(data.path().join("state/verge.db").exists());
@@ -161,24 +151,16 @@ async fn environment_overrides_the_file_and_flags_override_the_environment() {
     .unwrap();
     let env_dir = data.path().join("from-env");
     let flag_dir = data.path().join("from-flag");
-    let start = |with_flag: bool| {
-        let mut cmd = verge_tests::verge_command();
-        cmd.args(["control", "--config", &config.display().to_string()])
-            .env("VERGE_LISTEN", "127.0.0.1:0")
-            .env("VERGE_DATA_DIR", &env_dir)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null());
-        if with_flag {
-            cmd.args(["--data-dir", &flag_dir.display().to_string()]);
-        }
-        cmd.spawn().unwrap()
-    };
-    let mut child = start(false);
-    let banner = verge_tests::control::read_banner_within(
-        child.stdout.take().unwrap(),
-        verge_tests::control::BANNER_TIMEOUT,
-    )
-    .await;
+    let (config, env_d, flag_d) = (
+        config.display().to_string(),
+        env_dir.display().to_string(),
+        flag_dir.display().to_string(),
+    );
+    let env = [
+        ("VERGE_LISTEN", "127.0.0.1:0"),
+        ("VERGE_DATA_DIR", env_d.as_str()),
+    ];
+    let (_child, banner) = spawn_daemon(&["control", "--config", &config], &env).await;
     assert!(
         !banner.server.ends_with(":1"),
         "VERGE_LISTEN did not override the file: {}",
@@ -188,11 +170,9 @@ async fn environment_overrides_the_file_and_flags_override_the_environment() {
         env_dir.join("verge.db").exists(),
         "VERGE_DATA_DIR did not override the file"
     );
-    drop(child);
-    let mut child = start(true);
-    verge_tests::control::read_banner_within(
-        child.stdout.take().unwrap(),
-        verge_tests::control::BANNER_TIMEOUT,
+    spawn_daemon(
+        &["control", "--config", &config, "--data-dir", &flag_d],
+        &env,
     )
     .await;
     assert!(

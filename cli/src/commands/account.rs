@@ -6,7 +6,7 @@ use verge_api::{ErrorDetail, ErrorKind};
 
 use super::{Failure, Result};
 use crate::args::{LoginArgs, ProfilesCmd, Target};
-use crate::context::Context;
+use crate::context::{Context, read_ca_cert};
 use crate::output::Output;
 use crate::profile::{Profile, ProfileFile};
 
@@ -26,15 +26,7 @@ pub async fn login(target: &Target, args: LoginArgs, out: &Output) -> Result {
         .token
         .clone()
         .ok_or_else(|| need("--token", "--server URL --token TOKEN"))?;
-    let ca = match &target.ca_cert {
-        Some(p) => Some(std::fs::read(p).map_err(|e| {
-            Failure(ErrorDetail::new(
-                ErrorKind::BadRequest,
-                format!("cannot read CA certificate {}: {e}", p.display()),
-            ))
-        })?),
-        None => None,
-    };
+    let ca = target.ca_cert.as_deref().map(read_ca_cert).transpose()?;
     for (kind, name) in [("org", &target.org), ("project", &target.project)] {
         if let Some(name) = name {
             verge_api::names::validate(kind, name)
@@ -69,15 +61,11 @@ pub async fn login(target: &Target, args: LoginArgs, out: &Output) -> Result {
         }
     }
     // Saved absolute, so the profile works from any directory.
-    let ca_cert = match &target.ca_cert {
-        Some(p) => Some(std::fs::canonicalize(p).map_err(|e| {
-            Failure(ErrorDetail::new(
-                ErrorKind::BadRequest,
-                format!("cannot read CA certificate {}: {e}", p.display()),
-            ))
-        })?),
-        None => None,
-    };
+    // (`read_ca_cert` above proved the file readable.)
+    let ca_cert = target
+        .ca_cert
+        .as_ref()
+        .and_then(|p| std::fs::canonicalize(p).ok());
     let profile = Profile {
         server: client.server().to_string(),
         token,

@@ -77,10 +77,12 @@ impl Started {
 /// Starts the control plane described by `config`; it stops when `shutdown` is cancelled.
 pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Started, StartError> {
     config.validate()?;
-    std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
-        path: config.data_dir.clone(),
-        source,
-    })?;
+    tokio::fs::create_dir_all(&config.data_dir)
+        .await
+        .map_err(|source| StartError::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        })?;
     // Everything that can fail for local reasons comes before the bootstrap,
     // so a first start that fails never creates an admin token it cannot print.
     let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;

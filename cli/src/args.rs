@@ -63,6 +63,12 @@ pub enum Command {
     Dev(DevArgs),
     /// Run a control-plane replica
     Control(ControlArgs),
+    /// Write a commented example verge.toml in the current directory
+    Init {
+        /// Replace an existing verge.toml
+        #[arg(long)]
+        force: bool,
+    },
     /// Check a token against a server and save both as a profile
     Login(LoginArgs),
     /// Show which token and org the current settings use

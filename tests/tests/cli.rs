@@ -423,3 +423,47 @@ async fn daemons_print_one_json_object_under_o_json() {
     );
     assert!(banner["token"].as_str().unwrap().starts_with("vrg_"));
 }
+
+#[tokio::test]
+async fn init_writes_a_valid_manifest_and_keeps_an_existing_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &'static [&'static str]| {
+        let mut cmd = verge_tests::verge_command();
+        cmd.args(args)
+            .current_dir(dir.path())
+            .env("VERGE_CONFIG_DIR", dir.path());
+        async move { cmd.output().await.unwrap() }
+    };
+    let first = run(&["init", "-o", "json"]).await;
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let path = dir.path().join("verge.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let manifest = verge_api::manifest::parse("verge.toml", &text)
+        .expect("verge init writes a valid manifest");
+    assert_eq!(manifest.app, "hello");
+    // A hand-edited file survives a second init.
+    std::fs::write(&path, text.replace("app = \"hello\"", "app = \"mine\"")).unwrap();
+    let again = run(&["init"]).await;
+    assert!(!again.status.success());
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        stderr.contains("verge.toml already exists here"),
+        "{stderr}"
+    );
+    assert!(
+        std::fs::read_to_string(&path)
+            .unwrap()
+            .contains("app = \"mine\""),
+        "init overwrote the file"
+    );
+    assert!(run(&["init", "--force"]).await.status.success());
+    assert!(
+        std::fs::read_to_string(&path)
+            .unwrap()
+            .contains("app = \"hello\"")
+    );
+}

@@ -2,6 +2,7 @@
 
 mod account;
 mod daemons;
+mod manifest;
 mod nouns;
 mod tokens;
 
@@ -46,6 +47,7 @@ pub async fn run(cli: Cli, out: &Output) -> Result {
             clap_complete::generate(shell, &mut cmd, "verge", &mut std::io::stdout());
             Ok(())
         }
+        Command::Init { force } => manifest::init(force, out),
         Command::Login(args) => account::login(target, args, out).await,
         Command::Profiles(cmd) => account::profiles(target, cmd, out),
         Command::Whoami => account::whoami(&Context::new(target)?, out).await,

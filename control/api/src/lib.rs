@@ -3,16 +3,17 @@
 //! This crate owns the shapes that cross a process boundary: the resource
 //! types the HTTP API returns ([`resources`]), the request bodies it accepts
 //! ([`requests`]), the error body every failure carries ([`error`]), the
-//! naming rules both sides check ([`names`]), and, behind the `client`
-//! feature, the typed HTTP client the CLI uses ([`client`]). Later issues add
-//! the manifest (`verge.toml`) types and the control ⇄ node ⇄ ingress wire
-//! messages here.
+//! naming rules both sides check ([`names`]), the manifest (`verge.toml`)
+//! and its validation ([`manifest`]), and, behind the `client` feature, the
+//! typed HTTP client the CLI uses ([`client`]). Later issues add the
+//! control ⇄ node ⇄ ingress wire messages here.
 //!
 //! It must not depend on a server, a database or a runtime: the node, the
 //! ingress and the CLI all link it, and the JSON it defines is a stable
 //! contract (see `docs/cli.md`). Fields may be added; none may be renamed.
 
 pub mod error;
+pub mod manifest;
 pub mod names;
 pub mod requests;
 pub mod resources;

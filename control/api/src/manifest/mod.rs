@@ -1,0 +1,152 @@
+//! The manifest, `verge.toml` (SPEC §3): what an app declares about itself.
+//!
+//! [`parse`] turns the text into a [`Manifest`] or into *every* problem of
+//! the file at once, each with `file:line:column`, the key's path and what
+//! was expected (`verge.toml:14:9: workloads.web.memory: expected a size
+//! like "256Mi", found "lots"`). Unknown keys are errors with a did-you-mean
+//! suggestion. The types serialise to JSON: a release stores its manifest
+//! snapshot that way.
+
+mod check;
+mod sections;
+#[cfg(test)]
+mod tests;
+mod units;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub use check::{ManifestError, ManifestErrors, parse};
+pub use units::{format_size, parse_size};
+
+/// A commented example manifest, as `verge init` writes it.
+pub const EXAMPLE: &str = include_str!("example.toml");
+
+/// A parsed, validated `verge.toml`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub app: String,
+    /// Plain environment variables baked into the release.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// What must be set in the target env before a deploy.
+    #[serde(default)]
+    pub require: Require,
+    pub workloads: BTreeMap<String, Workload>,
+    #[serde(default)]
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// Gates: env vars and secret bundles that must exist in the target env.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Require {
+    #[serde(default)]
+    pub env: Vec<String>,
+    #[serde(default)]
+    pub secrets: Vec<String>,
+}
+
+/// One process type of the app.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Workload {
+    pub runtime: Runtime,
+    /// An OCI reference; pinned to a digest when a release is created.
+    pub image: String,
+    /// Overrides the image's entrypoint and command.
+    pub command: Option<Vec<String>>,
+    pub count: u32,
+    /// Cores (0.5 = half a core).
+    pub cpu: f64,
+    /// Bytes.
+    pub memory: u64,
+    pub restart: Restart,
+    pub mode: Mode,
+    pub health: Option<Health>,
+    pub volumes: Vec<VolumeMount>,
+    pub secrets: Vec<SecretMount>,
+    /// Node labels an instance's node must carry.
+    pub constraints: BTreeMap<String, String>,
+    pub rollout: Rollout,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Runtime {
+    Process,
+    Wasm,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Restart {
+    Always,
+    OnFailure,
+    Never,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// `count` instances that run until stopped.
+    LongRunning,
+    /// A fresh instance per TCP connection (wasm only); can scale to zero.
+    PerConnection,
+}
+
+/// A TCP health check, run on the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    pub tcp: u16,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeMount {
+    pub name: String,
+    pub path: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretMount {
+    pub bundle: String,
+    pub path: String,
+}
+
+/// How a rollout replaces instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rollout {
+    pub max_surge: u32,
+    pub max_unavailable: u32,
+    pub auto_rollback: bool,
+}
+
+/// An L4 ingress mapping.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    pub name: String,
+    pub workload: String,
+    /// External ports (at least one).
+    pub ports: Vec<u16>,
+    pub internal_port: u16,
+    pub ipv4: bool,
+    pub proxy_protocol: Option<ProxyProtocol>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProxyProtocol {
+    V2,
+}
+
+/// Defaults of a workload's optional fields.
+pub mod defaults {
+    pub const COUNT: u32 = 1;
+    pub const CPU: f64 = 0.25;
+    pub const MEMORY: u64 = 256 * 1024 * 1024;
+    pub const HEALTH_INTERVAL_MS: u64 = 5_000;
+    pub const HEALTH_TIMEOUT_MS: u64 = 2_000;
+    pub const MAX_SURGE: u32 = 1;
+    pub const MAX_UNAVAILABLE: u32 = 0;
+}

@@ -24,7 +24,8 @@ pub fn validate(kind: &str, name: &str) -> Result<(), String> {
     match problem {
         None => Ok(()),
         Some(p) => Err(format!(
-            "{kind} name {name:?} {p}: use lower-case letters, digits and '-', like \"my-{kind}\""
+            "{kind} name {name:?} {p}: use lower-case letters, digits and '-', like \"my-{}\"",
+            kind.replace(' ', "-")
         )),
     }
 }

@@ -191,12 +191,18 @@ impl Cx<'_> {
         }
     }
 
-    pub(super) fn strings(&mut self, path: &str, v: &Value<'_>) -> Option<Vec<String>> {
+    /// An array of strings, each satisfying `check` (`no_check` for any).
+    pub(super) fn strings(
+        &mut self,
+        path: &str,
+        v: &Value<'_>,
+        check: impl Fn(&str) -> Result<(), String>,
+    ) -> Option<Vec<String>> {
         let items = self.array(path, v, "an array of strings")?;
         let out: Vec<Option<String>> = items
             .iter()
             .enumerate()
-            .map(|(i, s)| self.string(&format!("{path}[{i}]"), s))
+            .map(|(i, s)| self.checked(&format!("{path}[{i}]"), s, &check))
             .collect();
         out.into_iter().collect()
     }
@@ -283,12 +289,23 @@ impl Cx<'_> {
         }
     }
 
-    pub(super) fn labels(&mut self, path: &str, v: &Value<'_>) -> Option<BTreeMap<String, String>> {
+    /// A table of strings whose keys satisfy `check_key` (`no_check` for any).
+    pub(super) fn string_table(
+        &mut self,
+        path: &str,
+        v: &Value<'_>,
+        check_key: impl Fn(&str) -> Result<(), String>,
+    ) -> Option<BTreeMap<String, String>> {
         let t = self.table(path, v)?;
         let mut out = BTreeMap::new();
         let mut ok = true;
         for (key, value) in t.iter() {
-            match self.string(&join(path, key.get_ref()), value) {
+            let kpath = join(path, key.get_ref());
+            if let Err(why) = check_key(key.get_ref()) {
+                self.error(key.span(), format!("{kpath}: {why}"));
+                ok = false;
+            }
+            match self.string(&kpath, value) {
                 Some(s) => {
                     out.insert(key.get_ref().to_string(), s);
                 }
@@ -297,6 +314,11 @@ impl Cx<'_> {
         }
         ok.then_some(out)
     }
+}
+
+/// The check that accepts everything.
+pub(super) fn no_check(_: &str) -> Result<(), String> {
+    Ok(())
 }
 
 /// `default` when `v` is absent, else what `read` makes of it.

@@ -6,7 +6,7 @@ use std::ops::Range;
 
 use toml::de::{DeTable, DeValue};
 
-use super::check::{Cx, Value, default_rollout, env_var_name, join, opt};
+use super::check::{Cx, Value, default_rollout, env_var_name, join, no_check, opt};
 use super::units::parse_size;
 use super::{
     Endpoint, Health, Manifest, Mode, ProxyProtocol, Require, Restart, Rollout, Runtime,
@@ -65,48 +65,18 @@ impl Cx<'_> {
     }
 
     fn env(&mut self, v: &Value<'_>) -> Option<BTreeMap<String, String>> {
-        let table = self.table("env", v)?;
-        let mut out = BTreeMap::new();
-        let mut ok = true;
-        for (key, value) in table.iter() {
-            let path = join("env", key.get_ref());
-            if let Err(why) = env_var_name(key.get_ref()) {
-                self.error(key.span(), format!("{path}: {why}"));
-                ok = false;
-            }
-            match self.string(&path, value) {
-                Some(s) => {
-                    out.insert(key.get_ref().to_string(), s);
-                }
-                None => ok = false,
-            }
-        }
-        ok.then_some(out)
+        self.string_table("env", v, env_var_name)
     }
 
     fn require(&mut self, v: &Value<'_>) -> Option<Require> {
         let table = self.table("require", v)?;
         self.known_keys("require", table, &["env", "secrets"]);
-        let list = |cx: &mut Self,
-                    key: &str,
-                    check: fn(&str) -> Result<(), String>|
-         -> Option<Vec<String>> {
-            let Some(v) = table.get(key) else {
-                return Some(Vec::new());
-            };
-            let path = join("require", key);
-            let items = cx.array(&path, v, "an array of strings")?;
-            let out: Vec<Option<String>> = items
-                .iter()
-                .enumerate()
-                .map(|(i, s)| cx.checked(&format!("{path}[{i}]"), s, check))
-                .collect();
-            out.into_iter().collect()
+        let mut list = |key: &str, check: fn(&str) -> Result<(), String>| match table.get(key) {
+            None => Some(Vec::new()),
+            Some(v) => self.strings(&join("require", key), v, check),
         };
-        let env = list(self, "env", env_var_name);
-        let secrets = list(self, "secrets", |s| {
-            crate::names::validate("secret bundle", s)
-        });
+        let env = list("env", env_var_name);
+        let secrets = list("secrets", |s| crate::names::validate("secret bundle", s));
         Some(Require {
             env: env?,
             secrets: secrets?,
@@ -185,7 +155,7 @@ impl Cx<'_> {
         };
         let command = match t.get("command") {
             None => Some(None),
-            Some(v) => self.strings(&p("command"), v).map(Some),
+            Some(v) => self.strings(&p("command"), v, no_check).map(Some),
         };
         let count = opt(t.get("count"), defaults::COUNT, |v| {
             self.integer(&p("count"), v, 0..10_001, "a count from 0 to 10000")
@@ -214,7 +184,7 @@ impl Cx<'_> {
             ];
             self.choice(&p("restart"), v, &choices)
         });
-        let mode = opt(t.get("mode"), Mode::LongRunning, |v| {
+        let mut mode = opt(t.get("mode"), Mode::LongRunning, |v| {
             self.choice(
                 &p("mode"),
                 v,
@@ -231,6 +201,7 @@ impl Cx<'_> {
                 v.span(),
                 format!("{}: \"per-connection\" needs runtime = \"wasm\"", p("mode")),
             );
+            mode = None;
         }
         let health = match t.get("health") {
             None => Some(None),
@@ -249,7 +220,7 @@ impl Cx<'_> {
             })
         });
         let constraints = opt(t.get("constraints"), BTreeMap::new(), |v| {
-            self.labels(&p("constraints"), v)
+            self.string_table(&p("constraints"), v, no_check)
         });
         let rollout = opt(t.get("rollout"), default_rollout(), |v| {
             self.rollout(&p("rollout"), v)
@@ -262,8 +233,7 @@ impl Cx<'_> {
             cpu: cpu?,
             memory: memory?,
             restart: restart?,
-            mode: mode
-                .filter(|m| !(*m == Mode::PerConnection && runtime == Some(Runtime::Process)))?,
+            mode: mode?,
             health: health?,
             volumes: volumes?,
             secrets: secrets?,

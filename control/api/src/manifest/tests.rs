@@ -188,3 +188,25 @@ fn syntax_errors_are_positioned_too() {
     assert!(e[0].starts_with("verge.toml:2:"), "{e:?}");
     assert!(e[0].contains("invalid TOML"), "{e:?}");
 }
+
+#[test]
+fn env_names_and_required_items_are_checked() {
+    let text = "app = \"a\"\n[env]\n1BAD = \"x\"\nOK = 3\n[require]\nenv = [\"FINE\", \"no-dash\"]\nsecrets = [\"Bad\"]\n[workloads.w]\nimage = \"i\"\n";
+    let e = errors(text);
+    assert_eq!(e.len(), 4, "{e:?}");
+    assert!(
+        e[0].starts_with("verge.toml:3:1: env.1BAD: \"1BAD\" is not an environment variable name"),
+        "{e:?}"
+    );
+    assert_eq!(e[1], "verge.toml:4:6: env.OK: expected a string, found 3");
+    assert!(
+        e[2].starts_with(
+            "verge.toml:6:16: require.env[1]: \"no-dash\" is not an environment variable name"
+        ),
+        "{e:?}"
+    );
+    assert!(
+        e[3].starts_with("verge.toml:7:12: require.secrets[0]: secret bundle name \"Bad\""),
+        "{e:?}"
+    );
+}

@@ -75,6 +75,9 @@ impl Output {
             return;
         }
         eprintln!("error: {}", d.message.replace('\n', " "));
+        for detail in &d.details {
+            eprintln!("  - {detail}");
+        }
         for next in &d.next {
             eprintln!("  try: {next}");
         }

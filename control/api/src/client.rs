@@ -8,9 +8,40 @@ use reqwest::{Method, StatusCode, Url};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::config::{ConfigReceipt, EnvConfig, SecretBundle, SecretReceipt};
 use crate::error::{ErrorBody, ErrorDetail, ErrorKind};
-use crate::requests::{CreateApp, CreateNamed, CreateToken};
+use crate::release::{Receipt, Release};
+use crate::requests::{
+    ChangeConfig, ChangeSecrets, CreateApp, CreateNamed, CreateToken, Deploy, Rollback, Scale,
+};
 use crate::resources::{App, CreatedToken, Env, Org, Project, Token, WhoAmI};
+use crate::status::{EnvDetail, Event, Status, WorkloadDetail};
+
+/// An env, addressed by the names of its org and app.
+#[derive(Debug, Clone, Copy)]
+pub struct EnvScope<'a> {
+    pub org: &'a str,
+    pub app: &'a str,
+    pub env: &'a str,
+}
+
+/// Whose events to read.
+#[derive(Debug, Clone, Copy)]
+pub enum EventScope<'a> {
+    /// One env.
+    Env(EnvScope<'a>),
+    /// Every env of an org, and the org's own events.
+    Org(&'a str),
+}
+
+/// Which events: after a cursor, and not older than a time.
+#[derive(Debug, Clone, Default)]
+pub struct EventQuery {
+    /// Only events with a cursor above this one.
+    pub after: Option<i64>,
+    /// Only events at or after this RFC 3339 time.
+    pub since: Option<String>,
+}
 
 /// Why a call failed.
 #[derive(Debug, thiserror::Error)]
@@ -172,12 +203,20 @@ impl Client {
         url
     }
 
-    async fn call<T: DeserializeOwned>(
+    fn connect_error(&self, e: reqwest::Error) -> ClientError {
+        ClientError::Connect {
+            server: self.server().to_string(),
+            cause: cause_chain(&e),
+        }
+    }
+
+    /// Sends a request; a non-2xx answer becomes its [`ClientError`].
+    async fn send(
         &self,
         method: Method,
-        url: Url,
+        url: &Url,
         body: Option<&(impl Serialize + ?Sized)>,
-    ) -> Result<T, ClientError> {
+    ) -> Result<reqwest::Response, ClientError> {
         let mut req = self.http.request(method, url.clone());
         if let Some(token) = &self.token {
             req = req.bearer_auth(token);
@@ -185,26 +224,36 @@ impl Client {
         if let Some(body) = body {
             req = req.json(body);
         }
-        let connect = |e: reqwest::Error| ClientError::Connect {
-            server: self.server().to_string(),
-            cause: cause_chain(&e),
-        };
-        let resp = req.send().await.map_err(connect)?;
+        let resp = req.send().await.map_err(|e| self.connect_error(e))?;
         let status = resp.status();
-        let bytes = resp.bytes().await.map_err(connect)?;
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let bytes = resp.bytes().await.map_err(|e| self.connect_error(e))?;
+        match serde_json::from_slice::<ErrorBody>(&bytes) {
+            Ok(body) => Err(ClientError::Api(body.error)),
+            Err(_) => Err(ClientError::Decode {
+                url: url.to_string(),
+                status: status.as_u16(),
+                detail: String::from_utf8_lossy(&bytes).chars().take(200).collect(),
+            }),
+        }
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        url: Url,
+        body: Option<&(impl Serialize + ?Sized)>,
+    ) -> Result<T, ClientError> {
+        let resp = self.send(method, &url, body).await?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(|e| self.connect_error(e))?;
         let decode_err = |detail: String| ClientError::Decode {
             url: url.to_string(),
             status: status.as_u16(),
             detail,
         };
-        if !status.is_success() {
-            return match serde_json::from_slice::<ErrorBody>(&bytes) {
-                Ok(body) => Err(ClientError::Api(body.error)),
-                Err(_) => Err(decode_err(
-                    String::from_utf8_lossy(&bytes).chars().take(200).collect(),
-                )),
-            };
-        }
         let bytes = if status == StatusCode::NO_CONTENT || bytes.is_empty() {
             &b"null"[..]
         } else {
@@ -312,6 +361,199 @@ impl Client {
     pub async fn revoke_token(&self, id: &str) -> Result<Token, ClientError> {
         self.call(Method::DELETE, self.url(&["tokens", id]), None::<&()>)
             .await
+    }
+
+    fn env_url(&self, scope: EnvScope<'_>, rest: &[&str]) -> Url {
+        let mut segments = vec!["orgs", scope.org, "apps", scope.app, "envs", scope.env];
+        segments.extend_from_slice(rest);
+        self.url(&segments)
+    }
+
+    /// Everything about an env: current release, config and secret
+    /// versions, scale.
+    pub async fn describe_env(&self, scope: EnvScope<'_>) -> Result<EnvDetail, ClientError> {
+        self.get(self.env_url(scope, &[])).await
+    }
+
+    pub async fn get_config(&self, scope: EnvScope<'_>) -> Result<EnvConfig, ClientError> {
+        self.get(self.env_url(scope, &["config"])).await
+    }
+
+    /// Sets and unsets env vars: one new config version.
+    pub async fn change_config(
+        &self,
+        scope: EnvScope<'_>,
+        change: &ChangeConfig,
+    ) -> Result<ConfigReceipt, ClientError> {
+        self.post(self.env_url(scope, &["config"]), change).await
+    }
+
+    pub async fn list_secrets(
+        &self,
+        scope: EnvScope<'_>,
+    ) -> Result<Vec<SecretBundle>, ClientError> {
+        self.get(self.env_url(scope, &["secrets"])).await
+    }
+
+    /// Sets and unsets keys of a bundle: one new bundle version.
+    pub async fn change_secrets(
+        &self,
+        scope: EnvScope<'_>,
+        bundle: &str,
+        change: &ChangeSecrets,
+    ) -> Result<SecretReceipt, ClientError> {
+        self.post(self.env_url(scope, &["secrets", bundle]), change)
+            .await
+    }
+
+    /// Deletes one version of a bundle, or (`None`) all of them.
+    pub async fn delete_secrets(
+        &self,
+        scope: EnvScope<'_>,
+        bundle: &str,
+        version: Option<i64>,
+    ) -> Result<SecretReceipt, ClientError> {
+        let mut url = self.env_url(scope, &["secrets", bundle]);
+        if let Some(v) = version {
+            url.query_pairs_mut().append_pair("version", &v.to_string());
+        }
+        self.call(Method::DELETE, url, None::<&()>).await
+    }
+
+    pub async fn deploy(
+        &self,
+        scope: EnvScope<'_>,
+        deploy: &Deploy,
+    ) -> Result<Receipt, ClientError> {
+        self.post(self.env_url(scope, &["deploys"]), deploy).await
+    }
+
+    /// Releases of the env, newest first.
+    pub async fn list_releases(&self, scope: EnvScope<'_>) -> Result<Vec<Release>, ClientError> {
+        self.get(self.env_url(scope, &["releases"])).await
+    }
+
+    /// One release (`v3`, `3` or its ID), with its manifest snapshot.
+    pub async fn get_release(
+        &self,
+        scope: EnvScope<'_>,
+        release: &str,
+    ) -> Result<Release, ClientError> {
+        self.get(self.env_url(scope, &["releases", release])).await
+    }
+
+    pub async fn rollback(
+        &self,
+        scope: EnvScope<'_>,
+        rollback: &Rollback,
+    ) -> Result<Receipt, ClientError> {
+        self.post(self.env_url(scope, &["rollback"]), rollback)
+            .await
+    }
+
+    pub async fn scale(&self, scope: EnvScope<'_>, scale: &Scale) -> Result<Receipt, ClientError> {
+        self.post(self.env_url(scope, &["scale"]), scale).await
+    }
+
+    pub async fn status(&self, scope: EnvScope<'_>) -> Result<Status, ClientError> {
+        self.get(self.env_url(scope, &["status"])).await
+    }
+
+    pub async fn describe_workload(
+        &self,
+        scope: EnvScope<'_>,
+        workload: &str,
+    ) -> Result<WorkloadDetail, ClientError> {
+        self.get(self.env_url(scope, &["workloads", workload]))
+            .await
+    }
+
+    fn events_url(&self, scope: EventScope<'_>, query: &EventQuery, follow: bool) -> Url {
+        let mut url = match scope {
+            EventScope::Env(env) => self.env_url(env, &["events"]),
+            EventScope::Org(org) => self.url(&["orgs", org, "events"]),
+        };
+        {
+            let mut q = url.query_pairs_mut();
+            if let Some(after) = query.after {
+                q.append_pair("after", &after.to_string());
+            }
+            if let Some(since) = &query.since {
+                q.append_pair("since", since);
+            }
+            if follow {
+                q.append_pair("follow", "true");
+            }
+        }
+        url
+    }
+
+    /// Events recorded so far, oldest first.
+    pub async fn events(
+        &self,
+        scope: EventScope<'_>,
+        query: &EventQuery,
+    ) -> Result<Vec<Event>, ClientError> {
+        self.get(self.events_url(scope, query, false)).await
+    }
+
+    /// A live stream of events: those recorded so far, then each new one as
+    /// it happens. Reconnect with `after` = the last cursor seen to resume
+    /// with no gap and no duplicate.
+    pub async fn follow_events(
+        &self,
+        scope: EventScope<'_>,
+        query: &EventQuery,
+    ) -> Result<EventStream, ClientError> {
+        let url = self.events_url(scope, query, true);
+        let resp = self.send(Method::GET, &url, None::<&()>).await?;
+        Ok(EventStream {
+            resp,
+            buf: Vec::new(),
+            server: self.server().to_string(),
+            url: url.to_string(),
+        })
+    }
+}
+
+/// Events arriving as NDJSON, one per line; blank lines are keep-alives.
+#[derive(Debug)]
+pub struct EventStream {
+    resp: reqwest::Response,
+    buf: Vec<u8>,
+    server: String,
+    url: String,
+}
+
+impl EventStream {
+    /// The next event; `None` when the server ended the stream.
+    pub async fn next(&mut self) -> Option<Result<Event, ClientError>> {
+        loop {
+            if let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=pos).collect();
+                let line = line.trim_ascii();
+                if line.is_empty() {
+                    continue;
+                }
+                return Some(
+                    serde_json::from_slice(line).map_err(|e| ClientError::Decode {
+                        url: self.url.clone(),
+                        status: 200,
+                        detail: e.to_string(),
+                    }),
+                );
+            }
+            match self.resp.chunk().await {
+                Ok(Some(chunk)) => self.buf.extend_from_slice(&chunk),
+                Ok(None) => return None,
+                Err(e) => {
+                    return Some(Err(ClientError::Connect {
+                        server: self.server.clone(),
+                        cause: cause_chain(&e),
+                    }));
+                }
+            }
+        }
     }
 }
 

@@ -19,6 +19,14 @@ pub enum ErrorKind {
     Conflict,
     /// The request body is larger than the server accepts.
     PayloadTooLarge,
+    /// A deploy gate refused: env vars or secret bundles the manifest
+    /// requires are missing in the target env (`details` lists each).
+    MissingConfig,
+    /// An image reference could not be pinned: unknown repository or tag,
+    /// or the registry refused or could not be reached.
+    Image,
+    /// A wait ran out of time before what it waited for happened.
+    Timeout,
     /// The server could not be reached or answered something unexpected.
     Unavailable,
     /// A bug or an unexpected failure inside the server.
@@ -38,7 +46,9 @@ impl ErrorKind {
             ErrorKind::NotFound => 404,
             ErrorKind::Conflict => 409,
             ErrorKind::PayloadTooLarge => 413,
+            ErrorKind::MissingConfig | ErrorKind::Image => 422,
             ErrorKind::Unavailable => 503,
+            ErrorKind::Timeout => 504,
             ErrorKind::Internal | ErrorKind::Unknown => 500,
         }
     }
@@ -46,7 +56,8 @@ impl ErrorKind {
     /// The kind for an HTTP status code the server answered with.
     pub fn from_status(status: u16) -> Self {
         match status {
-            400 | 422 => ErrorKind::BadRequest,
+            400 => ErrorKind::BadRequest,
+            422 => ErrorKind::MissingConfig,
             401 => ErrorKind::Unauthorized,
             403 => ErrorKind::Forbidden,
             404 => ErrorKind::NotFound,
@@ -67,6 +78,10 @@ pub struct ErrorDetail {
     /// Commands or actions that would help, most useful first.
     #[serde(default)]
     pub next: Vec<String>,
+    /// One line per item when a failure has several parts: every error of
+    /// a manifest, every missing env var and secret bundle of a gate.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub details: Vec<String>,
 }
 
 /// The JSON envelope: `{"error": {...}}`.
@@ -81,6 +96,7 @@ impl ErrorDetail {
             kind,
             message: message.into(),
             next: Vec::new(),
+            details: Vec::new(),
         }
     }
 

@@ -2,7 +2,9 @@
 //!
 //! This crate owns the shapes that cross a process boundary: the resource
 //! types the HTTP API returns ([`resources`]), the request bodies it accepts
-//! ([`requests`]), the error body every failure carries ([`error`]), the
+//! ([`requests`]), env config and secret bundle shapes ([`config`]),
+//! releases, receipts and their diffs ([`release`]), status and events
+//! ([`status`]), the error body every failure carries ([`error`]), the
 //! naming rules both sides check ([`names`]), the manifest (`verge.toml`)
 //! and its validation ([`manifest`]), and, behind the `client` feature, the
 //! typed HTTP client the CLI uses ([`client`]). Later issues add the
@@ -12,11 +14,14 @@
 //! ingress and the CLI all link it, and the JSON it defines is a stable
 //! contract (see `docs/cli.md`). Fields may be added; none may be renamed.
 
+pub mod config;
 pub mod error;
 pub mod manifest;
 pub mod names;
+pub mod release;
 pub mod requests;
 pub mod resources;
+pub mod status;
 
 #[cfg(feature = "client")]
 pub mod client;

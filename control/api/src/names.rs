@@ -1,4 +1,4 @@
-//! Naming rules for orgs, projects, apps and envs, checked by the CLI before
+//! Naming rules for orgs, projects, apps, envs, secret bundles and env vars, checked by the CLI before
 //! sending and by the server before storing.
 //!
 //! A name is a DNS label: 1–63 characters of `a-z`, `0-9` and `-`, starting
@@ -27,6 +27,21 @@ pub fn validate(kind: &str, name: &str) -> Result<(), String> {
             "{kind} name {name:?} {p}: use lower-case letters, digits and '-', like \"my-{}\"",
             kind.replace(' ', "-")
         )),
+    }
+}
+
+/// Environment variable names (and secret keys): `[A-Za-z_][A-Za-z0-9_]*`.
+pub fn env_var(name: &str) -> Result<(), String> {
+    let mut chars = name.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+    if first_ok && chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not an environment variable name (letters, digits and _, not starting with a digit)"
+        ))
     }
 }
 

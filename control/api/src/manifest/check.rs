@@ -372,17 +372,4 @@ fn closest<'a>(key: &str, allowed: &[&'a str]) -> Option<&'a str> {
         .map(|(_, a)| a)
 }
 
-/// Environment variable names: `[A-Za-z_][A-Za-z0-9_]*`.
-pub(super) fn env_var_name(name: &str) -> Result<(), String> {
-    let mut chars = name.chars();
-    let first_ok = chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
-    if first_ok && chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {
-        Ok(())
-    } else {
-        Err(format!(
-            "{name:?} is not an environment variable name (letters, digits and _, not starting with a digit)"
-        ))
-    }
-}
+pub(super) use crate::names::env_var as env_var_name;

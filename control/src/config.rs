@@ -28,6 +28,15 @@ pub struct Config {
     pub client_timeout_secs: u64,
     /// Serve HTTPS with this certificate and key.
     pub tls: Option<TlsConfig>,
+    /// The data key sealing secret bundles; default `secrets.key` in
+    /// `data_dir`, created on first start. Every replica needs the same key.
+    pub secrets_key_file: Option<PathBuf>,
+    /// Old data keys, still accepted for opening; values sealed with them
+    /// are re-sealed with the current key on start (key rotation).
+    pub secrets_previous_key_files: Vec<PathBuf>,
+    /// `host:port` of registries reached over plain HTTP although not on
+    /// loopback (loopback registries always are).
+    pub insecure_registries: Vec<String>,
     /// Mint another cluster admin token on this start (recovery when the
     /// first one is lost). A flag only: never read from the file.
     #[serde(skip)]
@@ -53,6 +62,9 @@ impl Default for Config {
             shutdown_timeout_secs: 30,
             client_timeout_secs: 10,
             tls: None,
+            secrets_key_file: None,
+            secrets_previous_key_files: Vec::new(),
+            insecure_registries: Vec::new(),
             new_admin_token: false,
         }
     }
@@ -97,6 +109,15 @@ impl Config {
     }
 
     /// The database URL: the configured one, or SQLite in the data dir.
+    /// The secrets data key file, and whether it may be created (only the
+    /// default one in the data dir is; a configured file must exist).
+    pub fn secrets_key(&self) -> (PathBuf, bool) {
+        match &self.secrets_key_file {
+            Some(path) => (path.clone(), false),
+            None => (self.data_dir.join("secrets.key"), true),
+        }
+    }
+
     pub fn database_url(&self) -> String {
         match &self.database {
             Some(url) => url.clone(),

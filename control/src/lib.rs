@@ -3,8 +3,10 @@
 //! It owns desired state: the store of orgs, projects, apps, envs and tokens
 //! ([`store`]), who may touch what ([`auth`]), the `/v1` HTTP API
 //! ([`http`]), its metrics ([`metrics`]) and the listener with TLS and graceful
-//! shutdown ([`server`]). Later issues add releases, the scheduler, the
-//! reconciler and the QUIC sessions with nodes and ingresses beside these.
+//! shutdown ([`server`]); env config and secret bundles sealed at rest
+//! ([`secrets`]), image pinning ([`images`]) and the rules of releases and
+//! scale ([`desired`]). Later issues add the scheduler, the reconciler and the
+//! QUIC sessions with nodes and ingresses beside these.
 //!
 //! It must not run workloads or proxy traffic (that is `verge-node` and
 //! `verge-ingress`), must not print to stdout (the binary decides what the
@@ -13,9 +15,12 @@
 
 pub mod auth;
 pub mod config;
+pub mod desired;
 pub mod error;
 pub mod http;
+pub mod images;
 pub mod metrics;
+pub mod secrets;
 pub mod server;
 pub mod store;
 mod time;

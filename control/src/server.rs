@@ -23,6 +23,8 @@ use tracing::Instrument;
 
 use crate::config::{Config, ConfigError, TlsConfig};
 use crate::http::{AppState, router};
+use crate::images::Pinner;
+use crate::secrets::Keyring;
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
 
@@ -40,6 +42,8 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error("tls: {0}")]
     Tls(String),
+    #[error("secrets: {0}")]
+    Secrets(#[from] crate::secrets::SecretsError),
     #[error(
         "cannot listen on {addr}: {source} (is another control plane running? pick another --listen)"
     )]
@@ -96,8 +100,19 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Start
         addr: config.listen,
         source,
     })?;
+    let (key_file, create_key) = config.secrets_key();
+    let previous_keys = config.secrets_previous_key_files.clone();
+    let keyring = tokio::task::spawn_blocking(move || {
+        Keyring::load(&key_file, create_key, &previous_keys)
+    })
+    .await
+    .expect("loading the secrets key does not panic")?;
     let store = Store::open(&config.database_url()).await?;
     tracing::info!(backend = ?store.backend(), "store open, migrations applied");
+    let resealed = keyring.rotate(&store).await?;
+    if resealed > 0 {
+        tracing::info!(resealed, key = keyring.key_id(), "secret versions re-sealed with the current key");
+    }
     let admin_token = match crate::auth::bootstrap(&store).await? {
         None if config.new_admin_token => {
             tracing::warn!("minting a new cluster admin token (--new-admin-token)");
@@ -119,6 +134,11 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Start
         store: store.clone(),
         metrics: Metrics::new(),
         max_body_bytes: config.max_body_bytes,
+        keyring: Arc::new(keyring),
+        pinner: Pinner {
+            insecure_registries: config.insecure_registries.clone(),
+        },
+        shutdown: shutdown.clone(),
     });
     let limits = Limits {
         connections: Arc::new(Semaphore::new(config.max_connections)),

@@ -3,7 +3,6 @@
 //! Registries on loopback addresses are reached over plain HTTP, as Docker
 //! does; every other registry over HTTPS. Access is anonymous.
 
-use std::net::IpAddr;
 
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::manifest::OCI_IMAGE_MEDIA_TYPE;
@@ -18,21 +17,7 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// Whether `registry` (`host`, `host:port`, `[v6]:port`) is on a loopback
-/// address: `localhost`, 127.0.0.0/8 or `::1`.
-pub fn is_loopback_registry(registry: &str) -> bool {
-    let host = if let Ok(ip) = registry.parse::<IpAddr>() {
-        return ip.is_loopback();
-    } else if let Some(bracketed) = registry.strip_prefix('[') {
-        bracketed.split(']').next().unwrap_or_default()
-    } else {
-        registry
-            .rsplit_once(':')
-            .map_or(registry, |(host, _port)| host)
-    };
-    host.eq_ignore_ascii_case("localhost")
-        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
-}
+pub use verge_api::names::is_loopback_registry;
 
 /// An `oci-client` client for `reference`'s registry: plain HTTP if it is on
 /// loopback, HTTPS otherwise. Installs the crypto provider first.
@@ -102,29 +87,6 @@ pub async fn push(image: &Image, reference: &str) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn loopback_registries() {
-        for yes in [
-            "127.0.0.1:5000",
-            "127.1.2.3",
-            "localhost:5000",
-            "LOCALHOST",
-            "[::1]:5000",
-            "::1",
-        ] {
-            assert!(is_loopback_registry(yes), "{yes}");
-        }
-        for no in [
-            "10.0.0.1:5000",
-            "registry.example.com",
-            "ghcr.io:443",
-            "[2001:db8::1]:5000",
-            "localhost.evil.com",
-        ] {
-            assert!(!is_loopback_registry(no), "{no}");
-        }
-    }
 
     #[test]
     fn plain_http_exception_is_keyed_on_host_and_port() {

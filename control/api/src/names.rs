@@ -1,4 +1,5 @@
-//! Naming rules for orgs, projects, apps, envs, secret bundles and env vars, checked by the CLI before
+//! Naming rules for orgs, projects, apps, envs, secret bundles and env vars
+//! (and which registry names are on loopback), checked by the CLI before
 //! sending and by the server before storing.
 //!
 //! A name is a DNS label: 1–63 characters of `a-z`, `0-9` and `-`, starting
@@ -45,9 +46,51 @@ pub fn env_var(name: &str) -> Result<(), String> {
     }
 }
 
+
+/// Whether `registry` (`host`, `host:port`, `[v6]:port`) is on a loopback
+/// address: `localhost`, 127.0.0.0/8 or `::1`.
+pub fn is_loopback_registry(registry: &str) -> bool {
+    use std::net::IpAddr;
+    let host = if let Ok(ip) = registry.parse::<IpAddr>() {
+        return ip.is_loopback();
+    } else if let Some(bracketed) = registry.strip_prefix('[') {
+        bracketed.split(']').next().unwrap_or_default()
+    } else {
+        registry
+            .rsplit_once(':')
+            .map_or(registry, |(host, _port)| host)
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 #[cfg(test)]
 mod tests {
-    use super::validate;
+    use super::{is_loopback_registry, validate};
+
+    #[test]
+    fn loopback_registries() {
+        for yes in [
+            "127.0.0.1:5000",
+            "127.1.2.3",
+            "localhost:5000",
+            "LOCALHOST",
+            "[::1]:5000",
+            "::1",
+        ] {
+            assert!(is_loopback_registry(yes), "{yes}");
+        }
+        for no in [
+            "10.0.0.1:5000",
+            "registry.example.com",
+            "ghcr.io:443",
+            "[2001:db8::1]:5000",
+            "localhost.evil.com",
+        ] {
+            assert!(!is_loopback_registry(no), "{no}");
+        }
+    }
+
 
     #[test]
     fn accepts_dns_labels() {

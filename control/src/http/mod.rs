@@ -4,8 +4,12 @@
 //! names to rows through the caller's org scope, and answers JSON (the types
 //! of `verge_api::resources`) or an [`ApiError`].
 
+mod config;
 mod health;
 mod nouns;
+mod observe;
+mod releases;
+mod scope;
 mod tokens;
 
 use std::sync::Arc;
@@ -18,8 +22,12 @@ use axum::routing::get;
 use tower_http::trace::TraceLayer;
 use verge_api::ErrorKind;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::error::ApiError;
+use crate::images::Pinner;
 use crate::metrics::Metrics;
+use crate::secrets::Keyring;
 use crate::store::Store;
 
 /// What every handler can reach.
@@ -28,6 +36,12 @@ pub struct AppState {
     pub store: Store,
     pub metrics: Arc<Metrics>,
     pub max_body_bytes: usize,
+    /// Seals and opens secret bundle values.
+    pub keyring: Arc<Keyring>,
+    /// Pins image references to digests.
+    pub pinner: Pinner,
+    /// Fires on shutdown: long-lived streams end so the drain can finish.
+    pub shutdown: CancellationToken,
 }
 
 /// The whole HTTP application.
@@ -35,6 +49,9 @@ pub fn router(state: AppState) -> Router {
     let v1 = Router::new()
         .route("/whoami", get(health::whoami))
         .merge(nouns::routes())
+        .merge(config::routes())
+        .merge(releases::routes())
+        .merge(observe::routes())
         .merge(tokens::routes());
     Router::new()
         .route("/healthz", get(health::healthz))
@@ -54,6 +71,9 @@ pub fn router(state: AppState) -> Router {
                 path = %req.uri().path(),
                 token = tracing::field::Empty,
                 org = tracing::field::Empty,
+                app = tracing::field::Empty,
+                env = tracing::field::Empty,
+                release = tracing::field::Empty,
             )
         }))
         .with_state(state)

@@ -14,7 +14,10 @@
 //! every org-scoped query takes the org's ID so that isolation is enforced in
 //! SQL, not only in the HTTP layer.
 
+mod config;
+mod events;
 mod nouns;
+mod releases;
 mod tokens;
 
 use std::str::FromStr;
@@ -23,7 +26,10 @@ use std::time::Duration;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Connection as _, Executor};
 
+pub use config::{ConfigVersion, SecretVersionRow};
+pub use events::{EventFilter, EventRow, Mutation, NewEvent};
 pub use nouns::{AppRow, EnvRow, OrgRow, ProjectRow};
+pub use releases::{ReleaseRow, ScaleRow};
 pub use tokens::{Revoke, TokenRow};
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -93,6 +99,8 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    /// Bumped after every commit that appended events (see [`Mutation`]).
+    events_committed: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl Store {
@@ -144,7 +152,11 @@ impl Store {
             // Persistent in the file: readers never block the writer.
             pool.execute("PRAGMA journal_mode = WAL").await?;
         }
-        let store = Store { pool, backend };
+        let store = Store {
+            pool,
+            backend,
+            events_committed: std::sync::Arc::new(tokio::sync::watch::Sender::new(0)),
+        };
         match backend {
             Backend::Sqlite => SQLITE_MIGRATIONS.run(&store.pool).await?,
             Backend::Postgres => POSTGRES_MIGRATIONS.run(&store.pool).await?,

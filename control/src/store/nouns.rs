@@ -202,3 +202,16 @@ impl Store {
         Ok(rows)
     }
 }
+
+impl Store {
+    pub async fn env_by_name(&self, app_id: &str, name: &str) -> Result<Option<EnvRow>> {
+        let row = sqlx::query_as(
+            "SELECT id, app_id, name, created_at FROM envs WHERE app_id = $1 AND name = $2",
+        )
+        .bind(app_id)
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row)
+    }
+}

@@ -1,0 +1,333 @@
+//! What an env runs and what happened to it: status, describe, events.
+//!
+//! `GET .../envs/{env}` (describe), `.../status`, `.../workloads/{name}`,
+//! `.../events` and `GET /v1/orgs/{org}/events` (every env of the org).
+//! Events take `?after=CURSOR`, `?since=RFC3339` and `?follow=true`; a
+//! follow answers NDJSON, one event per line, with a blank line every
+//! [`KEEPALIVE`] of silence, until the client leaves or the server shuts down.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Deserialize;
+use verge_api::release::ReleaseRef;
+use verge_api::status::{
+    EnvDetail, Event, InstanceStatus, Rollout, ScaleOverride, Status, WorkloadDetail,
+    WorkloadStatus,
+};
+
+use super::scope::{EnvCx, manifest_of};
+use super::{AppState, Path, Query};
+use crate::auth::Caller;
+use crate::desired::apply_scale;
+use crate::error::ApiError;
+use crate::store::{EventFilter, EventRow, ScaleRow};
+use crate::time::rfc3339;
+
+/// Longest silence on a followed event stream.
+pub const KEEPALIVE: Duration = Duration::from_secs(15);
+/// How often a follower looks for events other replicas committed.
+const POLL: Duration = Duration::from_secs(1);
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/orgs/{org}/apps/{app}/envs/{env}", get(describe_env))
+        .route("/orgs/{org}/apps/{app}/envs/{env}/status", get(status))
+        .route(
+            "/orgs/{org}/apps/{app}/envs/{env}/workloads/{workload}",
+            get(describe_workload),
+        )
+        .route("/orgs/{org}/apps/{app}/envs/{env}/events", get(env_events))
+        .route("/orgs/{org}/events", get(org_events))
+}
+
+type EnvPath = (String, String, String);
+
+/// Why instances are pending while no node can run them. Nodes join in a
+/// later issue; until then no instance can be placed.
+const NO_NODES: &str = "no nodes have joined the cluster";
+
+/// The env's current release with scale applied, per workload status.
+struct Observed {
+    release: Option<ReleaseRef>,
+    rollout: Rollout,
+    workloads: Vec<WorkloadStatus>,
+    scale: BTreeMap<String, ScaleRow>,
+    manifest: Option<verge_api::manifest::Manifest>,
+}
+
+async fn observe(st: &AppState, cx: &EnvCx) -> Result<Observed, ApiError> {
+    let current = st.store.current_release(&cx.env.id).await?;
+    let scale = st.store.scale_overrides(&cx.env.id).await?;
+    let Some(row) = current else {
+        return Ok(Observed {
+            release: None,
+            rollout: Rollout {
+                state: "pending".into(),
+                reason: Some(format!("nothing deployed yet: verge deploy {}", cx.flags())),
+            },
+            workloads: Vec::new(),
+            scale,
+            manifest: None,
+        });
+    };
+    let m = apply_scale(&manifest_of(&row)?, &scale);
+    let workloads: Vec<WorkloadStatus> = m
+        .workloads
+        .iter()
+        .map(|(name, w)| WorkloadStatus {
+            name: name.clone(),
+            desired: w.count,
+            running: 0,
+            instances: (0..w.count)
+                .map(|_| InstanceStatus {
+                    id: None,
+                    node: None,
+                    state: "pending".into(),
+                    address: None,
+                    reason: Some(NO_NODES.into()),
+                })
+                .collect(),
+        })
+        .collect();
+    let pending: u32 = workloads.iter().map(|w| w.desired - w.running).sum();
+    let rollout = if pending == 0 {
+        Rollout {
+            state: "completed".into(),
+            reason: None,
+        }
+    } else {
+        Rollout {
+            state: "pending".into(),
+            reason: Some(format!("{pending} instance(s) pending: {NO_NODES}")),
+        }
+    };
+    Ok(Observed {
+        release: Some(cx.release_ref(&row)),
+        rollout,
+        workloads,
+        scale,
+        manifest: Some(m),
+    })
+}
+
+async fn status(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(path): Path<EnvPath>,
+) -> Result<axum::Json<Status>, ApiError> {
+    let cx = EnvCx::resolve(&st, &caller, &path).await?;
+    let o = observe(&st, &cx).await?;
+    Ok(axum::Json(Status {
+        target: cx.target(),
+        release: o.release,
+        rollout: o.rollout,
+        workloads: o.workloads,
+    }))
+}
+
+fn scale_override(s: &ScaleRow) -> ScaleOverride {
+    ScaleOverride {
+        count: s.count.map(|c| c as u32),
+        cpu: s.cpu_millis.map(|c| c as f64 / 1000.0),
+        memory: s.memory.map(|m| m as u64),
+    }
+}
+
+async fn describe_env(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(path): Path<EnvPath>,
+) -> Result<axum::Json<EnvDetail>, ApiError> {
+    let cx = EnvCx::resolve(&st, &caller, &path).await?;
+    let o = observe(&st, &cx).await?;
+    let config = st.store.config(&cx.env.id).await?;
+    let rows = st.store.secret_versions(&cx.env.id, None).await?;
+    let releases = st.store.list_releases(&cx.env.id).await?.len() as i64;
+    Ok(axum::Json(EnvDetail {
+        id: cx.env.id.clone(),
+        target: cx.target(),
+        created_at: rfc3339(cx.env.created_at),
+        release: o.release,
+        releases,
+        config_version: config.version,
+        vars: config.vars.into_keys().collect(),
+        secrets: super::config::bundles(&rows),
+        scale: o.scale.iter().map(|(w, s)| (w.clone(), scale_override(s))).collect(),
+        rollout: o.rollout,
+    }))
+}
+
+async fn describe_workload(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path((org, app, env, name)): Path<(String, String, String, String)>,
+) -> Result<axum::Json<WorkloadDetail>, ApiError> {
+    let cx = EnvCx::resolve(&st, &caller, &(org, app, env)).await?;
+    let o = observe(&st, &cx).await?;
+    let not_found = || {
+        ApiError::not_found("workload", &name).next(format!("verge status {}", cx.flags()))
+    };
+    let (Some(release), Some(m)) = (o.release, o.manifest) else {
+        return Err(not_found());
+    };
+    let spec = m.workloads.get(&name).cloned().ok_or_else(not_found)?;
+    let status = o
+        .workloads
+        .into_iter()
+        .find(|w| w.name == name)
+        .ok_or_else(not_found)?;
+    Ok(axum::Json(WorkloadDetail {
+        target: cx.target(),
+        release,
+        spec,
+        scale: o.scale.get(&name).map(scale_override).unwrap_or_default(),
+        endpoints: m.endpoints.into_iter().filter(|e| e.workload == name).collect(),
+        status,
+        name,
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+struct EventParams {
+    after: Option<i64>,
+    since: Option<String>,
+    #[serde(default)]
+    follow: bool,
+}
+
+async fn env_events(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(path): Path<EnvPath>,
+    Query(q): Query<EventParams>,
+) -> Result<Response, ApiError> {
+    let cx = EnvCx::resolve(&st, &caller, &path).await?;
+    let filter = filter(cx.org.id.clone(), Some(cx.env.id.clone()), &q)?;
+    events(st, filter, q.follow).await
+}
+
+async fn org_events(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(org): Path<String>,
+    Query(q): Query<EventParams>,
+) -> Result<Response, ApiError> {
+    let org = caller.org(&st.store, &org).await?;
+    let filter = filter(org.id, None, &q)?;
+    events(st, filter, q.follow).await
+}
+
+fn filter(org_id: String, env_id: Option<String>, q: &EventParams) -> Result<EventFilter, ApiError> {
+    let since_ms = match &q.since {
+        None => 0,
+        Some(t) => humantime::parse_rfc3339_weak(t)
+            .map_err(|e| {
+                ApiError::bad_request(format!("since={t:?} is not an RFC 3339 time: {e}"))
+                    .next("pass since like 2026-01-31T12:00:00Z")
+            })?
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64),
+    };
+    Ok(EventFilter {
+        org_id,
+        env_id,
+        after: q.after.unwrap_or(0),
+        since_ms,
+        limit: 1000,
+    })
+}
+
+fn event(row: EventRow) -> Event {
+    Event {
+        cursor: row.cursor,
+        time: rfc3339(row.created_at),
+        kind: row.kind,
+        message: row.message,
+        org: row.org,
+        app: row.app,
+        env: row.env,
+        release: row.release_id,
+        instance: row.instance_id,
+        node: row.node_id,
+        actor: row.actor,
+    }
+}
+
+async fn events(st: AppState, mut filter: EventFilter, follow: bool) -> Result<Response, ApiError> {
+    if !follow {
+        filter.limit = 10_000;
+        let rows = st.store.events(&filter).await?;
+        return Ok(axum::Json(rows.into_iter().map(event).collect::<Vec<_>>()).into_response());
+    }
+    // Fail before the 200 if the store is down; later errors end the stream.
+    let first = st.store.events(&filter).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(16);
+    tokio::spawn(follow_events(st, filter, first, tx));
+    let body = Body::from_stream(tokio_stream_from(rx));
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        body,
+    )
+        .into_response())
+}
+
+/// Sends `first`, then every later event, as NDJSON lines into `tx` until
+/// the client goes away, the server shuts down or the store fails.
+async fn follow_events(
+    st: AppState,
+    mut filter: EventFilter,
+    mut batch: Vec<EventRow>,
+    tx: tokio::sync::mpsc::Sender<Result<Vec<u8>, std::io::Error>>,
+) {
+    let mut committed = st.store.subscribe_events();
+    let mut quiet_since = tokio::time::Instant::now();
+    loop {
+        if !batch.is_empty() {
+            let mut lines = Vec::new();
+            for row in batch.drain(..) {
+                filter.after = row.cursor;
+                serde_json::to_writer(&mut lines, &event(row)).expect("events serialise");
+                lines.push(b'\n');
+            }
+            // Bounded channel: a slow reader slows this loop down.
+            if tx.send(Ok(lines)).await.is_err() {
+                return;
+            }
+            quiet_since = tokio::time::Instant::now();
+        }
+        let keepalive_at = quiet_since + KEEPALIVE;
+        tokio::select! {
+            () = st.shutdown.cancelled() => return,
+            () = tx.closed() => return,
+            _ = committed.changed() => {}
+            () = tokio::time::sleep(POLL) => {}
+        }
+        if tokio::time::Instant::now() >= keepalive_at {
+            if tx.send(Ok(b"\n".to_vec())).await.is_err() {
+                return;
+            }
+            quiet_since = tokio::time::Instant::now();
+        }
+        match st.store.events(&filter).await {
+            Ok(rows) => batch = rows,
+            Err(e) => {
+                tracing::warn!(error = %e, "event stream ends: store failed");
+                return;
+            }
+        }
+    }
+}
+
+/// A `Stream` over an mpsc receiver.
+fn tokio_stream_from<T: Send + 'static>(
+    rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> + Send + 'static {
+    futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) })
+}

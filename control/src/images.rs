@@ -1,0 +1,139 @@
+//! Pinning image references to digests when a release is created.
+//!
+//! Each reference is resolved against its registry (a `HEAD` of its
+//! manifest with oci-client); a reference that already carries a digest is
+//! checked to exist. Registries on loopback are reached over plain HTTP, as
+//! Docker does; others over HTTPS unless listed in `insecure_registries`.
+//! Access is anonymous for now (private registries: see docs/operations.md).
+
+use std::time::Duration;
+
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::errors::{OciDistributionError, OciErrorCode};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use verge_api::names::is_loopback_registry;
+
+/// Why an image reference could not be pinned.
+#[derive(Debug, thiserror::Error)]
+pub enum PinError {
+    #[error("image {reference:?} is not a valid OCI reference: {reason}")]
+    Invalid { reference: String, reason: String },
+    #[error("image {reference:?} not found: registry {registry} has no such repository or tag")]
+    NotFound { reference: String, registry: String },
+    #[error("cannot reach registry {registry} for image {reference:?}: {cause}")]
+    Unreachable {
+        reference: String,
+        registry: String,
+        cause: String,
+    },
+    #[error("registry {registry} refused anonymous access to image {reference:?}")]
+    Unauthorized { reference: String, registry: String },
+    #[error("registry {registry} failed to resolve image {reference:?}: {cause}")]
+    Registry {
+        reference: String,
+        registry: String,
+        cause: String,
+    },
+}
+
+impl PinError {
+    /// What to do about it.
+    pub fn next(&self) -> Vec<String> {
+        match self {
+            PinError::Invalid { .. } => {
+                vec!["write images as REGISTRY/REPOSITORY:TAG, e.g. 127.0.0.1:5000/hello:1.0".into()]
+            }
+            PinError::NotFound { .. } => vec![
+                "push the image first, or fix the tag in verge.toml (or --image)".into(),
+            ],
+            PinError::Unreachable { registry, .. } => vec![
+                format!("check that the registry {registry} is running and reachable from the control plane"),
+                "a registry that speaks plain HTTP off loopback needs --insecure-registry HOST:PORT on the control plane".into(),
+            ],
+            PinError::Unauthorized { .. } => vec![
+                "make the repository readable anonymously; registry credentials are not supported yet".into(),
+            ],
+            PinError::Registry { .. } => vec!["retry; if it persists, check the registry's log".into()],
+        }
+    }
+}
+
+/// Resolves references to `registry/repository[:tag]@sha256:...`.
+#[derive(Debug, Clone, Default)]
+pub struct Pinner {
+    /// `host:port` of registries reached over plain HTTP although off loopback.
+    pub insecure_registries: Vec<String>,
+}
+
+impl Pinner {
+    pub async fn pin(&self, reference: &str) -> Result<String, PinError> {
+        let parsed: Reference = reference.parse().map_err(|e: oci_client::ParseError| {
+            PinError::Invalid {
+                reference: reference.into(),
+                reason: e.to_string(),
+            }
+        })?;
+        let registry = parsed.resolve_registry().to_string();
+        let plain_http = is_loopback_registry(&registry) || self.insecure_registries.contains(&registry);
+        let client = Client::new(ClientConfig {
+            protocol: if plain_http {
+                ClientProtocol::HttpsExcept(vec![registry.clone()])
+            } else {
+                ClientProtocol::Https
+            },
+            connect_timeout: Some(Duration::from_secs(5)),
+            read_timeout: Some(Duration::from_secs(20)),
+            ..Default::default()
+        });
+        let digest = client
+            .fetch_manifest_digest(&parsed, &RegistryAuth::Anonymous)
+            .await
+            .map_err(|e| classify(e, reference, &registry))?;
+        Ok(parsed.clone_with_digest(digest).whole())
+    }
+}
+
+fn classify(e: OciDistributionError, reference: &str, registry: &str) -> PinError {
+    let reference = reference.to_string();
+    let registry = registry.to_string();
+    match e {
+        OciDistributionError::ImageManifestNotFoundError(_) => PinError::NotFound { reference, registry },
+        OciDistributionError::ServerError { code: 404, .. } => PinError::NotFound { reference, registry },
+        OciDistributionError::RegistryError { ref envelope, .. }
+            if envelope.errors.iter().any(|e| {
+                matches!(e.code, OciErrorCode::ManifestUnknown | OciErrorCode::NameUnknown)
+            }) =>
+        {
+            PinError::NotFound { reference, registry }
+        }
+        OciDistributionError::UnauthorizedError { .. }
+        | OciDistributionError::AuthenticationFailure(_) => {
+            PinError::Unauthorized { reference, registry }
+        }
+        OciDistributionError::RequestError(e) => PinError::Unreachable {
+            reference,
+            registry,
+            cause: cause_chain(&e),
+        },
+        other => PinError::Registry {
+            reference,
+            registry,
+            cause: other.to_string(),
+        },
+    }
+}
+
+fn cause_chain(e: &dyn std::error::Error) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        source = s.source();
+    }
+    parts.join(": ")
+}
+

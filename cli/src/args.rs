@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -46,7 +47,7 @@ pub struct Target {
     /// App (default: `app` in ./verge.toml)
     #[arg(long, global = true, env = "VERGE_APP")]
     pub app: Option<String>,
-    /// Env of the app
+    /// Env of the app (needed by env, secrets, deploy, releases, status, ...)
     #[arg(long, global = true, env = "VERGE_ENV")]
     pub env: Option<String>,
 }
@@ -91,6 +92,29 @@ pub enum Command {
     /// Org-scoped API tokens (admin)
     #[command(subcommand)]
     Tokens(TokensCmd),
+    /// Env vars of an env (versioned; a release pins the version it uses)
+    #[command(subcommand)]
+    Env(EnvCmd),
+    /// Secret bundles of an env (versioned; values are never shown)
+    #[command(subcommand)]
+    Secrets(SecretsCmd),
+    /// Validate verge.toml, create a release in the env and print the receipt
+    Deploy(DeployArgs),
+    /// Releases of the env, newest first, the current one marked with *
+    Releases,
+    /// Point the env at an earlier release (nothing is rebuilt)
+    Rollback(RollbackArgs),
+    /// Change the desired instance count or resources of workloads
+    Scale(ScaleArgs),
+    /// Desired vs running instances of the env, with node, state and address
+    Status,
+    /// Show a release, an env or a workload in full
+    #[command(subcommand)]
+    Describe(DescribeCmd),
+    /// Events of the env (or of the whole org with --all); --follow streams them
+    Events(EventsArgs),
+    /// Block until the env converged on a release, or its rollout failed
+    Wait(WaitArgs),
     /// Print a shell completion script
     Completions {
         #[arg(value_enum)]
@@ -106,6 +130,9 @@ pub struct DevArgs {
     /// API address (loopback)
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub listen: SocketAddr,
+    /// Reach this registry (HOST:PORT) over plain HTTP although it is not on loopback (repeatable)
+    #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
+    pub insecure_registries: Vec<String>,
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -136,6 +163,15 @@ pub struct ControlArgs {
     /// Mint and print another cluster admin token (when the first one is lost)
     #[arg(long)]
     pub new_admin_token: bool,
+    /// File holding the data key that seals secret bundles [default: secrets.key in the data dir, created on first start]
+    #[arg(long, env = "VERGE_SECRETS_KEY_FILE")]
+    pub secrets_key_file: Option<PathBuf>,
+    /// An older data key still accepted; values sealed with it are re-sealed with the current key on start (repeatable)
+    #[arg(long = "secrets-previous-key-file", value_name = "FILE")]
+    pub secrets_previous_key_files: Vec<PathBuf>,
+    /// Reach this registry (HOST:PORT) over plain HTTP although it is not on loopback (repeatable)
+    #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
+    pub insecure_registries: Vec<String>,
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -188,4 +224,171 @@ pub enum TokensCmd {
     List,
     /// Revoke a token by ID; it stops working on its next request
     Revoke { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EnvCmd {
+    /// Set env vars: one new config version
+    Set {
+        /// KEY=VALUE (split at the first '=')
+        #[arg(required = true, value_name = "KEY=VALUE")]
+        pairs: Vec<String>,
+    },
+    /// Remove env vars: one new config version
+    Unset {
+        #[arg(required = true, value_name = "KEY")]
+        keys: Vec<String>,
+    },
+    /// List the env vars of the newest config version
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SecretsCmd {
+    /// Set keys of a bundle: one new bundle version (KEY=VALUE arguments win over --from-file)
+    Set {
+        /// Bundle name (created by its first set)
+        bundle: String,
+        /// KEY=VALUE (split at the first '='); other local users can see arguments in `ps`, a file they cannot read is safer
+        #[arg(value_name = "KEY=VALUE")]
+        pairs: Vec<String>,
+        /// Read KEY=VALUE lines from a dotenv file (`-`: stdin): # comments and quotes allowed, $NAME never expanded
+        #[arg(long, value_name = "FILE")]
+        from_file: Option<PathBuf>,
+    },
+    /// List bundles: version, key names and digest (never values)
+    List,
+    /// Remove keys (a new version), delete one version (--version N), or, with neither, delete the whole bundle
+    Unset {
+        /// Bundle name
+        bundle: String,
+        /// Keys to remove
+        #[arg(value_name = "KEY")]
+        keys: Vec<String>,
+        /// Delete this version of the bundle
+        #[arg(long, value_name = "N", conflicts_with = "keys")]
+        version: Option<i64>,
+    },
+}
+
+/// `--wait` and `--timeout` of deploy, rollback and scale.
+#[derive(Debug, Clone, Args)]
+pub struct WaitOpts {
+    /// Then wait until the env converged on the release (like `verge wait`)
+    #[arg(long)]
+    pub wait: bool,
+    /// How long --wait waits (30s, 5m, 1h)
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = duration)]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct DeployArgs {
+    /// The manifest to deploy
+    #[arg(
+        short = 'f',
+        long = "file",
+        value_name = "FILE",
+        default_value = "verge.toml"
+    )]
+    pub file: PathBuf,
+    /// Image replacing the manifest's: WORKLOAD=IMAGE, or IMAGE when there is one workload (repeatable)
+    #[arg(long = "image", value_name = "[WORKLOAD=]IMAGE")]
+    pub images: Vec<String>,
+    #[command(flatten)]
+    pub wait: WaitOpts,
+}
+
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    /// The release to go back to: v3, 3 or its ID
+    pub release: String,
+    /// Why, recorded in the env's events
+    #[arg(long, value_name = "TEXT")]
+    pub reason: Option<String>,
+    #[command(flatten)]
+    pub wait: WaitOpts,
+}
+
+#[derive(Debug, Args)]
+pub struct ScaleArgs {
+    /// WORKLOAD=N, or WORKLOAD alone with --cpu/--memory
+    #[arg(required = true, value_name = "WORKLOAD[=N]")]
+    pub workloads: Vec<String>,
+    /// Cores per instance of every named workload (0.5 = half a core)
+    #[arg(long, value_name = "CORES", value_parser = cpu)]
+    pub cpu: Option<f64>,
+    /// Memory per instance of every named workload (256Mi, 1Gi)
+    #[arg(long, value_name = "SIZE", value_parser = size)]
+    pub memory: Option<u64>,
+    #[command(flatten)]
+    pub wait: WaitOpts,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DescribeCmd {
+    /// A release (v3, 3 or its ID): images, config and secret versions, manifest snapshot
+    Release { name: String },
+    /// An env [default: --env]: current release, rollout, config and secret versions, scale
+    Env { name: Option<String> },
+    /// A workload of the env's current release: effective spec, endpoints, instances and why pending
+    Workload { name: String },
+}
+
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    /// Keep streaming new events as they happen (reconnects by itself)
+    #[arg(long)]
+    pub follow: bool,
+    /// Only events at or after T: an RFC 3339 UTC time (2025-01-31T12:00:00Z) or an age (10m, 2h)
+    #[arg(long, value_name = "T", value_parser = since)]
+    pub since: Option<String>,
+    /// Only events after this cursor (the `cursor` field of -o json)
+    #[arg(long, value_name = "CURSOR")]
+    pub after: Option<i64>,
+    /// Every env of the org, and the org's own events
+    #[arg(long)]
+    pub all: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct WaitArgs {
+    /// v3, 3 or a release ID [default: the env's current release]
+    pub release: Option<String>,
+    /// How long to wait (30s, 5m, 1h)
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = duration)]
+    pub timeout: Duration,
+}
+
+fn duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text)
+        .map_err(|e| format!("{e}: expected a duration like \"30s\", \"5m\" or \"1h\""))
+}
+
+fn cpu(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(c) if c.is_finite() && c > 0.0 => Ok(c),
+        _ => Err("expected a number of cores above 0, like \"0.5\" or \"2\"".into()),
+    }
+}
+
+fn size(text: &str) -> Result<u64, String> {
+    verge_api::manifest::parse_size(text)
+        .ok_or_else(|| "expected a size like \"256Mi\" or \"1Gi\"".into())
+}
+
+/// `--since`: an age (`10m`: that long ago) or an RFC 3339 UTC time, sent
+/// to the server as an RFC 3339 UTC time.
+fn since(text: &str) -> Result<String, String> {
+    if let Ok(age) = humantime::parse_duration(text) {
+        let at = std::time::SystemTime::now()
+            .checked_sub(age)
+            .ok_or_else(|| format!("{text} ago is before 1970"))?;
+        return Ok(humantime::format_rfc3339_seconds(at).to_string());
+    }
+    humantime::parse_rfc3339_weak(text)
+        .map(|t| humantime::format_rfc3339(t).to_string())
+        .map_err(|_| {
+            "expected an RFC 3339 UTC time like \"2025-01-31T12:00:00Z\" or an age like \"10m\" or \"2h\"".into()
+        })
 }

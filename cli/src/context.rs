@@ -1,12 +1,35 @@
 //! Resolving where a client command goes: flags and environment first (clap
 //! merges those), then the selected profile, then `./verge.toml` for the app.
 
-use verge_api::client::{Client, same_server};
+use verge_api::client::{Client, EnvScope, same_server};
 use verge_api::{ErrorDetail, ErrorKind, names};
 
 use crate::args::Target;
 use crate::commands::Failure;
 use crate::profile::{Profile, ProfileFile};
+
+/// The org, app and env a command acts on.
+#[derive(Debug, Clone)]
+pub struct EnvNames {
+    pub org: String,
+    pub app: String,
+    pub env: String,
+}
+
+impl EnvNames {
+    pub fn scope(&self) -> EnvScope<'_> {
+        EnvScope {
+            org: &self.org,
+            app: &self.app,
+            env: &self.env,
+        }
+    }
+
+    /// `app/env`, as messages name an env.
+    pub fn label(&self) -> String {
+        format!("{}/{}", self.app, self.env)
+    }
+}
 
 /// A connected client and the defaults that go with it.
 #[derive(Debug)]
@@ -161,6 +184,58 @@ impl Context {
                 &["run in a directory with a verge.toml", "verge apps list"],
             )
         })
+    }
+
+    /// `--app` (or `VERGE_APP`) only, without `./verge.toml`.
+    pub fn explicit_app(&self) -> Option<String> {
+        self.target.app.clone()
+    }
+
+    /// `--env` (or `VERGE_ENV`). Without one, the error lists the app's envs
+    /// when they can be read.
+    pub async fn env(&self) -> Result<String, Failure> {
+        if let Some(env) = &self.target.env {
+            return Ok(env.clone());
+        }
+        let (org, app) = match (self.org().await, self.app()) {
+            (Ok(org), Ok(app)) => (Some(org), Some(app)),
+            _ => (None, None),
+        };
+        Err(self.missing_env(org.as_deref(), app.as_deref()).await)
+    }
+
+    async fn missing_env(&self, org: Option<&str>, app: Option<&str>) -> Failure {
+        let mut d = ErrorDetail::new(ErrorKind::BadRequest, "no env given")
+            .with_next("pass --env ENV or set VERGE_ENV");
+        if let (Some(org), Some(app)) = (org, app)
+            && let Ok(envs) = self.client.list_envs(org, app).await
+        {
+            if envs.is_empty() {
+                d.next.push("verge envs create prod".into());
+            } else {
+                let names: Vec<&str> = envs.iter().map(|e| e.name.as_str()).collect();
+                d.next
+                    .push(format!("this app's envs: {}", names.join(", ")));
+            }
+        }
+        Failure(d)
+    }
+
+    /// Org, app and env: `--org`/profile/token, `--app`/`./verge.toml`, `--env`.
+    pub async fn env_names(&self) -> Result<EnvNames, Failure> {
+        let org = self.org().await?;
+        let app = self.app()?;
+        let env = self.env().await?;
+        Ok(EnvNames { org, app, env })
+    }
+
+    /// Like [`Context::env_names`], for an app known otherwise (a manifest's).
+    pub async fn env_names_for(&self, org: String, app: String) -> Result<EnvNames, Failure> {
+        let env = match &self.target.env {
+            Some(env) => env.clone(),
+            None => return Err(self.missing_env(Some(&org), Some(&app)).await),
+        };
+        Ok(EnvNames { org, app, env })
     }
 }
 

@@ -36,16 +36,7 @@ impl Output {
             println!("(none)");
             return;
         }
-        let mut table = Table::new();
-        table
-            .load_preset(presets::NOTHING)
-            .set_header(headers.iter().map(|h| h.to_uppercase()));
-        for item in items {
-            table.add_row(row(item));
-        }
-        for line in table.to_string().lines() {
-            println!("{}", line.trim_end());
-        }
+        println!("{}", table(headers, items.iter().map(row)));
     }
 
     /// One object: JSON, or the human text `human` makes of it.
@@ -54,6 +45,26 @@ impl Output {
             self.json(item);
         } else {
             println!("{}", human(item));
+        }
+    }
+
+    /// One item of a stream: a compact JSON line (NDJSON), or `human`'s
+    /// line. Flushed at once: a reader on a pipe sees each item as it comes.
+    pub fn stream_item<T: Serialize>(&self, item: &T, human: impl FnOnce(&T) -> String) {
+        use std::io::Write as _;
+        let line = if self.is_json() {
+            serde_json::to_string(item).expect("API types serialise")
+        } else {
+            human(item)
+        };
+        let mut stdout = std::io::stdout().lock();
+        let _ = writeln!(stdout, "{line}").and_then(|()| stdout.flush());
+    }
+
+    /// A note for people on stderr (progress, reconnects); none under `-o json`.
+    pub fn note(&self, text: &str) {
+        if !self.is_json() {
+            eprintln!("{text}");
         }
     }
 
@@ -82,4 +93,19 @@ impl Output {
             eprintln!("  try: {next}");
         }
     }
+}
+
+/// A borderless table with upper-case `headers`, trailing blanks trimmed,
+/// without a final newline.
+pub fn table(headers: &[&str], rows: impl IntoIterator<Item = Vec<String>>) -> String {
+    let mut table = Table::new();
+    table
+        .load_preset(presets::NOTHING)
+        .set_header(headers.iter().map(|h| h.to_uppercase()));
+    for row in rows {
+        table.add_row(row);
+    }
+    let text = table.to_string();
+    let lines: Vec<&str> = text.lines().map(str::trim_end).collect();
+    lines.join("\n")
 }

@@ -105,7 +105,10 @@ pub fn fingerprint(
         "config_version": config_version,
         "secrets": secrets,
     });
-    format!("sha256:{}", hex::encode(Sha256::digest(canonical.to_string())))
+    format!(
+        "sha256:{}",
+        hex::encode(Sha256::digest(canonical.to_string()))
+    )
 }
 
 /// `m` with the scale overrides applied: what the env should run.

@@ -68,14 +68,16 @@ pub struct Pinner {
 
 impl Pinner {
     pub async fn pin(&self, reference: &str) -> Result<String, PinError> {
-        let parsed: Reference = reference.parse().map_err(|e: oci_client::ParseError| {
-            PinError::Invalid {
-                reference: reference.into(),
-                reason: e.to_string(),
-            }
-        })?;
+        let parsed: Reference =
+            reference
+                .parse()
+                .map_err(|e: oci_client::ParseError| PinError::Invalid {
+                    reference: reference.into(),
+                    reason: e.to_string(),
+                })?;
         let registry = parsed.resolve_registry().to_string();
-        let plain_http = is_loopback_registry(&registry) || self.insecure_registries.contains(&registry);
+        let plain_http =
+            is_loopback_registry(&registry) || self.insecure_registries.contains(&registry);
         let client = Client::new(ClientConfig {
             protocol: if plain_http {
                 ClientProtocol::HttpsExcept(vec![registry.clone()])
@@ -90,7 +92,18 @@ impl Pinner {
             .fetch_manifest_digest(&parsed, &RegistryAuth::Anonymous)
             .await
             .map_err(|e| classify(e, reference, &registry))?;
-        Ok(parsed.clone_with_digest(digest).whole())
+        // Keep the tag beside the digest (`repo:1.0@sha256:...`): readable,
+        // and the digest alone decides what is pulled.
+        let pinned = match parsed.tag() {
+            Some(tag) => Reference::with_tag_and_digest(
+                parsed.registry().to_string(),
+                parsed.repository().to_string(),
+                tag.to_string(),
+                digest,
+            ),
+            None => parsed.clone_with_digest(digest),
+        };
+        Ok(pinned.whole())
     }
 }
 
@@ -98,19 +111,32 @@ fn classify(e: OciDistributionError, reference: &str, registry: &str) -> PinErro
     let reference = reference.to_string();
     let registry = registry.to_string();
     match e {
-        OciDistributionError::ImageManifestNotFoundError(_) => PinError::NotFound { reference, registry },
-        OciDistributionError::ServerError { code: 404, .. } => PinError::NotFound { reference, registry },
+        OciDistributionError::ImageManifestNotFoundError(_) => PinError::NotFound {
+            reference,
+            registry,
+        },
+        OciDistributionError::ServerError { code: 404, .. } => PinError::NotFound {
+            reference,
+            registry,
+        },
         OciDistributionError::RegistryError { ref envelope, .. }
             if envelope.errors.iter().any(|e| {
-                matches!(e.code, OciErrorCode::ManifestUnknown | OciErrorCode::NameUnknown)
+                matches!(
+                    e.code,
+                    OciErrorCode::ManifestUnknown | OciErrorCode::NameUnknown
+                )
             }) =>
         {
-            PinError::NotFound { reference, registry }
+            PinError::NotFound {
+                reference,
+                registry,
+            }
         }
         OciDistributionError::UnauthorizedError { .. }
-        | OciDistributionError::AuthenticationFailure(_) => {
-            PinError::Unauthorized { reference, registry }
-        }
+        | OciDistributionError::AuthenticationFailure(_) => PinError::Unauthorized {
+            reference,
+            registry,
+        },
         OciDistributionError::RequestError(e) => PinError::Unreachable {
             reference,
             registry,
@@ -136,4 +162,3 @@ fn cause_chain(e: &dyn std::error::Error) -> String {
     }
     parts.join(": ")
 }
-

@@ -30,7 +30,9 @@ use crate::store::{SecretVersionRow, Store, StoreError};
 /// Why the keyring could not be loaded, or a value not opened.
 #[derive(Debug, thiserror::Error)]
 pub enum SecretsError {
-    #[error("cannot read secrets key file {path}: {source}; set secrets_key_file to a readable file")]
+    #[error(
+        "cannot read secrets key file {path}: {source}; set secrets_key_file to a readable file"
+    )]
     Read {
         path: PathBuf,
         source: std::io::Error,
@@ -54,7 +56,9 @@ pub enum SecretsError {
         version: i64,
         key_id: String,
     },
-    #[error("secret bundle {bundle:?} v{version} failed authentication: its sealed value was altered")]
+    #[error(
+        "secret bundle {bundle:?} v{version} failed authentication: its sealed value was altered"
+    )]
     Tampered { bundle: String, version: i64 },
     #[error("re-sealing secrets with the current key failed: {0}")]
     Store(#[from] StoreError),
@@ -75,7 +79,8 @@ impl std::fmt::Debug for DataKey {
 impl DataKey {
     fn from_bytes(bytes: &[u8; 32]) -> DataKey {
         let id = format!("k{}", &hex::encode(Sha256::digest(bytes))[..16]);
-        let unbound = UnboundKey::new(&CHACHA20_POLY1305, bytes).expect("32 bytes is the key length");
+        let unbound =
+            UnboundKey::new(&CHACHA20_POLY1305, bytes).expect("32 bytes is the key length");
         let mut derive = Sha256::new();
         derive.update(b"verge secret digest key\0");
         derive.update(bytes);
@@ -119,19 +124,28 @@ pub struct Keyring {
 impl Keyring {
     /// Loads the data key from `key_file`; when `create` and the file does
     /// not exist, makes a new random key there (mode 0600).
-    pub fn load(key_file: &Path, create: bool, previous: &[PathBuf]) -> Result<Keyring, SecretsError> {
+    pub fn load(
+        key_file: &Path,
+        create: bool,
+        previous: &[PathBuf],
+    ) -> Result<Keyring, SecretsError> {
         let rng = SystemRandom::new();
         if create && !key_file.exists() {
             let mut bytes = [0u8; 32];
             rng.fill(&mut bytes).expect("system randomness");
-            write_new_key(key_file, &hex::encode(bytes)).map_err(|source| SecretsError::Create {
-                path: key_file.to_path_buf(),
-                source,
+            write_new_key(key_file, &hex::encode(bytes)).map_err(|source| {
+                SecretsError::Create {
+                    path: key_file.to_path_buf(),
+                    source,
+                }
             })?;
         }
         Ok(Keyring {
             current: DataKey::load(key_file)?,
-            previous: previous.iter().map(|p| DataKey::load(p)).collect::<Result<_, _>>()?,
+            previous: previous
+                .iter()
+                .map(|p| DataKey::load(p))
+                .collect::<Result<_, _>>()?,
             rng,
         })
     }
@@ -190,7 +204,8 @@ impl Keyring {
         env_id: &str,
         row: &SecretVersionRow,
     ) -> Result<Option<BTreeMap<String, String>>, SecretsError> {
-        let (Some(key_id), Some(nonce), Some(ciphertext)) = (&row.key_id, &row.nonce, &row.ciphertext)
+        let (Some(key_id), Some(nonce), Some(ciphertext)) =
+            (&row.key_id, &row.nonce, &row.ciphertext)
         else {
             return Ok(None);
         };
@@ -219,7 +234,9 @@ impl Keyring {
                 &mut data,
             )
             .map_err(|_| tampered())?;
-        serde_json::from_slice(plain).map(Some).map_err(|_| tampered())
+        serde_json::from_slice(plain)
+            .map(Some)
+            .map_err(|_| tampered())
     }
 
     /// Re-seals with the current key every version sealed with a previous
@@ -295,7 +312,10 @@ mod tests {
         let keys = Keyring::from_key([7; 32]);
         let sealed = keys.seal("env_1", "app", 1, &values());
         assert!(!sealed.ciphertext.contains(&hex::encode("hunter2")));
-        assert_eq!(keys.open("env_1", &row(&sealed, "app", 1)).unwrap(), Some(values()));
+        assert_eq!(
+            keys.open("env_1", &row(&sealed, "app", 1)).unwrap(),
+            Some(values())
+        );
         // Moved to another version, bundle or env: refused.
         assert!(matches!(
             keys.open("env_1", &row(&sealed, "app", 2)),

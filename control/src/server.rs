@@ -24,8 +24,8 @@ use tracing::Instrument;
 use crate::config::{Config, ConfigError, TlsConfig};
 use crate::http::{AppState, router};
 use crate::images::Pinner;
-use crate::secrets::Keyring;
 use crate::metrics::Metrics;
+use crate::secrets::Keyring;
 use crate::store::{Store, StoreError};
 
 /// Why the control plane did not start.
@@ -102,16 +102,19 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Start
     })?;
     let (key_file, create_key) = config.secrets_key();
     let previous_keys = config.secrets_previous_key_files.clone();
-    let keyring = tokio::task::spawn_blocking(move || {
-        Keyring::load(&key_file, create_key, &previous_keys)
-    })
-    .await
-    .expect("loading the secrets key does not panic")?;
+    let keyring =
+        tokio::task::spawn_blocking(move || Keyring::load(&key_file, create_key, &previous_keys))
+            .await
+            .expect("loading the secrets key does not panic")?;
     let store = Store::open(&config.database_url()).await?;
     tracing::info!(backend = ?store.backend(), "store open, migrations applied");
     let resealed = keyring.rotate(&store).await?;
     if resealed > 0 {
-        tracing::info!(resealed, key = keyring.key_id(), "secret versions re-sealed with the current key");
+        tracing::info!(
+            resealed,
+            key = keyring.key_id(),
+            "secret versions re-sealed with the current key"
+        );
     }
     let admin_token = match crate::auth::bootstrap(&store).await? {
         None if config.new_admin_token => {

@@ -3,7 +3,6 @@
 //! Registries on loopback addresses are reached over plain HTTP, as Docker
 //! does; every other registry over HTTPS. Access is anonymous.
 
-
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::manifest::OCI_IMAGE_MEDIA_TYPE;
 use oci_client::secrets::RegistryAuth;

@@ -35,6 +35,9 @@ pub struct ControlPlane {
     /// Profiles of the CLI runs of this test.
     pub config_dir: TempDir,
     database: Option<String>,
+    /// `127.0.0.1:0` until the first start; then the address it bound, so
+    /// that restarts keep the URL clients use.
+    listen: String,
     extra: Vec<String>,
     child: Option<Child>,
     stderr_log: std::path::PathBuf,
@@ -59,6 +62,7 @@ impl ControlPlane {
             data_dir,
             config_dir: tempfile::tempdir().expect("temp config dir"),
             database,
+            listen: "127.0.0.1:0".into(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             child: None,
             stderr_log,
@@ -80,7 +84,7 @@ impl ControlPlane {
         let mut args = vec![
             "control".to_string(),
             "--listen".into(),
-            "127.0.0.1:0".into(),
+            self.listen.clone(),
             "--data-dir".into(),
             self.data_dir.path().display().to_string(),
         ];
@@ -131,6 +135,9 @@ impl ControlPlane {
             }
         };
         self.url = banner.server.clone();
+        if let Some(addr) = banner.server.split("://").nth(1) {
+            self.listen = addr.trim_end_matches('/').to_string();
+        }
         self.child = Some(child);
         banner
     }

@@ -74,3 +74,34 @@ mod tests {
         assert_eq!(redact("sqlite:///d/verge.db"), "sqlite:///d/verge.db");
     }
 }
+
+/// Runs `sql` on the database at `url` with a writable connection, as an
+/// operator with direct access would: the rows affected, or the database's
+/// own error message. Proves what the database itself refuses.
+pub async fn execute(url: &str, sql: &str) -> Result<u64, String> {
+    sqlx::any::install_default_drivers();
+    let mut conn = sqlx::AnyConnection::connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("cannot open the database {}: {e}", redact(url)));
+    let result = sqlx::query(sql)
+        .execute(&mut conn)
+        .await
+        .map(|done| done.rows_affected())
+        .map_err(|e| e.to_string());
+    let _ = conn.close().await;
+    result
+}
+
+/// The first column of every row `sql` selects, as text (read-only on SQLite).
+pub async fn select_text(url: &str, sql: &str) -> Vec<String> {
+    sqlx::any::install_default_drivers();
+    let mut conn = sqlx::AnyConnection::connect(&read_only(url))
+        .await
+        .unwrap_or_else(|e| panic!("cannot open the database {}: {e}", redact(url)));
+    let rows = sqlx::query_scalar::<_, Option<String>>(sql)
+        .fetch_all(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("{sql} in {}: {e}", redact(url)));
+    let _ = conn.close().await;
+    rows.into_iter().flatten().collect()
+}

@@ -53,6 +53,10 @@ fn start_failed(e: StartError) -> Failure {
             ErrorKind::Conflict,
             &["stop the process using that address, or pick another with --listen"],
         ),
+        StartError::Secrets(_) => (
+            ErrorKind::BadRequest,
+            &["check the secrets key files; key rotation is described in docs/operations.md"],
+        ),
         StartError::Store(StoreError::Migrate(_)) => (
             ErrorKind::Internal,
             &[
@@ -134,6 +138,15 @@ pub async fn control(args: ControlArgs, out: &Output) -> Result {
         config.max_body_bytes = v;
     }
     config.new_admin_token = args.new_admin_token;
+    if let Some(key) = args.secrets_key_file {
+        config.secrets_key_file = Some(key);
+    }
+    if !args.secrets_previous_key_files.is_empty() {
+        config.secrets_previous_key_files = args.secrets_previous_key_files;
+    }
+    if !args.insecure_registries.is_empty() {
+        config.insecure_registries = args.insecure_registries;
+    }
     let shutdown = CancellationToken::new();
     cancel_on_signal(shutdown.clone())?;
     let started = verge_control::start(&config, shutdown)
@@ -229,6 +242,7 @@ pub async fn dev(args: DevArgs, out: &Output) -> Result {
     let config = Config {
         listen: args.listen,
         data_dir: data_dir.clone(),
+        insecure_registries: args.insecure_registries,
         ..Config::default()
     };
     let shutdown = CancellationToken::new();

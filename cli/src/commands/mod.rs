@@ -1,9 +1,13 @@
 //! One file per command family; [`run`] dispatches.
 
 mod account;
+mod config;
 mod daemons;
+mod deploy;
 mod manifest;
 mod nouns;
+mod observe;
+mod releases;
 mod tokens;
 
 use verge_api::client::ClientError;
@@ -37,6 +41,30 @@ impl From<anyhow::Error> for Failure {
 
 pub type Result<T = ()> = std::result::Result<T, Failure>;
 
+/// A `bad_request` failure: input that the CLI refuses before sending.
+pub fn bad_request(message: impl Into<String>) -> Failure {
+    Failure(ErrorDetail::new(ErrorKind::BadRequest, message))
+}
+
+/// `ref@sha256:0123456789ab…`: a digest cut to 12 hex digits, for tables.
+pub fn short_digest(text: &str) -> String {
+    match text.rsplit_once(':') {
+        Some((head, hex))
+            if head.ends_with("sha256")
+                && hex.len() > 12
+                && hex.chars().all(|c| c.is_ascii_hexdigit()) =>
+        {
+            format!("{head}:{}…", &hex[..12])
+        }
+        _ => text.to_string(),
+    }
+}
+
+/// `text`, or `-` for nothing.
+pub fn or_dash(text: Option<&str>) -> String {
+    text.unwrap_or("-").to_string()
+}
+
 pub async fn run(cli: Cli, out: &Output) -> Result {
     let target = &cli.target;
     match cli.command {
@@ -56,5 +84,28 @@ pub async fn run(cli: Cli, out: &Output) -> Result {
         Command::Apps(cmd) => nouns::apps(&Context::new(target)?, cmd, out).await,
         Command::Envs(cmd) => nouns::envs(&Context::new(target)?, cmd, out).await,
         Command::Tokens(cmd) => tokens::run(&Context::new(target)?, cmd, out).await,
+        Command::Env(cmd) => config::env(&Context::new(target)?, cmd, out).await,
+        Command::Secrets(cmd) => config::secrets(&Context::new(target)?, cmd, out).await,
+        Command::Deploy(args) => deploy::deploy(&Context::new(target)?, args, out).await,
+        Command::Releases => releases::list(&Context::new(target)?, out).await,
+        Command::Rollback(args) => deploy::rollback(&Context::new(target)?, args, out).await,
+        Command::Scale(args) => deploy::scale(&Context::new(target)?, args, out).await,
+        Command::Status => observe::status(&Context::new(target)?, out).await,
+        Command::Describe(cmd) => releases::describe(&Context::new(target)?, cmd, out).await,
+        Command::Events(args) => observe::events(&Context::new(target)?, args, out).await,
+        Command::Wait(args) => observe::wait(&Context::new(target)?, args, out).await,
     }
+}
+
+/// `next:` and one indented line per follow-up; empty without any.
+pub fn next_lines(follow_ups: &[String]) -> String {
+    if follow_ups.is_empty() {
+        return String::new();
+    }
+    let mut text = String::from("\nnext:");
+    for f in follow_ups {
+        text.push_str("\n  ");
+        text.push_str(f);
+    }
+    text
 }

@@ -46,7 +46,6 @@ pub fn env_var(name: &str) -> Result<(), String> {
     }
 }
 
-
 /// Whether `registry` (`host`, `host:port`, `[v6]:port`) is on a loopback
 /// address: `localhost`, 127.0.0.0/8 or `::1`.
 pub fn is_loopback_registry(registry: &str) -> bool {
@@ -90,7 +89,6 @@ mod tests {
             assert!(!is_loopback_registry(no), "{no}");
         }
     }
-
 
     #[test]
     fn accepts_dns_labels() {

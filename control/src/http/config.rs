@@ -29,7 +29,10 @@ pub fn routes() -> Router<AppState> {
             "/orgs/{org}/apps/{app}/envs/{env}/config",
             get(get_config).post(change_config),
         )
-        .route("/orgs/{org}/apps/{app}/envs/{env}/secrets", get(list_secrets))
+        .route(
+            "/orgs/{org}/apps/{app}/envs/{env}/secrets",
+            get(list_secrets),
+        )
         .route(
             "/orgs/{org}/apps/{app}/envs/{env}/secrets/{bundle}",
             post(change_secrets).delete(delete_secrets),
@@ -59,13 +62,17 @@ fn check_change(
     what: &str,
 ) -> Result<(), ApiError> {
     if set.is_empty() && unset.is_empty() {
-        return Err(ApiError::bad_request(format!("nothing to change: name at least one {what}")));
+        return Err(ApiError::bad_request(format!(
+            "nothing to change: name at least one {what}"
+        )));
     }
     for name in set.keys().chain(unset) {
         names::env_var(name).map_err(ApiError::bad_request)?;
     }
     if let Some(both) = unset.iter().find(|n| set.contains_key(*n)) {
-        return Err(ApiError::bad_request(format!("{both} is both set and unset in one request")));
+        return Err(ApiError::bad_request(format!(
+            "{both} is both set and unset in one request"
+        )));
     }
     Ok(())
 }
@@ -106,9 +113,14 @@ async fn change_config(
         .map(|(k, _)| k.clone())
         .collect();
     let unchanged = vars == old.vars;
-    let version = if unchanged { old.version } else { old.version + 1 };
+    let version = if unchanged {
+        old.version
+    } else {
+        old.version + 1
+    };
     if !unchanged {
-        m.insert_config(&cx.env.id, version, &vars, &cx.actor).await?;
+        m.insert_config(&cx.env.id, version, &vars, &cx.actor)
+            .await?;
         let mut parts = Vec::new();
         if !set.is_empty() {
             parts.push(format!("set {}", set.join(", ")));
@@ -186,8 +198,9 @@ async fn list_secrets(
 
 fn sealed_error(e: SecretsError) -> ApiError {
     tracing::error!(error = %e, "cannot open a secret bundle");
-    ApiError::new(verge_api::ErrorKind::Internal, e.to_string())
-        .next("operators: check secrets_key_file and secrets_previous_key_files (docs/operations.md)")
+    ApiError::new(verge_api::ErrorKind::Internal, e.to_string()).next(
+        "operators: check secrets_key_file and secrets_previous_key_files (docs/operations.md)",
+    )
 }
 
 async fn change_secrets(
@@ -203,7 +216,11 @@ async fn change_secrets(
     let rows = m.secret_versions(&cx.env.id, Some(&bundle)).await?;
     let latest = rows.iter().rev().find(|r| r.deleted_at.is_none());
     let old_values = match latest {
-        Some(row) => st.keyring.open(&cx.env.id, row).map_err(sealed_error)?.unwrap_or_default(),
+        Some(row) => st
+            .keyring
+            .open(&cx.env.id, row)
+            .map_err(sealed_error)?
+            .unwrap_or_default(),
         None => BTreeMap::new(),
     };
     let missing: Vec<&str> = body
@@ -229,7 +246,10 @@ async fn change_secrets(
         return Err(ApiError::bad_request(format!(
             "this would leave secret bundle {bundle:?} with no keys"
         ))
-        .next(format!("verge secrets unset {bundle} {}  (deletes the bundle)", cx.flags())));
+        .next(format!(
+            "verge secrets unset {bundle} {}  (deletes the bundle)",
+            cx.flags()
+        )));
     }
     let set: Vec<String> = body
         .set
@@ -301,7 +321,8 @@ async fn delete_secrets(
 ) -> Result<axum::Json<SecretReceipt>, ApiError> {
     let cx = EnvCx::resolve(&st, &caller, &(org, app, env)).await?;
     let not_found = || {
-        ApiError::not_found("secret bundle", &bundle).next(format!("verge secrets list {}", cx.flags()))
+        ApiError::not_found("secret bundle", &bundle)
+            .next(format!("verge secrets list {}", cx.flags()))
     };
     if names::validate("secret bundle", &bundle).is_err() {
         return Err(not_found());
@@ -321,15 +342,22 @@ async fn delete_secrets(
                 )));
             }
             None => {
-                return Err(ApiError::not_found("secret bundle version", &format!("{bundle} v{v}"))
-                    .next(format!("verge secrets list {}", cx.flags())));
+                return Err(ApiError::not_found(
+                    "secret bundle version",
+                    &format!("{bundle} v{v}"),
+                )
+                .next(format!("verge secrets list {}", cx.flags())));
             }
         },
     };
     for v in &doomed {
         m.delete_secret_version(&cx.env.id, &bundle, *v).await?;
     }
-    let list = doomed.iter().map(|v| format!("v{v}")).collect::<Vec<_>>().join(", ");
+    let list = doomed
+        .iter()
+        .map(|v| format!("v{v}"))
+        .collect::<Vec<_>>()
+        .join(", ");
     m.emit(cx.event(
         "secrets.deleted",
         None,

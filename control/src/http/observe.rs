@@ -159,7 +159,11 @@ async fn describe_env(
         config_version: config.version,
         vars: config.vars.into_keys().collect(),
         secrets: super::config::bundles(&rows),
-        scale: o.scale.iter().map(|(w, s)| (w.clone(), scale_override(s))).collect(),
+        scale: o
+            .scale
+            .iter()
+            .map(|(w, s)| (w.clone(), scale_override(s)))
+            .collect(),
         rollout: o.rollout,
     }))
 }
@@ -171,9 +175,8 @@ async fn describe_workload(
 ) -> Result<axum::Json<WorkloadDetail>, ApiError> {
     let cx = EnvCx::resolve(&st, &caller, &(org, app, env)).await?;
     let o = observe(&st, &cx).await?;
-    let not_found = || {
-        ApiError::not_found("workload", &name).next(format!("verge status {}", cx.flags()))
-    };
+    let not_found =
+        || ApiError::not_found("workload", &name).next(format!("verge status {}", cx.flags()));
     let (Some(release), Some(m)) = (o.release, o.manifest) else {
         return Err(not_found());
     };
@@ -188,7 +191,11 @@ async fn describe_workload(
         release,
         spec,
         scale: o.scale.get(&name).map(scale_override).unwrap_or_default(),
-        endpoints: m.endpoints.into_iter().filter(|e| e.workload == name).collect(),
+        endpoints: m
+            .endpoints
+            .into_iter()
+            .filter(|e| e.workload == name)
+            .collect(),
         status,
         name,
     }))
@@ -224,7 +231,11 @@ async fn org_events(
     events(st, filter, q.follow).await
 }
 
-fn filter(org_id: String, env_id: Option<String>, q: &EventParams) -> Result<EventFilter, ApiError> {
+fn filter(
+    org_id: String,
+    env_id: Option<String>,
+    q: &EventParams,
+) -> Result<EventFilter, ApiError> {
     let since_ms = match &q.since {
         None => 0,
         Some(t) => humantime::parse_rfc3339_weak(t)
@@ -271,11 +282,7 @@ async fn events(st: AppState, mut filter: EventFilter, follow: bool) -> Result<R
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(16);
     tokio::spawn(follow_events(st, filter, first, tx));
     let body = Body::from_stream(tokio_stream_from(rx));
-    Ok((
-        [(header::CONTENT_TYPE, "application/x-ndjson")],
-        body,
-    )
-        .into_response())
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
 }
 
 /// Sends `first`, then every later event, as NDJSON lines into `tx` until
@@ -329,5 +336,7 @@ async fn follow_events(
 fn tokio_stream_from<T: Send + 'static>(
     rx: tokio::sync::mpsc::Receiver<T>,
 ) -> impl futures_util::Stream<Item = T> + Send + 'static {
-    futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) })
+    futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    })
 }

@@ -34,7 +34,10 @@ pub fn routes() -> Router<AppState> {
         .route("/orgs/{org}/apps/{app}/envs/{env}/deploys", post(deploy))
         .route("/orgs/{org}/apps/{app}/envs/{env}/rollback", post(rollback))
         .route("/orgs/{org}/apps/{app}/envs/{env}/scale", post(scale))
-        .route("/orgs/{org}/apps/{app}/envs/{env}/releases", get(list_releases))
+        .route(
+            "/orgs/{org}/apps/{app}/envs/{env}/releases",
+            get(list_releases),
+        )
         .route(
             "/orgs/{org}/apps/{app}/envs/{env}/releases/{release}",
             get(get_release),
@@ -168,10 +171,16 @@ async fn deploy(
     if let Some((_, first)) = failures.first() {
         let mut e = ApiError::new(
             ErrorKind::Image,
-            format!("cannot pin the images of {}: no release was created", body.file),
+            format!(
+                "cannot pin the images of {}: no release was created",
+                body.file
+            ),
         );
         e.0.next = first.next();
-        e.0.details = failures.iter().map(|(w, err)| format!("workload {w}: {err}")).collect();
+        e.0.details = failures
+            .iter()
+            .map(|(w, err)| format!("workload {w}: {err}"))
+            .collect();
         return Err(e);
     }
 
@@ -186,11 +195,21 @@ async fn deploy(
     let fp = fingerprint(&m, config.version, &secrets);
     let current = tx.current_release(&cx.env.id).await?;
     let scale = tx.scale_overrides(&cx.env.id).await?;
-    let old = current.as_ref().map(|c| Effective::of(c, &scale)).transpose()?;
+    let old = current
+        .as_ref()
+        .map(|c| Effective::of(c, &scale))
+        .transpose()?;
     if let Some(cur) = current.as_ref().filter(|c| c.fingerprint == fp) {
         let now = old.expect("current exists");
         tracing::info!(env = %cx.env.id, release = %cur.id, "deploy unchanged");
-        return Ok(axum::Json(receipt(&cx, Action::Deploy, cur, Some(cur), Diff::default(), &now)));
+        return Ok(axum::Json(receipt(
+            &cx,
+            Action::Deploy,
+            cur,
+            Some(cur),
+            Diff::default(),
+            &now,
+        )));
     }
     let row = ReleaseRow {
         id: new_id("rel"),
@@ -245,7 +264,9 @@ async fn deploy(
     };
     tx.replace_scale_overrides(&cx.env.id, &scale).await?;
     tx.set_current_release(&cx.env.id, &row.id).await?;
-    let was = current.as_ref().map_or("none".into(), |c| format!("v{}", c.number));
+    let was = current
+        .as_ref()
+        .map_or("none".into(), |c| format!("v{}", c.number));
     tx.emit(cx.event(
         "deploy",
         Some(&row.id),
@@ -256,7 +277,14 @@ async fn deploy(
     tracing::info!(env = %cx.env.id, release = %row.id, number = row.number, "deployed");
     let now = Effective::of(&row, &scale)?;
     let d = diff(old.as_ref(), &now);
-    Ok(axum::Json(receipt(&cx, Action::Deploy, &row, current.as_ref(), d, &now)))
+    Ok(axum::Json(receipt(
+        &cx,
+        Action::Deploy,
+        &row,
+        current.as_ref(),
+        d,
+        &now,
+    )))
 }
 
 /// `web=127.0.0.1:5000/hello:1.0@sha256:0123456789ab…`, for event messages.
@@ -342,10 +370,20 @@ async fn rollback(
     }
     let current = tx.current_release(&cx.env.id).await?;
     let scale = tx.scale_overrides(&cx.env.id).await?;
-    let old = current.as_ref().map(|c| Effective::of(c, &scale)).transpose()?;
+    let old = current
+        .as_ref()
+        .map(|c| Effective::of(c, &scale))
+        .transpose()?;
     if current.as_ref().is_some_and(|c| c.id == target.id) {
         let now = old.expect("current exists");
-        return Ok(axum::Json(receipt(&cx, Action::Rollback, &target, Some(&target), Diff::default(), &now)));
+        return Ok(axum::Json(receipt(
+            &cx,
+            Action::Rollback,
+            &target,
+            Some(&target),
+            Diff::default(),
+            &now,
+        )));
     }
     let scale = match &current {
         Some(c) => carry_scale(&manifest_of(c)?, &manifest_of(&target)?, &scale),
@@ -353,19 +391,31 @@ async fn rollback(
     };
     tx.replace_scale_overrides(&cx.env.id, &scale).await?;
     tx.set_current_release(&cx.env.id, &target.id).await?;
-    let was = current.as_ref().map_or("none".into(), |c| format!("v{}", c.number));
+    let was = current
+        .as_ref()
+        .map_or("none".into(), |c| format!("v{}", c.number));
     let why = body.reason.as_deref().unwrap_or("no reason given");
     tx.emit(cx.event(
         "rollback",
         Some(&target.id),
-        format!("rolled back to v{} (was {was}) by {}: {why}", target.number, cx.actor),
+        format!(
+            "rolled back to v{} (was {was}) by {}: {why}",
+            target.number, cx.actor
+        ),
     ))
     .await?;
     tx.commit().await?;
     tracing::info!(env = %cx.env.id, release = %target.id, "rolled back");
     let now = Effective::of(&target, &scale)?;
     let d = diff(old.as_ref(), &now);
-    Ok(axum::Json(receipt(&cx, Action::Rollback, &target, current.as_ref(), d, &now)))
+    Ok(axum::Json(receipt(
+        &cx,
+        Action::Rollback,
+        &target,
+        current.as_ref(),
+        d,
+        &now,
+    )))
 }
 
 async fn scale(
@@ -383,9 +433,14 @@ async fn scale(
     }
     for (name, s) in &body.workloads {
         if let Some(c) = s.count.filter(|c| *c > 1000) {
-            return Err(ApiError::bad_request(format!("{name}: count {c} is above 1000 instances")));
+            return Err(ApiError::bad_request(format!(
+                "{name}: count {c} is above 1000 instances"
+            )));
         }
-        if let Some(cpu) = s.cpu.filter(|c| !(c.is_finite() && *c >= 0.001 && *c <= 1024.0)) {
+        if let Some(cpu) = s
+            .cpu
+            .filter(|c| !(c.is_finite() && *c >= 0.001 && *c <= 1024.0))
+        {
             return Err(ApiError::bad_request(format!(
                 "{name}: cpu {cpu} is not a number of cores between 0.001 and 1024"
             )));
@@ -402,7 +457,11 @@ async fn scale(
             .next(format!("verge deploy {}", cx.flags()))
     })?;
     let snapshot = manifest_of(&current)?;
-    if let Some(unknown) = body.workloads.keys().find(|w| !snapshot.workloads.contains_key(*w)) {
+    if let Some(unknown) = body
+        .workloads
+        .keys()
+        .find(|w| !snapshot.workloads.contains_key(*w))
+    {
         return Err(ApiError::bad_request(format!(
             "release v{} of {} has no workload {unknown:?}",
             current.number,
@@ -410,7 +469,12 @@ async fn scale(
         ))
         .next(format!(
             "workloads: {}",
-            snapshot.workloads.keys().cloned().collect::<Vec<_>>().join(", ")
+            snapshot
+                .workloads
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
         )));
     }
     let old_scale = tx.scale_overrides(&cx.env.id).await?;
@@ -449,7 +513,14 @@ async fn scale(
         tx.commit().await?;
         tracing::info!(env = %cx.env.id, release = %current.id, "scaled");
     }
-    Ok(axum::Json(receipt(&cx, Action::Scale, &current, Some(&current), d, &now)))
+    Ok(axum::Json(receipt(
+        &cx,
+        Action::Scale,
+        &current,
+        Some(&current),
+        d,
+        &now,
+    )))
 }
 
 async fn list_releases(
@@ -464,7 +535,11 @@ async fn list_releases(
     let list = rows
         .iter()
         .map(|r| {
-            let parent = r.parent_id.as_deref().and_then(|p| by_id.get(p)).map(|p| cx.release_ref(p));
+            let parent = r
+                .parent_id
+                .as_deref()
+                .and_then(|p| by_id.get(p))
+                .map(|p| cx.release_ref(p));
             cx.release(r, current.as_deref(), parent, false)
         })
         .collect::<Result<_, _>>()?;
@@ -480,8 +555,17 @@ async fn get_release(
     let row = find_release(&st, &cx, &name).await?;
     let current = st.store.current_release(&cx.env.id).await?.map(|r| r.id);
     let parent = match &row.parent_id {
-        Some(p) => st.store.release_by_id(&cx.env.id, p).await?.map(|p| cx.release_ref(&p)),
+        Some(p) => st
+            .store
+            .release_by_id(&cx.env.id, p)
+            .await?
+            .map(|p| cx.release_ref(&p)),
         None => None,
     };
-    Ok(axum::Json(cx.release(&row, current.as_deref(), parent, true)?))
+    Ok(axum::Json(cx.release(
+        &row,
+        current.as_deref(),
+        parent,
+        true,
+    )?))
 }

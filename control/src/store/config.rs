@@ -40,7 +40,10 @@ impl SecretVersionRow {
     }
 }
 
-async fn latest_config<'e>(e: impl Executor<'e, Database = Any>, env_id: &str) -> Result<ConfigVersion> {
+async fn latest_config<'e>(
+    e: impl Executor<'e, Database = Any>,
+    env_id: &str,
+) -> Result<ConfigVersion> {
     let row: Option<(i64, String, i64)> = sqlx::query_as(
         "SELECT version, vars, created_at FROM config_versions WHERE env_id = $1 \
          ORDER BY version DESC LIMIT 1",

@@ -84,8 +84,9 @@ impl Store {
 
     /// Releases of an env, newest first.
     pub async fn list_releases(&self, env_id: &str) -> Result<Vec<ReleaseRow>> {
-        let sql =
-            format!("SELECT {RELEASE_COLUMNS} FROM releases WHERE env_id = $1 ORDER BY number DESC");
+        let sql = format!(
+            "SELECT {RELEASE_COLUMNS} FROM releases WHERE env_id = $1 ORDER BY number DESC"
+        );
         Ok(sqlx::query_as(&sql)
             .bind(env_id)
             .fetch_all(&self.pool)
@@ -93,7 +94,8 @@ impl Store {
     }
 
     pub async fn release_by_number(&self, env_id: &str, number: i64) -> Result<Option<ReleaseRow>> {
-        let sql = format!("SELECT {RELEASE_COLUMNS} FROM releases WHERE env_id = $1 AND number = $2");
+        let sql =
+            format!("SELECT {RELEASE_COLUMNS} FROM releases WHERE env_id = $1 AND number = $2");
         Ok(sqlx::query_as(&sql)
             .bind(env_id)
             .bind(number)

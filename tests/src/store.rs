@@ -48,33 +48,6 @@ fn redact(url: &str) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sqlite_urls_open_read_only() {
-        assert_eq!(
-            read_only("sqlite:///d/verge.db"),
-            "sqlite:///d/verge.db?mode=ro"
-        );
-        assert_eq!(
-            read_only("sqlite:///d/verge.db?cache=shared"),
-            "sqlite:///d/verge.db?cache=shared&mode=ro"
-        );
-        assert_eq!(read_only("postgres://u:p@h/db"), "postgres://u:p@h/db");
-    }
-
-    #[test]
-    fn passwords_stay_out_of_messages() {
-        assert_eq!(
-            redact("postgres://u:secret@h:5432/db"),
-            "postgres://u:***@h:5432/db"
-        );
-        assert_eq!(redact("sqlite:///d/verge.db"), "sqlite:///d/verge.db");
-    }
-}
-
 /// Runs `sql` on the database at `url` with a writable connection, as an
 /// operator with direct access would: the rows affected, or the database's
 /// own error message. Proves what the database itself refuses.
@@ -104,4 +77,31 @@ pub async fn select_text(url: &str, sql: &str) -> Vec<String> {
         .unwrap_or_else(|e| panic!("{sql} in {}: {e}", redact(url)));
     let _ = conn.close().await;
     rows.into_iter().flatten().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_urls_open_read_only() {
+        assert_eq!(
+            read_only("sqlite:///d/verge.db"),
+            "sqlite:///d/verge.db?mode=ro"
+        );
+        assert_eq!(
+            read_only("sqlite:///d/verge.db?cache=shared"),
+            "sqlite:///d/verge.db?cache=shared&mode=ro"
+        );
+        assert_eq!(read_only("postgres://u:p@h/db"), "postgres://u:p@h/db");
+    }
+
+    #[test]
+    fn passwords_stay_out_of_messages() {
+        assert_eq!(
+            redact("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(redact("sqlite:///d/verge.db"), "sqlite:///d/verge.db");
+    }
 }

@@ -36,6 +36,7 @@ on_both_backends!(
     events_follower_resumes_with_no_gap_and_no_duplicate,
     rollback_to_a_release_with_a_deleted_secret_version_is_refused,
     secret_key_rotation_reseals_every_version,
+    the_manifest_verge_init_writes_deploys_as_is,
 );
 
 /// A secret value that must never show up anywhere but in the request that sets it.
@@ -940,4 +941,29 @@ async fn secret_key_rotation_reseals_every_version(backend: Backend) {
         w.json(&["secrets", "set", "app", "M=3"]).await["version"],
         3
     );
+}
+
+async fn the_manifest_verge_init_writes_deploys_as_is(backend: Backend) {
+    let w = World::new(backend).await;
+    let init = verge_tests::verge_command()
+        .args(["init"])
+        .current_dir(w.dir.path())
+        .env("VERGE_CONFIG_DIR", w.cp.config_dir.path())
+        .output()
+        .await
+        .unwrap();
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    let path = w.dir.path().join("verge.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    // The example names a registry on 127.0.0.1:5000; this test's runs elsewhere.
+    assert!(text.contains("127.0.0.1:5000/hello:1.0"), "{text}");
+    std::fs::write(&path, text.replace("127.0.0.1:5000", w.registry.host())).unwrap();
+    let digest = push_image(&w.registry, "hello:1.0", "example").await;
+    let receipt = w.deploy(&path).await;
+    assert_eq!(receipt["release"]["number"], 1, "{receipt}");
+    assert_eq!(
+        w.releases().await[0]["images"]["web"],
+        format!("{}/hello:1.0@{digest}", w.registry.host())
+    );
+    assert_eq!(receipt["diff"]["endpoints"][0]["name"], "public");
 }

@@ -111,7 +111,7 @@ pub enum Command {
     /// Show a release, an env or a workload in full
     #[command(subcommand)]
     Describe(DescribeCmd),
-    /// Events of the env (or of the whole org with --all); --follow streams them
+    /// Events of the env (with --all: everything the token sees, or one org's with --org); --follow streams them
     Events(EventsArgs),
     /// Block until the env converged on a release, or its rollout failed
     Wait(WaitArgs),
@@ -346,7 +346,7 @@ pub struct EventsArgs {
     /// Only events after this cursor (the `cursor` field of -o json)
     #[arg(long, value_name = "CURSOR")]
     pub after: Option<i64>,
-    /// Every env of the org, and the org's own events
+    /// Not one env's: everything the token may see (the whole cluster for an admin), or one org's with --org
     #[arg(long)]
     pub all: bool,
 }

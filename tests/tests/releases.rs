@@ -453,6 +453,32 @@ async fn deploy_receipt_releases_rollback_scale_events(backend: Backend) {
     }
     let org_wide = w.json(&["events", "--all"]).await;
     assert_eq!(org_wide.as_array().unwrap().len(), events.len());
+    let cluster =
+        w.cp.cli()
+            .run(&["events", "--all", "-o", "json"])
+            .await
+            .json();
+    assert_eq!(cluster.as_array().unwrap().len(), events.len());
+    // Another org's token sees none of them, not even cluster-wide.
+    w.cp.cli().run(&["orgs", "create", "other"]).await.ok();
+    let token =
+        w.cp.cli()
+            .run(&["tokens", "create", "--org", "other", "-o", "json"])
+            .await
+            .json();
+    let stranger = w.cp.cli_as(token["token"].as_str().unwrap());
+    let seen = stranger
+        .run(&["events", "--all", "-o", "json"])
+        .await
+        .json();
+    assert_eq!(seen, json!([]), "another org's token saw events");
+    let denied = stranger
+        .run(&[
+            "events", "--org", "acme", "--app", "hello", "--env", "prod", "-o", "json",
+        ])
+        .await
+        .error_json();
+    assert_eq!(denied["kind"], "not_found");
 
     // wait: converged when nothing is desired; otherwise a timeout naming why.
     let timeout = w.error(&["wait", "--timeout", "1s"]).await;
@@ -952,7 +978,11 @@ async fn the_manifest_verge_init_writes_deploys_as_is(backend: Backend) {
         .output()
         .await
         .unwrap();
-    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
     let path = w.dir.path().join("verge.toml");
     let text = std::fs::read_to_string(&path).unwrap();
     // The example names a registry on 127.0.0.1:5000; this test's runs elsewhere.

@@ -70,15 +70,18 @@ pub fn instance_table(workloads: &[WorkloadStatus]) -> String {
 
 pub async fn events(ctx: &Context, args: EventsArgs, out: &Output) -> Result {
     enum Whose {
+        Cluster,
         Org(String),
         Env(EnvNames),
     }
-    let whose = if args.all {
-        Whose::Org(ctx.org().await?)
-    } else {
-        Whose::Env(ctx.env_names().await?)
+    // --all: one org's events with --org, else all the token may see.
+    let whose = match (args.all, ctx.explicit_org()) {
+        (true, Some(org)) => Whose::Org(org),
+        (true, None) => Whose::Cluster,
+        (false, _) => Whose::Env(ctx.env_names().await?),
     };
     let scope = match &whose {
+        Whose::Cluster => EventScope::Cluster,
         Whose::Org(org) => EventScope::Org(org),
         Whose::Env(names) => EventScope::Env(names.scope()),
     };
@@ -109,12 +112,16 @@ pub async fn events(ctx: &Context, args: EventsArgs, out: &Output) -> Result {
     Ok(())
 }
 
-/// `app/env` of an event, `-` for the org's own.
+/// `org/app/env` of an event, as far as it has them; `-` for the cluster's own.
 fn where_(e: &Event) -> String {
-    match (&e.app, &e.env) {
-        (Some(app), Some(env)) => format!("{app}/{env}"),
-        (Some(app), None) => app.clone(),
-        _ => "-".into(),
+    let parts: Vec<&str> = [&e.org, &e.app, &e.env]
+        .into_iter()
+        .map_while(|p| p.as_deref())
+        .collect();
+    if parts.is_empty() {
+        "-".into()
+    } else {
+        parts.join("/")
     }
 }
 

@@ -32,6 +32,9 @@ pub enum EventScope<'a> {
     Env(EnvScope<'a>),
     /// Every env of an org, and the org's own events.
     Org(&'a str),
+    /// Everything the token may see: the whole cluster for an admin, its
+    /// own org for an org token.
+    Cluster,
 }
 
 /// Which events: after a cursor, and not older than a time.
@@ -472,6 +475,7 @@ impl Client {
         let mut url = match scope {
             EventScope::Env(env) => self.env_url(env, &["events"]),
             EventScope::Org(org) => self.url(&["orgs", org, "events"]),
+            EventScope::Cluster => self.url(&["events"]),
         };
         {
             let mut q = url.query_pairs_mut();

@@ -108,7 +108,8 @@ pub struct Event {
     pub time: String,
     pub kind: String,
     pub message: String,
-    pub org: String,
+    /// `None` for an event of the cluster itself (nodes).
+    pub org: Option<String>,
     pub app: Option<String>,
     pub env: Option<String>,
     pub release: Option<String>,

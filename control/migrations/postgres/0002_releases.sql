@@ -75,7 +75,7 @@ CREATE TABLE scale_overrides (
 -- in order, so a follower reading "cursor > N" never skips one.
 CREATE TABLE events (
     cursor      BIGINT PRIMARY KEY,
-    org_id      TEXT NOT NULL REFERENCES orgs (id),
+    org_id      TEXT REFERENCES orgs (id),   -- NULL: a cluster event (nodes)
     app_id      TEXT REFERENCES apps (id),
     env_id      TEXT REFERENCES envs (id),
     release_id  TEXT,

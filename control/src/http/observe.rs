@@ -1,7 +1,8 @@
 //! What an env runs and what happened to it: status, describe, events.
 //!
 //! `GET .../envs/{env}` (describe), `.../status`, `.../workloads/{name}`,
-//! `.../events` and `GET /v1/orgs/{org}/events` (every env of the org).
+//! `.../events`, `GET /v1/orgs/{org}/events` (every env of the org) and
+//! `GET /v1/events` (the whole cluster for an admin; an org token's own org).
 //! Events take `?after=CURSOR`, `?since=RFC3339` and `?follow=true`; a
 //! follow answers NDJSON, one event per line, with a blank line every
 //! [`KEEPALIVE`] of silence, until the client leaves or the server shuts down.
@@ -45,6 +46,7 @@ pub fn routes() -> Router<AppState> {
         )
         .route("/orgs/{org}/apps/{app}/envs/{env}/events", get(env_events))
         .route("/orgs/{org}/events", get(org_events))
+        .route("/events", get(cluster_events))
 }
 
 type EnvPath = (String, String, String);
@@ -216,7 +218,7 @@ async fn env_events(
     Query(q): Query<EventParams>,
 ) -> Result<Response, ApiError> {
     let cx = EnvCx::resolve(&st, &caller, &path).await?;
-    let filter = filter(cx.org.id.clone(), Some(cx.env.id.clone()), &q)?;
+    let filter = filter(Some(cx.org.id.clone()), Some(cx.env.id.clone()), &q)?;
     events(st, filter, q.follow).await
 }
 
@@ -227,12 +229,21 @@ async fn org_events(
     Query(q): Query<EventParams>,
 ) -> Result<Response, ApiError> {
     let org = caller.org(&st.store, &org).await?;
-    let filter = filter(org.id, None, &q)?;
+    let filter = filter(Some(org.id), None, &q)?;
+    events(st, filter, q.follow).await
+}
+
+async fn cluster_events(
+    State(st): State<AppState>,
+    caller: Caller,
+    Query(q): Query<EventParams>,
+) -> Result<Response, ApiError> {
+    let filter = filter(caller.token.org_id.clone(), None, &q)?;
     events(st, filter, q.follow).await
 }
 
 fn filter(
-    org_id: String,
+    org_id: Option<String>,
     env_id: Option<String>,
     q: &EventParams,
 ) -> Result<EventFilter, ApiError> {

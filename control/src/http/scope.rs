@@ -83,7 +83,7 @@ impl EnvCx {
         message: String,
     ) -> NewEvent<'a> {
         NewEvent {
-            org_id: &self.org.id,
+            org_id: Some(&self.org.id),
             app_id: Some(&self.app.id),
             env_id: Some(&self.env.id),
             release_id: release,

@@ -15,7 +15,8 @@ use crate::time::now_ms;
 /// An event to append, tied to what it is about.
 #[derive(Debug, Clone, Default)]
 pub struct NewEvent<'a> {
-    pub org_id: &'a str,
+    /// `None`: an event of the cluster itself, seen only by admins.
+    pub org_id: Option<&'a str>,
     pub app_id: Option<&'a str>,
     pub env_id: Option<&'a str>,
     pub release_id: Option<&'a str>,
@@ -32,7 +33,7 @@ pub struct EventRow {
     pub created_at: i64,
     pub kind: String,
     pub message: String,
-    pub org: String,
+    pub org: Option<String>,
     pub app: Option<String>,
     pub env: Option<String>,
     pub release_id: Option<String>,
@@ -41,10 +42,12 @@ pub struct EventRow {
     pub actor: Option<String>,
 }
 
-/// Which events to read: one org's, or one env's, after a cursor.
+/// Which events to read: all (cluster-wide), one org's, or one env's,
+/// after a cursor.
 #[derive(Debug, Clone)]
 pub struct EventFilter {
-    pub org_id: String,
+    /// `None`: every event of the cluster (admins only).
+    pub org_id: Option<String>,
     pub env_id: Option<String>,
     pub after: i64,
     pub since_ms: i64,
@@ -78,12 +81,13 @@ impl Store {
         let rows = sqlx::query_as(
             "SELECT e.cursor, e.created_at, e.kind, e.message, o.name AS org, a.name AS app, \
              v.name AS env, e.release_id, e.instance_id, e.node_id, e.actor \
-             FROM events e JOIN orgs o ON o.id = e.org_id \
+             FROM events e LEFT JOIN orgs o ON o.id = e.org_id \
              LEFT JOIN apps a ON a.id = e.app_id LEFT JOIN envs v ON v.id = e.env_id \
-             WHERE e.org_id = $1 AND ($2 IS NULL OR e.env_id = $2) AND e.cursor > $3 \
+             WHERE ($1 IS NULL OR e.org_id = $1) AND ($2 IS NULL OR e.env_id = $2) \
+             AND e.cursor > $3 \
              AND e.created_at >= $4 ORDER BY e.cursor LIMIT $5",
         )
-        .bind(&filter.org_id)
+        .bind(filter.org_id.as_deref())
         .bind(filter.env_id.as_deref())
         .bind(filter.after)
         .bind(filter.since_ms)

@@ -108,7 +108,6 @@ impl Config {
         })
     }
 
-    /// The database URL: the configured one, or SQLite in the data dir.
     /// The secrets data key file, and whether it may be created (only the
     /// default one in the data dir is; a configured file must exist).
     pub fn secrets_key(&self) -> (PathBuf, bool) {
@@ -118,6 +117,7 @@ impl Config {
         }
     }
 
+    /// The database URL: the configured one, or SQLite in the data dir.
     pub fn database_url(&self) -> String {
         match &self.database {
             Some(url) => url.clone(),

@@ -213,7 +213,7 @@ mod tests {
         )]);
         assert_eq!(apply_scale(&v1, &overrides).workloads["web"].count, 5);
         assert_eq!(apply_scale(&v1, &overrides).workloads["web"].cpu, 1.5);
-        // Only the image changes: both overrides stay.
+        // Only memory changes (not overridden): both overrides stay.
         let v2 = manifest("count = 2\nmemory = \"64Mi\"");
         assert_eq!(carry_scale(&v1, &v2, &overrides), overrides);
         // The manifest changes count: count follows the manifest, cpu stays.

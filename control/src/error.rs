@@ -22,8 +22,12 @@ impl ApiError {
     /// "KIND NAME not found". Also the answer for another org's resources, so
     /// that their existence does not leak.
     pub fn not_found(kind: &str, name: &str) -> Self {
-        Self::new(ErrorKind::NotFound, format!("{kind} {name:?} not found"))
-            .next(format!("verge {kind}s list"))
+        let e = Self::new(ErrorKind::NotFound, format!("{kind} {name:?} not found"));
+        // Only nouns with a `list` command; callers add the right next step for others.
+        match kind {
+            "org" | "project" | "app" | "env" | "token" => e.next(format!("verge {kind}s list")),
+            _ => e,
+        }
     }
 
     pub fn conflict(message: impl Into<String>) -> Self {

@@ -6,6 +6,8 @@
 //! Docker does; others over HTTPS unless listed in `insecure_registries`.
 //! Access is anonymous for now (private registries: see docs/operations.md).
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use oci_client::client::{ClientConfig, ClientProtocol};
@@ -59,14 +61,60 @@ impl PinError {
     }
 }
 
+/// Most registries whose clients are kept at once.
+const MAX_CLIENTS: usize = 64;
+
 /// Resolves references to `registry/repository[:tag]@sha256:...`.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Pinner {
     /// `host:port` of registries reached over plain HTTP although off loopback.
-    pub insecure_registries: Vec<String>,
+    insecure_registries: Vec<String>,
+    /// One client per registry, kept: its connections (and TLS sessions and
+    /// bearer tokens) are reused by the next deploy.
+    clients: Arc<Mutex<HashMap<String, Client>>>,
+}
+
+impl std::fmt::Debug for Pinner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pinner")
+            .field("insecure_registries", &self.insecure_registries)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Pinner {
+    pub fn new(insecure_registries: Vec<String>) -> Pinner {
+        Pinner {
+            insecure_registries,
+            clients: Arc::default(),
+        }
+    }
+
+    fn client(&self, registry: &str) -> Client {
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        // Registry names come from users: keep the cache bounded.
+        if clients.len() >= MAX_CLIENTS && !clients.contains_key(registry) {
+            clients.clear();
+        }
+        clients
+            .entry(registry.to_string())
+            .or_insert_with(|| {
+                let plain_http = is_loopback_registry(registry)
+                    || self.insecure_registries.iter().any(|r| r == registry);
+                Client::new(ClientConfig {
+                    protocol: if plain_http {
+                        ClientProtocol::HttpsExcept(vec![registry.to_string()])
+                    } else {
+                        ClientProtocol::Https
+                    },
+                    connect_timeout: Some(Duration::from_secs(5)),
+                    read_timeout: Some(Duration::from_secs(20)),
+                    ..Default::default()
+                })
+            })
+            .clone()
+    }
+
     pub async fn pin(&self, reference: &str) -> Result<String, PinError> {
         let parsed: Reference =
             reference
@@ -76,18 +124,7 @@ impl Pinner {
                     reason: e.to_string(),
                 })?;
         let registry = parsed.resolve_registry().to_string();
-        let plain_http =
-            is_loopback_registry(&registry) || self.insecure_registries.contains(&registry);
-        let client = Client::new(ClientConfig {
-            protocol: if plain_http {
-                ClientProtocol::HttpsExcept(vec![registry.clone()])
-            } else {
-                ClientProtocol::Https
-            },
-            connect_timeout: Some(Duration::from_secs(5)),
-            read_timeout: Some(Duration::from_secs(20)),
-            ..Default::default()
-        });
+        let client = self.client(&registry);
         let digest = client
             .fetch_manifest_digest(&parsed, &RegistryAuth::Anonymous)
             .await

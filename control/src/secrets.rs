@@ -60,6 +60,12 @@ pub enum SecretsError {
         "secret bundle {bundle:?} v{version} failed authentication: its sealed value was altered"
     )]
     Tampered { bundle: String, version: i64 },
+    #[error(
+        "this control plane's secrets key is {ours}, but the cluster's is {cluster}: every \
+         replica must use the same secrets_key_file (to rotate, list the old key in \
+         secrets_previous_key_files)"
+    )]
+    NotClusterKey { ours: String, cluster: String },
     #[error("re-sealing secrets with the current key failed: {0}")]
     Store(#[from] StoreError),
 }
@@ -237,6 +243,32 @@ impl Keyring {
         serde_json::from_slice(plain)
             .map(Some)
             .map_err(|_| tampered())
+    }
+
+    /// Makes this key the cluster's: the first start records its ID; later
+    /// starts must have the recorded key as the current one, or among the
+    /// previous ones (a rotation: every version is re-sealed, then the
+    /// current key is recorded). Returns how many versions were re-sealed.
+    /// So replicas with different keys refuse to start instead of sealing
+    /// values the others cannot open.
+    pub async fn adopt(&self, store: &Store) -> Result<usize, SecretsError> {
+        const FACT: &str = "secrets_key_id";
+        if store.claim_once(FACT, self.key_id()).await? {
+            return self.rotate(store).await;
+        }
+        let cluster = store.cluster_fact(FACT).await?.unwrap_or_default();
+        if cluster == self.key_id() {
+            return self.rotate(store).await;
+        }
+        if !self.previous.iter().any(|k| k.id == cluster) {
+            return Err(SecretsError::NotClusterKey {
+                ours: self.key_id().to_string(),
+                cluster,
+            });
+        }
+        let resealed = self.rotate(store).await?;
+        store.update_cluster_fact(FACT, self.key_id()).await?;
+        Ok(resealed)
     }
 
     /// Re-seals with the current key every version sealed with a previous

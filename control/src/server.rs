@@ -108,7 +108,7 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Start
             .expect("loading the secrets key does not panic")?;
     let store = Store::open(&config.database_url()).await?;
     tracing::info!(backend = ?store.backend(), "store open, migrations applied");
-    let resealed = keyring.rotate(&store).await?;
+    let resealed = keyring.adopt(&store).await?;
     if resealed > 0 {
         tracing::info!(
             resealed,
@@ -138,9 +138,7 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Start
         metrics: Metrics::new(),
         max_body_bytes: config.max_body_bytes,
         keyring: Arc::new(keyring),
-        pinner: Pinner {
-            insecure_registries: config.insecure_registries.clone(),
-        },
+        pinner: Pinner::new(config.insecure_registries.clone()),
         shutdown: shutdown.clone(),
     });
     let limits = Limits {

@@ -15,6 +15,20 @@ pub mod store;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// Runs each scenario `async fn NAME(backend: Backend)` once per store
+/// backend, as the tests `sqlite::NAME` and `postgres::NAME`.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $( #[tokio::test] async fn $name() { super::$name($crate::control::Backend::Sqlite).await } )*
+        }
+        mod postgres {
+            $( #[tokio::test] async fn $name() { super::$name($crate::control::Backend::Postgres).await } )*
+        }
+    };
+}
+
 /// The `verge` binary of this build (`target/<profile>/verge`), built by the
 /// test command before the tests run.
 pub fn verge_bin() -> PathBuf {

@@ -4,19 +4,7 @@
 use serde_json::{Value, json};
 use verge_tests::control::{Backend, ControlPlane};
 
-/// Runs each scenario once per backend, as `sqlite::NAME` and `postgres::NAME`.
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $( #[tokio::test] async fn $name() { super::$name(verge_tests::control::Backend::Sqlite).await } )*
-        }
-        mod postgres {
-            $( #[tokio::test] async fn $name() { super::$name(verge_tests::control::Backend::Postgres).await } )*
-        }
-    };
-}
-
-on_both_backends!(
+verge_tests::on_both_backends!(
     bootstrap_token_is_printed_once_and_works,
     nouns_are_created_and_listed,
     another_orgs_token_gets_404_and_no_data,

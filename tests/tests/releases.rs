@@ -15,18 +15,7 @@ use verge_tests::cli::{Cli, Run};
 use verge_tests::control::{Backend, ControlPlane};
 use verge_tests::registry::Registry;
 
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $( #[tokio::test] async fn $name() { super::$name(verge_tests::control::Backend::Sqlite).await } )*
-        }
-        mod postgres {
-            $( #[tokio::test] async fn $name() { super::$name(verge_tests::control::Backend::Postgres).await } )*
-        }
-    };
-}
-
-on_both_backends!(
+verge_tests::on_both_backends!(
     deploy_receipt_releases_rollback_scale_events,
     gate_refuses_listing_every_missing_item_and_creates_nothing,
     manifest_errors_are_all_reported_with_line_and_column,
@@ -960,6 +949,14 @@ async fn secret_key_rotation_reseals_every_version(backend: Backend) {
     // The values survived: merging a new key opens the old version under the new key.
     let s = w.json(&["secrets", "set", "app", "L=2"]).await;
     assert_eq!(s["keys"], json!(["K", "L"]));
+    // A replica with another key refuses to start instead of sealing
+    // values the others cannot open.
+    let stray = tempfile::tempdir().unwrap();
+    let mut args = vec!["control".to_string(), "--listen".into(), "127.0.0.1:0".into(), "--data-dir".into(), stray.path().display().to_string()];
+    args.extend(["--database".into(), url.clone()]);
+    let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let refused = w.cp.cli().run(&arg_refs).await.failed();
+    assert!(refused.contains("every replica must use the same secrets_key_file"), "{refused}");
     // Without the old key, the control plane now needs only the new one.
     w.cp.restart_with(&["--secrets-key-file", new_key.to_str().unwrap()])
         .await;

@@ -168,10 +168,13 @@ async fn follow(
             backoff = FIRST;
         }
         stream = loop {
-            eprintln!(
-                "{why}; reconnecting in {}...",
-                humantime::format_duration(backoff)
-            );
+            // Under -o json, stderr is kept for the one JSON error line.
+            if !out.is_json() {
+                eprintln!(
+                    "{why}; reconnecting in {}...",
+                    humantime::format_duration(backoff)
+                );
+            }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(MAX);
             match ctx.client.follow_events(scope, &query).await {

@@ -63,7 +63,8 @@ impl ErrorKind {
             404 => ErrorKind::NotFound,
             409 => ErrorKind::Conflict,
             413 => ErrorKind::PayloadTooLarge,
-            502..=504 => ErrorKind::Unavailable,
+            504 => ErrorKind::Timeout,
+            502 | 503 => ErrorKind::Unavailable,
             _ => ErrorKind::Internal,
         }
     }

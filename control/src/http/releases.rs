@@ -75,9 +75,11 @@ fn diff(old: Option<&Effective>, new: &Effective) -> Diff {
     release::diff(old.map(Effective::side), new.side())
 }
 
+/// `unchanged`: no release was created and nothing about the env changed.
 fn receipt(
     cx: &EnvCx,
     action: Action,
+    unchanged: bool,
     current: &ReleaseRow,
     previous: Option<&ReleaseRow>,
     diff: Diff,
@@ -97,7 +99,7 @@ fn receipt(
         target: cx.target(),
         release: cx.release_ref(current),
         previous: previous.map(|p| cx.release_ref(p)),
-        unchanged: diff.is_empty(),
+        unchanged,
         diff,
         desired: now
             .manifest
@@ -205,6 +207,7 @@ async fn deploy(
         return Ok(axum::Json(receipt(
             &cx,
             Action::Deploy,
+            true,
             cur,
             Some(cur),
             Diff::default(),
@@ -280,6 +283,7 @@ async fn deploy(
     Ok(axum::Json(receipt(
         &cx,
         Action::Deploy,
+        false,
         &row,
         current.as_ref(),
         d,
@@ -379,6 +383,7 @@ async fn rollback(
         return Ok(axum::Json(receipt(
             &cx,
             Action::Rollback,
+            true,
             &target,
             Some(&target),
             Diff::default(),
@@ -411,6 +416,7 @@ async fn rollback(
     Ok(axum::Json(receipt(
         &cx,
         Action::Rollback,
+        false,
         &target,
         current.as_ref(),
         d,
@@ -516,6 +522,7 @@ async fn scale(
     Ok(axum::Json(receipt(
         &cx,
         Action::Scale,
+        d.is_empty(),
         &current,
         Some(&current),
         d,

@@ -190,6 +190,25 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
+    /// The value recorded under `key` by [`claim_once`](Self::claim_once), if any.
+    pub async fn cluster_fact(&self, key: &str) -> Result<Option<String>> {
+        let value = sqlx::query_scalar("SELECT value FROM cluster_meta WHERE key = $1")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(value)
+    }
+
+    /// Replaces the value of a fact recorded by `claim_once` (key rotation).
+    pub async fn update_cluster_fact(&self, key: &str, value: &str) -> Result<()> {
+        sqlx::query("UPDATE cluster_meta SET value = $2 WHERE key = $1")
+            .bind(key)
+            .bind(value)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// The first start's admin token, atomically with the fact that it was
     /// made: true when this call created it (one replica wins a race), false
     /// when the cluster was bootstrapped before.

@@ -952,11 +952,20 @@ async fn secret_key_rotation_reseals_every_version(backend: Backend) {
     // A replica with another key refuses to start instead of sealing
     // values the others cannot open.
     let stray = tempfile::tempdir().unwrap();
-    let mut args = vec!["control".to_string(), "--listen".into(), "127.0.0.1:0".into(), "--data-dir".into(), stray.path().display().to_string()];
+    let mut args = vec![
+        "control".to_string(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--data-dir".into(),
+        stray.path().display().to_string(),
+    ];
     args.extend(["--database".into(), url.clone()]);
     let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let refused = w.cp.cli().run(&arg_refs).await.failed();
-    assert!(refused.contains("every replica must use the same secrets_key_file"), "{refused}");
+    assert!(
+        refused.contains("every replica must use the same secrets_key_file"),
+        "{refused}"
+    );
     // Without the old key, the control plane now needs only the new one.
     w.cp.restart_with(&["--secrets-key-file", new_key.to_str().unwrap()])
         .await;

@@ -27,14 +27,7 @@ pub async fn deploy(ctx: &Context, args: DeployArgs, out: &Output) -> Result {
         }
         Failure(d)
     })?;
-    let manifest = manifest::parse(&file, &text).map_err(|errors| {
-        let n = errors.0.len();
-        let s = if n == 1 { "" } else { "s" };
-        let mut d = ErrorDetail::new(ErrorKind::BadRequest, format!("{file}: {n} error{s}"))
-            .with_next("fix them and deploy again; every key is described in docs/manifest.md");
-        d.details = errors.0.iter().map(ToString::to_string).collect();
-        Failure(d)
-    })?;
+    let manifest = manifest::parse(&file, &text).map_err(|errors| Failure(errors.detail(&file)))?;
     if let Some(app) = ctx.explicit_app()
         && app != manifest.app
     {

@@ -118,17 +118,8 @@ async fn deploy(
     Json(body): Json<Deploy>,
 ) -> Result<axum::Json<Receipt>, ApiError> {
     let cx = EnvCx::resolve(&st, &caller, &path).await?;
-    let mut m = manifest::parse(&body.file, &body.manifest).map_err(|errors| {
-        let n = errors.0.len();
-        let mut e = ApiError::bad_request(format!(
-            "{}: {n} error{}",
-            body.file,
-            if n == 1 { "" } else { "s" }
-        ))
-        .next("fix them and deploy again; every key is described in docs/manifest.md");
-        e.0.details = errors.0.iter().map(ToString::to_string).collect();
-        e
-    })?;
+    let mut m = manifest::parse(&body.file, &body.manifest)
+        .map_err(|errors| ApiError(errors.detail(&body.file)))?;
     if m.app != cx.app.name {
         return Err(ApiError::bad_request(format!(
             "{} is for app {:?}, not {:?}",

@@ -42,6 +42,22 @@ impl fmt::Display for ManifestErrors {
 
 impl std::error::Error for ManifestErrors {}
 
+impl ManifestErrors {
+    /// The failure a deploy reports, on either side of the API: `FILE: N
+    /// errors`, one detail line per error, and what to do.
+    pub fn detail(&self, file: &str) -> crate::ErrorDetail {
+        let n = self.0.len();
+        let s = if n == 1 { "" } else { "s" };
+        let mut d = crate::ErrorDetail::new(
+            crate::ErrorKind::BadRequest,
+            format!("{file}: {n} error{s}"),
+        )
+        .with_next("fix them and deploy again; every key is described in docs/manifest.md");
+        d.details = self.0.iter().map(ToString::to_string).collect();
+        d
+    }
+}
+
 /// Parses and checks the manifest `text` read from `file` (used in messages).
 pub fn parse(file: &str, text: &str) -> Result<Manifest, ManifestErrors> {
     let mut cx = Cx {

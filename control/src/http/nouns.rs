@@ -92,7 +92,7 @@ async fn find_project(store: &Store, org: &OrgRow, name: &str) -> Result<Project
 }
 
 /// The app `name` of `org`, or a 404 naming it.
-async fn find_app(store: &Store, org: &OrgRow, name: &str) -> Result<AppRow, ApiError> {
+pub(super) async fn find_app(store: &Store, org: &OrgRow, name: &str) -> Result<AppRow, ApiError> {
     if names::validate("app", name).is_err() {
         return Err(ApiError::not_found("app", name));
     }

@@ -32,11 +32,7 @@ impl EnvCx {
         (org, app, env): &(String, String, String),
     ) -> Result<EnvCx, ApiError> {
         let org = caller.org(&st.store, org).await?;
-        let app_row = match names::validate("app", app) {
-            Ok(()) => st.store.app_by_name(&org.id, app).await?,
-            Err(_) => None,
-        }
-        .ok_or_else(|| ApiError::not_found("app", app).next(format!("verge apps create {app}")))?;
+        let app_row = super::nouns::find_app(&st.store, &org, app).await?;
         let env_row = match names::validate("env", env) {
             Ok(()) => st.store.env_by_name(&app_row.id, env).await?,
             Err(_) => None,

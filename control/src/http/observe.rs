@@ -151,7 +151,7 @@ async fn describe_env(
     let o = observe(&st, &cx).await?;
     let config = st.store.config(&cx.env.id).await?;
     let rows = st.store.secret_versions(&cx.env.id, None).await?;
-    let releases = st.store.list_releases(&cx.env.id).await?.len() as i64;
+    let releases = st.store.count_releases(&cx.env.id).await?;
     Ok(axum::Json(EnvDetail {
         id: cx.env.id.clone(),
         target: cx.target(),

@@ -93,6 +93,16 @@ impl Store {
             .await?)
     }
 
+    /// How many releases the env has had.
+    pub async fn count_releases(&self, env_id: &str) -> Result<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT COUNT(*) FROM releases WHERE env_id = $1")
+                .bind(env_id)
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
     pub async fn release_by_number(&self, env_id: &str, number: i64) -> Result<Option<ReleaseRow>> {
         let sql =
             format!("SELECT {RELEASE_COLUMNS} FROM releases WHERE env_id = $1 AND number = $2");

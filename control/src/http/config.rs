@@ -77,6 +77,37 @@ fn check_change(
     Ok(())
 }
 
+/// `old` with `set` and `unset` applied, and the names `set` gave a new value.
+fn apply(
+    old: &BTreeMap<String, String>,
+    set: &BTreeMap<String, String>,
+    unset: &[String],
+) -> (BTreeMap<String, String>, Vec<String>) {
+    let mut new = old.clone();
+    new.extend(set.clone());
+    for name in unset {
+        new.remove(name);
+    }
+    let changed = set
+        .iter()
+        .filter(|(k, v)| old.get(*k) != Some(*v))
+        .map(|(k, _)| k.clone())
+        .collect();
+    (new, changed)
+}
+
+/// `set A, B; unset C`: names only, never values.
+fn summary(set: &[String], unset: &[String]) -> String {
+    let mut parts = Vec::new();
+    if !set.is_empty() {
+        parts.push(format!("set {}", set.join(", ")));
+    }
+    if !unset.is_empty() {
+        parts.push(format!("unset {}", unset.join(", ")));
+    }
+    parts.join("; ")
+}
+
 async fn change_config(
     State(st): State<AppState>,
     caller: Caller,
@@ -101,17 +132,7 @@ async fn change_config(
         ))
         .next(format!("verge env list {}", cx.flags())));
     }
-    let mut vars = old.vars.clone();
-    vars.extend(body.set.clone());
-    for n in &body.unset {
-        vars.remove(n);
-    }
-    let set: Vec<String> = body
-        .set
-        .iter()
-        .filter(|(k, v)| old.vars.get(*k) != Some(*v))
-        .map(|(k, _)| k.clone())
-        .collect();
+    let (vars, set) = apply(&old.vars, &body.set, &body.unset);
     let unchanged = vars == old.vars;
     let version = if unchanged {
         old.version
@@ -121,14 +142,7 @@ async fn change_config(
     if !unchanged {
         m.insert_config(&cx.env.id, version, &vars, &cx.actor)
             .await?;
-        let mut parts = Vec::new();
-        if !set.is_empty() {
-            parts.push(format!("set {}", set.join(", ")));
-        }
-        if !body.unset.is_empty() {
-            parts.push(format!("unset {}", body.unset.join(", ")));
-        }
-        let message = format!("env config v{version}: {}", parts.join("; "));
+        let message = format!("env config v{version}: {}", summary(&set, &body.unset));
         m.emit(cx.event("config.changed", None, message)).await?;
         m.commit().await?;
         tracing::info!(env = %cx.env.id, version, "env config changed");
@@ -237,11 +251,7 @@ async fn change_secrets(
         ))
         .next(format!("verge secrets list {}", cx.flags())));
     }
-    let mut values = old_values.clone();
-    values.extend(body.set.clone());
-    for k in &body.unset {
-        values.remove(k);
-    }
+    let (values, set) = apply(&old_values, &body.set, &body.unset);
     if values.is_empty() {
         return Err(ApiError::bad_request(format!(
             "this would leave secret bundle {bundle:?} with no keys"
@@ -251,12 +261,6 @@ async fn change_secrets(
             cx.flags()
         )));
     }
-    let set: Vec<String> = body
-        .set
-        .iter()
-        .filter(|(k, v)| old_values.get(*k) != Some(*v))
-        .map(|(k, _)| k.clone())
-        .collect();
     let previous = latest.map(|r| r.version);
     let unchanged = latest.is_some() && values == old_values;
     let (version, digest) = if unchanged {
@@ -277,14 +281,10 @@ async fn change_secrets(
             deleted_at: None,
         };
         m.insert_secret_version(&cx.env.id, &row, &cx.actor).await?;
-        let mut parts = Vec::new();
-        if !set.is_empty() {
-            parts.push(format!("set {}", set.join(", ")));
-        }
-        if !body.unset.is_empty() {
-            parts.push(format!("unset {}", body.unset.join(", ")));
-        }
-        let message = format!("secret bundle {bundle} v{version}: {}", parts.join("; "));
+        let message = format!(
+            "secret bundle {bundle} v{version}: {}",
+            summary(&set, &body.unset)
+        );
         m.emit(cx.event("secrets.changed", None, message)).await?;
         m.commit().await?;
         tracing::info!(env = %cx.env.id, %bundle, version, "secret bundle changed");

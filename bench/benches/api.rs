@@ -11,9 +11,7 @@
 
 use std::sync::Arc;
 
-use tokio_util::sync::CancellationToken;
 use verge_bench::Figures;
-use verge_control::Config;
 
 const WORKERS: usize = 8;
 const PER_WORKER: usize = 500;
@@ -31,14 +29,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run(label: &str, database: Option<String>, dir: &std::path::Path) -> anyhow::Result<()> {
-    let config = Config {
-        listen: "127.0.0.1:0".parse()?,
-        data_dir: dir.join(label),
-        database,
-        ..Config::default()
-    };
-    let shutdown = CancellationToken::new();
-    let cp = verge_control::start(&config, shutdown.clone()).await?;
+    let (cp, shutdown) = verge_bench::start_control(label, database, dir).await?;
     let token = cp.admin_token.clone().expect("fresh database");
     let store = cp.store.clone();
     let org = store.create_org("acme").await?;

@@ -20,9 +20,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use oci_client::Reference;
 use oci_client::secrets::RegistryAuth;
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
 use verge_bench::Figures;
-use verge_control::Config;
 use verge_images::{File, Image, ImageConfig, Layer};
 use verge_tests::registry::Registry;
 
@@ -60,14 +58,7 @@ async fn run(
     dir: &std::path::Path,
     reference: &str,
 ) -> anyhow::Result<()> {
-    let config = Config {
-        listen: "127.0.0.1:0".parse()?,
-        data_dir: dir.join(label),
-        database,
-        ..Config::default()
-    };
-    let shutdown = CancellationToken::new();
-    let cp = verge_control::start(&config, shutdown.clone()).await?;
+    let (cp, shutdown) = verge_bench::start_control(label, database, dir).await?;
     let token = Arc::new(cp.admin_token.clone().expect("fresh database"));
     let store = cp.store.clone();
     let org = store.create_org("acme").await?;

@@ -4,6 +4,27 @@
 
 use std::time::{Duration, Instant};
 
+use tokio_util::sync::CancellationToken;
+
+/// A control plane started in this process for a benchmark: SQLite in
+/// `dir/label`, or the PostgreSQL `database` given. Cancel the token, then
+/// `wait()` on the handle, to stop it.
+pub async fn start_control(
+    label: &str,
+    database: Option<String>,
+    dir: &std::path::Path,
+) -> anyhow::Result<(verge_control::Started, CancellationToken)> {
+    let config = verge_control::Config {
+        listen: "127.0.0.1:0".parse()?,
+        data_dir: dir.join(label),
+        database,
+        ..verge_control::Config::default()
+    };
+    let shutdown = CancellationToken::new();
+    let started = verge_control::start(&config, shutdown.clone()).await?;
+    Ok((started, shutdown))
+}
+
 /// Latencies of one measured run.
 #[derive(Debug)]
 pub struct Figures {

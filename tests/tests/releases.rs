@@ -26,6 +26,8 @@ verge_tests::on_both_backends!(
     rollback_to_a_release_with_a_deleted_secret_version_is_refused,
     secret_key_rotation_reseals_every_version,
     the_manifest_verge_init_writes_deploys_as_is,
+    receipts_show_removed_workloads_changed_endpoints_and_cpu,
+    secret_keys_and_whole_bundles_are_unset,
 );
 
 /// A secret value that must never show up anywhere but in the request that sets it.
@@ -1002,4 +1004,113 @@ async fn the_manifest_verge_init_writes_deploys_as_is(backend: Backend) {
         format!("{}/hello:1.0@{digest}", w.registry.host())
     );
     assert_eq!(receipt["diff"]["endpoints"][0]["name"], "public");
+}
+
+async fn receipts_show_removed_workloads_changed_endpoints_and_cpu(backend: Backend) {
+    let w = World::new(backend).await;
+    let two = format!(
+        "{}\n[workloads.worker]\nimage = \"{}\"\n[[endpoints]]\nname = \"admin\"\nworkload = \"web\"\nport = 9000\ninternal_port = 9000\n",
+        w.hello("1", "", ""),
+        w.image("1")
+    );
+    w.deploy(&w.manifest("v1.toml", &two)).await;
+    // worker removed, public moved to ports 80 and 443, admin removed.
+    let one = w
+        .hello("1", "", "")
+        .replace("port = 80\n", "ports = [80, 443]\n");
+    let r = w.deploy(&w.manifest("v2.toml", &one)).await;
+    let worker = r["diff"]["workloads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "worker")
+        .unwrap();
+    assert_eq!(worker["change"], "removed", "{r}");
+    assert!(
+        worker["fields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|f| f["new"].is_null()),
+        "{r}"
+    );
+    assert_eq!(
+        field_change(&r, "endpoints", "public", "ports"),
+        Some((json!("80"), json!("80,443")))
+    );
+    let admin = r["diff"]["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "admin")
+        .unwrap();
+    assert_eq!(admin["change"], "removed", "{r}");
+    assert_eq!(r["desired"], json!({"web": 2}));
+    // Scale cpu: old → new in the receipt, and in the effective spec.
+    let sc = w.json(&["scale", "web", "--cpu", "0.5"]).await;
+    assert_eq!(
+        field_change(&sc, "workloads", "web", "cpu"),
+        Some((json!("0.25"), json!("0.5")))
+    );
+    assert_eq!(
+        w.json(&["describe", "workload", "web"]).await["spec"]["cpu"],
+        0.5
+    );
+    // The same scale again changes nothing.
+    assert_eq!(
+        w.json(&["scale", "web", "--cpu", "0.5"]).await["unchanged"],
+        true
+    );
+}
+
+async fn secret_keys_and_whole_bundles_are_unset(backend: Backend) {
+    let w = World::new(backend).await;
+    let path = w.manifest(
+        "verge.toml",
+        &w.hello("1", "", "[require]\nsecrets = [\"app\"]"),
+    );
+    w.json(&["secrets", "set", "app", "K=1", "L=2"]).await;
+    let s = w.json(&["secrets", "unset", "app", "L"]).await;
+    assert_eq!(
+        (s["version"].as_i64(), s["keys"].clone()),
+        (Some(2), json!(["K"]))
+    );
+    assert_eq!(s["unset"], json!(["L"]));
+    // A key that is not there, or the last key, is refused and changes nothing.
+    let missing = w.error(&["secrets", "unset", "app", "NOPE"]).await;
+    assert!(
+        missing["message"].as_str().unwrap().contains("NOPE"),
+        "{missing}"
+    );
+    let last = w.error(&["secrets", "unset", "app", "K"]).await;
+    assert!(
+        last["message"].as_str().unwrap().contains("no keys"),
+        "{last}"
+    );
+    assert_eq!(w.json(&["secrets", "list"]).await[0]["version"], 2);
+    w.deploy(&path).await;
+    // The whole bundle: every version deleted; the gate then refuses.
+    let gone = w.json(&["secrets", "unset", "app"]).await;
+    assert_eq!(gone["deleted_versions"], json!([1, 2]));
+    assert!(gone["version"].is_null());
+    let listed = w.json(&["secrets", "list"]).await;
+    assert!(listed[0]["version"].is_null(), "{listed}");
+    assert!(
+        listed[0]["versions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|v| v["deleted"] == true)
+    );
+    let err = w
+        .error(&[
+            "deploy",
+            "-f",
+            path.to_str().unwrap(),
+            "--image",
+            &w.image("2"),
+        ])
+        .await;
+    assert_eq!(err["kind"], "missing_config", "{err}");
+    assert!(kinds(&w.events().await).contains(&"secrets.deleted".to_string()));
 }

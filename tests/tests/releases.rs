@@ -433,15 +433,24 @@ async fn deploy_receipt_releases_rollback_scale_events(backend: Backend) {
         rollback["actor"].as_str().unwrap().contains("admin"),
         "{rollback}"
     );
-    for e in events
+    // Every event from the first deploy on is tied to a release; a config
+    // change to the release running when it happened.
+    let first = events
         .iter()
-        .filter(|e| ["deploy", "release.created", "scale"].contains(&e["kind"].as_str().unwrap()))
-    {
+        .position(|e| e["kind"] == "release.created")
+        .unwrap();
+    for e in &events[first..] {
         assert!(
             e["release"].as_str().is_some_and(|r| r.starts_with("rel_")),
             "{e}"
         );
     }
+    let later_config = events[first..]
+        .iter()
+        .find(|e| e["kind"] == "config.changed")
+        .unwrap();
+    let v4 = &releases.iter().find(|r| r["number"] == 4).unwrap()["id"];
+    assert_eq!(&later_config["release"], v4, "{later_config}");
     let org_wide = w.json(&["events", "--all"]).await;
     assert_eq!(org_wide.as_array().unwrap().len(), events.len());
     let cluster =

@@ -4,6 +4,8 @@
 //! `POST/DELETE .../envs/{env}/secrets/{bundle}` (`?version=N` deletes one
 //! version). Secret values go in, sealed, and never come out: answers carry
 //! key names, versions and digests only, and events name keys, not values.
+//! Their events carry the release the env runs at the time of the change
+//! (none before the first deploy): the audit trail says what it ran under.
 
 use std::collections::BTreeMap;
 
@@ -143,7 +145,9 @@ async fn change_config(
         m.insert_config(&cx.env.id, version, &vars, &cx.actor)
             .await?;
         let message = format!("env config v{version}: {}", summary(&set, &body.unset));
-        m.emit(cx.event("config.changed", None, message)).await?;
+        let running = m.current_release(&cx.env.id).await?.map(|r| r.id);
+        m.emit(cx.event("config.changed", running.as_deref(), message))
+            .await?;
         m.commit().await?;
         tracing::info!(env = %cx.env.id, version, "env config changed");
     }
@@ -285,7 +289,9 @@ async fn change_secrets(
             "secret bundle {bundle} v{version}: {}",
             summary(&set, &body.unset)
         );
-        m.emit(cx.event("secrets.changed", None, message)).await?;
+        let running = m.current_release(&cx.env.id).await?.map(|r| r.id);
+        m.emit(cx.event("secrets.changed", running.as_deref(), message))
+            .await?;
         m.commit().await?;
         tracing::info!(env = %cx.env.id, %bundle, version, "secret bundle changed");
         (version, sealed.digest)
@@ -358,9 +364,10 @@ async fn delete_secrets(
         .map(|v| format!("v{v}"))
         .collect::<Vec<_>>()
         .join(", ");
+    let running = m.current_release(&cx.env.id).await?.map(|r| r.id);
     m.emit(cx.event(
         "secrets.deleted",
-        None,
+        running.as_deref(),
         format!("secret bundle {bundle}: deleted {list}"),
     ))
     .await?;

@@ -7,8 +7,8 @@
 //! ([`status`]), the error body every failure carries ([`error`]), the
 //! naming rules both sides check ([`names`]), the manifest (`verge.toml`)
 //! and its validation ([`manifest`]), and, behind the `client` feature, the
-//! typed HTTP client the CLI uses ([`client`]). Later issues add the
-//! control ⇄ node ⇄ ingress wire messages here.
+//! typed HTTP client the CLI uses ([`client`]), and the control ⇄ node
+//! protocol carried over QUIC ([`wire`]).
 //!
 //! It must not depend on a server, a database or a runtime: the node, the
 //! ingress and the CLI all link it, and the JSON it defines is a stable
@@ -22,6 +22,7 @@ pub mod release;
 pub mod requests;
 pub mod resources;
 pub mod status;
+pub mod wire;
 
 #[cfg(feature = "client")]
 pub mod client;

@@ -1,0 +1,372 @@
+//! The control plane ⇄ node protocol, carried over QUIC (SPEC §5 Nodes).
+//!
+//! Two kinds of connection reach the control plane's cluster endpoint,
+//! told apart by ALPN:
+//!
+//! - [`ALPN_JOIN`]: a node without an identity. It has verified the server's
+//!   certificate against the CA hash pinned in its [`JoinToken`] before
+//!   sending anything; it sends one [`JoinRequest`] on a bidirectional
+//!   stream and reads one [`JoinResponse`].
+//! - [`ALPN_NODE`]: a node that presents the client certificate it received
+//!   at join (mutual TLS). It opens one bidirectional *session stream*, sends
+//!   [`NodeMsg::Hello`], and from then on both sides exchange messages on
+//!   it: heartbeats and instance reports from the node, desired sets from the
+//!   control plane.
+//!
+//! Every message is one JSON document in a frame prefixed by its length as a
+//! big-endian `u32`, at most [`MAX_FRAME`] bytes. Desired sets are
+//! level-triggered: each carries the node's *whole* desired instance set and
+//! a version, so a node that missed messages (offline, restarted) only needs
+//! the latest one.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::manifest::Restart;
+
+/// ALPN of a joining node's connection (no client certificate).
+pub const ALPN_JOIN: &[u8] = b"verge-join/1";
+/// ALPN of a joined node's session (client certificate required).
+pub const ALPN_NODE: &[u8] = b"verge-node/1";
+/// The largest frame either side accepts.
+pub const MAX_FRAME: usize = 16 * 1024 * 1024;
+
+/// A join token: `vjt1.<id>.<secret>.<sha256 of the cluster CA certificate, hex>`.
+///
+/// The ID finds the stored token, the secret proves possession (the control
+/// plane keeps only its hash), and the CA hash lets the node authenticate the
+/// control plane before it sends the secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct JoinToken {
+    pub id: String,
+    pub secret: String,
+    /// SHA-256 of the DER of the cluster CA certificate, lower-case hex.
+    pub ca_sha256: String,
+}
+
+impl fmt::Debug for JoinToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JoinToken")
+            .field("id", &self.id)
+            .field("secret", &"<redacted>")
+            .field("ca_sha256", &self.ca_sha256)
+            .finish()
+    }
+}
+
+impl fmt::Display for JoinToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "vjt1.{}.{}.{}", self.id, self.secret, self.ca_sha256)
+    }
+}
+
+/// Why a string is not a join token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid join token: {0}; a join token looks like vjt1.<id>.<secret>.<ca hash>: copy it whole from `verge nodes join-token`"
+)]
+pub struct BadJoinToken(pub &'static str);
+
+impl FromStr for JoinToken {
+    type Err = BadJoinToken;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut parts = s.trim().split('.');
+        if parts.next() != Some("vjt1") {
+            return Err(BadJoinToken("it does not start with \"vjt1.\""));
+        }
+        let (Some(id), Some(secret), Some(ca), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(BadJoinToken("it does not have four dot-separated parts"));
+        };
+        let alnum = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric());
+        if !alnum(id) || !alnum(secret) {
+            return Err(BadJoinToken(
+                "its id or secret is empty or not alphanumeric",
+            ));
+        }
+        if ca.len() != 64 || !ca.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(BadJoinToken("its CA hash is not 64 hex digits"));
+        }
+        Ok(JoinToken {
+            id: id.to_owned(),
+            secret: secret.to_owned(),
+            ca_sha256: ca.to_ascii_lowercase(),
+        })
+    }
+}
+
+/// How a node isolates instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Isolation {
+    /// Own mount, PID, UTS, IPC and network namespaces, overlayfs rootfs,
+    /// cgroup limits, a veth with private addresses.
+    Namespaces,
+    /// No namespaces (unprivileged development): host processes on loopback
+    /// ports, in cgroups when possible.
+    None,
+}
+
+impl fmt::Display for Isolation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Isolation::Namespaces => "namespaces",
+            Isolation::None => "none",
+        })
+    }
+}
+
+/// What a node offers to instances.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Capacity {
+    /// Cores.
+    pub cpu: f64,
+    /// Bytes of memory.
+    pub memory: u64,
+}
+
+/// What a node currently uses (whole machine, as the node sees it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Cores busy, averaged since the previous heartbeat.
+    pub cpu: f64,
+    /// Bytes of memory in use.
+    pub memory: u64,
+    /// Bytes used by the node's image store.
+    pub images: u64,
+}
+
+/// The first and only message of a join connection.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JoinRequest {
+    pub token_id: String,
+    pub token_secret: String,
+    /// A PKCS#10 request for the node's key, made on the node; the key never leaves it.
+    pub csr_pem: String,
+    /// The name the node asks for (its hostname by default).
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub capacity: Capacity,
+    pub isolation: Isolation,
+    pub version: String,
+}
+
+/// The answer to a [`JoinRequest`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum JoinResponse {
+    Accepted(Box<Joined>),
+    Refused { message: String },
+}
+
+/// A node's new identity.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Joined {
+    pub node_id: String,
+    pub name: String,
+    /// The node's certificate, signed by the cluster CA.
+    pub cert_pem: String,
+    pub ca_pem: String,
+    /// The node's instance prefix, e.g. `fd76:6572:6765:1::/64`.
+    pub instance_prefix: String,
+}
+
+/// Node → control plane, on the session stream.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum NodeMsg {
+    /// First message of every session: what the node is and what it runs now.
+    Hello {
+        version: String,
+        labels: BTreeMap<String, String>,
+        capacity: Capacity,
+        isolation: Isolation,
+        /// The desired-set version the node last applied (0: none).
+        applied_version: u64,
+        instances: Vec<InstanceReport>,
+    },
+    Heartbeat {
+        capacity: Capacity,
+        usage: Usage,
+    },
+    /// An instance changed state.
+    Report(InstanceReport),
+}
+
+/// Control plane → node, on the session stream.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ControlMsg {
+    /// The answer to `Hello`.
+    Welcome {
+        node_id: String,
+        name: String,
+        /// How often the node should send heartbeats.
+        heartbeat_ms: u64,
+    },
+    Desired(DesiredSet),
+}
+
+/// Everything a node should run, replacing any earlier set.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DesiredSet {
+    /// Increases with every change of this node's set.
+    pub version: u64,
+    pub instances: Vec<InstanceSpec>,
+}
+
+/// One instance a node should run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceSpec {
+    pub id: String,
+    pub org: String,
+    pub app: String,
+    pub env: String,
+    pub release: String,
+    pub workload: String,
+    /// Digest-pinned image reference (`registry/repo:tag@sha256:...`).
+    pub image: String,
+    /// Replaces the image's entrypoint and command when set.
+    pub command: Option<Vec<String>>,
+    /// Environment for the process, on top of the image's.
+    pub env_vars: BTreeMap<String, String>,
+    /// Cores.
+    pub cpu: f64,
+    /// Bytes.
+    pub memory: u64,
+    pub restart: Restart,
+    /// The port the workload serves on, when the release says (endpoint
+    /// `internal_port` or health check port); passed as `PORT`.
+    pub port: Option<u16>,
+}
+
+/// An instance's state (SPEC §5): `pending → pulling → starting → running → stopping → stopped | failed`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceState {
+    Pending,
+    Pulling,
+    Starting,
+    Running,
+    Stopping,
+    Stopped,
+    Failed,
+}
+
+impl InstanceState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstanceState::Pending => "pending",
+            InstanceState::Pulling => "pulling",
+            InstanceState::Starting => "starting",
+            InstanceState::Running => "running",
+            InstanceState::Stopping => "stopping",
+            InstanceState::Stopped => "stopped",
+            InstanceState::Failed => "failed",
+        }
+    }
+}
+
+impl fmt::Display for InstanceState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why an instance failed or restarted (SPEC §1.4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCategory {
+    ImagePull,
+    Start,
+    Crash,
+    Health,
+    Oom,
+    Placement,
+    NodeLost,
+}
+
+impl ErrorCategory {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCategory::ImagePull => "image_pull",
+            ErrorCategory::Start => "start",
+            ErrorCategory::Crash => "crash",
+            ErrorCategory::Health => "health",
+            ErrorCategory::Oom => "oom",
+            ErrorCategory::Placement => "placement",
+            ErrorCategory::NodeLost => "node_lost",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCategory {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An instance's state as its node reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceReport {
+    pub id: String,
+    pub state: InstanceState,
+    /// Set when the instance failed, or exited and is being restarted.
+    pub category: Option<ErrorCategory>,
+    /// What happened, for people (`exited with code 3`, `killed: out of memory (limit 64Mi)`).
+    pub message: Option<String>,
+    /// Where the instance serves: `[addr]:port` or an IP address.
+    pub address: Option<String>,
+    pub restarts: u32,
+    /// Milliseconds since the epoch, on the node's clock.
+    pub at_ms: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn join_token_round_trips_and_rejects_garbage() {
+        let t = JoinToken {
+            id: "abc".into(),
+            secret: "s3cret".into(),
+            ca_sha256: "a".repeat(64),
+        };
+        assert_eq!(t.to_string().parse::<JoinToken>().unwrap(), t);
+        assert!(!format!("{t:?}").contains("s3cret"));
+        for bad in [
+            "",
+            "vjt2.a.b.cc",
+            "vjt1.a.b",
+            "vjt1.a.b.c.d",
+            "vjt1..b.aaaa",
+            &format!("vjt1.a.b.{}", "z".repeat(64)),
+        ] {
+            let err = bad.parse::<JoinToken>().unwrap_err().to_string();
+            assert!(err.contains("verge nodes join-token"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn messages_are_tagged_json() {
+        let msg = NodeMsg::Report(InstanceReport {
+            id: "i1".into(),
+            state: InstanceState::Failed,
+            category: Some(ErrorCategory::Oom),
+            message: None,
+            address: None,
+            restarts: 2,
+            at_ms: 1,
+        });
+        let json = serde_json::to_value(&msg).unwrap();
+        assert_eq!(json["type"], "report");
+        assert_eq!(json["state"], "failed");
+        assert_eq!(json["category"], "oom");
+    }
+}

@@ -1,0 +1,1 @@
+//! Image pulling (being written).

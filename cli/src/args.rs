@@ -64,6 +64,11 @@ pub enum Command {
     Dev(DevArgs),
     /// Run a control-plane replica
     Control(ControlArgs),
+    /// Run a node daemon: join the cluster (first start) and run the instances placed on it
+    Node(NodeArgs),
+    /// Nodes of the cluster (admin): join tokens, list, describe
+    #[command(subcommand)]
+    Nodes(NodesCmd),
     /// Write a commented example verge.toml in the current directory
     Init {
         /// Replace an existing verge.toml
@@ -127,9 +132,12 @@ pub struct DevArgs {
     /// State directory, kept across restarts [default: ~/.local/share/verge/dev]
     #[arg(long, env = "VERGE_DEV_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// API address (loopback)
+    /// API address (loopback); the in-process node connects over UDP on the same address
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub listen: SocketAddr,
+    /// How the dev node isolates instances [default: namespaces as root, none otherwise]
+    #[arg(long, value_enum)]
+    pub isolation: Option<IsolationArg>,
     /// Reach this registry (HOST:PORT) over plain HTTP although it is not on loopback (repeatable)
     #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
     pub insecure_registries: Vec<String>,
@@ -172,8 +180,87 @@ pub struct ControlArgs {
     /// Reach this registry (HOST:PORT) over plain HTTP although it is not on loopback (repeatable)
     #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
     pub insecure_registries: Vec<String>,
+    /// UDP address nodes connect to (QUIC) [default: the --listen address, over UDP]
+    #[arg(long, env = "VERGE_CLUSTER_LISTEN")]
+    pub cluster_listen: Option<SocketAddr>,
+    /// HOST:PORT nodes should dial, shown by `verge nodes join-token` [default: the bound cluster address]
+    #[arg(long, env = "VERGE_CLUSTER_ADVERTISE")]
+    pub cluster_advertise: Option<String>,
+    /// IPv6 prefix instance addresses come from; each node gets a /64 [default: fd76:6572:6765::/48]
+    #[arg(long)]
+    pub instance_prefix: Option<String>,
+    /// Mark a node offline after this long without a heartbeat [default: 6s]
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub node_offline_after: Option<std::time::Duration>,
     #[command(flatten)]
     pub log: LogArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    /// HOST:PORT of the control plane's cluster endpoint (printed by `verge nodes join-token`); remembered after the join
+    #[arg(long, env = "VERGE_NODE_SERVER")]
+    pub server: Option<String>,
+    /// Join token from `verge nodes join-token`; needed on the first start only
+    #[arg(long, env = "VERGE_JOIN_TOKEN", hide_env_values = true)]
+    pub join_token: Option<String>,
+    /// State directory: identity, images, instances
+    #[arg(long, env = "VERGE_NODE_DATA_DIR", default_value = "/var/lib/verge-node")]
+    pub data_dir: PathBuf,
+    /// Node name [default: the hostname]
+    #[arg(long)]
+    pub name: Option<String>,
+    /// A label KEY=VALUE the scheduler can match (repeatable), e.g. region=eu-west
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    pub labels: Vec<String>,
+    /// How instances are isolated: namespaces (needs root) or none (plain host processes on loopback ports, for unprivileged development)
+    #[arg(long, value_enum, default_value_t = IsolationArg::Namespaces)]
+    pub isolation: IsolationArg,
+    /// Reach this registry (HOST:PORT) over plain HTTP although it is not on loopback (repeatable)
+    #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
+    pub insecure_registries: Vec<String>,
+    /// Disk budget of the image store; unused images beyond it are removed
+    #[arg(long, default_value = "10Gi", value_parser = parse_size)]
+    pub image_budget: u64,
+    /// Time between SIGTERM and SIGKILL when stopping an instance
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub stop_grace: std::time::Duration,
+    /// Cores offered to instances [default: all]
+    #[arg(long)]
+    pub cpu: Option<f64>,
+    /// Memory offered to instances, e.g. 8Gi [default: all]
+    #[arg(long, value_parser = parse_size)]
+    pub memory: Option<u64>,
+    /// Private IPv4 range for instances' IPv4 addresses (reachable from this node only)
+    #[arg(long, default_value = "10.89.0.0/16")]
+    pub ipv4_range: ipnet::Ipv4Net,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    verge_api::manifest::parse_size(s)
+        .ok_or_else(|| format!("{s:?} is not a size: use a number with a unit, like 512Mi or 10Gi"))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum IsolationArg {
+    Namespaces,
+    None,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodesCmd {
+    /// Mint a join token (it pins the cluster CA) and print the command that joins a node
+    JoinToken {
+        /// How long the token stays valid
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+    },
+    /// Nodes with state, labels, capacity, last heartbeat and instance count
+    List,
+    /// One node in full, with its instances
+    Describe { name: String },
 }
 
 #[derive(Debug, Args)]

@@ -59,6 +59,11 @@ impl Caller {
         self.token.org_id.is_none()
     }
 
+    /// Who this is, for events and records: `name (id)`.
+    pub fn actor(&self) -> String {
+        format!("{} ({})", self.token.name, self.token.id)
+    }
+
     /// Refuses non-admin tokens for cluster-wide actions (`what`: "creating orgs").
     pub fn require_admin(&self, what: &str) -> Result<(), ApiError> {
         if self.is_admin() {

@@ -37,6 +37,19 @@ pub struct Config {
     /// `host:port` of registries reached over plain HTTP although not on
     /// loopback (loopback registries always are).
     pub insecure_registries: Vec<String>,
+    /// UDP address of the cluster endpoint nodes join and connect to (QUIC,
+    /// mutual TLS); default: the host and port of `listen`, over UDP.
+    pub cluster_listen: Option<SocketAddr>,
+    /// `host:port` nodes should dial, printed by `verge nodes join-token`;
+    /// default: the bound cluster address.
+    pub cluster_advertise: Option<String>,
+    /// The IPv6 prefix instance addresses come from; each node gets the
+    /// next /64 of it at join. At most /56.
+    pub instance_prefix: String,
+    /// How often nodes send heartbeats.
+    pub heartbeat_secs: u64,
+    /// A node without a heartbeat for this long is marked offline.
+    pub node_offline_after_secs: u64,
     /// Mint another cluster admin token on this start (recovery when the
     /// first one is lost). A flag only: never read from the file.
     #[serde(skip)]
@@ -65,6 +78,11 @@ impl Default for Config {
             secrets_key_file: None,
             secrets_previous_key_files: Vec::new(),
             insecure_registries: Vec::new(),
+            cluster_listen: None,
+            cluster_advertise: None,
+            instance_prefix: "fd76:6572:6765::/48".into(),
+            heartbeat_secs: 2,
+            node_offline_after_secs: 6,
             new_admin_token: false,
         }
     }
@@ -91,6 +109,11 @@ pub enum ConfigError {
         "database {0:?} is not supported: use sqlite://PATH or postgres://USER:PASSWORD@HOST/DB"
     )]
     BadDatabase(String),
+    #[error(
+        "instance_prefix {0:?} is not usable: give an IPv6 prefix of length /56 or shorter, \
+         e.g. fd76:6572:6765::/48 (each node gets a /64 of it)"
+    )]
+    BadInstancePrefix(String),
     #[error("{field} must be greater than 0")]
     Zero { field: &'static str },
 }
@@ -159,12 +182,29 @@ impl Config {
             ("max_body_bytes", self.max_body_bytes),
             ("max_connections", self.max_connections),
             ("client_timeout_secs", self.client_timeout_secs as usize),
+            ("heartbeat_secs", self.heartbeat_secs as usize),
+            ("node_offline_after_secs", self.node_offline_after_secs as usize),
         ] {
             if value == 0 {
                 return Err(ConfigError::Zero { field });
             }
         }
+        self.instance_prefix()?;
         Ok(())
+    }
+
+    /// The parsed [`instance_prefix`](Self::instance_prefix).
+    pub fn instance_prefix(&self) -> Result<ipnet::Ipv6Net, ConfigError> {
+        self.instance_prefix
+            .parse::<ipnet::Ipv6Net>()
+            .ok()
+            .filter(|p| p.prefix_len() <= 56)
+            .ok_or_else(|| ConfigError::BadInstancePrefix(self.instance_prefix.clone()))
+    }
+
+    /// Where the cluster endpoint binds.
+    pub fn cluster_listen(&self) -> SocketAddr {
+        self.cluster_listen.unwrap_or(self.listen)
     }
 }
 

@@ -5,8 +5,9 @@
 //! ([`http`]), its metrics ([`metrics`]) and the listener with TLS and graceful
 //! shutdown ([`server`]); env config and secret bundles sealed at rest
 //! ([`secrets`]), image pinning ([`images`]) and the rules of releases and
-//! scale ([`desired`]). Later issues add the scheduler, the reconciler and the
-//! QUIC sessions with nodes and ingresses beside these.
+//! scale ([`desired`]); the cluster CA, node joins and QUIC sessions
+//! ([`cluster`]), placement ([`scheduler`]) and the reconciler that turns
+//! current releases into instances on nodes ([`reconcile`]).
 //!
 //! It must not run workloads or proxy traffic (that is `verge-node` and
 //! `verge-ingress`), must not print to stdout (the binary decides what the
@@ -14,12 +15,15 @@
 //! control plane, or a second replica on the same PostgreSQL, sees all of it.
 
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod desired;
 pub mod error;
 pub mod http;
 pub mod images;
 pub mod metrics;
+pub mod reconcile;
+pub mod scheduler;
 pub mod secrets;
 pub mod server;
 pub mod store;

@@ -66,6 +66,11 @@ pub enum SecretsError {
          secrets_previous_key_files)"
     )]
     NotClusterKey { ours: String, cluster: String },
+    #[error(
+        "the cluster's sealed {name} cannot be opened with this control plane's keys: {why}; \
+         every replica must use the same secrets_key_file"
+    )]
+    Fact { name: String, why: &'static str },
     #[error("re-sealing secrets with the current key failed: {0}")]
     Store(#[from] StoreError),
 }
@@ -298,6 +303,62 @@ impl Keyring {
         }
         Ok(resealed)
     }
+}
+
+impl Keyring {
+    /// Seals a cluster-wide value (such as the cluster CA's private key) for
+    /// storage under `name`: `key_id:nonce:ciphertext`, hex.
+    pub fn seal_fact(&self, name: &str, plain: &str) -> String {
+        let mut nonce = [0u8; NONCE_LEN];
+        self.rng.fill(&mut nonce).expect("system randomness");
+        let mut data = plain.as_bytes().to_vec();
+        self.current
+            .aead
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(fact_aad(name)),
+                &mut data,
+            )
+            .expect("sealing into a Vec cannot fail");
+        format!("{}:{}:{}", self.current.id, hex::encode(nonce), hex::encode(data))
+    }
+
+    /// Opens what [`seal_fact`](Self::seal_fact) made; also says whether it
+    /// was sealed with a previous key (then the caller re-seals it).
+    pub fn open_fact(&self, name: &str, sealed: &str) -> Result<(String, bool), SecretsError> {
+        let err = |why| SecretsError::Fact {
+            name: name.to_string(),
+            why,
+        };
+        let mut parts = sealed.splitn(3, ':');
+        let (Some(key_id), Some(nonce), Some(ciphertext)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(err("it is malformed"));
+        };
+        let key = std::iter::once(&self.current)
+            .chain(&self.previous)
+            .find(|k| k.id == key_id)
+            .ok_or_else(|| err("it was sealed with a key this control plane does not have"))?;
+        let nonce: [u8; NONCE_LEN] = hex::decode(nonce)
+            .ok()
+            .and_then(|n| n.try_into().ok())
+            .ok_or_else(|| err("it is malformed"))?;
+        let mut data = hex::decode(ciphertext).map_err(|_| err("it is malformed"))?;
+        let plain = key
+            .aead
+            .open_in_place(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(fact_aad(name)),
+                &mut data,
+            )
+            .map_err(|_| err("it failed authentication"))?;
+        let text = String::from_utf8(plain.to_vec()).map_err(|_| err("it is malformed"))?;
+        Ok((text, key.id != self.current.id))
+    }
+}
+
+fn fact_aad(name: &str) -> Vec<u8> {
+    format!("verge/cluster/{name}").into_bytes()
 }
 
 fn aad(env_id: &str, bundle: &str, version: i64) -> Vec<u8> {

@@ -21,6 +21,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::cluster::Cluster;
 use crate::config::{Config, ConfigError, TlsConfig};
 use crate::http::{AppState, router};
 use crate::images::Pinner;
@@ -42,6 +43,8 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error("tls: {0}")]
     Tls(String),
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
     #[error("secrets: {0}")]
     Secrets(#[from] crate::secrets::SecretsError),
     #[error(
@@ -63,6 +66,7 @@ pub struct Started {
     /// [`Config::new_admin_token`] asked for another one.
     pub admin_token: Option<String>,
     pub store: Store,
+    pub cluster: Cluster,
     serve: JoinHandle<()>,
 }
 
@@ -131,6 +135,15 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Start
         }
         token => token,
     };
+    let cluster_config = crate::cluster::ClusterConfig {
+        listen: config.cluster_listen(),
+        advertise: config.cluster_advertise.clone(),
+        instance_prefix: config.instance_prefix()?,
+        heartbeat: Duration::from_secs(config.heartbeat_secs),
+        offline_after: Duration::from_secs(config.node_offline_after_secs),
+    };
+    let (cluster, cluster_tasks) =
+        Cluster::start(store.clone(), &keyring, cluster_config, shutdown.clone()).await?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     let url = format!("{scheme}://{local_addr}");
     let app = router(AppState {
@@ -139,6 +152,7 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Start
         max_body_bytes: config.max_body_bytes,
         keyring: Arc::new(keyring),
         pinner: Pinner::new(config.insecure_registries.clone()),
+        cluster: cluster.clone(),
         shutdown: shutdown.clone(),
     });
     let limits = Limits {
@@ -147,14 +161,18 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Start
         client_timeout: Duration::from_secs(config.client_timeout_secs),
     };
     tracing::info!(%url, "control plane listening");
-    let serve = tokio::spawn(
+    let http = tokio::spawn(
         serve(listener, tls, app, limits, shutdown).instrument(tracing::info_span!("http_server")),
     );
+    let serve = tokio::spawn(async move {
+        let _ = tokio::join!(http, cluster_tasks);
+    });
     Ok(Started {
         url,
         local_addr,
         admin_token,
         store,
+        cluster,
         serve,
     })
 }

@@ -6,11 +6,20 @@
 //! sends (`reconcile`), pulling digest-pinned OCI images into a
 //! content-addressed store (`pull`), running instances as namespaced
 //! processes in cgroups (`runtime`), and their networking (`net`).
+//! [`daemon`] puts these together for `verge node` (and `verge dev`);
+//! [`identity`] keeps what the node got at join, [`host`] reads the
+//! machine's capacity and usage for heartbeats.
 //!
 //! It must not decide placement or hold desired state of its own: the
 //! control plane decides, the node converges and reports. It speaks to the
 //! control plane only through the wire messages of `verge_api::wire`.
 
+pub mod agent;
+pub mod daemon;
+pub mod host;
+pub mod identity;
 pub mod net;
 pub mod pull;
+pub mod reconcile;
 pub mod runtime;
+mod tls;

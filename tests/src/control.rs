@@ -21,6 +21,8 @@ pub enum Backend {
 #[derive(Debug)]
 pub struct Banner {
     pub server: String,
+    /// `VERGE_CLUSTER=`: where nodes connect (UDP).
+    pub cluster: Option<String>,
     /// Only on the very first start.
     pub token: Option<String>,
 }
@@ -29,6 +31,8 @@ pub struct Banner {
 #[derive(Debug)]
 pub struct ControlPlane {
     pub url: String,
+    /// `host:port` (UDP) of the cluster endpoint nodes connect to.
+    pub cluster: String,
     /// The admin token printed on first start.
     pub admin_token: String,
     pub data_dir: TempDir,
@@ -58,6 +62,7 @@ impl ControlPlane {
         let stderr_log = data_dir.path().join("control.log");
         let mut cp = ControlPlane {
             url: String::new(),
+            cluster: String::new(),
             admin_token: String::new(),
             data_dir,
             config_dir: tempfile::tempdir().expect("temp config dir"),
@@ -135,6 +140,7 @@ impl ControlPlane {
             }
         };
         self.url = banner.server.clone();
+        self.cluster = banner.cluster.clone().unwrap_or_default();
         if let Some(addr) = banner.server.split("://").nth(1) {
             self.listen = addr.trim_end_matches('/').to_string();
         }
@@ -380,6 +386,7 @@ async fn read_banner_until(
     let until = tokio::time::Instant::now() + deadline;
     let mut lines = BufReader::new(stdout).lines();
     let mut token = None;
+    let mut cluster = None;
     let mut seen = Vec::new();
     loop {
         // `next_line` is cancel-safe: a timeout loses no line.
@@ -395,12 +402,15 @@ async fn read_banner_until(
         };
         if let Some(t) = line.strip_prefix("VERGE_TOKEN=") {
             token = Some(t.to_string());
+        } else if let Some(c) = line.strip_prefix("VERGE_CLUSTER=") {
+            cluster = Some(c.to_string());
         } else if let Some(s) = line.strip_prefix("VERGE_SERVER=") {
             // Keep draining stdout so the child never blocks on a full pipe.
             tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
             return Ok(Banner {
                 server: s.to_string(),
                 token,
+                cluster,
             });
         }
         seen.push(line);

@@ -8,6 +8,7 @@
 
 pub mod cli;
 pub mod control;
+pub mod nodes;
 pub mod postgres;
 pub mod registry;
 pub mod store;

@@ -78,6 +78,68 @@ impl Registry {
     }
 }
 
+/// Registries with authentication, and access to what they store.
+impl Registry {
+    /// Starts a registry like [`Registry::start`] whose config also has
+    /// `auth_yaml` as its `auth:` section (e.g. `htpasswd:` or `token:`
+    /// with their settings, indented by two spaces). Ready once `GET /v2/`
+    /// answers 200 or 401.
+    pub async fn start_with_auth(auth_yaml: &str) -> anyhow::Result<Registry> {
+        if !Path::new(REGISTRY_BIN).is_file() {
+            bail!(
+                "{REGISTRY_BIN} not found: the tests need a real OCI registry; \
+                 install it with `apt-get install docker-registry`"
+            );
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("verge-registry-")
+            .tempdir()
+            .context("creating the registry's tempdir")?;
+        let mut errors = Vec::new();
+        for attempt in 1..=START_ATTEMPTS {
+            let port = free_port()?;
+            let config = format!(
+                "{}auth:\n{auth_yaml}",
+                config_yaml(&dir.path().join("data"), port)
+            );
+            match start_with_config(dir.path(), port, &config).await {
+                Ok((child, log)) => {
+                    return Ok(Registry {
+                        child,
+                        host: format!("127.0.0.1:{port}"),
+                        log,
+                        _dir: dir,
+                    });
+                }
+                Err(e) => errors.push(format!("attempt {attempt} (port {port}): {e:#}")),
+            }
+        }
+        bail!("docker-registry did not start:\n{}", errors.join("\n"))
+    }
+
+    /// Where the registry keeps the bytes of blob `sha256:<hex>` (for tests
+    /// that alter them behind its back).
+    pub fn blob_data_path(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+        self._dir
+            .path()
+            .join("data/docker/registry/v2/blobs/sha256")
+            .join(hex.get(..2).unwrap_or_default())
+            .join(hex)
+            .join("data")
+    }
+
+    /// How many requests `METHOD PATH` the registry's access log shows.
+    pub fn requests(&self, method: &str, path: &str) -> usize {
+        let wanted = format!("\"{method} {path} HTTP/");
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(&wanted))
+            .count()
+    }
+}
+
 impl Drop for Registry {
     fn drop(&mut self) {
         // SIGKILL, then reap: poll briefly, it exits at once.
@@ -169,5 +231,68 @@ fn log_tail(log: &Path) -> String {
             lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
         }
         Err(e) => format!("(cannot read {}: {e})", log.display()),
+    }
+}
+
+/// Writes `config`, spawns the registry, waits for `GET /v2/` to answer
+/// 200 or 401 (a registry with authentication answers 401).
+async fn start_with_config(
+    dir: &Path,
+    port: u16,
+    config: &str,
+) -> anyhow::Result<(Child, PathBuf)> {
+    let config_path = dir.join("config.yml");
+    std::fs::write(&config_path, config)
+        .with_context(|| format!("writing {}", config_path.display()))?;
+    let log = dir.join("registry.log");
+    let out = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    let mut child = Command::new(REGISTRY_BIN)
+        .arg("serve")
+        .arg(&config_path)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("spawning {REGISTRY_BIN}"))?;
+    match wait_answering(&mut child, port).await {
+        Ok(()) => Ok((child, log)),
+        Err(e) => {
+            let _ = child.kill().await;
+            Err(e.context(format!("registry log tail:\n{}", log_tail(&log))))
+        }
+    }
+}
+
+/// Polls `GET http://127.0.0.1:PORT/v2/` until 200 or 401, the child exits, or the deadline.
+async fn wait_answering(child: &mut Child, port: u16) -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .context("building an HTTP client")?;
+    let url = format!("http://127.0.0.1:{port}/v2/");
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            bail!("docker-registry exited ({status}) before serving {url}");
+        }
+        let last = match http.get(&url).send().await {
+            Ok(resp)
+                if matches!(
+                    resp.status(),
+                    reqwest::StatusCode::OK | reqwest::StatusCode::UNAUTHORIZED
+                ) =>
+            {
+                return Ok(());
+            }
+            Ok(resp) => format!("status {}", resp.status()),
+            Err(e) => e.to_string(),
+        };
+        if Instant::now() > deadline {
+            bail!("{url} did not answer 200 or 401 within {READY_TIMEOUT:?} (last: {last})");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -53,6 +53,10 @@ fn start_failed(e: StartError) -> Failure {
             ErrorKind::Conflict,
             &["stop the process using that address, or pick another with --listen"],
         ),
+        StartError::Cluster(_) => (
+            ErrorKind::BadRequest,
+            &["pick another UDP address for nodes with --cluster-listen, or stop the process using it"],
+        ),
         StartError::Secrets(_) => (
             ErrorKind::BadRequest,
             &["check the secrets key files; key rotation is described in docs/operations.md"],
@@ -99,19 +103,21 @@ fn cancel_on_signal(token: CancellationToken) -> anyhow::Result<()> {
 }
 
 /// What a daemon prints on stdout once it serves: `VERGE_TOKEN=` (when
-/// there is one to show) then `VERGE_SERVER=`, last, which tells scripts the
-/// server is ready; under `-o json`, one object `{"server", "token"}`.
-fn print_banner(out: &Output, server: &str, token: Option<&str>) {
+/// there is one to show), `VERGE_CLUSTER=` (where nodes connect), then
+/// `VERGE_SERVER=`, last, which tells scripts the server is ready; under
+/// `-o json`, one object `{"server", "token", "cluster"}`.
+fn print_banner(out: &Output, server: &str, token: Option<&str>, cluster: &str) {
     if out.is_json() {
         println!(
             "{}",
-            serde_json::json!({ "server": server, "token": token })
+            serde_json::json!({ "server": server, "token": token, "cluster": cluster })
         );
         return;
     }
     if let Some(token) = token {
         println!("VERGE_TOKEN={token}");
     }
+    println!("VERGE_CLUSTER={cluster}");
     println!("VERGE_SERVER={server}");
 }
 
@@ -147,12 +153,24 @@ pub async fn control(args: ControlArgs, out: &Output) -> Result {
     if !args.insecure_registries.is_empty() {
         config.insecure_registries = args.insecure_registries;
     }
+    if let Some(v) = args.cluster_listen {
+        config.cluster_listen = Some(v);
+    }
+    if let Some(v) = args.cluster_advertise {
+        config.cluster_advertise = Some(v);
+    }
+    if let Some(v) = args.instance_prefix {
+        config.instance_prefix = v;
+    }
+    if let Some(v) = args.node_offline_after {
+        config.node_offline_after_secs = v.as_secs().max(1);
+    }
     let shutdown = CancellationToken::new();
     cancel_on_signal(shutdown.clone())?;
     let started = verge_control::start(&config, shutdown)
         .await
         .map_err(start_failed)?;
-    print_banner(out, &started.url, started.admin_token.as_deref());
+    print_banner(out, &started.url, started.admin_token.as_deref(), &started.cluster.advertise());
     if started.admin_token.is_some() {
         // Through the log, so that `--log-format json` stays one JSON object per line.
         tracing::warn!(
@@ -235,14 +253,15 @@ pub async fn dev(args: DevArgs, out: &Output) -> Result {
     init_logging(&args.log);
     // A broken profile file would fail the dev setup after the start: refuse first.
     ProfileFile::load()?;
-    let data_dir = match args.data_dir {
+    let data_dir = match args.data_dir.clone() {
         Some(d) => d,
         None => default_dev_dir()?,
     };
     let config = Config {
         listen: args.listen,
         data_dir: data_dir.clone(),
-        insecure_registries: args.insecure_registries,
+        insecure_registries: args.insecure_registries.clone(),
+        instance_prefix: dev_prefix(&data_dir),
         ..Config::default()
     };
     let shutdown = CancellationToken::new();
@@ -272,7 +291,15 @@ pub async fn dev(args: DevArgs, out: &Output) -> Result {
             return Err(e.into());
         }
     };
-    print_banner(out, &started.url, Some(&token));
+    let node = match dev_node(&args, &data_dir, &started, shutdown.clone()).await {
+        Ok(node) => node,
+        Err(e) => {
+            shutdown.cancel();
+            started.wait().await;
+            return Err(e);
+        }
+    };
+    print_banner(out, &started.url, Some(&token), &started.cluster.advertise());
     tracing::info!(
         url = %started.url,
         data_dir = %data_dir.display(),
@@ -280,6 +307,177 @@ pub async fn dev(args: DevArgs, out: &Output) -> Result {
         "verge dev ready: profile \"dev\" (org \"dev\", project \"default\") saved and selected; \
          try `verge apps create hello` in another shell; Ctrl-C stops"
     );
+    let _ = node.task.await;
     started.wait().await;
+    Ok(())
+}
+
+/// A per-data-dir /48, so that dev clusters side by side (tests) do not
+/// hand out the same instance addresses.
+fn dev_prefix(data_dir: &Path) -> String {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    data_dir.hash(&mut h);
+    format!("fd76:6572:{:x}::/48", h.finish() as u16)
+}
+
+/// The dev cluster's node, in this process: joined on first start with a
+/// token minted here, stopping its instances when `verge dev` stops.
+async fn dev_node(
+    args: &DevArgs,
+    data_dir: &Path,
+    started: &verge_control::Started,
+    shutdown: CancellationToken,
+) -> Result<verge_node::daemon::StartedNode> {
+    use crate::args::IsolationArg;
+    let root = nix_is_root();
+    let isolation = args.isolation.unwrap_or(if root { IsolationArg::Namespaces } else { IsolationArg::None });
+    let node_dir = data_dir.join("node");
+    let join_token = if node_dir.join("identity").exists() {
+        None
+    } else {
+        let secret = auth::generate_token().replace('_', "");
+        let expires = verge_control_now_ms() + 600_000;
+        let id = started
+            .store
+            .create_join_token(&auth::hash_token(&secret), expires, "verge dev")
+            .await
+            .map_err(anyhow::Error::from)?;
+        Some(
+            verge_api::wire::JoinToken {
+                id,
+                secret,
+                ca_sha256: started.cluster.ca_sha256().to_string(),
+            }
+            .to_string(),
+        )
+    };
+    let node_args = crate::args::NodeArgs {
+        server: Some(started.cluster.local_addr().to_string()),
+        join_token,
+        data_dir: node_dir,
+        name: Some("dev".into()),
+        labels: Vec::new(),
+        isolation,
+        insecure_registries: args.insecure_registries.clone(),
+        image_budget: 10 << 30,
+        stop_grace: std::time::Duration::from_secs(10),
+        cpu: None,
+        memory: None,
+        ipv4_range: "10.89.0.0/16".parse().expect("valid"),
+        log: LogArgs {
+            log_format: args.log.log_format,
+        },
+    };
+    let mut config = node_config(&node_args)?;
+    config.forwarding = false;
+    config.stop_on_shutdown = true;
+    if isolation == IsolationArg::None {
+        tracing::warn!("dev node: isolation none (not root): instances run as plain processes on loopback ports");
+    }
+    verge_node::daemon::start(config, shutdown).await.map_err(node_failed)
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn verge_control_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn node_failed(e: verge_node::daemon::NodeError) -> Failure {
+    use verge_node::agent::AgentError;
+    use verge_node::daemon::NodeError;
+    let (kind, next): (ErrorKind, &[&str]) = match &e {
+        NodeError::Agent(AgentError::NotJoined | AgentError::BadToken(_)) => (
+            ErrorKind::BadRequest,
+            &["on the control plane: verge nodes join-token; then start this node with the --server and --join-token it prints"],
+        ),
+        NodeError::Agent(AgentError::Refused(_)) => (
+            ErrorKind::Forbidden,
+            &["mint a new token on the control plane: verge nodes join-token"],
+        ),
+        NodeError::Agent(AgentError::CaMismatch(_)) => (
+            ErrorKind::Forbidden,
+            &["check that --server points at the cluster the token came from"],
+        ),
+        NodeError::Agent(AgentError::Unreachable { .. } | AgentError::Resolve { .. }) => (
+            ErrorKind::Unavailable,
+            &["check --server (HOST:PORT of the cluster endpoint, UDP) and that the control plane runs"],
+        ),
+        NodeError::Runtime(_) | NodeError::Net(_) => (
+            ErrorKind::BadRequest,
+            &["run verge node as root, or with --isolation none for unprivileged development"],
+        ),
+        _ => (ErrorKind::Internal, &[]),
+    };
+    let mut detail = ErrorDetail::new(kind, format!("node did not start: {e}"));
+    detail.next.extend(next.iter().map(|n| n.to_string()));
+    Failure(detail)
+}
+
+fn labels(pairs: &[String]) -> Result<std::collections::BTreeMap<String, String>> {
+    let mut labels = std::collections::BTreeMap::new();
+    for pair in pairs {
+        let Some((k, v)) = pair.split_once('=') else {
+            return Err(super::bad_request(format!(
+                "--label {pair:?} is not KEY=VALUE, e.g. --label region=eu-west"
+            )));
+        };
+        verge_api::names::label(k, v).map_err(super::bad_request)?;
+        labels.insert(k.to_string(), v.to_string());
+    }
+    Ok(labels)
+}
+
+/// The node configuration every daemon shares; `verge dev` adjusts it.
+fn node_config(args: &crate::args::NodeArgs) -> Result<verge_node::daemon::NodeConfig> {
+    use crate::args::IsolationArg;
+    Ok(verge_node::daemon::NodeConfig {
+        data_dir: args.data_dir.clone(),
+        server: args.server.clone(),
+        join_token: args.join_token.clone(),
+        name: args.name.clone(),
+        labels: labels(&args.labels)?,
+        isolation: match args.isolation {
+            IsolationArg::Namespaces => verge_api::wire::Isolation::Namespaces,
+            IsolationArg::None => verge_api::wire::Isolation::None,
+        },
+        insecure_registries: args.insecure_registries.clone(),
+        image_budget: args.image_budget,
+        stop_grace: args.stop_grace,
+        cpu: args.cpu,
+        memory: args.memory,
+        ipv4_range: args.ipv4_range,
+        netns_dir: PathBuf::from(verge_node::net::DEFAULT_NETNS_DIR),
+        cgroup_parent: "verge".into(),
+        forwarding: true,
+        stop_on_shutdown: false,
+        shim_exe: PathBuf::from("/proc/self/exe"),
+    })
+}
+
+pub async fn node(args: crate::args::NodeArgs, out: &Output) -> Result {
+    init_logging(&args.log);
+    let config = node_config(&args)?;
+    let shutdown = CancellationToken::new();
+    cancel_on_signal(shutdown.clone())?;
+    let started = verge_node::daemon::start(config, shutdown)
+        .await
+        .map_err(node_failed)?;
+    if out.is_json() {
+        println!(
+            "{}",
+            serde_json::json!({ "node": started.name, "id": started.node_id, "instance_prefix": started.instance_prefix })
+        );
+    } else {
+        println!("VERGE_NODE={}", started.name);
+    }
+    tracing::info!(node = %started.node_id, name = %started.name, "node running; instances keep running when this daemon stops");
+    let _ = started.task.await;
     Ok(())
 }

@@ -5,6 +5,7 @@ mod config;
 mod daemons;
 mod deploy;
 mod manifest;
+mod nodes;
 mod nouns;
 mod observe;
 mod releases;
@@ -70,6 +71,8 @@ pub async fn run(cli: Cli, out: &Output) -> Result {
     match cli.command {
         Command::Dev(args) => daemons::dev(args, out).await,
         Command::Control(args) => daemons::control(args, out).await,
+        Command::Node(args) => daemons::node(args, out).await,
+        Command::Nodes(cmd) => nodes::run(&Context::new(target)?, cmd, out).await,
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "verge", &mut std::io::stdout());

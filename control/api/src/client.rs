@@ -352,6 +352,25 @@ impl Client {
         self.post(self.url(&["tokens"]), &body).await
     }
 
+    /// Mints a join token for nodes (admin).
+    pub async fn create_join_token(
+        &self,
+        ttl_secs: Option<u64>,
+    ) -> Result<crate::nodes::JoinTokenCreated, ClientError> {
+        let body = crate::nodes::CreateJoinToken { ttl_secs };
+        self.post(self.url(&["nodes", "join-tokens"]), &body).await
+    }
+
+    /// Every node of the cluster (admin).
+    pub async fn list_nodes(&self) -> Result<Vec<crate::nodes::Node>, ClientError> {
+        self.get(self.url(&["nodes"])).await
+    }
+
+    /// One node, with its instances (admin).
+    pub async fn describe_node(&self, name: &str) -> Result<crate::nodes::NodeDetail, ClientError> {
+        self.get(self.url(&["nodes", name])).await
+    }
+
     /// Tokens of the cluster, or of one org.
     pub async fn list_tokens(&self, org: Option<&str>) -> Result<Vec<Token>, ClientError> {
         let mut url = self.url(&["tokens"]);

@@ -5,7 +5,7 @@
 //! ([`requests`]), env config and secret bundle shapes ([`config`]),
 //! releases, receipts and their diffs ([`release`]), status and events
 //! ([`status`]), the error body every failure carries ([`error`]), the
-//! naming rules both sides check ([`names`]), the manifest (`verge.toml`)
+//! naming rules both sides check ([`names`]), nodes ([`nodes`]), the manifest (`verge.toml`)
 //! and its validation ([`manifest`]), and, behind the `client` feature, the
 //! typed HTTP client the CLI uses ([`client`]), and the control ⇄ node
 //! protocol carried over QUIC ([`wire`]).
@@ -18,6 +18,7 @@ pub mod config;
 pub mod error;
 pub mod manifest;
 pub mod names;
+pub mod nodes;
 pub mod release;
 pub mod requests;
 pub mod resources;

@@ -31,6 +31,32 @@ pub fn validate(kind: &str, name: &str) -> Result<(), String> {
     }
 }
 
+/// A node label `key=value` (`region=eu-west`): the key 1–63 characters of
+/// `a-z`, `0-9`, `-`, `_`, `.` and `/`, the value at most 63 characters of
+/// those and upper-case letters.
+pub fn label(key: &str, value: &str) -> Result<(), String> {
+    let ok = |s: &str, upper: bool| {
+        s.len() <= 63
+            && s.chars().all(|c| {
+                c.is_ascii_lowercase()
+                    || c.is_ascii_digit()
+                    || matches!(c, '-' | '_' | '.' | '/')
+                    || (upper && c.is_ascii_uppercase())
+            })
+    };
+    if key.is_empty() || !ok(key, false) {
+        return Err(format!(
+            "label key {key:?} is not valid: use 1-63 lower-case letters, digits, '-', '_', '.' or '/', like \"region\""
+        ));
+    }
+    if !ok(value, true) {
+        return Err(format!(
+            "label value {value:?} of {key} is not valid: use at most 63 letters, digits, '-', '_', '.' or '/', like \"eu-west\""
+        ));
+    }
+    Ok(())
+}
+
 /// Environment variable names (and secret keys): `[A-Za-z_][A-Za-z0-9_]*`.
 pub fn env_var(name: &str) -> Result<(), String> {
     let mut chars = name.chars();

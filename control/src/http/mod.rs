@@ -6,6 +6,7 @@
 
 mod config;
 mod health;
+mod nodes;
 mod nouns;
 mod observe;
 mod releases;
@@ -40,6 +41,8 @@ pub struct AppState {
     pub keyring: Arc<Keyring>,
     /// Pins image references to digests.
     pub pinner: Pinner,
+    /// The cluster side: nodes, placements, join tokens.
+    pub cluster: crate::cluster::Cluster,
     /// Fires on shutdown: long-lived streams end so the drain can finish.
     pub shutdown: CancellationToken,
 }
@@ -52,7 +55,8 @@ pub fn router(state: AppState) -> Router {
         .merge(config::routes())
         .merge(releases::routes())
         .merge(observe::routes())
-        .merge(tokens::routes());
+        .merge(tokens::routes())
+        .merge(nodes::routes());
     Router::new()
         .route("/healthz", get(health::healthz))
         .route("/metrics", get(health::metrics))

@@ -28,7 +28,7 @@ use super::{AppState, Path, Query};
 use crate::auth::Caller;
 use crate::desired::apply_scale;
 use crate::error::ApiError;
-use crate::store::{EventFilter, EventRow, ScaleRow};
+use crate::store::{EventFilter, EventRow, InstanceRow, ScaleRow};
 use crate::time::rfc3339;
 
 /// Longest silence on a followed event stream.
@@ -50,10 +50,6 @@ pub fn routes() -> Router<AppState> {
 }
 
 type EnvPath = (String, String, String);
-
-/// Why instances are pending while no node can run them. Nodes join in a
-/// later issue; until then no instance can be placed.
-const NO_NODES: &str = "no nodes have joined the cluster";
 
 /// The env's current release with scale applied, per workload status.
 struct Observed {
@@ -80,36 +76,32 @@ async fn observe(st: &AppState, cx: &EnvCx) -> Result<Observed, ApiError> {
         });
     };
     let m = apply_scale(&manifest_of(&row)?, &scale);
+    let instances = st.store.env_instances(&cx.env.id).await?;
+    let offline: BTreeMap<String, String> = st
+        .store
+        .nodes()
+        .await?
+        .into_iter()
+        .filter(|n| n.state != "online")
+        .map(|n| (n.id, rfc3339(n.state_since)))
+        .collect();
     let workloads: Vec<WorkloadStatus> = m
         .workloads
         .iter()
-        .map(|(name, w)| WorkloadStatus {
-            name: name.clone(),
-            desired: w.count,
-            running: 0,
-            instances: (0..w.count)
-                .map(|_| InstanceStatus {
-                    id: None,
-                    node: None,
-                    state: "pending".into(),
-                    address: None,
-                    reason: Some(NO_NODES.into()),
-                })
-                .collect(),
+        .map(|(name, w)| {
+            let mine: Vec<&InstanceRow> = instances.iter().filter(|i| &i.workload == name).collect();
+            WorkloadStatus {
+                name: name.clone(),
+                desired: w.count,
+                running: mine
+                    .iter()
+                    .filter(|i| i.goal == "run" && i.release_id == row.id && i.state == "running")
+                    .count() as u32,
+                instances: mine.iter().map(|i| instance_status(i, &offline)).collect(),
+            }
         })
         .collect();
-    let pending: u32 = workloads.iter().map(|w| w.desired - w.running).sum();
-    let rollout = if pending == 0 {
-        Rollout {
-            state: "completed".into(),
-            reason: None,
-        }
-    } else {
-        Rollout {
-            state: "pending".into(),
-            reason: Some(format!("{pending} instance(s) pending: {NO_NODES}")),
-        }
-    };
+    let rollout = rollout(&row.id, &m, &instances, &offline);
     Ok(Observed {
         release: Some(cx.release_ref(&row)),
         rollout,
@@ -117,6 +109,89 @@ async fn observe(st: &AppState, cx: &EnvCx) -> Result<Observed, ApiError> {
         scale,
         manifest: Some(m),
     })
+}
+
+fn instance_status(i: &InstanceRow, offline: &BTreeMap<String, String>) -> InstanceStatus {
+    let mut reason = match (&i.category, &i.message) {
+        (Some(c), Some(m)) => Some(format!("{c}: {m}")),
+        (None, Some(m)) => Some(m.clone()),
+        (Some(c), None) => Some(c.clone()),
+        (None, None) => None,
+    };
+    if let Some(since) = i.node_id.as_ref().and_then(|n| offline.get(n)) {
+        let node = i.node_name.clone().unwrap_or_default();
+        reason = Some(format!("node {node} offline since {since}; last reported {}", i.state));
+    }
+    InstanceStatus {
+        id: Some(i.id.clone()),
+        node: i.node_name.clone(),
+        state: if i.goal == "stop" && i.state == "running" {
+            "stopping".into()
+        } else {
+            i.state.clone()
+        },
+        address: i.address.clone(),
+        reason,
+    }
+}
+
+/// Progress toward the current release: `completed` when every workload
+/// runs its count of the release's instances and nothing old is left,
+/// `failed` when an instance of it failed, `pending` while none could be
+/// placed, `in_progress` otherwise.
+fn rollout(
+    release: &str,
+    m: &verge_api::manifest::Manifest,
+    instances: &[InstanceRow],
+    offline: &BTreeMap<String, String>,
+) -> Rollout {
+    let wanted: Vec<&InstanceRow> = instances
+        .iter()
+        .filter(|i| i.goal == "run" && i.release_id == release)
+        .collect();
+    let desired: u32 = m.workloads.values().map(|w| w.count).sum();
+    let running = wanted
+        .iter()
+        .filter(|i| i.state == "running" && !i.node_id.as_ref().is_some_and(|n| offline.contains_key(n)))
+        .count() as u32;
+    let old = instances.iter().filter(|i| i.goal == "stop").count();
+    if let Some(f) = wanted.iter().find(|i| i.state == "failed") {
+        return Rollout {
+            state: "failed".into(),
+            reason: Some(format!(
+                "instance {} of {} failed ({}): {}; see verge events",
+                f.id,
+                f.workload,
+                f.category.as_deref().unwrap_or("unknown"),
+                f.message.as_deref().unwrap_or("no details")
+            )),
+        };
+    }
+    if running == desired && wanted.len() as u32 == desired && old == 0 {
+        return Rollout {
+            state: "completed".into(),
+            reason: None,
+        };
+    }
+    let unplaced: Vec<&&InstanceRow> = wanted.iter().filter(|i| i.node_id.is_none()).collect();
+    if !unplaced.is_empty() && running == 0 {
+        return Rollout {
+            state: "pending".into(),
+            reason: Some(format!(
+                "{} instance(s) pending: {}",
+                unplaced.len(),
+                unplaced[0].message.as_deref().unwrap_or("not placed yet")
+            )),
+        };
+    }
+    let mut reason = format!("{running} of {desired} instance(s) running");
+    if old > 0 {
+        reason.push_str(&format!("; {old} old instance(s) stopping"));
+    }
+    Rollout {
+        state: "in_progress".into(),
+        reason: Some(reason),
+    }
 }
 
 async fn status(

@@ -268,6 +268,7 @@ async fn deploy(
     ))
     .await?;
     tx.commit().await?;
+    st.cluster.poke();
     tracing::info!(env = %cx.env.id, release = %row.id, number = row.number, "deployed");
     let now = Effective::of(&row, &scale)?;
     let d = diff(old.as_ref(), &now);
@@ -401,6 +402,7 @@ async fn rollback(
     ))
     .await?;
     tx.commit().await?;
+    st.cluster.poke();
     tracing::info!(env = %cx.env.id, release = %target.id, "rolled back");
     let now = Effective::of(&target, &scale)?;
     let d = diff(old.as_ref(), &now);
@@ -508,6 +510,7 @@ async fn scale(
         ))
         .await?;
         tx.commit().await?;
+        st.cluster.poke();
         tracing::info!(env = %cx.env.id, release = %current.id, "scaled");
     }
     Ok(axum::Json(receipt(

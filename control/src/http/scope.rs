@@ -86,6 +86,7 @@ impl EnvCx {
             kind,
             message,
             actor: Some(&self.actor),
+            ..NewEvent::default()
         }
     }
 

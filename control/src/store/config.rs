@@ -91,6 +91,20 @@ impl Store {
         latest_config(&self.pool, env_id).await
     }
 
+    /// The env vars of one config version (a release records which).
+    pub async fn config_vars_at(&self, env_id: &str, version: i64) -> Result<BTreeMap<String, String>> {
+        let vars: Option<String> = sqlx::query_scalar(
+            "SELECT vars FROM config_versions WHERE env_id = $1 AND version = $2",
+        )
+        .bind(env_id)
+        .bind(version)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(vars
+            .and_then(|v| serde_json::from_str(&v).ok())
+            .unwrap_or_default())
+    }
+
     /// Every version of every bundle of the env (of one bundle when given),
     /// by bundle then version.
     pub async fn secret_versions(

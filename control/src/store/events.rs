@@ -20,6 +20,8 @@ pub struct NewEvent<'a> {
     pub app_id: Option<&'a str>,
     pub env_id: Option<&'a str>,
     pub release_id: Option<&'a str>,
+    pub instance_id: Option<&'a str>,
+    pub node_id: Option<&'a str>,
     pub kind: &'a str,
     pub message: String,
     /// The token that caused it: `name (id)`.
@@ -38,6 +40,7 @@ pub struct EventRow {
     pub env: Option<String>,
     pub release_id: Option<String>,
     pub instance_id: Option<String>,
+    /// The node's name (its ID if it has none).
     pub node_id: Option<String>,
     pub actor: Option<String>,
 }
@@ -80,9 +83,10 @@ impl Store {
     pub async fn events(&self, filter: &EventFilter) -> Result<Vec<EventRow>> {
         let rows = sqlx::query_as(
             "SELECT e.cursor, e.created_at, e.kind, e.message, o.name AS org, a.name AS app, \
-             v.name AS env, e.release_id, e.instance_id, e.node_id, e.actor \
-             FROM events e LEFT JOIN orgs o ON o.id = e.org_id \
+             v.name AS env, e.release_id, e.instance_id, COALESCE(n.name, e.node_id) AS node_id, \
+             e.actor FROM events e LEFT JOIN orgs o ON o.id = e.org_id \
              LEFT JOIN apps a ON a.id = e.app_id LEFT JOIN envs v ON v.id = e.env_id \
+             LEFT JOIN nodes n ON n.id = e.node_id \
              WHERE ($1 IS NULL OR e.org_id = $1) AND ($2 IS NULL OR e.env_id = $2) \
              AND e.cursor > $3 \
              AND e.created_at >= $4 ORDER BY e.cursor LIMIT $5",
@@ -118,14 +122,17 @@ impl Mutation<'_> {
         .fetch_one(&mut *self.tx)
         .await?;
         sqlx::query(
-            "INSERT INTO events (cursor, org_id, app_id, env_id, release_id, kind, message, \
-             actor, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            "INSERT INTO events (cursor, org_id, app_id, env_id, release_id, instance_id, \
+             node_id, kind, message, actor, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
         )
         .bind(cursor)
         .bind(event.org_id)
         .bind(event.app_id)
         .bind(event.env_id)
         .bind(event.release_id)
+        .bind(event.instance_id)
+        .bind(event.node_id)
         .bind(event.kind)
         .bind(&event.message)
         .bind(event.actor)

@@ -16,6 +16,8 @@
 
 mod config;
 mod events;
+mod instances;
+mod nodes;
 mod nouns;
 mod releases;
 mod tokens;
@@ -28,6 +30,8 @@ use sqlx::{AnyPool, Connection as _, Executor};
 
 pub use config::{ConfigVersion, SecretVersionRow};
 pub use events::{EventFilter, EventRow, Mutation, NewEvent};
+pub use instances::{EnvScope, InstanceRow, NewInstance, Reported};
+pub use nodes::{Hello, JoinTokenRow, NewNode, NodeRow};
 pub use nouns::{AppRow, EnvRow, OrgRow, ProjectRow};
 pub use releases::{ReleaseRow, ScaleRow};
 pub use tokens::{Revoke, TokenRow};
@@ -235,6 +239,11 @@ const CLAIM: &str =
 /// A new ID: `prefix_` and a lower-case ULID (sortable by creation time).
 pub(crate) fn new_id(prefix: &str) -> String {
     format!("{prefix}_{}", ulid::Ulid::new().to_string().to_lowercase())
+}
+
+/// A new node ID.
+pub fn new_node_id() -> String {
+    new_id("n")
 }
 
 /// `url` without its password, for error messages and logs.

@@ -27,6 +27,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::manifest::Restart;
 
+#[cfg(feature = "wire-io")]
+pub mod io;
+
 /// ALPN of a joining node's connection (no client certificate).
 pub const ALPN_JOIN: &[u8] = b"verge-join/1";
 /// ALPN of a joined node's session (client certificate required).

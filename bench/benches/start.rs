@@ -1,0 +1,283 @@
+//! Starting an instance, beside runc starting the same rootfs.
+//!
+//! The `hello` image is built and its layer unpacked once (a cached image).
+//! Then, interleaved, N times each:
+//! - **Verge**: `ProcessRuntime::start` (shim, namespaces, cgroup with
+//!   limits, overlayfs, /dev, /proc, pivot_root, exec) until `hello`
+//!   accepts a TCP connection; then `stop` + `remove`.
+//! - **Peer (runc)**: mounting the same overlayfs (what containerd's
+//!   snapshotter does before runc) and `runc run -d` of an OCI bundle with
+//!   the same namespaces, limits and capabilities, until `hello` accepts a
+//!   connection; then `runc delete --force`, unmount, remove the dirs.
+//!
+//! Both run on the host network (no network namespace), each instance on
+//! its own port. Needs root and Debian's `runc`.
+//!
+//! Run: `cargo bench -p verge-bench --bench start` (release build). This
+//! binary is also the shim (`/proc/self/exe __verge-shim <dir>`), as the
+//! `verge` binary is in production.
+
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::json;
+use verge_api::wire::Isolation;
+use verge_node::runtime::{LaunchSpec, ProcessRuntime, RuntimeConfig, SHIM_ARG, shim_main};
+
+const RUNS: usize = 20;
+const MEMORY: u64 = 256 * 1024 * 1024;
+const CPU: f64 = 1.0;
+const PIDS: u64 = 1024;
+const RUNC_CGROUP_PARENT: &str = "verge-bench-runc";
+/// The capabilities Verge keeps (Docker's default set less CAP_MKNOD).
+const CAPS: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_RAW",
+    "CAP_SYS_CHROOT",
+    "CAP_AUDIT_WRITE",
+    "CAP_SETFCAP",
+];
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if let [_, arg, dir] = args.as_slice()
+        && arg == SHIM_ARG
+    {
+        shim_main(Path::new(dir));
+    }
+    if !nix::unistd::geteuid().is_root() {
+        bail!("this benchmark creates namespaces, mounts and cgroups: run it as root");
+    }
+    let runc = Command::new("runc").arg("--version").output();
+    if !runc.is_ok_and(|o| o.status.success()) {
+        bail!("runc is missing: apt-get install runc");
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let binary = tokio::task::spawn_blocking(move || verge_images::build_hello(&root)).await??;
+    let image = verge_images::hello_image(&binary)?;
+    let tmp = tempfile::tempdir()?;
+    let layer = tmp.path().join("layer");
+    verge_images::unpack_layer(&image.layers[0].data, &layer)?;
+
+    let rt = ProcessRuntime::new(RuntimeConfig {
+        root: tmp.path().join("verge/instances"),
+        cgroup_parent: "verge-bench".into(),
+        isolation: Isolation::Namespaces,
+        shim_exe: "/proc/self/exe".into(),
+    })?;
+    let runc_root = tmp.path().join("runc");
+    std::fs::create_dir_all(&runc_root)?;
+
+    let mut verge = (Vec::new(), Vec::new());
+    let mut runc = (Vec::new(), Vec::new());
+    // One warm-up of each, not counted.
+    for i in 0..=RUNS {
+        let (start, stop) = verge_once(&rt, &layer, i).await?;
+        let (rstart, rstop) = runc_once(&runc_root, &layer, i)?;
+        if i > 0 {
+            verge.0.push(start);
+            verge.1.push(stop);
+            runc.0.push(rstart);
+            runc.1.push(rstop);
+        }
+    }
+    let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup/pids").join(RUNC_CGROUP_PARENT));
+    println!("| operation                                    | runs |  p50 ms |  p90 ms |");
+    println!("|----------------------------------------------|------|---------|---------|");
+    row("verge: start until hello accepts", &mut verge.0);
+    row("runc (peer): start until hello accepts", &mut runc.0);
+    row("verge: stop + remove", &mut verge.1);
+    row("runc (peer): delete --force + cleanup", &mut runc.1);
+    Ok(())
+}
+
+fn row(name: &str, samples: &mut [Duration]) {
+    samples.sort();
+    let at =
+        |p: f64| samples[((samples.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1e3;
+    println!(
+        "| {name:<44} | {:>4} | {:>7.1} | {:>7.1} |",
+        samples.len(),
+        at(0.5),
+        at(0.9)
+    );
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Polls until something accepts on `port` (10 s at most).
+fn wait_for_port(port: u16) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("nothing accepted on port {port} within 10 s");
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+}
+
+async fn verge_once(
+    rt: &ProcessRuntime,
+    layer: &Path,
+    i: usize,
+) -> anyhow::Result<(Duration, Duration)> {
+    let id = format!("bench{i}");
+    let port = free_port()?;
+    let spec = LaunchSpec {
+        instance_id: id.clone(),
+        layers: vec![layer.to_path_buf()],
+        argv: vec!["/hello".into(), "--port".into(), port.to_string()],
+        env: vec![("VERGE_INSTANCE_ID".into(), id.clone())],
+        working_dir: None,
+        user: None,
+        hostname: id.clone(),
+        cpu: CPU,
+        memory: MEMORY,
+        pids: PIDS,
+        netns: None,
+    };
+    let t = Instant::now();
+    let instance = rt.start(spec).await?;
+    tokio::task::spawn_blocking(move || wait_for_port(port)).await??;
+    let started = t.elapsed();
+    let t = Instant::now();
+    let exit = instance.stop(Duration::from_secs(5)).await;
+    rt.remove(&id).await?;
+    let stopped = t.elapsed();
+    if exit.start_failed {
+        bail!("verge: {}", exit.describe());
+    }
+    Ok((started, stopped))
+}
+
+fn runc_once(state: &Path, layer: &Path, i: usize) -> anyhow::Result<(Duration, Duration)> {
+    let id = format!("runc-bench{i}");
+    let port = free_port()?;
+    let bundle = state.join(format!("bundle{i}"));
+    let rootfs = bundle.join("rootfs");
+    for d in [&rootfs, &bundle.join("upper"), &bundle.join("work")] {
+        std::fs::create_dir_all(d)?;
+    }
+    std::fs::write(
+        bundle.join("config.json"),
+        oci_config(&id, port).to_string(),
+    )?;
+    let log = std::fs::File::create(bundle.join("stdout.log"))?;
+
+    let t = Instant::now();
+    let data = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        layer.display(),
+        bundle.join("upper").display(),
+        bundle.join("work").display()
+    );
+    nix::mount::mount(
+        Some("overlay"),
+        &rootfs,
+        Some("overlay"),
+        nix::mount::MsFlags::empty(),
+        Some(data.as_str()),
+    )
+    .context("mounting the overlay for runc")?;
+    let status = Command::new("runc")
+        .arg("--root")
+        .arg(state.join("state"))
+        .args(["run", "-d", "--bundle"])
+        .arg(&bundle)
+        .arg(&id)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .status()?;
+    if !status.success() {
+        bail!(
+            "runc run failed: {}",
+            std::fs::read_to_string(bundle.join("stdout.log"))?
+        );
+    }
+    wait_for_port(port)?;
+    let started = t.elapsed();
+
+    let t = Instant::now();
+    let status = Command::new("runc")
+        .arg("--root")
+        .arg(state.join("state"))
+        .args(["delete", "--force", &id])
+        .status()?;
+    if !status.success() {
+        bail!("runc delete failed");
+    }
+    nix::mount::umount2(&rootfs, nix::mount::MntFlags::empty())
+        .context("unmounting runc's overlay")?;
+    std::fs::remove_dir_all(&bundle)?;
+    Ok((started, t.elapsed()))
+}
+
+/// An OCI runtime config like what Verge sets up: PID, mount, IPC and UTS
+/// namespaces (host network), the same mounts, limits and capabilities.
+fn oci_config(id: &str, port: u16) -> serde_json::Value {
+    let quota = (CPU * 100_000.0) as i64;
+    json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": false,
+            "user": {"uid": 0, "gid": 0},
+            "args": ["/hello", "--port", port.to_string()],
+            "env": [
+                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                format!("VERGE_INSTANCE_ID={id}"),
+            ],
+            "cwd": "/",
+            "capabilities": {
+                "bounding": CAPS,
+                "effective": CAPS,
+                "permitted": CAPS,
+            },
+        },
+        "root": {"path": "rootfs", "readonly": false},
+        "hostname": id,
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+            {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "mode=1777"]},
+        ],
+        "linux": {
+            "cgroupsPath": format!("/{RUNC_CGROUP_PARENT}/{id}"),
+            "resources": {
+                "memory": {"limit": MEMORY, "swap": MEMORY},
+                "cpu": {"quota": quota, "period": 100_000},
+                "pids": {"limit": PIDS},
+            },
+            "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],
+            "maskedPaths": ["/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/sched_debug", "/proc/latency_stats", "/proc/acpi", "/proc/scsi"],
+            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"],
+        },
+    })
+}

@@ -1,0 +1,145 @@
+//! A node joins: it proves it holds a join token and gets a certificate
+//! for the key it made, signed by the cluster CA, and an instance prefix.
+
+use std::net::Ipv6Addr;
+
+use verge_api::names;
+use verge_api::wire::io::{Reader, Writer};
+use verge_api::wire::{JoinRequest, JoinResponse, Joined};
+
+use super::Cluster;
+use crate::auth::hash_token;
+use crate::store::{NewEvent, NewNode, StoreError, new_node_id};
+use crate::time::{now_ms, rfc3339};
+
+impl Cluster {
+    pub(super) async fn join(&self, conn: quinn::Connection) {
+        let (send, recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::info!(error = %e, "join connection closed before its request");
+                return;
+            }
+        };
+        let (mut reader, mut writer) = (Reader::new(recv), Writer::new(send));
+        let req: JoinRequest = match reader.next().await {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::info!(error = %e, "unreadable join request");
+                return;
+            }
+        };
+        let answer = match self.admit(&req).await {
+            Ok(joined) => {
+                tracing::info!(node = %joined.node_id, name = %joined.name, "node joined");
+                JoinResponse::Accepted(Box::new(joined))
+            }
+            Err(message) => {
+                tracing::info!(name = %req.name, %message, "join refused");
+                JoinResponse::Refused { message }
+            }
+        };
+        if writer.send(&answer).await.is_ok() {
+            let _ = writer.get_mut().finish();
+            // Wait for the node to read the answer and close.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), conn.closed()).await;
+        }
+    }
+
+    /// Checks a join request and records the node; `Err` is the message the
+    /// node shows its operator.
+    async fn admit(&self, req: &JoinRequest) -> Result<Joined, String> {
+        let store = &self.inner.store;
+        let internal = |e: StoreError| format!("the control plane could not record the join: {e}; try again");
+        let token = store.join_token(&req.token_id).await.map_err(internal)?;
+        let Some(token) = token.filter(|t| t.secret_hash == hash_token(&req.token_secret)) else {
+            return Err("the join token is not valid (unknown, or its secret is wrong): mint a new one with `verge nodes join-token`".into());
+        };
+        if token.expires_at <= now_ms() {
+            return Err(format!(
+                "the join token {} expired at {}: mint a new one with `verge nodes join-token`",
+                token.id,
+                rfc3339(token.expires_at)
+            ));
+        }
+        names::validate("node", &req.name).map_err(|e| format!("{e}; start the node with a valid --name"))?;
+        for (k, v) in &req.labels {
+            names::label(k, v).map_err(|e| format!("{e}; fix --label"))?;
+        }
+        let node_id = new_node_id();
+        let cert_pem = self
+            .inner
+            .ca
+            .sign_node(&req.csr_pem, &node_id)
+            .map_err(|e| e.to_string())?;
+        let cert_der = super::ca::cert_from_pem(&cert_pem)
+            .ok_or("signing the node certificate failed: the result does not parse")?;
+        let labels = serde_json::to_string(&req.labels).expect("a string map serialises");
+        let prefix = self.inner.config.instance_prefix;
+        let mut tx = store.mutation().await.map_err(internal)?;
+        let node = tx
+            .insert_node(
+                &NewNode {
+                    id: &node_id,
+                    name: &req.name,
+                    labels: &labels,
+                    cpu_millis: (req.capacity.cpu * 1000.0).round() as i64,
+                    memory: req.capacity.memory as i64,
+                    isolation: &req.isolation.to_string(),
+                    version: &req.version,
+                    cert_sha256: &super::ca::sha256_hex(&cert_der),
+                    join_token_id: &token.id,
+                },
+                |index| node_prefix(prefix, index),
+            )
+            .await
+            .map_err(|e| match e {
+                StoreError::Conflict => format!(
+                    "a node named {} already exists in this cluster: start this one with another --name",
+                    req.name
+                ),
+                e => internal(e),
+            })?;
+        tx.emit(NewEvent {
+            node_id: Some(&node.id),
+            kind: "node.joined",
+            message: format!(
+                "node {} joined (isolation {}, {} cores, {} memory, instance prefix {})",
+                node.name,
+                req.isolation,
+                req.capacity.cpu,
+                verge_api::manifest::format_size(req.capacity.memory),
+                node.instance_prefix
+            ),
+            ..NewEvent::default()
+        })
+        .await
+        .map_err(internal)?;
+        tx.commit().await.map_err(internal)?;
+        Ok(Joined {
+            node_id: node.id,
+            name: node.name,
+            cert_pem,
+            ca_pem: self.inner.ca.cert_pem().to_string(),
+            instance_prefix: node.instance_prefix,
+        })
+    }
+}
+
+/// The `index`th /64 of the cluster's instance prefix.
+fn node_prefix(cluster: ipnet::Ipv6Net, index: i64) -> String {
+    let base = u128::from(cluster.network());
+    let addr = Ipv6Addr::from(base | ((index as u128) << 64));
+    format!("{addr}/64")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn node_prefixes_are_consecutive_64s() {
+        let p = "fd76:6572:6765::/48".parse().unwrap();
+        assert_eq!(super::node_prefix(p, 1), "fd76:6572:6765:1::/64");
+        assert_eq!(super::node_prefix(p, 258), "fd76:6572:6765:102::/64");
+    }
+}

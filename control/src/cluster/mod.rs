@@ -1,0 +1,279 @@
+//! The cluster side of the control plane: the cluster CA ([`ca`]), the QUIC
+//! endpoint nodes join and keep their sessions on ([`join`], [`session`]),
+//! and the loops that watch liveness and keep placements converged.
+//!
+//! Long-lived tasks, each named and stopped by the shutdown token:
+//! - `cluster_endpoint`: accepts QUIC connections, one task per connection;
+//! - `node_liveness`: marks nodes offline after the grace period;
+//! - `reconciler`: runs [`crate::reconcile::reconcile_all`] when poked
+//!   (deploy, rollback, scale, node online/offline) and every few seconds.
+//!
+//! It must not hold desired state of its own: everything lives in the
+//! store, so any replica can serve any node.
+
+pub mod ca;
+mod join;
+mod session;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::server::WebPkiClientVerifier;
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use verge_api::wire::{ALPN_JOIN, ALPN_NODE};
+
+use crate::secrets::Keyring;
+use crate::store::Store;
+use crate::time::now_ms;
+pub use ca::{CaError, ClusterCa};
+
+/// What the cluster endpoint is configured with.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub listen: SocketAddr,
+    pub advertise: Option<String>,
+    pub instance_prefix: ipnet::Ipv6Net,
+    pub heartbeat: Duration,
+    pub offline_after: Duration,
+}
+
+/// Why the cluster endpoint did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    #[error("cluster endpoint tls: {0}")]
+    Tls(String),
+    #[error(
+        "cannot listen for nodes on udp {addr}: {source} (is another control plane running? set --cluster-listen)"
+    )]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A handle on the cluster side; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    store: Store,
+    ca: ClusterCa,
+    config: ClusterConfig,
+    local_addr: SocketAddr,
+    /// Poked when placements may need to change.
+    poke: Notify,
+    /// Bumped after the reconciler changed some node's desired set.
+    desired: watch::Sender<u64>,
+}
+
+impl Cluster {
+    /// Loads (or on first start makes) the cluster CA, binds the QUIC
+    /// endpoint and starts the cluster's tasks; they end when `shutdown` fires.
+    pub async fn start(
+        store: Store,
+        keyring: &Keyring,
+        config: ClusterConfig,
+        shutdown: CancellationToken,
+    ) -> Result<(Cluster, tokio::task::JoinHandle<()>), ClusterError> {
+        let ca = ClusterCa::load_or_create(&store, keyring).await?;
+        let endpoint = endpoint(&ca, config.listen)?;
+        let local_addr = endpoint.local_addr().map_err(|source| ClusterError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let cluster = Cluster {
+            inner: Arc::new(Inner {
+                store,
+                ca,
+                config,
+                local_addr,
+                poke: Notify::new(),
+                desired: watch::Sender::new(0),
+            }),
+        };
+        tracing::info!(addr = %local_addr, ca = cluster.ca_sha256(), "cluster endpoint listening");
+        let mut tasks = JoinSet::new();
+        tasks.spawn(
+            cluster
+                .clone()
+                .accept_loop(endpoint, shutdown.clone())
+                .instrument(tracing::info_span!("cluster_endpoint")),
+        );
+        tasks.spawn(
+            cluster
+                .clone()
+                .liveness_loop(shutdown.clone())
+                .instrument(tracing::info_span!("node_liveness")),
+        );
+        tasks.spawn(
+            cluster
+                .clone()
+                .reconcile_loop(shutdown)
+                .instrument(tracing::info_span!("reconciler")),
+        );
+        let done = tokio::spawn(async move { while tasks.join_next().await.is_some() {} });
+        Ok((cluster, done))
+    }
+
+    /// The SHA-256 of the cluster CA certificate (what join tokens pin).
+    pub fn ca_sha256(&self) -> &str {
+        self.inner.ca.sha256()
+    }
+
+    /// The `host:port` nodes should dial.
+    pub fn advertise(&self) -> String {
+        self.inner
+            .config
+            .advertise
+            .clone()
+            .unwrap_or_else(|| self.inner.local_addr.to_string())
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.inner.local_addr
+    }
+
+    pub fn offline_after(&self) -> Duration {
+        self.inner.config.offline_after
+    }
+
+    /// Asks the reconciler to run now (desired state changed).
+    pub fn poke(&self) {
+        self.inner.poke.notify_one();
+    }
+
+    async fn accept_loop(self, endpoint: quinn::Endpoint, shutdown: CancellationToken) {
+        let mut conns = JoinSet::new();
+        loop {
+            let incoming = tokio::select! {
+                i = endpoint.accept() => match i {
+                    Some(i) => i,
+                    None => break,
+                },
+                () = shutdown.cancelled() => break,
+            };
+            let peer = incoming.remote_address();
+            let cluster = self.clone();
+            let stop = shutdown.clone();
+            conns.spawn(
+                async move {
+                    let conn = match incoming.await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            tracing::info!(error = %e, "node connection failed during handshake");
+                            return;
+                        }
+                    };
+                    match alpn(&conn).as_deref() {
+                        Some(ALPN_JOIN) => cluster.join(conn).await,
+                        Some(ALPN_NODE) => cluster.session(conn, stop).await,
+                        other => {
+                            tracing::info!(alpn = ?other, "unknown protocol; closing");
+                            conn.close(1u32.into(), b"unknown protocol");
+                        }
+                    }
+                }
+                .instrument(tracing::info_span!("node_conn", %peer)),
+            );
+            while conns.try_join_next().is_some() {}
+        }
+        endpoint.close(0u32.into(), b"control plane shutting down");
+        while conns.join_next().await.is_some() {}
+        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        tracing::info!("cluster endpoint closed");
+    }
+
+    async fn liveness_loop(self, shutdown: CancellationToken) {
+        let tick = (self.inner.config.offline_after / 6).max(Duration::from_millis(200));
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(tick) => {}
+                () = shutdown.cancelled() => return,
+            }
+            let cutoff = now_ms() - self.inner.config.offline_after.as_millis() as i64;
+            match self.inner.store.mark_lost_nodes(cutoff).await {
+                Ok(lost) if !lost.is_empty() => {
+                    for n in &lost {
+                        tracing::warn!(node = %n.id, name = %n.name, "node offline");
+                    }
+                    self.poke();
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "checking node liveness failed"),
+            }
+        }
+    }
+
+    async fn reconcile_loop(self, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = self.inner.poke.notified() => {}
+                () = tokio::time::sleep(Duration::from_secs(2)) => {}
+                () = shutdown.cancelled() => return,
+            }
+            match crate::reconcile::reconcile_all(&self.inner.store).await {
+                Ok(changed) if !changed.is_empty() => {
+                    tracing::debug!(nodes = ?changed, "desired sets changed");
+                    self.inner.desired.send_modify(|n| *n += 1);
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "reconciling failed; will retry"),
+            }
+        }
+    }
+}
+
+fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()?
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()?
+        .protocol
+}
+
+/// The QUIC endpoint: TLS 1.3 with the CA-signed server certificate; client
+/// certificates are verified against the CA when presented (joined nodes)
+/// and optional (joining nodes, told apart by ALPN and checked by the session).
+fn endpoint(ca: &ClusterCa, listen: SocketAddr) -> Result<quinn::Endpoint, ClusterError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(ca.cert_der().clone())
+        .map_err(|e| ClusterError::Tls(e.to_string()))?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| ClusterError::Tls(e.to_string()))?;
+    let (certs, key) = ca.server_identity()?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ClusterError::Tls(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .map_err(|e| ClusterError::Tls(e.to_string()))?;
+    tls.alpn_protocols = vec![ALPN_JOIN.to_vec(), ALPN_NODE.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| ClusterError::Tls(e.to_string()))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_idle_timeout(Some(
+            Duration::from_secs(30)
+                .try_into()
+                .expect("30s is a valid idle timeout"),
+        ))
+        .keep_alive_interval(Some(Duration::from_secs(5)));
+    server.transport_config(Arc::new(transport));
+    quinn::Endpoint::server(server, listen).map_err(|source| ClusterError::Bind {
+        addr: listen,
+        source,
+    })
+}

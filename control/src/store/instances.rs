@@ -1,0 +1,210 @@
+//! Instances: what the control plane wants placed where (`goal`), and what
+//! their nodes last reported (`state` and the columns after it).
+
+use sqlx::{Any, Executor, FromRow};
+
+use super::events::Mutation;
+use super::{Result, Store, new_id};
+use crate::time::now_ms;
+
+/// An instance as stored, with its node's name.
+#[derive(Debug, Clone, PartialEq, Eq, FromRow)]
+pub struct InstanceRow {
+    pub id: String,
+    pub env_id: String,
+    pub release_id: String,
+    pub workload: String,
+    pub slot: i64,
+    pub node_id: Option<String>,
+    pub node_name: Option<String>,
+    /// `run` or `stop`.
+    pub goal: String,
+    pub state: String,
+    pub category: Option<String>,
+    pub message: Option<String>,
+    pub address: Option<String>,
+    pub restarts: i64,
+    pub cpu_millis: i64,
+    pub memory: i64,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+const INSTANCE_SELECT: &str = "SELECT i.id, i.env_id, i.release_id, i.workload, i.slot, \
+    i.node_id, n.name AS node_name, i.goal, i.state, i.category, i.message, i.address, \
+    i.restarts, i.cpu_millis, i.memory, i.created_at, i.updated_at \
+    FROM instances i LEFT JOIN nodes n ON n.id = i.node_id";
+
+/// A new instance slot of a release's workload.
+#[derive(Debug, Clone)]
+pub struct NewInstance<'a> {
+    pub env_id: &'a str,
+    pub release_id: &'a str,
+    pub workload: &'a str,
+    pub slot: i64,
+    pub node_id: Option<&'a str>,
+    pub cpu_millis: i64,
+    pub memory: i64,
+    /// Why it has no node, when it has none.
+    pub message: Option<String>,
+}
+
+/// What a node reported about one of its instances.
+#[derive(Debug, Clone)]
+pub struct Reported<'a> {
+    pub state: &'a str,
+    pub category: Option<&'a str>,
+    pub message: Option<&'a str>,
+    pub address: Option<&'a str>,
+    pub restarts: i64,
+}
+
+async fn select<'e>(
+    e: impl Executor<'e, Database = Any>,
+    filter: &str,
+    arg: &str,
+) -> Result<Vec<InstanceRow>> {
+    let sql = format!("{INSTANCE_SELECT} WHERE {filter} ORDER BY i.workload, i.slot, i.created_at");
+    Ok(sqlx::query_as(&sql).bind(arg).fetch_all(e).await?)
+}
+
+impl Store {
+    /// Every instance of an env, wanted or still stopping.
+    pub async fn env_instances(&self, env_id: &str) -> Result<Vec<InstanceRow>> {
+        select(&self.pool, "i.env_id = $1", env_id).await
+    }
+
+    /// Every instance placed on a node, wanted or still stopping.
+    pub async fn node_instances(&self, node_id: &str) -> Result<Vec<InstanceRow>> {
+        select(&self.pool, "i.node_id = $1", node_id).await
+    }
+
+    /// IDs of envs that have a current release (the reconciler's work list).
+    pub async fn envs_with_release(&self) -> Result<Vec<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT id FROM envs WHERE current_release IS NOT NULL ORDER BY id")
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+}
+
+impl Mutation<'_> {
+    pub async fn env_instances(&mut self, env_id: &str) -> Result<Vec<InstanceRow>> {
+        select(self.conn(), "i.env_id = $1", env_id).await
+    }
+
+    /// Every instance that counts against its node's capacity (goal `run`, placed).
+    pub async fn placed_instances(&mut self) -> Result<Vec<InstanceRow>> {
+        select(self.conn(), "i.goal = $1 AND i.node_id IS NOT NULL", "run").await
+    }
+
+    pub async fn instance(&mut self, id: &str) -> Result<Option<InstanceRow>> {
+        Ok(select(self.conn(), "i.id = $1", id).await?.pop())
+    }
+
+    /// Adds an instance; returns its ID.
+    pub async fn insert_instance(&mut self, n: &NewInstance<'_>) -> Result<String> {
+        let id = new_id("i");
+        let now = now_ms();
+        sqlx::query(
+            "INSERT INTO instances (id, env_id, release_id, workload, slot, node_id, goal, \
+             state, message, cpu_millis, memory, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, 'run', 'pending', $7, $8, $9, $10, $10)",
+        )
+        .bind(&id)
+        .bind(n.env_id)
+        .bind(n.release_id)
+        .bind(n.workload)
+        .bind(n.slot)
+        .bind(n.node_id)
+        .bind(n.message.as_deref())
+        .bind(n.cpu_millis)
+        .bind(n.memory)
+        .bind(now)
+        .execute(self.conn())
+        .await?;
+        Ok(id)
+    }
+
+    /// Places a pending instance on a node (or records why it cannot be).
+    pub async fn place_instance(
+        &mut self,
+        id: &str,
+        node_id: Option<&str>,
+        message: Option<&str>,
+    ) -> Result<()> {
+        sqlx::query("UPDATE instances SET node_id = $2, message = $3, updated_at = $4 WHERE id = $1")
+            .bind(id)
+            .bind(node_id)
+            .bind(message)
+            .bind(now_ms())
+            .execute(self.conn())
+            .await?;
+        Ok(())
+    }
+
+    /// The control plane no longer wants this instance; its node stops it.
+    pub async fn stop_instance(&mut self, id: &str) -> Result<()> {
+        sqlx::query("UPDATE instances SET goal = 'stop', updated_at = $2 WHERE id = $1")
+            .bind(id)
+            .bind(now_ms())
+            .execute(self.conn())
+            .await?;
+        Ok(())
+    }
+
+    /// Forgets an instance that is gone (stopped on its node, or never placed).
+    pub async fn delete_instance(&mut self, id: &str) -> Result<()> {
+        sqlx::query("DELETE FROM instances WHERE id = $1")
+            .bind(id)
+            .execute(self.conn())
+            .await?;
+        Ok(())
+    }
+
+    /// Records a node's report about one of *its* instances; `false` when
+    /// the instance is not (or no longer) placed on that node.
+    pub async fn report_instance(&mut self, node_id: &str, id: &str, r: &Reported<'_>) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE instances SET state = $3, category = $4, message = $5, \
+             address = COALESCE($6, address), restarts = $7, updated_at = $8 \
+             WHERE id = $1 AND node_id = $2",
+        )
+        .bind(id)
+        .bind(node_id)
+        .bind(r.state)
+        .bind(r.category)
+        .bind(r.message)
+        .bind(r.address)
+        .bind(r.restarts)
+        .bind(now_ms())
+        .execute(self.conn())
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+}
+
+/// IDs and names around an env, for events and for instance specs.
+#[derive(Debug, Clone, PartialEq, Eq, FromRow)]
+pub struct EnvScope {
+    pub org_id: String,
+    pub org: String,
+    pub app_id: String,
+    pub app: String,
+    pub env_id: String,
+    pub env: String,
+}
+
+impl Store {
+    pub async fn env_scope(&self, env_id: &str) -> Result<Option<EnvScope>> {
+        Ok(sqlx::query_as(
+            "SELECT o.id AS org_id, o.name AS org, a.id AS app_id, a.name AS app, \
+             e.id AS env_id, e.name AS env FROM envs e JOIN apps a ON a.id = e.app_id \
+             JOIN orgs o ON o.id = a.org_id WHERE e.id = $1",
+        )
+        .bind(env_id)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+}

@@ -1,0 +1,288 @@
+//! Join tokens, nodes and their liveness.
+
+use sqlx::FromRow;
+
+use super::events::{Mutation, NewEvent};
+use super::{Result, Store, new_id};
+use crate::time::now_ms;
+
+/// A stored join token (the secret only as its hash).
+#[derive(Debug, Clone, PartialEq, Eq, FromRow)]
+pub struct JoinTokenRow {
+    pub id: String,
+    pub secret_hash: String,
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub created_by: String,
+    pub uses: i64,
+}
+
+/// A node as stored.
+#[derive(Debug, Clone, PartialEq, Eq, FromRow)]
+pub struct NodeRow {
+    pub id: String,
+    pub name: String,
+    /// JSON object.
+    pub labels: String,
+    pub cpu_millis: i64,
+    pub memory: i64,
+    /// JSON of `verge_api::wire::Usage`, from the last heartbeat.
+    pub usage: Option<String>,
+    pub isolation: String,
+    pub version: String,
+    pub state: String,
+    pub state_since: i64,
+    pub last_seen: Option<i64>,
+    pub prefix_index: i64,
+    pub instance_prefix: String,
+    pub cert_sha256: String,
+    pub joined_at: i64,
+    pub desired_version: i64,
+    pub applied_version: i64,
+}
+
+const NODE_COLUMNS: &str = "id, name, labels, cpu_millis, memory, usage, isolation, version, \
+    state, state_since, last_seen, prefix_index, instance_prefix, cert_sha256, joined_at, \
+    desired_version, applied_version";
+
+/// What a joining node becomes.
+#[derive(Debug, Clone)]
+pub struct NewNode<'a> {
+    pub id: &'a str,
+    pub name: &'a str,
+    pub labels: &'a str,
+    pub cpu_millis: i64,
+    pub memory: i64,
+    pub isolation: &'a str,
+    pub version: &'a str,
+    pub cert_sha256: &'a str,
+    pub join_token_id: &'a str,
+}
+
+/// What a node says about itself when its session starts.
+#[derive(Debug, Clone)]
+pub struct Hello<'a> {
+    pub labels: &'a str,
+    pub cpu_millis: i64,
+    pub memory: i64,
+    pub isolation: &'a str,
+    pub version: &'a str,
+    pub applied_version: i64,
+}
+
+impl Store {
+    /// Stores a new join token; returns its ID.
+    pub async fn create_join_token(
+        &self,
+        secret_hash: &str,
+        expires_at: i64,
+        created_by: &str,
+    ) -> Result<String> {
+        let id = new_id("jt").replace('_', "");
+        sqlx::query(
+            "INSERT INTO join_tokens (id, secret_hash, created_at, expires_at, created_by) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(&id)
+        .bind(secret_hash)
+        .bind(now_ms())
+        .bind(expires_at)
+        .bind(created_by)
+        .execute(&self.pool)
+        .await?;
+        Ok(id)
+    }
+
+    pub async fn join_token(&self, id: &str) -> Result<Option<JoinTokenRow>> {
+        Ok(sqlx::query_as(
+            "SELECT id, secret_hash, created_at, expires_at, created_by, uses \
+             FROM join_tokens WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    pub async fn nodes(&self) -> Result<Vec<NodeRow>> {
+        let sql = format!("SELECT {NODE_COLUMNS} FROM nodes ORDER BY name");
+        Ok(sqlx::query_as(&sql).fetch_all(&self.pool).await?)
+    }
+
+    pub async fn node_by_name(&self, name: &str) -> Result<Option<NodeRow>> {
+        let sql = format!("SELECT {NODE_COLUMNS} FROM nodes WHERE name = $1");
+        Ok(sqlx::query_as(&sql)
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    pub async fn node(&self, id: &str) -> Result<Option<NodeRow>> {
+        let sql = format!("SELECT {NODE_COLUMNS} FROM nodes WHERE id = $1");
+        Ok(sqlx::query_as(&sql)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    /// The node whose client certificate has this SHA-256 fingerprint.
+    pub async fn node_by_cert(&self, cert_sha256: &str) -> Result<Option<NodeRow>> {
+        let sql = format!("SELECT {NODE_COLUMNS} FROM nodes WHERE cert_sha256 = $1");
+        Ok(sqlx::query_as(&sql)
+            .bind(cert_sha256)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    /// Records a heartbeat: the node is alive now.
+    pub async fn node_heartbeat(
+        &self,
+        id: &str,
+        cpu_millis: i64,
+        memory: i64,
+        usage: &str,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE nodes SET last_seen = $2, cpu_millis = $3, memory = $4, usage = $5 \
+             WHERE id = $1",
+        )
+        .bind(id)
+        .bind(now_ms())
+        .bind(cpu_millis)
+        .bind(memory)
+        .bind(usage)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Marks `offline` every online node not seen since `cutoff_ms`, with an
+    /// event each; returns them. Safe to run on every replica at once: the
+    /// conditional update lets exactly one of them win per node.
+    pub async fn mark_lost_nodes(&self, cutoff_ms: i64) -> Result<Vec<NodeRow>> {
+        let sql = format!(
+            "SELECT {NODE_COLUMNS} FROM nodes WHERE state = 'online' \
+             AND COALESCE(last_seen, 0) < $1"
+        );
+        let candidates: Vec<NodeRow> = sqlx::query_as(&sql)
+            .bind(cutoff_ms)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut lost = Vec::new();
+        for node in candidates {
+            let mut tx = self.mutation().await?;
+            let now = now_ms();
+            let done = sqlx::query(
+                "UPDATE nodes SET state = 'offline', state_since = $2 \
+                 WHERE id = $1 AND state = 'online' AND COALESCE(last_seen, 0) < $3",
+            )
+            .bind(&node.id)
+            .bind(now)
+            .bind(cutoff_ms)
+            .execute(tx.conn())
+            .await?;
+            if done.rows_affected() == 1 {
+                let silent = (now - node.last_seen.unwrap_or(node.state_since)) / 1000;
+                tx.emit(NewEvent {
+                    node_id: Some(&node.id),
+                    kind: "node.offline",
+                    message: format!("node {} is offline: no heartbeat for {silent}s", node.name),
+                    ..NewEvent::default()
+                })
+                .await?;
+                tx.commit().await?;
+                lost.push(node);
+            }
+        }
+        Ok(lost)
+    }
+}
+
+impl Mutation<'_> {
+    pub async fn nodes(&mut self) -> Result<Vec<NodeRow>> {
+        let sql = format!("SELECT {NODE_COLUMNS} FROM nodes ORDER BY name");
+        Ok(sqlx::query_as(&sql).fetch_all(self.conn()).await?)
+    }
+
+    /// Adds a node with the next free instance prefix index; returns it.
+    pub async fn insert_node(&mut self, n: &NewNode<'_>, prefix_for: impl Fn(i64) -> String) -> Result<NodeRow> {
+        let index: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(prefix_index), 0) + 1 FROM nodes")
+            .fetch_one(self.conn())
+            .await?;
+        let now = now_ms();
+        sqlx::query(
+            "INSERT INTO nodes (id, name, labels, cpu_millis, memory, isolation, version, state, \
+             state_since, prefix_index, instance_prefix, cert_sha256, joined_at, join_token_id) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 'offline', $8, $9, $10, $11, $8, $12)",
+        )
+        .bind(n.id)
+        .bind(n.name)
+        .bind(n.labels)
+        .bind(n.cpu_millis)
+        .bind(n.memory)
+        .bind(n.isolation)
+        .bind(n.version)
+        .bind(now)
+        .bind(index)
+        .bind(prefix_for(index))
+        .bind(n.cert_sha256)
+        .bind(n.join_token_id)
+        .execute(self.conn())
+        .await?;
+        sqlx::query("UPDATE join_tokens SET uses = uses + 1 WHERE id = $1")
+            .bind(n.join_token_id)
+            .execute(self.conn())
+            .await?;
+        let sql = format!("SELECT {NODE_COLUMNS} FROM nodes WHERE id = $1");
+        Ok(sqlx::query_as(&sql).bind(n.id).fetch_one(self.conn()).await?)
+    }
+
+    /// A session started: record what the node says and mark it online.
+    /// Returns whether it was offline before (an `online` event was emitted).
+    pub async fn node_online(&mut self, node: &NodeRow, hello: &Hello<'_>) -> Result<bool> {
+        let now = now_ms();
+        let was_offline = sqlx::query(
+            "UPDATE nodes SET state = 'online', state_since = $2 WHERE id = $1 AND state <> 'online'",
+        )
+        .bind(&node.id)
+        .bind(now)
+        .execute(self.conn())
+        .await?
+        .rows_affected()
+            == 1;
+        sqlx::query(
+            "UPDATE nodes SET labels = $2, cpu_millis = $3, memory = $4, isolation = $5, \
+             version = $6, applied_version = $7, last_seen = $8 WHERE id = $1",
+        )
+        .bind(&node.id)
+        .bind(hello.labels)
+        .bind(hello.cpu_millis)
+        .bind(hello.memory)
+        .bind(hello.isolation)
+        .bind(hello.version)
+        .bind(hello.applied_version)
+        .bind(now)
+        .execute(self.conn())
+        .await?;
+        if was_offline {
+            self.emit(NewEvent {
+                node_id: Some(&node.id),
+                kind: "node.online",
+                message: format!("node {} is online", node.name),
+                ..NewEvent::default()
+            })
+            .await?;
+        }
+        Ok(was_offline)
+    }
+
+    /// Bumps the desired-set version of each node; returns nothing (sessions re-read).
+    pub async fn bump_desired(&mut self, node_ids: &[String]) -> Result<()> {
+        for id in node_ids {
+            sqlx::query("UPDATE nodes SET desired_version = desired_version + 1 WHERE id = $1")
+                .bind(id)
+                .execute(self.conn())
+                .await?;
+        }
+        Ok(())
+    }
+}

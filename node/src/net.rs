@@ -1,1 +1,0 @@
-//! Instance networking (being written).

@@ -1,0 +1,595 @@
+//! Desired set → local instances.
+//!
+//! The reconciler keeps the last desired set (also on disk, so a restarted
+//! daemon resumes without the control plane) and one supervisor task per
+//! instance in it. A supervisor pulls the image, prepares the network,
+//! starts the process, waits for it, applies the restart policy (exponential
+//! backoff; five failures in a row without a minute of running is a crash
+//! loop, and the instance ends `failed`), and stops it (SIGTERM, grace,
+//! SIGKILL) when the instance leaves the set. Every state change is sent to
+//! the agent as an [`InstanceReport`].
+//!
+//! On start, instances the previous daemon left running are re-adopted, not
+//! restarted; leftovers no longer desired are stopped and cleaned up.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use verge_api::manifest::{Restart, format_size};
+use verge_api::wire::{DesiredSet, ErrorCategory, InstanceReport, InstanceSpec, InstanceState, Isolation};
+
+use crate::net::Network;
+use crate::pull::{ImageStore, PulledImage};
+use crate::runtime::{Exit, Instance, LaunchSpec, ProcessRuntime};
+
+/// Failures in a row (each after less than [`HEALTHY_RUN`] of running) that make a crash loop.
+const CRASH_LOOP: u32 = 5;
+/// A run this long resets the failure count.
+const HEALTHY_RUN: Duration = Duration::from_secs(60);
+/// Most processes an instance may have.
+const PIDS_LIMIT: u64 = 1024;
+
+/// What the reconciler works with.
+#[derive(Debug, Clone)]
+pub struct Parts {
+    pub data_dir: PathBuf,
+    pub images: ImageStore,
+    pub runtime: ProcessRuntime,
+    /// `None` with `--isolation none`.
+    pub net: Option<Network>,
+    pub isolation: Isolation,
+    pub stop_grace: Duration,
+    /// Stop every instance when the daemon shuts down (`verge dev`); a
+    /// `verge node` leaves them running for its successor to re-adopt.
+    pub stop_on_shutdown: bool,
+}
+
+/// A handle on the reconciler; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Reconciler {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    parts: Parts,
+    reports: mpsc::Sender<InstanceReport>,
+    state: Mutex<State>,
+    /// Fires on daemon shutdown: supervisors end (stopping their instance
+    /// only with `stop_on_shutdown`).
+    shutdown: CancellationToken,
+    supervisors: tokio_util::task::TaskTracker,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    version: u64,
+    slots: HashMap<String, Slot>,
+}
+
+#[derive(Debug)]
+struct Slot {
+    report: InstanceReport,
+    /// Fires when the instance left the desired set.
+    stop: CancellationToken,
+}
+
+/// The desired set as saved on disk.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Saved {
+    set: DesiredSet,
+}
+
+impl Reconciler {
+    /// Loads the saved desired set, re-adopts running instances, and starts
+    /// supervising. Reports go to the returned receiver.
+    pub async fn start(
+        parts: Parts,
+        shutdown: CancellationToken,
+    ) -> (Reconciler, mpsc::Receiver<InstanceReport>) {
+        let (tx, rx) = mpsc::channel(1024);
+        let saved = load_saved(&parts.data_dir).await;
+        let adopted = match parts.runtime.adopt().await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!(error = %e, "re-adopting instances failed");
+                Vec::new()
+            }
+        };
+        let r = Reconciler {
+            inner: Arc::new(Inner {
+                parts,
+                reports: tx,
+                state: Mutex::new(State::default()),
+                shutdown,
+                supervisors: tokio_util::task::TaskTracker::new(),
+            }),
+        };
+        let mut adopted: HashMap<String, Instance> = adopted
+            .into_iter()
+            .map(|a| (a.spec.instance_id.clone(), a.instance))
+            .collect();
+        tracing::info!(adopted = adopted.len(), desired = saved.set.instances.len(), "reconciler starting");
+        {
+            let mut st = r.inner.state.lock().expect("not poisoned");
+            st.version = saved.set.version;
+            for spec in saved.set.instances {
+                let running = adopted.remove(&spec.id);
+                r.spawn_supervisor(&mut st, spec, running);
+            }
+        }
+        for (id, inst) in adopted {
+            let r2 = r.clone();
+            tokio::spawn(async move {
+                tracing::info!(instance = %id, "stopping a leftover instance no longer desired");
+                inst.stop(r2.inner.parts.stop_grace).await;
+                r2.cleanup(&id).await;
+            });
+        }
+        r.cleanup_orphans().await;
+        (r, rx)
+    }
+
+    /// Converges on `set`: starts what is new, stops what left.
+    pub async fn apply(&self, set: DesiredSet) {
+        if let Err(e) = save(&self.inner.parts.data_dir, &set).await {
+            tracing::error!(error = %e, "saving the desired set failed");
+        }
+        let mut st = self.inner.state.lock().expect("not poisoned");
+        st.version = set.version;
+        let wanted: std::collections::HashSet<&str> = set.instances.iter().map(|s| s.id.as_str()).collect();
+        for (id, slot) in &st.slots {
+            if !wanted.contains(id.as_str()) {
+                slot.stop.cancel();
+            }
+        }
+        for spec in set.instances {
+            if !st.slots.contains_key(&spec.id) {
+                self.spawn_supervisor(&mut st, spec, None);
+            }
+        }
+    }
+
+    /// Waits until every supervisor ended (after shutdown).
+    pub async fn stopped(&self) {
+        self.inner.supervisors.close();
+        self.inner.supervisors.wait().await;
+    }
+
+    /// Every instance's current report (for `Hello`).
+    pub fn snapshot(&self) -> Vec<InstanceReport> {
+        let st = self.inner.state.lock().expect("not poisoned");
+        st.slots.values().map(|s| s.report.clone()).collect()
+    }
+
+    pub fn applied_version(&self) -> u64 {
+        self.inner.state.lock().expect("not poisoned").version
+    }
+
+    /// Bytes used by the image store.
+    pub fn images_usage(&self) -> u64 {
+        self.inner.parts.images.disk_usage()
+    }
+
+    fn spawn_supervisor(&self, st: &mut State, spec: InstanceSpec, running: Option<Instance>) {
+        let stop = CancellationToken::new();
+        let report = InstanceReport {
+            id: spec.id.clone(),
+            state: if running.is_some() { InstanceState::Running } else { InstanceState::Pending },
+            category: None,
+            message: None,
+            address: None,
+            restarts: 0,
+            at_ms: now_ms(),
+        };
+        st.slots.insert(
+            spec.id.clone(),
+            Slot {
+                report,
+                stop: stop.clone(),
+            },
+        );
+        let span = tracing::info_span!(
+            "instance",
+            org = %spec.org, app = %spec.app, env = %spec.env,
+            release = %spec.release, instance = %spec.id
+        );
+        let sup = Supervisor {
+            r: self.clone(),
+            spec,
+            stop,
+            restarts: 0,
+            address: None,
+        };
+        self.inner.supervisors.spawn(sup.run(running).instrument(span));
+    }
+
+    /// Records and sends a state change.
+    fn report(&self, r: InstanceReport) {
+        let mut st = self.inner.state.lock().expect("not poisoned");
+        if let Some(slot) = st.slots.get_mut(&r.id) {
+            slot.report = r.clone();
+        }
+        drop(st);
+        // A full queue means the agent is disconnected; the next Hello carries the state.
+        let _ = self.inner.reports.try_send(r);
+    }
+
+    fn forget(&self, id: &str) {
+        self.inner.state.lock().expect("not poisoned").slots.remove(id);
+    }
+
+    /// Removes what an instance left on the node (cgroup, rootfs, network).
+    async fn cleanup(&self, id: &str) {
+        if let Err(e) = self.inner.parts.runtime.remove(id).await {
+            tracing::warn!(instance = %id, error = %e, "removing the instance's runtime state failed");
+        }
+        if let Some(net) = &self.inner.parts.net
+            && let Err(e) = net.remove(id).await
+        {
+            tracing::warn!(instance = %id, error = %e, "removing the instance's network failed");
+        }
+    }
+
+    /// Network namespaces of instances that are neither desired nor running.
+    async fn cleanup_orphans(&self) {
+        let Some(net) = &self.inner.parts.net else {
+            return;
+        };
+        let known: Vec<String> = self.inner.state.lock().expect("not poisoned").slots.keys().cloned().collect();
+        if let Ok(ids) = net.list().await {
+            for id in ids.into_iter().filter(|i| !known.contains(i)) {
+                tracing::info!(instance = %id, "removing a leftover instance network");
+                let _ = net.remove(&id).await;
+            }
+        }
+    }
+
+    /// Drops images no instance uses, down to the store's budget.
+    async fn collect_images(&self) {
+        // Images are named by the digest their pinned reference carries.
+        let saved = load_saved(&self.inner.parts.data_dir).await;
+        let in_use: Vec<String> = saved
+            .set
+            .instances
+            .iter()
+            .filter_map(|s| s.image.rsplit_once('@').map(|(_, d)| d.to_string()))
+            .collect();
+        if let Err(e) = self.inner.parts.images.gc(&in_use).await {
+            tracing::warn!(error = %e, "image garbage collection failed");
+        }
+    }
+}
+
+/// One instance's lifecycle.
+struct Supervisor {
+    r: Reconciler,
+    spec: InstanceSpec,
+    stop: CancellationToken,
+    restarts: u32,
+    address: Option<String>,
+}
+
+/// How a wait ended.
+enum Woke<T> {
+    Done(T),
+    /// The instance left the desired set.
+    Stop,
+    /// The daemon is shutting down: leave the instance as it is.
+    Shutdown,
+}
+
+impl Supervisor {
+    fn report(&self, state: InstanceState, category: Option<ErrorCategory>, message: Option<String>) {
+        if let Some(m) = &message {
+            tracing::info!(%state, category = ?category, message = %m, "instance state");
+        } else {
+            tracing::info!(%state, "instance state");
+        }
+        self.r.report(InstanceReport {
+            id: self.spec.id.clone(),
+            state,
+            category,
+            message,
+            address: self.address.clone(),
+            restarts: self.restarts,
+            at_ms: now_ms(),
+        });
+    }
+
+    async fn until<T>(&self, fut: impl std::future::Future<Output = T>) -> Woke<T> {
+        tokio::select! {
+            v = fut => Woke::Done(v),
+            () = self.stop.cancelled() => Woke::Stop,
+            () = self.r.inner.shutdown.cancelled() => Woke::Shutdown,
+        }
+    }
+
+    async fn run(mut self, mut running: Option<Instance>) {
+        let mut failures: u32 = 0;
+        loop {
+            let inst = match running.take() {
+                Some(i) => i,
+                None => match self.launch().await {
+                    Woke::Done(Ok(i)) => i,
+                    Woke::Done(Err((category, message))) => {
+                        failures += 1;
+                        if !self.back_off(failures, category, message).await {
+                            return;
+                        }
+                        continue;
+                    }
+                    Woke::Stop => return self.finish(None).await,
+                    Woke::Shutdown => return,
+                },
+            };
+            self.report(InstanceState::Running, None, None);
+            let started = Instant::now();
+            let exit = match self.until(inst.wait()).await {
+                Woke::Done(exit) => exit,
+                Woke::Stop => return self.finish(Some(inst)).await,
+                Woke::Shutdown if self.r.inner.parts.stop_on_shutdown => {
+                    return self.finish(Some(inst)).await;
+                }
+                Woke::Shutdown => return,
+            };
+            if started.elapsed() >= HEALTHY_RUN {
+                failures = 0;
+            }
+            if let Err(e) = self.r.inner.parts.runtime.remove(&self.spec.id).await {
+                tracing::warn!(error = %e, "removing the exited instance's runtime state failed");
+            }
+            let (category, message) = classify(&exit, self.spec.memory);
+            let failed = category.is_some();
+            let restart = match self.spec.restart {
+                Restart::Always => true,
+                Restart::OnFailure => failed,
+                Restart::Never => false,
+            };
+            if !restart {
+                let state = if failed { InstanceState::Failed } else { InstanceState::Stopped };
+                self.report(state, category, Some(message));
+                return self.idle_until_removed().await;
+            }
+            if failed {
+                failures += 1;
+            }
+            if !self
+                .back_off(failures, category.unwrap_or(ErrorCategory::Crash), message)
+                .await
+            {
+                return;
+            }
+        }
+    }
+
+    /// After a failure: waits the backoff and says so; `false` when the
+    /// instance is done (crash loop, removed, or shutdown).
+    async fn back_off(&mut self, failures: u32, category: ErrorCategory, message: String) -> bool {
+        if failures >= CRASH_LOOP {
+            self.report(
+                InstanceState::Failed,
+                Some(if category == ErrorCategory::Oom { category } else { ErrorCategory::Crash }),
+                Some(format!("crash loop: failed {failures} times in a row; last: {message}")),
+            );
+            self.idle_until_removed().await;
+            return false;
+        }
+        let delay = Duration::from_millis(500).saturating_mul(1 << failures.min(6)).min(Duration::from_secs(30));
+        self.restarts += 1;
+        self.report(
+            InstanceState::Pending,
+            Some(category),
+            Some(format!("{message}; restarting in {}", humantime_short(delay))),
+        );
+        match self.until(tokio::time::sleep(delay)).await {
+            Woke::Done(()) => true,
+            Woke::Stop => {
+                self.finish(None).await;
+                false
+            }
+            Woke::Shutdown => false,
+        }
+    }
+
+    /// Pulls, prepares the network and starts the process.
+    async fn launch(&mut self) -> Woke<Result<Instance, (ErrorCategory, String)>> {
+        let parts = self.r.inner.parts.clone();
+        self.report(InstanceState::Pulling, None, None);
+        let image = match self.until(parts.images.pull(&self.spec.image)).await {
+            Woke::Done(Ok(img)) => img,
+            Woke::Done(Err(e)) => return Woke::Done(Err((ErrorCategory::ImagePull, e.to_string()))),
+            Woke::Stop => return Woke::Stop,
+            Woke::Shutdown => return Woke::Shutdown,
+        };
+        self.report(InstanceState::Starting, None, None);
+        let (netns, port, address) = match &parts.net {
+            Some(net) => match self.until(net.setup(&self.spec.id)).await {
+                Woke::Done(Ok(n)) => {
+                    let address = match self.spec.port {
+                        Some(p) => format!("[{}]:{p}", n.v6),
+                        None => n.v6.to_string(),
+                    };
+                    (Some(n.netns), self.spec.port, address)
+                }
+                Woke::Done(Err(e)) => return Woke::Done(Err((ErrorCategory::Start, e.to_string()))),
+                Woke::Stop => return Woke::Stop,
+                Woke::Shutdown => return Woke::Shutdown,
+            },
+            None => match free_loopback_port() {
+                Ok(p) => (None, Some(p), format!("127.0.0.1:{p}")),
+                Err(e) => return Woke::Done(Err((ErrorCategory::Start, format!("no free loopback port: {e}")))),
+            },
+        };
+        self.address = Some(address);
+        let launch = match launch_spec(&self.spec, &image, netns, port) {
+            Ok(l) => l,
+            Err(e) => return Woke::Done(Err((ErrorCategory::Start, e))),
+        };
+        match self.until(parts.runtime.start(launch)).await {
+            Woke::Done(Ok(inst)) => Woke::Done(Ok(inst)),
+            Woke::Done(Err(e)) => Woke::Done(Err((ErrorCategory::Start, e.to_string()))),
+            Woke::Stop => Woke::Stop,
+            Woke::Shutdown => Woke::Shutdown,
+        }
+    }
+
+    /// Stops the instance (when running), cleans up, reports `stopped`.
+    async fn finish(&self, inst: Option<Instance>) {
+        self.report(InstanceState::Stopping, None, None);
+        if let Some(inst) = inst {
+            inst.stop(self.r.inner.parts.stop_grace).await;
+        }
+        self.r.cleanup(&self.spec.id).await;
+        self.report(InstanceState::Stopped, None, None);
+        self.r.forget(&self.spec.id);
+        self.r.collect_images().await;
+    }
+
+    /// A finished instance (exited without restart, or failed) stays
+    /// visible until the control plane removes it from the set.
+    async fn idle_until_removed(&self) {
+        match self.until(std::future::pending::<()>()).await {
+            Woke::Stop => self.finish(None).await,
+            Woke::Done(()) | Woke::Shutdown => {}
+        }
+    }
+}
+
+/// What the process runtime is told to run.
+fn launch_spec(
+    spec: &InstanceSpec,
+    image: &PulledImage,
+    netns: Option<PathBuf>,
+    port: Option<u16>,
+) -> Result<LaunchSpec, String> {
+    let argv: Vec<String> = match &spec.command {
+        Some(cmd) => cmd.clone(),
+        None => image
+            .config
+            .entrypoint
+            .iter()
+            .chain(&image.config.cmd)
+            .cloned()
+            .collect(),
+    };
+    if argv.is_empty() {
+        return Err(format!(
+            "image {} has no entrypoint or command, and the workload sets no command",
+            spec.image
+        ));
+    }
+    let mut env: Vec<(String, String)> = image
+        .config
+        .env
+        .iter()
+        .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+        .collect();
+    fn set(env: &mut Vec<(String, String)>, k: &str, v: String) {
+        env.retain(|(k2, _)| k2 != k);
+        env.push((k.to_string(), v));
+    }
+    for (k, v) in &spec.env_vars {
+        set(&mut env, k, v.clone());
+    }
+    if let Some(p) = port {
+        set(&mut env, "PORT", p.to_string());
+    }
+    Ok(LaunchSpec {
+        instance_id: spec.id.clone(),
+        layers: image.layers.clone(),
+        argv,
+        env,
+        working_dir: image.config.working_dir.clone(),
+        user: image.config.user.clone(),
+        hostname: spec.id.clone(),
+        cpu: spec.cpu,
+        memory: spec.memory,
+        pids: PIDS_LIMIT,
+        netns,
+    })
+}
+
+/// The category and message of an exit: `None` category for a clean exit.
+fn classify(exit: &Exit, memory: u64) -> (Option<ErrorCategory>, String) {
+    let message = if exit.oom {
+        format!("killed: out of memory (limit {})", format_size(memory))
+    } else {
+        exit.describe()
+    };
+    (exit.category(), message)
+}
+
+fn free_loopback_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn humantime_short(d: Duration) -> String {
+    format!("{:.1}s", d.as_secs_f64())
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn saved_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("desired.json")
+}
+
+async fn load_saved(data_dir: &Path) -> Saved {
+    match tokio::fs::read(saved_path(data_dir)).await {
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "the saved desired set does not parse; starting from none");
+            Saved::default()
+        }),
+        Err(_) => Saved::default(),
+    }
+}
+
+async fn save(data_dir: &Path, set: &DesiredSet) -> std::io::Result<()> {
+    let path = saved_path(data_dir);
+    let tmp = path.with_extension("json.tmp");
+    let bytes = serde_json::to_vec(&Saved { set: set.clone() }).expect("desired set serialises");
+    tokio::fs::write(&tmp, bytes).await?;
+    tokio::fs::rename(&tmp, &path).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exit(code: Option<i32>, signal: Option<i32>, oom: bool) -> Exit {
+        Exit {
+            code,
+            signal,
+            oom,
+            message: None,
+            start_failed: false,
+            at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn exits_are_categorised() {
+        assert_eq!(classify(&exit(Some(0), None, false), 1).0, None);
+        assert_eq!(classify(&exit(Some(3), None, false), 1), (Some(ErrorCategory::Crash), "exited with code 3".into()));
+        let (c, m) = classify(&exit(None, Some(9), true), 64 << 20);
+        assert_eq!(c, Some(ErrorCategory::Oom));
+        assert_eq!(m, "killed: out of memory (limit 64Mi)");
+        assert_eq!(classify(&exit(None, Some(11), false), 1).0, Some(ErrorCategory::Crash));
+        let start = Exit {
+            start_failed: true,
+            message: Some("exec /nope: no such file".into()),
+            ..exit(None, None, false)
+        };
+        assert_eq!(classify(&start, 1).0, Some(ErrorCategory::Start));
+    }
+}

@@ -1,0 +1,253 @@
+//! The per-instance supervisor: a fresh, single-threaded execution of the
+//! node's binary (`<exe> __verge-shim <instance dir>`), started by the
+//! daemon and detached from it, so the instance outlives a daemon restart.
+//!
+//! 1. It calls `setsid` and forks; the first process exits (the daemon
+//!    reaps it), the second, the shim proper, is re-parented to init.
+//! 2. The shim writes `shim.pid`, opens the logs, and (isolation
+//!    `namespaces`) unshares a PID namespace, then forks the workload's
+//!    process, which is PID 1 there ([`super::child`]).
+//! 3. It writes `pid`, moves the child into the instance's cgroup, lets it
+//!    go, and reads its error pipe: empty at `execve` means started.
+//! 4. It reports one JSON line ([`Report`]) on its stdout, a pipe the daemon
+//!    reads (and is gone from then on: a dead daemon costs nothing).
+//! 5. It waits for the workload, removes the cgroup (killing anything left),
+//!    writes `exit.json` and exits.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
+
+use nix::fcntl::OFlag;
+use nix::sched::{CloneFlags, unshare};
+use nix::sys::signal::{SigHandler, Signal, signal};
+use nix::sys::wait::{WaitStatus, waitpid};
+use nix::unistd::{ForkResult, Pid, fork, getpid, pipe2, setsid};
+use serde::{Deserialize, Serialize};
+
+use verge_api::wire::Isolation;
+
+use super::cgroup::InstanceCgroup;
+use super::child::{self, Child};
+use super::state::{self, Launch, ProcId};
+use super::{Exit, LaunchSpec};
+
+/// What the shim tells the daemon once the workload started or failed to.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Report {
+    pub shim: ProcId,
+    /// The workload's PID 1, on the host; `None` when it failed to start.
+    pub workload: Option<ProcId>,
+    pub failed: Option<String>,
+}
+
+/// The shim's entry point: the node binary calls it when its first argument
+/// is [`super::SHIM_ARG`], before starting any thread (no tokio runtime).
+pub fn shim_main(instance_dir: &Path) -> ! {
+    // A report written after the daemon died must not kill the shim.
+    // SAFETY: setting SIG_IGN runs no handler code.
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigIgn) };
+    if let Err(e) = setsid() {
+        eprintln!("verge-shim: setsid: {e}");
+        std::process::exit(1);
+    }
+    // SAFETY: this process is a fresh exec and single-threaded: nothing can
+    // hold a lock across the fork.
+    match unsafe { fork() } {
+        Ok(ForkResult::Parent { .. }) => std::process::exit(0),
+        Ok(ForkResult::Child) => {}
+        Err(e) => {
+            eprintln!("verge-shim: fork: {e}");
+            std::process::exit(1);
+        }
+    }
+    let code = match supervise(instance_dir) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("verge-shim {}: {e}", instance_dir.display());
+            1
+        }
+    };
+    std::process::exit(code)
+}
+
+fn supervise(dir: &Path) -> Result<(), String> {
+    let me = ProcId::of(getpid().as_raw()).ok_or("cannot read my own /proc/<pid>/stat")?;
+    me.write(&dir.join(state::SHIM_PID))
+        .map_err(|e| format!("writing {}: {e}", state::SHIM_PID))?;
+    let loaded = state::read_json::<LaunchSpec>(&dir.join(state::SPEC)).and_then(|spec| {
+        state::read_json::<Launch>(&dir.join(state::LAUNCH)).map(|launch| (spec, launch))
+    });
+    let (spec, launch) = match loaded {
+        Ok(loaded) => loaded,
+        Err(e) => return fail(dir, me, None, format!("reading the instance's spec: {e}")),
+    };
+    let cgroup = launch.cgroup.as_deref().map(InstanceCgroup::load);
+    let stdio = match open_stdio(dir) {
+        Ok(stdio) => stdio,
+        Err(e) => return fail(dir, me, cgroup.as_ref(), e),
+    };
+    let pipes = pipe2(OFlag::O_CLOEXEC).and_then(|go| pipe2(OFlag::O_CLOEXEC).map(|err| (go, err)));
+    let ((go_read, go_write), (err_read, err_write)) = match pipes {
+        Ok(p) => p,
+        Err(e) => return fail(dir, me, cgroup.as_ref(), format!("pipe: {e}")),
+    };
+    if launch.isolation == Isolation::Namespaces
+        && let Err(e) = unshare(CloneFlags::CLONE_NEWPID)
+    {
+        let message = format!("unshare(CLONE_NEWPID): {e}");
+        return fail(dir, me, cgroup.as_ref(), message);
+    }
+    // SAFETY: the shim is single-threaded (see `shim_main`).
+    let pid = match unsafe { fork() } {
+        Ok(ForkResult::Child) => {
+            drop((go_write, err_read));
+            child::run(Child {
+                spec: &spec,
+                dir,
+                isolation: launch.isolation,
+                stdio,
+                go: go_read,
+                errors: err_write,
+            })
+        }
+        Ok(ForkResult::Parent { child }) => child,
+        Err(e) => return fail(dir, me, cgroup.as_ref(), format!("fork: {e}")),
+    };
+    drop((go_read, err_write, stdio));
+
+    let setup = (|| {
+        let workload = ProcId::of(pid.as_raw()).ok_or("the workload's process vanished")?;
+        workload
+            .write(&dir.join(state::PID))
+            .map_err(|e| format!("writing {}: {e}", state::PID))?;
+        if let Some(cg) = &cgroup {
+            cg.add(pid.as_raw()).map_err(|e| e.to_string())?;
+        }
+        Ok::<_, String>(workload)
+    })();
+    let oom_before = cgroup.as_ref().map_or(0, InstanceCgroup::oom_kills);
+    let workload = match setup {
+        // Dropping `go_write` unsent makes the child exit.
+        Err(e) => {
+            drop(go_write);
+            let _ = waitpid(pid, None);
+            return fail(dir, me, cgroup.as_ref(), e);
+        }
+        Ok(workload) => {
+            let _ = nix::unistd::write(&go_write, b"g");
+            drop(go_write);
+            workload
+        }
+    };
+
+    let mut message = Vec::new();
+    let _ = File::from(err_read).read_to_end(&mut message);
+    if !message.is_empty() {
+        let _ = wait(pid);
+        return fail(
+            dir,
+            me,
+            cgroup.as_ref(),
+            String::from_utf8_lossy(&message).into_owned(),
+        );
+    }
+    report(&Report {
+        shim: me,
+        workload: Some(workload),
+        failed: None,
+    });
+
+    let status = wait(pid);
+    let mut exit = Exit {
+        code: None,
+        signal: None,
+        oom: false,
+        message: None,
+        start_failed: false,
+        at_ms: 0,
+    };
+    match status {
+        Ok(WaitStatus::Exited(_, code)) => exit.code = Some(code),
+        Ok(WaitStatus::Signaled(_, sig, _)) => exit.signal = Some(sig as i32),
+        other => exit.message = Some(format!("waiting for the workload: {other:?}")),
+    }
+    if let Some(cg) = &cgroup {
+        let killed = exit.signal == Some(libc::SIGKILL) || exit.code == Some(128 + libc::SIGKILL);
+        exit.oom = killed && cg.oom_kills() > oom_before;
+    }
+    finish(dir, cgroup.as_ref(), exit)
+}
+
+/// Records a start failure, tells the daemon, and ends the shim.
+fn fail(
+    dir: &Path,
+    me: ProcId,
+    cgroup: Option<&InstanceCgroup>,
+    message: String,
+) -> Result<(), String> {
+    let exit = Exit {
+        code: None,
+        signal: None,
+        oom: false,
+        message: Some(message.clone()),
+        start_failed: true,
+        at_ms: 0,
+    };
+    let written = finish(dir, cgroup, exit);
+    report(&Report {
+        shim: me,
+        workload: None,
+        failed: Some(message),
+    });
+    written
+}
+
+/// Removes the cgroup and writes `exit.json`.
+fn finish(dir: &Path, cgroup: Option<&InstanceCgroup>, mut exit: Exit) -> Result<(), String> {
+    if let Some(cg) = cgroup {
+        cg.delete();
+    }
+    exit.at_ms = state::now_ms();
+    state::write_json(&dir.join(state::EXIT), &exit)
+        .map_err(|e| format!("writing {}: {e}", state::EXIT))
+}
+
+/// Writes the report on stdout, then points stdout at /dev/null so the
+/// daemon's read ends.
+fn report(report: &Report) {
+    let mut line = serde_json::to_vec(report).unwrap_or_default();
+    line.push(b'\n');
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(&line);
+    let _ = out.flush();
+    if let Ok(null) = File::open("/dev/null") {
+        // SAFETY: dup2 onto fd 1, which this process owns.
+        unsafe { libc::dup2(null.as_raw_fd(), 1) };
+    }
+}
+
+fn wait(pid: Pid) -> nix::Result<WaitStatus> {
+    loop {
+        match waitpid(pid, None) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            other => return other,
+        }
+    }
+}
+
+fn open_stdio(dir: &Path) -> Result<[OwnedFd; 3], String> {
+    let log = |name: &str| {
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(name))
+            .map(OwnedFd::from)
+            .map_err(|e| format!("opening {name}: {e}"))
+    };
+    let null = File::open("/dev/null")
+        .map(OwnedFd::from)
+        .map_err(|e| format!("opening /dev/null: {e}"))?;
+    Ok([null, log(state::STDOUT)?, log(state::STDERR)?])
+}

@@ -1,0 +1,395 @@
+//! Nodes end to end, as root: a real control plane, real `verge node`
+//! daemons each in a network namespace the test made, a real registry with
+//! the `hello` image, real cgroups, namespaces, overlayfs and veths.
+//!
+//! Joining (and refusing bad tokens and a foreign CA), liveness (offline
+//! within the grace period, online again), placement across two nodes,
+//! connecting to each instance's private address, kill -9 of a node daemon
+//! leaving its instances serving and re-adopted, an offline node returning
+//! to a changed desired set, OOM kills reported as `oom`, and nothing left
+//! behind.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::AsyncReadExt as _;
+use verge_images::{File, Image, ImageConfig, Layer};
+use verge_tests::cli::Cli;
+use verge_tests::control::{Backend, ControlPlane};
+use verge_tests::eventually;
+use verge_tests::nodes::{NodeHost, require_root, test_tag};
+use verge_tests::registry::Registry;
+
+/// How long anything node-related may take before a test gives up.
+const DEADLINE: Duration = Duration::from_secs(90);
+
+struct World {
+    cp: ControlPlane,
+    registry: Registry,
+    /// Scoped to org acme, app hello, env prod.
+    cli: Cli,
+    tag: u16,
+    dir: tempfile::TempDir,
+}
+
+impl World {
+    async fn new(backend: Backend) -> World {
+        require_root();
+        let tag = test_tag();
+        let prefix = format!("fd76:{tag:x}:{:x}::/48", tag.rotate_left(7));
+        let cp = ControlPlane::start_with(
+            backend,
+            &["--cluster-listen", "[::]:0", "--instance-prefix", &prefix, "--node-offline-after", "3s"],
+        )
+        .await;
+        let registry = Registry::start().await.expect("registry starts");
+        let admin = cp.cli();
+        admin.run(&["orgs", "create", "acme"]).await.ok();
+        admin.run(&["projects", "create", "web", "--org", "acme"]).await.ok();
+        admin
+            .run(&["apps", "create", "hello", "--org", "acme", "--project", "web"])
+            .await
+            .ok();
+        admin
+            .run(&["envs", "create", "prod", "--org", "acme", "--app", "hello"])
+            .await
+            .ok();
+        let cli = admin
+            .with_env("VERGE_ORG", "acme")
+            .with_env("VERGE_APP", "hello")
+            .with_env("VERGE_ENV", "prod");
+        World {
+            cp,
+            registry,
+            cli,
+            tag,
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    async fn json(&self, args: &[&str]) -> Value {
+        let mut args = args.to_vec();
+        args.extend(["-o", "json"]);
+        self.cli.run(&args).await.json()
+    }
+
+    async fn join_token(&self) -> String {
+        let t = self.json(&["nodes", "join-token"]).await;
+        t["token"].as_str().expect("token").to_string()
+    }
+
+    /// A node joined with a fresh token, its instance prefix routed.
+    async fn node(&self, index: u8, name: &str, labels: &[&str]) -> NodeHost {
+        let mut node = NodeHost::create(self.tag, index, name);
+        let token = self.join_token().await;
+        node.forward_loopback(self.registry_port());
+        let mut extra = Vec::new();
+        for l in labels {
+            extra.extend(["--label", l]);
+        }
+        node.start(&node.server_for(&self.cp.cluster), Some(&token), &extra).await;
+        let d = self.node_json(name).await;
+        node.route_instances(d["instance_prefix"].as_str().expect("prefix"));
+        node
+    }
+
+    fn registry_port(&self) -> u16 {
+        self.registry.host().rsplit(':').next().unwrap().parse().unwrap()
+    }
+
+    async fn node_json(&self, name: &str) -> Value {
+        self.json(&["nodes", "describe", name]).await
+    }
+
+    async fn wait_node_state(&self, name: &str, state: &str) {
+        eventually(DEADLINE, &format!("node {name} {state}"), || async {
+            (self.node_json(name).await["state"] == state).then_some(())
+        })
+        .await;
+    }
+
+    async fn push_hello(&self) -> String {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        let bin = tokio::task::spawn_blocking(move || verge_images::build_hello(&root))
+            .await
+            .unwrap()
+            .expect("build hello");
+        let image = verge_images::hello_image(&bin).expect("hello image");
+        let reference = format!("{}/hello:1", self.registry.host());
+        verge_images::push(&image, &reference).await.expect("push hello");
+        reference
+    }
+
+    /// Deploys `web` with `extra` manifest lines; returns the receipt.
+    async fn deploy(&self, image: &str, count: u32, extra: &str) -> Value {
+        let path = self.dir.path().join("verge.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "app = \"hello\"\n[workloads.web]\nimage = \"{image}\"\ncount = {count}\ncpu = 0.1\nmemory = \"64Mi\"\n{extra}\n\
+                 [[endpoints]]\nname = \"public\"\nworkload = \"web\"\nport = 80\ninternal_port = 8080\n"
+            ),
+        )
+        .unwrap();
+        self.json(&["deploy", "-f", path.to_str().unwrap()]).await
+    }
+
+    async fn status(&self) -> Value {
+        self.json(&["status"]).await
+    }
+
+    /// Waits until `n` instances of web run; returns them.
+    async fn running(&self, n: usize) -> Vec<Value> {
+        eventually(DEADLINE, &format!("{n} running instances"), || async {
+            let s = self.status().await;
+            let inst: Vec<Value> = s["workloads"][0]["instances"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|i| i["state"] == "running")
+                .collect();
+            (inst.len() == n && s["rollout"]["state"] == "completed").then_some(inst)
+        })
+        .await
+    }
+
+    async fn events(&self) -> Vec<Value> {
+        self.json(&["events"]).await.as_array().cloned().unwrap_or_default()
+    }
+
+    /// Every event of the cluster (node events belong to no org).
+    async fn cluster_events(&self) -> Vec<Value> {
+        let run = self.cp.cli().run(&["events", "--all", "-o", "json"]).await;
+        run.json().as_array().cloned().unwrap_or_default()
+    }
+}
+
+/// Connects to an instance and reads its greeting line.
+async fn greet(address: &str) -> Option<String> {
+    let conn = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(address)).await;
+    let mut stream = conn.ok()?.ok()?;
+    let mut buf = vec![0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buf)).await.ok()?.ok()?;
+    Some(String::from_utf8_lossy(&buf[..n]).to_string())
+}
+
+#[tokio::test]
+async fn two_nodes_join_and_serve_hello_on_private_addresses() {
+    let w = World::new(Backend::Sqlite).await;
+    let n1 = w.node(1, "n1", &["region=eu-west"]).await;
+    let n2 = w.node(2, "n2", &["region=us-east"]).await;
+    let nodes = w.json(&["nodes", "list"]).await;
+    let nodes = nodes.as_array().unwrap();
+    assert_eq!(nodes.len(), 2, "{nodes:?}\n{}", w.cp.log());
+    for n in nodes {
+        assert_eq!(n["state"], "online", "{n}");
+        assert_eq!(n["isolation"], "namespaces");
+        assert!(n["cpu"].as_f64().unwrap() >= 1.0 && n["memory"].as_u64().unwrap() > 0, "{n}");
+        assert!(n["last_seen"].is_string(), "{n}");
+    }
+    assert_eq!(w.node_json("n1").await["labels"]["region"], "eu-west");
+    let joined: Vec<Value> = w
+        .cluster_events()
+        .await
+        .into_iter()
+        .filter(|e| e["kind"] == "node.joined")
+        .collect();
+    assert_eq!(joined.len(), 2, "{joined:?}");
+
+    let image = w.push_hello().await;
+    w.deploy(&image, 2, "").await;
+    let running = w.running(2).await;
+    let on: std::collections::BTreeSet<&str> = running.iter().map(|i| i["node"].as_str().unwrap()).collect();
+    assert_eq!(on.len(), 2, "one instance per node: {running:?}");
+    for inst in &running {
+        let addr = inst["address"].as_str().unwrap();
+        assert!(addr.starts_with("[fd76:"), "a private IPv6 address: {addr}");
+        let id = inst["id"].as_str().unwrap();
+        let greeting = eventually(DEADLINE, &format!("greeting from {addr}"), || greet(addr)).await;
+        assert!(greeting.contains(&format!("hello from instance {id}")), "{greeting}");
+        assert!(greeting.contains("VERGE_ENV=prod"), "{greeting}");
+    }
+    let kinds: Vec<String> = w.events().await.iter().map(|e| e["kind"].as_str().unwrap().to_string()).collect();
+    for k in ["instance.placed", "instance.state", "instance.running"] {
+        assert!(kinds.iter().any(|x| x == k), "{k} in {kinds:?}");
+    }
+    let d = w.node_json("n1").await;
+    assert_eq!(d["instances"], 1, "{d}");
+    assert_eq!(d["instances_detail"][0]["state"], "running", "{d}");
+    drop((n1, n2));
+}
+
+#[tokio::test]
+async fn a_killed_daemon_leaves_instances_serving_goes_offline_and_readopts_on_return() {
+    let w = World::new(Backend::Sqlite).await;
+    let mut n1 = w.node(1, "n1", &[]).await;
+    let image = w.push_hello().await;
+    w.deploy(&image, 1, "").await;
+    let before = w.running(1).await.remove(0);
+    let addr = before["address"].as_str().unwrap().to_string();
+    eventually(DEADLINE, "greeting", || greet(&addr)).await;
+
+    n1.kill9().await;
+    let greeting = greet(&addr).await.expect("the instance still serves with its node daemon dead");
+    assert!(greeting.contains(before["id"].as_str().unwrap()));
+    let killed_at = std::time::Instant::now();
+    w.wait_node_state("n1", "offline").await;
+    assert!(killed_at.elapsed() < Duration::from_secs(10), "offline detected within 10s: {:?}", killed_at.elapsed());
+    let status = w.status().await;
+    let reason = status["workloads"][0]["instances"][0]["reason"].as_str().unwrap_or_default().to_string();
+    assert!(reason.contains("node n1 offline since"), "{status}");
+
+    n1.start(&n1.server_for(&w.cp.cluster), None, &[]).await;
+    w.wait_node_state("n1", "online").await;
+    let after = w.running(1).await.remove(0);
+    assert_eq!(after["id"], before["id"], "the same instance, not a replacement");
+    assert!(greet(&addr).await.unwrap().contains(before["id"].as_str().unwrap()));
+    assert!(n1.log().contains("adopted=1"), "the new daemon re-adopted the instance\n{}", n1.log());
+    let cluster: Vec<String> = w
+        .cluster_events()
+        .await
+        .iter()
+        .map(|e| format!("{} {}", e["kind"].as_str().unwrap(), e["message"].as_str().unwrap()))
+        .collect();
+    assert!(cluster.iter().any(|e| e.starts_with("node.offline node n1 is offline")), "{cluster:?}");
+    assert!(cluster.iter().any(|e| e.starts_with("node.online node n1 is online")), "{cluster:?}");
+}
+
+#[tokio::test]
+async fn an_offline_node_returns_to_what_is_desired_now() {
+    let w = World::new(Backend::Sqlite).await;
+    let mut n1 = w.node(1, "n1", &[]).await;
+    let image = w.push_hello().await;
+    w.deploy(&image, 2, "").await;
+    let two = w.running(2).await;
+    n1.kill9().await;
+    w.wait_node_state("n1", "offline").await;
+    // Desired state changes while the node is away.
+    w.cli.run(&["scale", "web=1"]).await.ok();
+    n1.start(&n1.server_for(&w.cp.cluster), None, &[]).await;
+    let one = w.running(1).await;
+    let gone: Vec<&Value> = two.iter().filter(|i| i["id"] != one[0]["id"]).collect();
+    assert_eq!(gone.len(), 1);
+    let addr = gone[0]["address"].as_str().unwrap().to_string();
+    eventually(DEADLINE, "the removed instance to stop serving", || async {
+        greet(&addr).await.is_none().then_some(())
+    })
+    .await;
+    let stopped = w.events().await.into_iter().any(|e| {
+        e["kind"] == "instance.stopped" && e["instance"] == gone[0]["id"]
+    });
+    assert!(stopped, "an instance.stopped event for the removed instance");
+    // Its cgroup and network namespace are gone too.
+    let id = gone[0]["id"].as_str().unwrap();
+    eventually(DEADLINE, "cleanup of the removed instance", || async {
+        let cg = std::path::Path::new("/sys/fs/cgroup/memory/verge").join(id).exists();
+        let ns = std::path::Path::new("/run/verge/netns").join(id).exists();
+        (!cg && !ns).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn bad_tokens_and_a_foreign_ca_are_refused() {
+    let w = World::new(Backend::Sqlite).await;
+    let other = World::new(Backend::Sqlite).await;
+    let node = NodeHost::create(w.tag, 1, "n1");
+    let server = node.server_for(&w.cp.cluster);
+    // What a failed `verge node` run printed (its stderr goes to the node log).
+    let refused = |args: (&str, Option<String>)| {
+        let (server, token) = args;
+        let seen = node.log().len();
+        let child = node.spawn(server, token.as_deref(), &[]);
+        let node = &node;
+        async move {
+            let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+                .await
+                .expect("verge node gives up")
+                .unwrap();
+            assert!(!out.status.success(), "verge node must refuse");
+            node.log()[seen..].to_string()
+        }
+    };
+    let good = w.join_token().await;
+    // Right CA, wrong secret.
+    let mut parts: Vec<String> = good.split('.').map(str::to_string).collect();
+    parts[2] = "0".repeat(parts[2].len());
+    let err = refused((&server, Some(parts.join(".")))).await;
+    assert!(err.contains("join refused by the control plane: the join token is not valid"), "{err}");
+    // Not a token at all.
+    let err = refused((&server, Some("garbage".into()))).await;
+    assert!(err.contains("invalid join token"), "{err}");
+    // No token, never joined.
+    let err = refused((&server, None)).await;
+    assert!(err.contains("has not joined a cluster yet"), "{err}");
+    // A token of another cluster: its CA pin does not match this server.
+    let foreign = other.join_token().await;
+    let err = refused((&server, Some(foreign))).await;
+    assert!(err.contains("the control plane's CA does not match the join token"), "{err}");
+    // Expired: a one-second token, used once it has expired.
+    let t = w.json(&["nodes", "join-token", "--ttl", "1s"]).await;
+    let token = t["token"].as_str().unwrap().to_string();
+    let expires = humantime::parse_rfc3339(t["expires_at"].as_str().unwrap()).unwrap();
+    eventually(DEADLINE, "the token's expiry time", || async {
+        (std::time::SystemTime::now() > expires + Duration::from_millis(100)).then_some(())
+    })
+    .await;
+    let err = refused((&server, Some(token))).await;
+    assert!(err.contains("expired at"), "{err}");
+    assert!(err.contains("mint a new one with `verge nodes join-token`"), "{err}");
+    assert!(w.json(&["nodes", "list"]).await.as_array().unwrap().is_empty(), "nothing joined");
+}
+
+/// A static program that allocates and touches memory until killed.
+fn hog_binary(dir: &std::path::Path) -> PathBuf {
+    let src = dir.join("hog.c");
+    std::fs::write(
+        &src,
+        "#include <stdlib.h>\n#include <string.h>\n#include <unistd.h>\n\
+         int main(void) { for (;;) { char *p = malloc(1 << 20); if (p) memset(p, 1, 1 << 20); } }\n",
+    )
+    .unwrap();
+    let bin = dir.join("hog");
+    let out = std::process::Command::new("gcc")
+        .args(["-static", "-O1", "-o"])
+        .arg(&bin)
+        .arg(&src)
+        .output()
+        .expect("gcc");
+    assert!(out.status.success(), "gcc -static: {}", String::from_utf8_lossy(&out.stderr));
+    bin
+}
+
+#[tokio::test]
+async fn an_instance_over_its_memory_limit_is_oom_killed_and_reported() {
+    let w = World::new(Backend::Sqlite).await;
+    let _n1 = w.node(1, "n1", &[]).await;
+    let bin = hog_binary(w.dir.path());
+    let layer = Layer::from_files(&[File::new("/hog", std::fs::read(&bin).unwrap(), 0o755)]).unwrap();
+    let image = Image::build(
+        &ImageConfig {
+            entrypoint: vec!["/hog".into()],
+            cmd: Vec::new(),
+            env: Vec::new(),
+            exposed_ports: Vec::new(),
+        },
+        vec![layer],
+    )
+    .unwrap();
+    let reference = format!("{}/hog:1", w.registry.host());
+    verge_images::push(&image, &reference).await.unwrap();
+    w.deploy(&reference, 1, "restart = \"never\"").await;
+    let inst = eventually(DEADLINE, "the hog to fail", || async {
+        let s = w.status().await;
+        let i = s["workloads"][0]["instances"][0].clone();
+        (i["state"] == "failed").then_some((s, i))
+    })
+    .await;
+    let (status, i) = inst;
+    assert!(i["reason"].as_str().unwrap().starts_with("oom: killed: out of memory (limit 64Mi)"), "{i}");
+    assert_eq!(status["rollout"]["state"], "failed", "{status}");
+    let failed = w.events().await.into_iter().find(|e| e["kind"] == "instance.failed").expect("an instance.failed event");
+    assert!(failed["message"].as_str().unwrap().contains("failed (oom)"), "{failed}");
+}

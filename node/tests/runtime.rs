@@ -502,9 +502,11 @@ async fn adoption_after_a_daemon_restart() {
     // adopt3's shim is killed: its workload dies with it (nobody would
     // record its exit), and adoption reports it lost.
     kill9(shim_pid(&f, "adopt3"));
-    eventually("adopt3's workload to die with its shim", Duration::from_secs(10), || {
-        !is_alive(orphan_pid)
-    })
+    eventually(
+        "adopt3's workload to die with its shim",
+        Duration::from_secs(10),
+        || !is_alive(orphan_pid),
+    )
     .await;
 
     let rt = ProcessRuntime::new(cfg).unwrap();

@@ -58,3 +58,97 @@ async fn dev_cluster_with_profile_and_clean_restart() {
     assert_eq!(cli.names(&["apps", "list"]).await, ["hello"]);
     assert!(interrupt(child).await.success());
 }
+
+/// Connects to `address` and reads the greeting line.
+async fn greet(address: &str) -> Option<String> {
+    use tokio::io::AsyncReadExt as _;
+    let connect = tokio::net::TcpStream::connect(address);
+    let mut stream = tokio::time::timeout(std::time::Duration::from_secs(2), connect)
+        .await
+        .ok()?
+        .ok()?;
+    let mut buf = vec![0u8; 512];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(2), stream.read(&mut buf));
+    let n = read.await.ok()?.ok()?;
+    Some(String::from_utf8_lossy(&buf[..n]).to_string())
+}
+
+/// `verge dev` + `verge deploy` of the hello image: a running instance at
+/// the address `verge status` shows, answering with its greeting; Ctrl-C
+/// stops it. `isolation` is `namespaces` (root: a private IPv6 address) or
+/// `none` (a loopback port; the command must honour `$PORT`).
+async fn dev_serves_hello(isolation: &str, command: &str) {
+    verge_tests::nodes::require_root();
+    let registry = verge_tests::registry::Registry::start().await.unwrap();
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let bin = tokio::task::spawn_blocking(move || verge_images::build_hello(&root))
+        .await
+        .unwrap()
+        .unwrap();
+    let image = format!("{}/hello:1", registry.host());
+    verge_images::push(&verge_images::hello_image(&bin).unwrap(), &image)
+        .await
+        .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let config = tempfile::tempdir().unwrap();
+    let (child, _) = spawn_daemon(
+        &[
+            "dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            &data.path().display().to_string(),
+            "--isolation",
+            isolation,
+        ],
+        &[("VERGE_CONFIG_DIR", &config.path().display().to_string())],
+    )
+    .await;
+    let cli = Cli::new(config.path());
+    cli.run(&["apps", "create", "hello"]).await.ok();
+    cli.run(&["envs", "create", "prod", "--app", "hello"]).await.ok();
+    let manifest = data.path().join("verge.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "app = \"hello\"\n[workloads.web]\nimage = \"{image}\"\n{command}\ncount = 1\n\
+             [[endpoints]]\nname = \"public\"\nworkload = \"web\"\nport = 80\ninternal_port = 8080\n"
+        ),
+    )
+    .unwrap();
+    let cli = cli.with_env("VERGE_APP", "hello").with_env("VERGE_ENV", "prod");
+    cli.run(&["deploy", "-f", manifest.to_str().unwrap()]).await.ok();
+    let deadline = std::time::Duration::from_secs(60);
+    let (id, address) = verge_tests::eventually(deadline, "a running instance", || async {
+        let s = cli.run(&["status", "-o", "json"]).await.json();
+        let i = &s["workloads"][0]["instances"][0];
+        (i["state"] == "running").then(|| {
+            (i["id"].as_str().unwrap().to_string(), i["address"].as_str().unwrap().to_string())
+        })
+    })
+    .await;
+    let human = cli.run(&["status"]).await.ok();
+    assert!(human.contains(&address) && human.contains("running"), "{human}");
+    let greeting = verge_tests::eventually(deadline, "the greeting", || greet(&address)).await;
+    assert!(greeting.contains(&format!("hello from instance {id}")), "{greeting}");
+    if isolation == "none" {
+        assert!(address.starts_with("127.0.0.1:"), "{address}");
+        let node = cli.run(&["nodes", "describe", "dev"]).await.ok();
+        assert!(node.contains("isolation:       none: instances are plain host processes"), "{node}");
+    } else {
+        assert!(address.starts_with("[fd76:"), "{address}");
+    }
+    assert!(interrupt(child).await.success());
+    assert!(greet(&address).await.is_none(), "Ctrl-C stops the dev cluster's instances");
+}
+
+#[tokio::test]
+async fn dev_runs_the_hello_image_in_namespaces() {
+    dev_serves_hello("namespaces", "").await;
+}
+
+#[tokio::test]
+async fn dev_runs_the_hello_image_without_isolation_on_a_loopback_port() {
+    // hello listens on $PORT when not given --port.
+    dev_serves_hello("none", "command = [\"/hello\"]").await;
+}

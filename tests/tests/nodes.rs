@@ -30,6 +30,8 @@ struct World {
     /// Scoped to org acme, app hello, env prod.
     cli: Cli,
     tag: u16,
+    /// The cluster's instance prefix.
+    prefix: String,
     dir: tempfile::TempDir,
 }
 
@@ -64,6 +66,7 @@ impl World {
             registry,
             cli,
             tag,
+            prefix,
             dir: tempfile::tempdir().expect("temp dir"),
         }
     }
@@ -175,9 +178,13 @@ async fn greet(address: &str) -> Option<String> {
     Some(String::from_utf8_lossy(&buf[..n]).to_string())
 }
 
-#[tokio::test]
-async fn two_nodes_join_and_serve_hello_on_private_addresses() {
-    let w = World::new(Backend::Sqlite).await;
+verge_tests::on_both_backends!(
+    two_nodes_join_and_serve_hello_on_private_addresses,
+    a_killed_daemon_leaves_instances_serving_goes_offline_and_readopts_on_return,
+);
+
+async fn two_nodes_join_and_serve_hello_on_private_addresses(backend: Backend) {
+    let w = World::new(backend).await;
     let n1 = w.node(1, "n1", &["region=eu-west"]).await;
     let n2 = w.node(2, "n2", &["region=us-east"]).await;
     let nodes = w.json(&["nodes", "list"]).await;
@@ -221,9 +228,10 @@ async fn two_nodes_join_and_serve_hello_on_private_addresses() {
     drop((n1, n2));
 }
 
-#[tokio::test]
-async fn a_killed_daemon_leaves_instances_serving_goes_offline_and_readopts_on_return() {
-    let w = World::new(Backend::Sqlite).await;
+async fn a_killed_daemon_leaves_instances_serving_goes_offline_and_readopts_on_return(
+    backend: Backend,
+) {
+    let w = World::new(backend).await;
     let mut n1 = w.node(1, "n1", &[]).await;
     let image = w.push_hello().await;
     w.deploy(&image, 1, "").await;
@@ -306,7 +314,7 @@ async fn bad_tokens_and_a_foreign_ca_are_refused() {
         async move {
             let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
                 .await
-                .expect("verge node gives up")
+                .unwrap_or_else(|_| panic!("verge node did not give up within 60s\n{}", node.log()))
                 .unwrap();
             assert!(!out.status.success(), "verge node must refuse");
             node.log()[seen..].to_string()
@@ -332,8 +340,9 @@ async fn bad_tokens_and_a_foreign_ca_are_refused() {
     let t = w.json(&["nodes", "join-token", "--ttl", "1s"]).await;
     let token = t["token"].as_str().unwrap().to_string();
     let expires = humantime::parse_rfc3339(t["expires_at"].as_str().unwrap()).unwrap();
+    // `expires_at` is shown to the second: past it by a second is past the real expiry.
     eventually(DEADLINE, "the token's expiry time", || async {
-        (std::time::SystemTime::now() > expires + Duration::from_millis(100)).then_some(())
+        (std::time::SystemTime::now() > expires + Duration::from_millis(1100)).then_some(())
     })
     .await;
     let err = refused((&server, Some(token))).await;
@@ -392,4 +401,78 @@ async fn an_instance_over_its_memory_limit_is_oom_killed_and_reported() {
     assert_eq!(status["rollout"]["state"], "failed", "{status}");
     let failed = w.events().await.into_iter().find(|e| e["kind"] == "instance.failed").expect("an instance.failed event");
     assert!(failed["message"].as_str().unwrap().contains("failed (oom)"), "{failed}");
+}
+
+/// A static program that exits with code 3 at once.
+fn crasher_binary(dir: &std::path::Path) -> PathBuf {
+    let src = dir.join("crash.c");
+    std::fs::write(&src, "int main(void) { return 3; }\n").unwrap();
+    let bin = dir.join("crash");
+    let out = std::process::Command::new("gcc")
+        .args(["-static", "-o"])
+        .arg(&bin)
+        .arg(&src)
+        .output()
+        .expect("gcc");
+    assert!(out.status.success(), "gcc -static: {}", String::from_utf8_lossy(&out.stderr));
+    bin
+}
+
+async fn push_binary(w: &World, bin: &std::path::Path, name: &str) -> String {
+    let file = format!("/{name}");
+    let layer = Layer::from_files(&[File::new(file.clone(), std::fs::read(bin).unwrap(), 0o755)]).unwrap();
+    let image = Image::build(
+        &ImageConfig {
+            entrypoint: vec![file],
+            cmd: Vec::new(),
+            env: Vec::new(),
+            exposed_ports: Vec::new(),
+        },
+        vec![layer],
+    )
+    .unwrap();
+    let reference = format!("{}/{name}:1", w.registry.host());
+    verge_images::push(&image, &reference).await.unwrap();
+    reference
+}
+
+#[tokio::test]
+async fn a_crash_loop_is_restarted_with_backoff_then_fails_with_category_crash() {
+    let w = World::new(Backend::Sqlite).await;
+    let _n1 = w.node(1, "n1", &[]).await;
+    let reference = push_binary(&w, &crasher_binary(w.dir.path()), "crash").await;
+    w.deploy(&reference, 1, "restart = \"always\"").await;
+    let i = eventually(DEADLINE, "the crash loop to end failed", || async {
+        let i = w.status().await["workloads"][0]["instances"][0].clone();
+        (i["state"] == "failed").then_some(i)
+    })
+    .await;
+    let reason = i["reason"].as_str().unwrap();
+    assert!(reason.starts_with("crash: crash loop: failed 5 times in a row; last: exited with code 3"), "{i}");
+    let events = w.events().await;
+    let restarts: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["message"].as_str().unwrap().contains("exited with code 3; restarting in"))
+        .collect();
+    assert_eq!(restarts.len(), 4, "four restarts with backoff before giving up: {events:?}");
+}
+
+#[tokio::test]
+async fn nodes_reconnect_after_the_control_plane_restarts() {
+    let mut w = World::new(Backend::Sqlite).await;
+    let n1 = w.node(1, "n1", &[]).await;
+    let image = w.push_hello().await;
+    w.deploy(&image, 1, "").await;
+    let before = w.running(1).await.remove(0);
+    // Same UDP port after the restart: the node dials what it joined through.
+    let listen = format!("[::]:{}", w.cp.cluster.rsplit(':').next().unwrap());
+    let prefix = w.prefix.clone();
+    w.cp.restart_with(&["--cluster-listen", &listen, "--instance-prefix", &prefix]).await;
+    eventually(DEADLINE, "the node's second session", || async {
+        (n1.log().matches("session with the control plane established").count() >= 2).then_some(())
+    })
+    .await;
+    assert!(n1.log().contains("reconnecting"), "{}", n1.log());
+    let after = w.running(1).await.remove(0);
+    assert_eq!(after["id"], before["id"], "the instance kept running through the restart");
 }

@@ -1,6 +1,5 @@
 //! `verge nodes join-token / list / describe` (cluster admin).
 
-use verge_api::manifest::format_size;
 use verge_api::nodes::Node;
 
 use super::Result;
@@ -31,7 +30,7 @@ pub async fn run(ctx: &Context, cmd: NodesCmd, out: &Output) -> Result {
                         n.state.clone(),
                         labels(n),
                         format!("{}/{}", n.cpu_reserved, n.cpu),
-                        format!("{}/{}", format_size(n.memory_reserved), format_size(n.memory)),
+                        format!("{}/{}", human_size(n.memory_reserved), human_size(n.memory)),
                         n.instances.to_string(),
                         n.last_seen.clone().unwrap_or_else(|| "never".into()),
                         n.isolation.clone(),
@@ -47,8 +46,8 @@ pub async fn run(ctx: &Context, cmd: NodesCmd, out: &Output) -> Result {
                     format!(
                         "{:.2} cores, {} memory, {} images",
                         u.cpu,
-                        format_size(u.memory),
-                        format_size(u.images)
+                        human_size(u.memory),
+                        human_size(u.images)
                     )
                 });
                 let isolation = if n.isolation == "none" {
@@ -66,9 +65,9 @@ pub async fn run(ctx: &Context, cmd: NodesCmd, out: &Output) -> Result {
                     n.state_since,
                     labels(n),
                     n.cpu,
-                    format_size(n.memory),
+                    human_size(n.memory),
                     n.cpu_reserved,
-                    format_size(n.memory_reserved),
+                    human_size(n.memory_reserved),
                     n.last_seen.clone().unwrap_or_else(|| "never".into()),
                     n.instance_prefix,
                     d.joined_at,
@@ -109,4 +108,30 @@ fn labels(n: &Node) -> String {
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// `23.5Gi`: bytes to one decimal in the largest binary unit that fits.
+fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["", "Ki", "Mi", "Gi", "Ti"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 || value.fract() == 0.0 {
+        format!("{value:.0}{}", UNITS[unit])
+    } else {
+        format!("{value:.1}{}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes_read_like_people_write_them() {
+        assert_eq!(super::human_size(512), "512");
+        assert_eq!(super::human_size(64 << 20), "64Mi");
+        assert_eq!(super::human_size(25_274_793_984), "23.5Gi");
+    }
 }

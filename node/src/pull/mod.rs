@@ -371,7 +371,7 @@ impl ImageStore {
         let tmp = self.inner.store.temp();
         self.inner
             .registries
-            .blob(t, desc, "config", &tmp.0)
+            .blob_to_file(t, desc, "config", &tmp.0)
             .await?;
         let size = desc.size;
         self.blocking(move |s| {
@@ -400,33 +400,44 @@ impl ImageStore {
             tracing::debug!("unpacked by a concurrent pull");
             return Ok(size);
         }
+        // The download streams into the unpacker (off the runtime); the
+        // layer is committed only once both the blob's digest and the
+        // uncompressed diff_id are checked.
         let started = Instant::now();
-        let blob = store.temp();
-        self.inner
-            .registries
-            .blob(&t, &desc, "layer", &blob.0)
-            .await?;
-        let downloaded = started.elapsed();
+        let mut blob = self.inner.registries.blob(&t, &desc, "layer").await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(CHUNKS_IN_FLIGHT);
         let dir = store.temp();
-        let reference = t.reference.clone();
+        let dest = dir.0.clone();
+        let unpacking = tokio::task::spawn_blocking(move || {
+            unpack::unpack(unpack::Chunks::new(rx), compression, &dest, &diff_id)
+        });
+        let downloaded = loop {
+            match blob.chunk().await {
+                Ok(Some(chunk)) => {
+                    if tx.send(Ok(chunk)).await.is_err() {
+                        // The unpacker stopped: its error says why.
+                        break Ok(());
+                    }
+                }
+                Ok(None) => break Ok(()),
+                Err(e) => {
+                    let _ = tx.send(Err(std::io::Error::other("download failed"))).await;
+                    break Err(e);
+                }
+            }
+        };
+        drop(tx);
+        let unpacked = unpacking.await.map_err(joined)?;
+        let result = match (downloaded, unpacked) {
+            (Err(e), _) => Err(e),
+            (Ok(()), Err(e)) => Err(layer_error(&t.reference, &desc.digest, e)),
+            (Ok(()), Ok(size)) => Ok(size),
+        };
         let digest = desc.digest.clone();
+        // Off the runtime: on failure, dropping `dir` deletes a partial tree.
         let size = self
             .blocking(move |s| {
-                let unpacked = unpack::unpack(&blob.0, compression, &dir.0, &diff_id);
-                drop(blob);
-                let size = unpacked.map_err(|e| match e {
-                    unpack::UnpackError::DiffId { expected, actual } => PullError::DigestMismatch {
-                        reference,
-                        what: format!("the uncompressed content (diff_id) of layer {digest}"),
-                        expected,
-                        actual,
-                    },
-                    other => PullError::Layer {
-                        reference,
-                        layer: digest.clone(),
-                        reason: other.to_string(),
-                    },
-                })?;
+                let size = result?;
                 s.commit(Content::Layer(digest), &dir, size)?;
                 Ok(size)
             })
@@ -434,8 +445,7 @@ impl ImageStore {
         tracing::info!(
             bytes = desc.size,
             unpacked = size,
-            download_ms = downloaded.as_millis() as u64,
-            total_ms = started.elapsed().as_millis() as u64,
+            elapsed_ms = started.elapsed().as_millis() as u64,
             "layer pulled"
         );
         Ok(size)
@@ -490,6 +500,25 @@ impl ImageStore {
         tokio::task::spawn_blocking(move || f(&inner.store))
             .await
             .map_err(joined)?
+    }
+}
+
+/// Chunks of a layer download queued for its unpacker.
+const CHUNKS_IN_FLIGHT: usize = 64;
+
+fn layer_error(reference: &str, digest: &str, e: unpack::UnpackError) -> PullError {
+    match e {
+        unpack::UnpackError::DiffId { expected, actual } => PullError::DigestMismatch {
+            reference: reference.into(),
+            what: format!("the uncompressed content (diff_id) of layer {digest}"),
+            expected,
+            actual,
+        },
+        other => PullError::Layer {
+            reference: reference.into(),
+            layer: digest.into(),
+            reason: other.to_string(),
+        },
     }
 }
 

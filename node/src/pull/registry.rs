@@ -171,16 +171,13 @@ impl Registries {
         Ok(body.to_vec())
     }
 
-    /// Streams blob `desc` into a new file at `path`, hashing as it writes;
-    /// refuses it (leaving the file for the caller to remove) when its size
-    /// or digest is not the descriptor's. The file is synced on success.
+    /// Starts the download of blob `desc` (`what`: "layer", "config").
     pub async fn blob(
         &self,
         t: &Target,
         desc: &Descriptor,
         what: &str,
-        path: &Path,
-    ) -> Result<(), PullError> {
+    ) -> Result<BlobStream, PullError> {
         let client = self.client(t)?;
         // Blob requests alone (the manifest is local) need the credentials too.
         client
@@ -193,66 +190,45 @@ impl Registries {
             size: i64::try_from(desc.size).unwrap_or(i64::MAX),
             ..Default::default()
         };
-        let mut stream = client
+        let stream = client
             .pull_blob_stream(&t.parsed, &oci_desc)
             .await
             .map_err(|e| self.classify(e, t, &what))?;
-        let size_mismatch = |got: String| PullError::DigestMismatch {
+        let blob = BlobStream {
             reference: t.reference.clone(),
-            what: format!("the size of {what}"),
-            expected: format!("{} bytes", desc.size),
-            actual: got,
+            registry: t.registry.clone(),
+            what,
+            digest: desc.digest.clone(),
+            size: desc.size,
+            stream,
+            hasher: Sha256::new(),
+            received: 0,
         };
-        if let Some(len) = stream.content_length
-            && len != desc.size
-        {
-            return Err(size_mismatch(format!("{len} bytes (Content-Length)")));
+        match blob.stream.content_length {
+            Some(len) if len != desc.size => {
+                Err(blob.size_mismatch(format!("{len} bytes (Content-Length)")))
+            }
+            _ => Ok(blob),
         }
+    }
+
+    /// Downloads blob `desc` into a new file at `path` and syncs it.
+    pub async fn blob_to_file(
+        &self,
+        t: &Target,
+        desc: &Descriptor,
+        what: &str,
+        path: &Path,
+    ) -> Result<(), PullError> {
+        let mut blob = self.blob(t, desc, what).await?;
         let file = tokio::fs::File::create(path)
             .await
             .map_err(PullError::io("creating", path))?;
         let mut out = tokio::io::BufWriter::with_capacity(WRITE_BUFFER, file);
-        let mut hasher = Sha256::new();
-        let mut written = 0u64;
-        let mismatch = |hasher: Sha256| PullError::DigestMismatch {
-            reference: t.reference.clone(),
-            what: what.clone(),
-            expected: desc.digest.clone(),
-            actual: digest_of(&hasher),
-        };
-        while let Some(chunk) = stream.next().await {
-            let chunk = match chunk {
-                Ok(chunk) => chunk,
-                // oci-client checks the digest too, and fails the stream's
-                // end: report ours, which names the blob.
-                Err(_) if written == desc.size && digest_of(&hasher) != desc.digest => {
-                    return Err(mismatch(hasher));
-                }
-                Err(e) => {
-                    return Err(PullError::Unreachable {
-                        registry: t.registry.clone(),
-                        reference: t.reference.clone(),
-                        cause: format!(
-                            "{what} broke off after {written} bytes: {}",
-                            cause_chain(&e)
-                        ),
-                    });
-                }
-            };
-            written += chunk.len() as u64;
-            if written > desc.size {
-                return Err(size_mismatch(format!("more than {} bytes", desc.size)));
-            }
-            hasher.update(&chunk);
+        while let Some(chunk) = blob.chunk().await? {
             out.write_all(&chunk)
                 .await
                 .map_err(PullError::io("writing", path))?;
-        }
-        if written != desc.size {
-            return Err(size_mismatch(format!("{written} bytes")));
-        }
-        if digest_of(&hasher) != desc.digest {
-            return Err(mismatch(hasher));
         }
         out.flush().await.map_err(PullError::io("writing", path))?;
         out.into_inner()
@@ -345,6 +321,76 @@ impl Registries {
                 what: what.into(),
                 cause: other.to_string(),
             },
+        }
+    }
+}
+
+/// A blob being downloaded: every chunk is counted and hashed on its way
+/// to the caller, and the end of the stream is only reported once the size
+/// and the digest are the descriptor's.
+pub(crate) struct BlobStream {
+    reference: String,
+    registry: String,
+    what: String,
+    digest: String,
+    size: u64,
+    stream: oci_client::client::SizedStream,
+    hasher: Sha256,
+    received: u64,
+}
+
+impl BlobStream {
+    /// The next chunk; `None` at the end of a complete, verified blob.
+    pub async fn chunk(&mut self) -> Result<Option<bytes::Bytes>, PullError> {
+        match self.stream.next().await {
+            Some(Ok(chunk)) => {
+                self.received += chunk.len() as u64;
+                if self.received > self.size {
+                    return Err(self.size_mismatch(format!("more than {} bytes", self.size)));
+                }
+                self.hasher.update(&chunk);
+                Ok(Some(chunk))
+            }
+            // oci-client checks the digest too, and fails the stream's end:
+            // report ours, which names the blob.
+            Some(Err(_))
+                if self.received == self.size && digest_of(&self.hasher) != self.digest =>
+            {
+                Err(self.digest_mismatch())
+            }
+            Some(Err(e)) => Err(PullError::Unreachable {
+                registry: self.registry.clone(),
+                reference: self.reference.clone(),
+                cause: format!(
+                    "{} broke off after {} bytes: {}",
+                    self.what,
+                    self.received,
+                    cause_chain(&e)
+                ),
+            }),
+            None if self.received != self.size => {
+                Err(self.size_mismatch(format!("{} bytes", self.received)))
+            }
+            None if digest_of(&self.hasher) != self.digest => Err(self.digest_mismatch()),
+            None => Ok(None),
+        }
+    }
+
+    fn size_mismatch(&self, got: String) -> PullError {
+        PullError::DigestMismatch {
+            reference: self.reference.clone(),
+            what: format!("the size of {}", self.what),
+            expected: format!("{} bytes", self.size),
+            actual: got,
+        }
+    }
+
+    fn digest_mismatch(&self) -> PullError {
+        PullError::DigestMismatch {
+            reference: self.reference.clone(),
+            what: self.what.clone(),
+            expected: self.digest.clone(),
+            actual: digest_of(&self.hasher),
         }
     }
 }

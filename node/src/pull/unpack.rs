@@ -72,17 +72,16 @@ pub(crate) enum UnpackError {
     DiffId { expected: String, actual: String },
 }
 
-/// Unpacks the layer blob at `blob` into `dest` (created here, must not
+/// Unpacks the layer read from `blob` into `dest` (created here, must not
 /// exist), checks its `diff_id`, syncs the filesystem. Returns the bytes of
-/// file data written.
+/// file data written. `blob` is read to its end.
 pub(crate) fn unpack(
-    blob: &Path,
+    blob: impl Read,
     compression: Compression,
     dest: &Path,
     diff_id: &str,
 ) -> Result<u64, UnpackError> {
-    let file = File::open(blob).map_err(UnpackError::Read)?;
-    let buffered = BufReader::with_capacity(1 << 20, file);
+    let buffered = BufReader::with_capacity(1 << 20, blob);
     let decoded: Box<dyn Read> = match compression {
         Compression::None => Box::new(buffered),
         Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(buffered)),
@@ -144,6 +143,37 @@ impl<R: Read> Read for Hashing<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// A blocking reader over chunks sent from the async side (a download).
+/// An `Err` sent ends the read with that error; a closed channel is EOF.
+pub(crate) struct Chunks {
+    rx: tokio::sync::mpsc::Receiver<io::Result<bytes::Bytes>>,
+    current: bytes::Bytes,
+}
+
+impl Chunks {
+    pub fn new(rx: tokio::sync::mpsc::Receiver<io::Result<bytes::Bytes>>) -> Chunks {
+        Chunks {
+            rx,
+            current: bytes::Bytes::new(),
+        }
+    }
+}
+
+impl Read for Chunks {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.current.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(Ok(chunk)) => self.current = chunk,
+                Some(Err(e)) => return Err(e),
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current.split_to(n));
         Ok(n)
     }
 }

@@ -81,9 +81,7 @@ fn run(dir: &Path, tar: &[u8], compression: Compression) -> Result<u64, UnpackEr
         }
         Compression::Zstd => zstd::encode_all(tar, 3).unwrap(),
     };
-    let path = dir.join("blob");
-    fs::write(&path, blob).unwrap();
-    unpack(&path, compression, &dir.join("layer"), &diff_id(tar))
+    unpack(&blob[..], compression, &dir.join("layer"), &diff_id(tar))
 }
 
 fn xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
@@ -308,10 +306,14 @@ fn wrong_diff_id_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let mut t = Tar::new();
     t.file("a", b"x");
-    let path = dir.path().join("blob");
-    fs::write(&path, t.bytes()).unwrap();
     let wrong = format!("sha256:{}", "0".repeat(64));
-    let err = unpack(&path, Compression::None, &dir.path().join("layer"), &wrong).unwrap_err();
+    let err = unpack(
+        &t.bytes()[..],
+        Compression::None,
+        &dir.path().join("layer"),
+        &wrong,
+    )
+    .unwrap_err();
     assert!(matches!(err, UnpackError::DiffId { .. }), "{err}");
 }
 

@@ -3,6 +3,7 @@
 # end-to-end through the real `verge` binary, registry round trips.
 #
 # Installs and starts what the tests need when it is missing:
+#   - iproute2, gcc and libc6-dev (node tests: namespaces, static workloads);
 #   - PostgreSQL (Debian's package; the machine's cluster is started and a
 #     `verge` superuser role created), exported as VERGE_TEST_POSTGRES;
 #   - Debian's docker-registry binary (the tests start their own instances);
@@ -46,9 +47,17 @@ pg_version() {
     { ls /usr/lib/postgresql 2>/dev/null || true; } | sort -V | tail -n 1
 }
 
+# The node tests run real nodes: network namespaces and veths made with
+# iproute2 (`ip`), and workloads compiled as static C programs (gcc with
+# glibc's static libraries); they need root, like the rest of this script.
+[ "$(id -u)" -eq 0 ] || log "warning: not root: the node tests (network namespaces, cgroups) will fail, saying so"
+
 missing=()
 # The path the harness runs (tests/src/registry.rs).
 [ -x /usr/bin/docker-registry ] || missing+=(docker-registry)
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+command -v gcc >/dev/null 2>&1 || missing+=(gcc)
+[ -e /usr/lib/x86_64-linux-gnu/libc.a ] || [ -n "$(find /usr/lib -name libc.a -print -quit 2>/dev/null)" ] || missing+=(libc6-dev)
 if [ -z "${VERGE_TEST_POSTGRES:-}" ]; then
     if [ -z "$(pg_version)" ] || ! command -v pg_ctlcluster >/dev/null 2>&1 ||
         ! command -v psql >/dev/null 2>&1; then

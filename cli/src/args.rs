@@ -205,7 +205,11 @@ pub struct NodeArgs {
     #[arg(long, env = "VERGE_JOIN_TOKEN", hide_env_values = true)]
     pub join_token: Option<String>,
     /// State directory: identity, images, instances
-    #[arg(long, env = "VERGE_NODE_DATA_DIR", default_value = "/var/lib/verge-node")]
+    #[arg(
+        long,
+        env = "VERGE_NODE_DATA_DIR",
+        default_value = "/var/lib/verge-node"
+    )]
     pub data_dir: PathBuf,
     /// Node name [default: the hostname]
     #[arg(long)]

@@ -23,8 +23,14 @@ fn main() -> std::process::ExitCode {
     // An instance's shim: this binary re-executed by the node daemon
     // (`/proc/self/exe __verge-shim DIR`); it must not start a runtime.
     let mut argv = std::env::args_os();
-    if argv.nth(1).is_some_and(|a| a == verge_node::runtime::SHIM_ARG) {
-        let dir = argv.next().map(std::path::PathBuf::from).unwrap_or_default();
+    if argv
+        .nth(1)
+        .is_some_and(|a| a == verge_node::runtime::SHIM_ARG)
+    {
+        let dir = argv
+            .next()
+            .map(std::path::PathBuf::from)
+            .unwrap_or_default();
         verge_node::runtime::shim_main(&dir);
     }
     // SAFETY: called first thing, before any thread exists; restores the

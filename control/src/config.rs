@@ -114,6 +114,11 @@ pub enum ConfigError {
          e.g. fd76:6572:6765::/48 (each node gets a /64 of it)"
     )]
     BadInstancePrefix(String),
+    #[error(
+        "heartbeat_secs ({heartbeat}) must be shorter than node_offline_after_secs \
+         ({offline_after}), or every node would be marked offline between heartbeats"
+    )]
+    HeartbeatTooSlow { heartbeat: u64, offline_after: u64 },
     #[error("{field} must be greater than 0")]
     Zero { field: &'static str },
 }
@@ -183,13 +188,22 @@ impl Config {
             ("max_connections", self.max_connections),
             ("client_timeout_secs", self.client_timeout_secs as usize),
             ("heartbeat_secs", self.heartbeat_secs as usize),
-            ("node_offline_after_secs", self.node_offline_after_secs as usize),
+            (
+                "node_offline_after_secs",
+                self.node_offline_after_secs as usize,
+            ),
         ] {
             if value == 0 {
                 return Err(ConfigError::Zero { field });
             }
         }
         self.instance_prefix()?;
+        if self.heartbeat_secs >= self.node_offline_after_secs {
+            return Err(ConfigError::HeartbeatTooSlow {
+                heartbeat: self.heartbeat_secs,
+                offline_after: self.node_offline_after_secs,
+            });
+        }
         Ok(())
     }
 

@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use verge_api::manifest::{Manifest, Workload};
+use verge_api::manifest::{Manifest, Runtime, Workload};
 use verge_api::wire::{DesiredSet, InstanceSpec};
 
 use crate::desired::apply_scale;
@@ -57,8 +57,19 @@ pub async fn reconcile_env(store: &Store, env_id: &str) -> Result<Vec<String>> {
             Some(node) => {
                 tx.stop_instance(&i.id).await?;
                 changed.insert(node.clone());
-                let why = format!("instance {} of {} is no longer wanted: stopping", i.id, i.workload);
-                tx.emit(ev(&scope, &release.id, "instance.stopping", Some(&i.id), Some(node), why)).await?;
+                let why = format!(
+                    "instance {} of {} is no longer wanted: stopping",
+                    i.id, i.workload
+                );
+                tx.emit(ev(
+                    &scope,
+                    &release.id,
+                    "instance.stopping",
+                    Some(&i.id),
+                    Some(node),
+                    why,
+                ))
+                .await?;
             }
             None => tx.delete_instance(&i.id).await?,
         }
@@ -73,28 +84,50 @@ pub async fn reconcile_env(store: &Store, env_id: &str) -> Result<Vec<String>> {
                 workload: name,
                 cpu_millis: cpu_millis(w),
                 memory: w.memory as i64,
+                constraints: &w.constraints,
             };
             match kept.get(&(name.as_str(), slot)) {
                 Some(i) if i.node_id.is_some() => {}
                 Some(i) => {
                     // Pending without a node: try again.
-                    match scheduler::place(&mut nodes, ask) {
+                    match place(&mut nodes, ask, w) {
                         Ok(node) => {
                             tx.place_instance(&i.id, Some(&node), None).await?;
                             changed.insert(node.clone());
-                            let msg = format!("instance {} of {name} placed on {}", i.id, node_name(&nodes, &node));
-                            tx.emit(ev(&scope, &release.id, "instance.placed", Some(&i.id), Some(&node), msg)).await?;
+                            let msg = format!(
+                                "instance {} of {name} placed on {}",
+                                i.id,
+                                node_name(&nodes, &node)
+                            );
+                            tx.emit(ev(
+                                &scope,
+                                &release.id,
+                                "instance.placed",
+                                Some(&i.id),
+                                Some(&node),
+                                msg,
+                            ))
+                            .await?;
                         }
                         Err(why) if i.message.as_deref() != Some(why.as_str()) => {
                             tx.place_instance(&i.id, None, Some(&why)).await?;
-                            let msg = format!("instance {} of {name} cannot be placed: {why}", i.id);
-                            tx.emit(ev(&scope, &release.id, "instance.unplaced", Some(&i.id), None, msg)).await?;
+                            let msg =
+                                format!("instance {} of {name} cannot be placed: {why}", i.id);
+                            tx.emit(ev(
+                                &scope,
+                                &release.id,
+                                "instance.unplaced",
+                                Some(&i.id),
+                                None,
+                                msg,
+                            ))
+                            .await?;
                         }
                         Err(_) => {}
                     }
                 }
                 None => {
-                    let placed = scheduler::place(&mut nodes, ask);
+                    let placed = place(&mut nodes, ask, w);
                     let new = NewInstance {
                         env_id,
                         release_id: &release.id,
@@ -108,13 +141,32 @@ pub async fn reconcile_env(store: &Store, env_id: &str) -> Result<Vec<String>> {
                     let id = tx.insert_instance(&new).await?;
                     match placed {
                         Ok(node) => {
-                            let msg = format!("instance {id} of {name} placed on {}", node_name(&nodes, &node));
-                            tx.emit(ev(&scope, &release.id, "instance.placed", Some(&id), Some(&node), msg)).await?;
+                            let msg = format!(
+                                "instance {id} of {name} placed on {}",
+                                node_name(&nodes, &node)
+                            );
+                            tx.emit(ev(
+                                &scope,
+                                &release.id,
+                                "instance.placed",
+                                Some(&id),
+                                Some(&node),
+                                msg,
+                            ))
+                            .await?;
                             changed.insert(node);
                         }
                         Err(why) => {
                             let msg = format!("instance {id} of {name} cannot be placed: {why}");
-                            tx.emit(ev(&scope, &release.id, "instance.unplaced", Some(&id), None, msg)).await?;
+                            tx.emit(ev(
+                                &scope,
+                                &release.id,
+                                "instance.unplaced",
+                                Some(&id),
+                                None,
+                                msg,
+                            ))
+                            .await?;
                         }
                     }
                 }
@@ -158,6 +210,20 @@ fn ev<'a>(
     }
 }
 
+/// The scheduler's choice, or why there is none.
+fn place(
+    nodes: &mut [NodeView],
+    ask: Ask<'_>,
+    w: &Workload,
+) -> std::result::Result<String, String> {
+    if w.runtime == Runtime::Wasm {
+        return Err(
+            "no node runs WebAssembly workloads yet: nodes run runtime = \"process\" only".into(),
+        );
+    }
+    scheduler::place(nodes, ask)
+}
+
 fn cpu_millis(w: &Workload) -> i64 {
     (w.cpu * 1000.0).round() as i64
 }
@@ -176,6 +242,7 @@ fn node_views(nodes: Vec<NodeRow>, placed: Vec<InstanceRow>) -> Vec<NodeView> {
                 .collect();
             NodeView {
                 online: n.state == "online",
+                labels: serde_json::from_str(&n.labels).unwrap_or_default(),
                 cpu_millis: n.cpu_millis,
                 memory: n.memory,
                 used_cpu_millis: mine.iter().map(|i| i.cpu_millis).sum(),
@@ -191,74 +258,103 @@ fn node_views(nodes: Vec<NodeRow>, placed: Vec<InstanceRow>) -> Vec<NodeView> {
         .collect()
 }
 
+/// What instance specs take from their release.
+struct ReleaseParts {
+    manifest: Manifest,
+    /// Workload → digest-pinned image.
+    images: BTreeMap<String, String>,
+    /// The env vars of the config version the release pins.
+    vars: BTreeMap<String, String>,
+}
+
+async fn release_parts(
+    store: &Store,
+    env_id: &str,
+    release_id: &str,
+) -> Result<Option<ReleaseParts>> {
+    let Some(r) = store.release_by_id(env_id, release_id).await? else {
+        return Ok(None);
+    };
+    let Ok(manifest) = serde_json::from_str::<Manifest>(&r.manifest) else {
+        return Ok(None);
+    };
+    Ok(Some(ReleaseParts {
+        manifest,
+        images: serde_json::from_str(&r.images).unwrap_or_default(),
+        vars: store.config_vars_at(env_id, r.config_version).await?,
+    }))
+}
+
 /// The desired set of one node: every instance placed on it with goal `run`.
 pub async fn desired_set(store: &Store, node: &NodeRow) -> Result<DesiredSet> {
-    let mut releases: BTreeMap<String, Option<(Manifest, BTreeMap<String, String>, BTreeMap<String, String>)>> =
-        BTreeMap::new();
-    let mut scopes = BTreeMap::new();
+    let mut releases: BTreeMap<String, Option<ReleaseParts>> = BTreeMap::new();
+    let mut scopes: BTreeMap<String, Option<EnvScope>> = BTreeMap::new();
     let mut specs = Vec::new();
     for i in store.node_instances(&node.id).await? {
         if i.goal != "run" {
             continue;
         }
         if !releases.contains_key(&i.release_id) {
-            let loaded = match store.release_by_id(&i.env_id, &i.release_id).await? {
-                Some(r) => {
-                    let manifest = serde_json::from_str::<Manifest>(&r.manifest).ok();
-                    let images: BTreeMap<String, String> = serde_json::from_str(&r.images).unwrap_or_default();
-                    let vars = store.config_vars_at(&i.env_id, r.config_version).await?;
-                    manifest.map(|m| (m, images, vars))
-                }
-                None => None,
-            };
-            releases.insert(i.release_id.clone(), loaded);
+            let parts = release_parts(store, &i.env_id, &i.release_id).await?;
+            releases.insert(i.release_id.clone(), parts);
         }
         if !scopes.contains_key(&i.env_id) {
             scopes.insert(i.env_id.clone(), store.env_scope(&i.env_id).await?);
         }
-        let (Some(Some((m, images, vars))), Some(Some(scope))) =
+        let (Some(Some(r)), Some(Some(scope))) =
             (releases.get(&i.release_id), scopes.get(&i.env_id))
         else {
             continue;
         };
-        let Some(w) = m.workloads.get(&i.workload) else {
-            continue;
-        };
-        let port = m
-            .endpoints
-            .iter()
-            .find(|e| e.workload == i.workload)
-            .map(|e| e.internal_port)
-            .or(w.health.map(|h| h.tcp));
-        let mut env_vars = m.env.clone();
-        env_vars.extend(vars.clone());
-        for (k, v) in [
-            ("VERGE_INSTANCE_ID", &i.id),
-            ("VERGE_APP", &scope.app),
-            ("VERGE_ENV", &scope.env),
-            ("VERGE_WORKLOAD", &i.workload),
-            ("VERGE_RELEASE", &i.release_id),
-        ] {
-            env_vars.insert(k.to_string(), v.clone());
+        if let Some(spec) = instance_spec(&i, r, scope) {
+            specs.push(spec);
         }
-        specs.push(InstanceSpec {
-            id: i.id.clone(),
-            org: scope.org.clone(),
-            app: scope.app.clone(),
-            env: scope.env.clone(),
-            release: i.release_id.clone(),
-            workload: i.workload.clone(),
-            image: images.get(&i.workload).cloned().unwrap_or_else(|| w.image.clone()),
-            command: w.command.clone(),
-            env_vars,
-            cpu: i.cpu_millis as f64 / 1000.0,
-            memory: i.memory as u64,
-            restart: w.restart,
-            port,
-        });
     }
     Ok(DesiredSet {
         version: node.desired_version as u64,
         instances: specs,
+    })
+}
+
+/// What a node needs to run instance `i`.
+fn instance_spec(i: &InstanceRow, r: &ReleaseParts, scope: &EnvScope) -> Option<InstanceSpec> {
+    let w = r.manifest.workloads.get(&i.workload)?;
+    let port = r
+        .manifest
+        .endpoints
+        .iter()
+        .find(|e| e.workload == i.workload)
+        .map(|e| e.internal_port)
+        .or(w.health.map(|h| h.tcp));
+    // The manifest's env, then the env's own vars (operators override), then Verge's.
+    let mut env_vars = r.manifest.env.clone();
+    env_vars.extend(r.vars.clone());
+    for (k, v) in [
+        ("VERGE_INSTANCE_ID", &i.id),
+        ("VERGE_APP", &scope.app),
+        ("VERGE_ENV", &scope.env),
+        ("VERGE_WORKLOAD", &i.workload),
+        ("VERGE_RELEASE", &i.release_id),
+    ] {
+        env_vars.insert(k.to_string(), v.clone());
+    }
+    Some(InstanceSpec {
+        id: i.id.clone(),
+        org: scope.org.clone(),
+        app: scope.app.clone(),
+        env: scope.env.clone(),
+        release: i.release_id.clone(),
+        workload: i.workload.clone(),
+        image: r
+            .images
+            .get(&i.workload)
+            .cloned()
+            .unwrap_or_else(|| w.image.clone()),
+        command: w.command.clone(),
+        env_vars,
+        cpu: i.cpu_millis as f64 / 1000.0,
+        memory: i.memory as u64,
+        restart: w.restart,
+        port,
     })
 }

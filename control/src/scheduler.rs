@@ -1,12 +1,15 @@
 //! Placement: which node an instance goes to. Pure functions over a
 //! snapshot of the cluster, deterministic for the same inputs.
 //!
-//! Filters: the node is online, and has the free CPU and memory the
-//! instance asks for. Score: fewest instances of the same workload (spread),
+//! Filters: the node is online, carries the labels the workload's
+//! `constraints` ask for, and has the free CPU and memory the instance asks
+//! for. Score: fewest instances of the same workload (spread),
 //! then the most free memory, then the name (a stable tie-break). An
 //! instance that fits nowhere gets a reason naming each node's problem.
 
-use verge_api::manifest::format_size;
+use std::collections::BTreeMap;
+
+use verge_api::manifest::human_size;
 
 /// One node as the scheduler sees it.
 #[derive(Debug, Clone, PartialEq)]
@@ -14,6 +17,7 @@ pub struct NodeView {
     pub id: String,
     pub name: String,
     pub online: bool,
+    pub labels: BTreeMap<String, String>,
     pub cpu_millis: i64,
     pub memory: i64,
     /// Reserved by the instances placed on it.
@@ -39,13 +43,17 @@ pub struct Ask<'a> {
     pub workload: &'a str,
     pub cpu_millis: i64,
     pub memory: i64,
+    /// Labels the node must carry (the workload's `constraints`).
+    pub constraints: &'a BTreeMap<String, String>,
 }
 
 /// Picks a node for `ask`, or says why none fits. On success the chosen
 /// node's reservations are updated, so successive calls spread.
 pub fn place(nodes: &mut [NodeView], ask: Ask<'_>) -> Result<String, String> {
     if nodes.is_empty() {
-        return Err("no nodes have joined the cluster: join one with `verge nodes join-token`".into());
+        return Err(
+            "no nodes have joined the cluster: join one with `verge nodes join-token`".into(),
+        );
     }
     let mut reasons = Vec::new();
     let mut best: Option<usize> = None;
@@ -86,12 +94,19 @@ fn unfit(n: &NodeView, ask: &Ask<'_>) -> Option<String> {
     if !n.online {
         return Some("offline".into());
     }
+    for (k, want) in ask.constraints {
+        match n.labels.get(k) {
+            Some(have) if have == want => {}
+            Some(have) => return Some(format!("label {k}={have} does not match {want}")),
+            None => return Some(format!("no label {k} (the workload needs {k}={want})")),
+        }
+    }
     let free_mem = n.memory - n.used_memory;
     if ask.memory > free_mem {
         return Some(format!(
             "insufficient memory (needs {}, {} free)",
-            format_size(ask.memory.max(0) as u64),
-            format_size(free_mem.max(0) as u64)
+            human_size(ask.memory.max(0) as u64),
+            human_size(free_mem.max(0) as u64)
         ));
     }
     let free_cpu = n.cpu_millis - n.used_cpu_millis;
@@ -118,6 +133,7 @@ mod tests {
             id: format!("id-{name}"),
             name: name.into(),
             online,
+            labels: BTreeMap::from([("region".to_string(), name.to_string())]),
             cpu_millis: cpu,
             memory: mem,
             used_cpu_millis: 0,
@@ -126,16 +142,66 @@ mod tests {
         }
     }
 
+    static NONE: BTreeMap<String, String> = BTreeMap::new();
     const ASK: Ask<'static> = Ask {
         env_id: "e",
         workload: "web",
         cpu_millis: 250,
         memory: 64 << 20,
+        constraints: &NONE,
     };
 
     #[test]
+    fn constraints_filter_by_label_and_say_which() {
+        let mut nodes = vec![
+            node("a", true, 2000, 1 << 30),
+            node("b", true, 2000, 1 << 30),
+        ];
+        let want = BTreeMap::from([("region".to_string(), "b".to_string())]);
+        let ask = Ask {
+            constraints: &want,
+            ..ASK
+        };
+        assert_eq!(place(&mut nodes, ask).unwrap(), "id-b");
+        assert_eq!(
+            place(&mut nodes, ask).unwrap(),
+            "id-b",
+            "constraints beat spreading"
+        );
+        let other = BTreeMap::from([("zone".to_string(), "z1".to_string())]);
+        let err = place(
+            &mut nodes,
+            Ask {
+                constraints: &other,
+                ..ASK
+            },
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("node a: no label zone (the workload needs zone=z1)"),
+            "{err}"
+        );
+        let wrong = BTreeMap::from([("region".to_string(), "c".to_string())]);
+        let err = place(
+            &mut nodes,
+            Ask {
+                constraints: &wrong,
+                ..ASK
+            },
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("node a: label region=a does not match c"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn spreads_one_workload_across_nodes() {
-        let mut nodes = vec![node("a", true, 2000, 1 << 30), node("b", true, 2000, 1 << 30)];
+        let mut nodes = vec![
+            node("a", true, 2000, 1 << 30),
+            node("b", true, 2000, 1 << 30),
+        ];
         let first = place(&mut nodes, ASK).unwrap();
         let second = place(&mut nodes, ASK).unwrap();
         assert_ne!(first, second);
@@ -144,13 +210,22 @@ mod tests {
 
     #[test]
     fn skips_offline_and_full_nodes_and_explains() {
-        let mut nodes = vec![node("a", false, 2000, 1 << 30), node("b", true, 100, 32 << 20)];
+        let mut nodes = vec![
+            node("a", false, 2000, 1 << 30),
+            node("b", true, 100, 32 << 20),
+        ];
         let err = place(&mut nodes, ASK).unwrap_err();
         assert!(err.contains("node a: offline"), "{err}");
-        assert!(err.contains("node b: insufficient memory (needs 64Mi, 32Mi free)"), "{err}");
+        assert!(
+            err.contains("node b: insufficient memory (needs 64Mi, 32Mi free)"),
+            "{err}"
+        );
         nodes[1].memory = 1 << 30;
         let err = place(&mut nodes, ASK).unwrap_err();
-        assert!(err.contains("node b: insufficient cpu (needs 0.25 cores, 0.1 cores free)"), "{err}");
+        assert!(
+            err.contains("node b: insufficient cpu (needs 0.25 cores, 0.1 cores free)"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -158,11 +233,19 @@ mod tests {
         let mut nodes = vec![node("a", true, 500, 1 << 30)];
         place(&mut nodes, ASK).unwrap();
         place(&mut nodes, ASK).unwrap();
-        assert!(place(&mut nodes, ASK).unwrap_err().contains("insufficient cpu"));
+        assert!(
+            place(&mut nodes, ASK)
+                .unwrap_err()
+                .contains("insufficient cpu")
+        );
     }
 
     #[test]
     fn no_nodes_says_how_to_add_one() {
-        assert!(place(&mut [], ASK).unwrap_err().contains("verge nodes join-token"));
+        assert!(
+            place(&mut [], ASK)
+                .unwrap_err()
+                .contains("verge nodes join-token")
+        );
     }
 }

@@ -320,7 +320,12 @@ impl Keyring {
                 &mut data,
             )
             .expect("sealing into a Vec cannot fail");
-        format!("{}:{}:{}", self.current.id, hex::encode(nonce), hex::encode(data))
+        format!(
+            "{}:{}:{}",
+            self.current.id,
+            hex::encode(nonce),
+            hex::encode(data)
+        )
     }
 
     /// Opens what [`seal_fact`](Self::seal_fact) made; also says whether it
@@ -331,7 +336,8 @@ impl Keyring {
             why,
         };
         let mut parts = sealed.splitn(3, ':');
-        let (Some(key_id), Some(nonce), Some(ciphertext)) = (parts.next(), parts.next(), parts.next())
+        let (Some(key_id), Some(nonce), Some(ciphertext)) =
+            (parts.next(), parts.next(), parts.next())
         else {
             return Err(err("it is malformed"));
         };

@@ -120,6 +120,17 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Start
             "secret versions re-sealed with the current key"
         );
     }
+    // Before the bootstrap: a start that fails to bind the cluster endpoint
+    // must not create an admin token it never prints.
+    let cluster_config = crate::cluster::ClusterConfig {
+        listen: config.cluster_listen(),
+        advertise: config.cluster_advertise.clone(),
+        instance_prefix: config.instance_prefix()?,
+        heartbeat: Duration::from_secs(config.heartbeat_secs),
+        offline_after: Duration::from_secs(config.node_offline_after_secs),
+    };
+    let (cluster, cluster_tasks) =
+        Cluster::start(store.clone(), &keyring, cluster_config, shutdown.clone()).await?;
     let admin_token = match crate::auth::bootstrap(&store).await? {
         None if config.new_admin_token => {
             tracing::warn!("minting a new cluster admin token (--new-admin-token)");
@@ -135,15 +146,6 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Start
         }
         token => token,
     };
-    let cluster_config = crate::cluster::ClusterConfig {
-        listen: config.cluster_listen(),
-        advertise: config.cluster_advertise.clone(),
-        instance_prefix: config.instance_prefix()?,
-        heartbeat: Duration::from_secs(config.heartbeat_secs),
-        offline_after: Duration::from_secs(config.node_offline_after_secs),
-    };
-    let (cluster, cluster_tasks) =
-        Cluster::start(store.clone(), &keyring, cluster_config, shutdown.clone()).await?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     let url = format!("{scheme}://{local_addr}");
     let app = router(AppState {

@@ -320,7 +320,7 @@ impl Supervisor {
                     Woke::Done(Ok(i)) => i,
                     Woke::Done(Err((category, message))) => {
                         failures += 1;
-                        if !self.back_off(failures, category, message).await {
+                        if !self.back_off(failures, Some(category), message).await {
                             return;
                         }
                         continue;
@@ -360,23 +360,27 @@ impl Supervisor {
             if failed {
                 failures += 1;
             }
-            if !self
-                .back_off(failures, category.unwrap_or(ErrorCategory::Crash), message)
-                .await
-            {
+            if !self.back_off(failures, category, message).await {
                 return;
             }
         }
     }
 
-    /// After a failure: waits the backoff and says so; `false` when the
-    /// instance is done (crash loop, removed, or shutdown).
-    async fn back_off(&mut self, failures: u32, category: ErrorCategory, message: String) -> bool {
+    /// Before a restart: waits the backoff (growing with `failures`) and
+    /// says so; `false` when the instance is done (five failures in a row
+    /// end it `failed`, with the last failure's category; or it was
+    /// removed, or the daemon shuts down). `category` is `None` for a clean
+    /// exit restarted by `restart = "always"`.
+    async fn back_off(&mut self, failures: u32, category: Option<ErrorCategory>, message: String) -> bool {
         if failures >= CRASH_LOOP {
+            let what = match category {
+                Some(ErrorCategory::Crash) | None => "crash loop",
+                Some(_) => "giving up",
+            };
             self.report(
                 InstanceState::Failed,
-                Some(if category == ErrorCategory::Oom { category } else { ErrorCategory::Crash }),
-                Some(format!("crash loop: failed {failures} times in a row; last: {message}")),
+                Some(category.unwrap_or(ErrorCategory::Crash)),
+                Some(format!("{what}: failed {failures} times in a row; last: {message}")),
             );
             self.idle_until_removed().await;
             return false;
@@ -385,7 +389,7 @@ impl Supervisor {
         self.restarts += 1;
         self.report(
             InstanceState::Pending,
-            Some(category),
+            category,
             Some(format!("{message}; restarting in {}", humantime_short(delay))),
         );
         match self.until(tokio::time::sleep(delay)).await {

@@ -28,13 +28,16 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Where [`PinnedCa`] leaves why it refused a server.
+pub type Refusal = Arc<Mutex<Option<String>>>;
+
 /// Accepts only a server whose chain includes the pinned CA.
 #[derive(Debug)]
 pub struct PinnedCa {
     sha256: String,
     provider: Arc<CryptoProvider>,
     /// Why the last check failed, for the operator (rustls reports only a code).
-    pub failure: Arc<Mutex<Option<String>>>,
+    pub failure: Refusal,
 }
 
 impl ServerCertVerifier for PinnedCa {
@@ -97,7 +100,7 @@ impl ServerCertVerifier for PinnedCa {
 }
 
 /// The QUIC client config of a join, and where a CA mismatch is explained.
-pub fn join_config(ca_sha256: &str) -> Result<(quinn::ClientConfig, Arc<Mutex<Option<String>>>), String> {
+pub fn join_config(ca_sha256: &str) -> Result<(quinn::ClientConfig, Refusal), String> {
     let failure = Arc::new(Mutex::new(None));
     let verifier = PinnedCa {
         sha256: ca_sha256.to_string(),

@@ -74,11 +74,25 @@ impl NodeHost {
         let host_if = format!("vt{tag:04x}h{index}");
         let host_addr: Ipv6Addr = format!("fdee:{tag:x}:{index}::1").parse().expect("valid");
         let node_addr: Ipv6Addr = format!("fdee:{tag:x}:{index}::2").parse().expect("valid");
-        let _ = std::process::Command::new("ip").args(["netns", "del", &netns]).output();
-        let _ = std::process::Command::new("ip").args(["link", "del", &host_if]).output();
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &netns])
+            .output();
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &host_if])
+            .output();
         ip(&["netns", "add", &netns]);
-        ip(&["link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &netns]);
-        ip(&["-6", "addr", "add", &format!("{host_addr}/64"), "dev", &host_if, "nodad"]);
+        ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &netns,
+        ]);
+        ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{host_addr}/64"),
+            "dev",
+            &host_if,
+            "nodad",
+        ]);
         ip(&["link", "set", &host_if, "up"]);
         let inside = |args: &[&str]| {
             let mut full = vec!["-n", netns.as_str()];
@@ -86,9 +100,24 @@ impl NodeHost {
             ip(&full);
         };
         inside(&["link", "set", "lo", "up"]);
-        inside(&["-6", "addr", "add", &format!("{node_addr}/64"), "dev", "eth0", "nodad"]);
+        inside(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{node_addr}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
         inside(&["link", "set", "eth0", "up"]);
-        inside(&["-6", "route", "add", "default", "via", &host_addr.to_string()]);
+        inside(&[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &host_addr.to_string(),
+        ]);
         let data_dir = tempfile::tempdir().expect("node data dir");
         let log = data_dir.path().join("node.log");
         NodeHost {
@@ -148,10 +177,17 @@ impl NodeHost {
         let ns = std::fs::File::open(format!("/run/netns/{}", self.netns)).expect("open netns");
         let ns_fd = std::os::fd::AsRawFd::as_raw_fd(&ns);
         let mut cmd = crate::verge_command();
-        cmd.args(["node", "--server", server, "--name", &self.name, "--data-dir"])
-            .arg(self.data_dir.path())
-            .args(["--stop-grace", "2s"])
-            .args(extra);
+        cmd.args([
+            "node",
+            "--server",
+            server,
+            "--name",
+            &self.name,
+            "--data-dir",
+        ])
+        .arg(self.data_dir.path())
+        .args(["--stop-grace", "2s"])
+        .args(extra);
         if let Some(t) = token {
             cmd.args(["--join-token", t]);
         }
@@ -190,14 +226,25 @@ impl NodeHost {
     pub async fn stop(&mut self) {
         if let Some(child) = self.child.take() {
             let status = crate::control::stop_daemon(child, libc::SIGTERM).await;
-            assert!(status.success(), "verge node exited with {status}\n{}", self.log());
+            assert!(
+                status.success(),
+                "verge node exited with {status}\n{}",
+                self.log()
+            );
         }
     }
 
     /// Routes `prefix` (the node's instance prefix) from the test's
     /// namespace to the node.
     pub fn route_instances(&mut self, prefix: &str) {
-        ip(&["-6", "route", "replace", prefix, "via", &self.node_addr.to_string()]);
+        ip(&[
+            "-6",
+            "route",
+            "replace",
+            prefix,
+            "via",
+            &self.node_addr.to_string(),
+        ]);
         self.routes.push(prefix.to_string());
     }
 
@@ -212,11 +259,15 @@ impl NodeHost {
             let ns = std::fs::File::open(&netns).expect("open netns");
             // SAFETY: setns(2) on this short-lived thread only; the socket it
             // creates stays in that namespace after the thread ends.
-            let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
+            let rc =
+                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
             assert_eq!(rc, 0, "setns into {netns}");
-            let lo = std::process::Command::new("ip").args(["link", "set", "lo", "up"]).status();
+            let lo = std::process::Command::new("ip")
+                .args(["link", "set", "lo", "up"])
+                .status();
             assert!(lo.is_ok());
-            let l = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind relay in node netns");
+            let l =
+                std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind relay in node netns");
             l.set_nonblocking(true).unwrap();
             l
         })
@@ -237,7 +288,12 @@ impl NodeHost {
     /// The instance dirs the node's runtime keeps.
     pub fn instance_dirs(&self) -> Vec<PathBuf> {
         std::fs::read_dir(self.data_dir.path().join("instances"))
-            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir()).collect())
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.path())
+                    .filter(|p| p.is_dir())
+                    .collect()
+            })
             .unwrap_or_default()
     }
 }
@@ -277,7 +333,10 @@ impl Drop for NodeHost {
                 let _ = std::fs::remove_file(&netns);
             }
             for controller in ["cpu", "cpuacct", "memory", "pids", "unified", "systemd"] {
-                let cg = Path::new("/sys/fs/cgroup").join(controller).join("verge").join(&id);
+                let cg = Path::new("/sys/fs/cgroup")
+                    .join(controller)
+                    .join("verge")
+                    .join(&id);
                 for _ in 0..50 {
                     if !cg.exists() || std::fs::remove_dir(&cg).is_ok() {
                         break;
@@ -287,10 +346,16 @@ impl Drop for NodeHost {
             }
         }
         for r in &self.routes {
-            let _ = std::process::Command::new("ip").args(["-6", "route", "del", r]).output();
+            let _ = std::process::Command::new("ip")
+                .args(["-6", "route", "del", r])
+                .output();
         }
-        let _ = std::process::Command::new("ip").args(["netns", "del", &self.netns]).output();
-        let _ = std::process::Command::new("ip").args(["link", "del", &self.host_if]).output();
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .output();
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .output();
     }
 }
 
@@ -298,12 +363,17 @@ fn nix_umount(path: &Path) -> std::io::Result<()> {
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("no NUL");
     // SAFETY: a valid NUL-terminated path; MNT_DETACH has no other preconditions.
     let rc = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// A tag for this test's namespaces, links and prefixes: distinct across
 /// concurrent tests (and runs), at most 16 bits.
 pub fn test_tag() -> u16 {
     let u = ulid::Ulid::new().0;
-    ((u ^ (u >> 16) ^ (u >> 32) ^ (u >> 48) ^ u64::from(std::process::id()) as u128) & 0xffff) as u16
+    ((u ^ (u >> 16) ^ (u >> 32) ^ (u >> 48) ^ u64::from(std::process::id()) as u128) & 0xffff)
+        as u16
 }

@@ -106,7 +106,9 @@ async fn dev_serves_hello(isolation: &str, command: &str) {
     .await;
     let cli = Cli::new(config.path());
     cli.run(&["apps", "create", "hello"]).await.ok();
-    cli.run(&["envs", "create", "prod", "--app", "hello"]).await.ok();
+    cli.run(&["envs", "create", "prod", "--app", "hello"])
+        .await
+        .ok();
     let manifest = data.path().join("verge.toml");
     std::fs::write(
         &manifest,
@@ -116,30 +118,49 @@ async fn dev_serves_hello(isolation: &str, command: &str) {
         ),
     )
     .unwrap();
-    let cli = cli.with_env("VERGE_APP", "hello").with_env("VERGE_ENV", "prod");
-    cli.run(&["deploy", "-f", manifest.to_str().unwrap()]).await.ok();
+    let cli = cli
+        .with_env("VERGE_APP", "hello")
+        .with_env("VERGE_ENV", "prod");
+    cli.run(&["deploy", "-f", manifest.to_str().unwrap()])
+        .await
+        .ok();
     let deadline = std::time::Duration::from_secs(60);
     let (id, address) = verge_tests::eventually(deadline, "a running instance", || async {
         let s = cli.run(&["status", "-o", "json"]).await.json();
         let i = &s["workloads"][0]["instances"][0];
         (i["state"] == "running").then(|| {
-            (i["id"].as_str().unwrap().to_string(), i["address"].as_str().unwrap().to_string())
+            (
+                i["id"].as_str().unwrap().to_string(),
+                i["address"].as_str().unwrap().to_string(),
+            )
         })
     })
     .await;
     let human = cli.run(&["status"]).await.ok();
-    assert!(human.contains(&address) && human.contains("running"), "{human}");
+    assert!(
+        human.contains(&address) && human.contains("running"),
+        "{human}"
+    );
     let greeting = verge_tests::eventually(deadline, "the greeting", || greet(&address)).await;
-    assert!(greeting.contains(&format!("hello from instance {id}")), "{greeting}");
+    assert!(
+        greeting.contains(&format!("hello from instance {id}")),
+        "{greeting}"
+    );
     if isolation == "none" {
         assert!(address.starts_with("127.0.0.1:"), "{address}");
         let node = cli.run(&["nodes", "describe", "dev"]).await.ok();
-        assert!(node.contains("isolation:       none: instances are plain host processes"), "{node}");
+        assert!(
+            node.contains("isolation:       none: instances are plain host processes"),
+            "{node}"
+        );
     } else {
         assert!(address.starts_with("[fd76:"), "{address}");
     }
     assert!(interrupt(child).await.success());
-    assert!(greet(&address).await.is_none(), "Ctrl-C stops the dev cluster's instances");
+    assert!(
+        greet(&address).await.is_none(),
+        "Ctrl-C stops the dev cluster's instances"
+    );
 }
 
 #[tokio::test]

@@ -42,15 +42,33 @@ impl World {
         let prefix = format!("fd76:{tag:x}:{:x}::/48", tag.rotate_left(7));
         let cp = ControlPlane::start_with(
             backend,
-            &["--cluster-listen", "[::]:0", "--instance-prefix", &prefix, "--node-offline-after", "3s"],
+            &[
+                "--cluster-listen",
+                "[::]:0",
+                "--instance-prefix",
+                &prefix,
+                "--node-offline-after",
+                "3s",
+            ],
         )
         .await;
         let registry = Registry::start().await.expect("registry starts");
         let admin = cp.cli();
         admin.run(&["orgs", "create", "acme"]).await.ok();
-        admin.run(&["projects", "create", "web", "--org", "acme"]).await.ok();
         admin
-            .run(&["apps", "create", "hello", "--org", "acme", "--project", "web"])
+            .run(&["projects", "create", "web", "--org", "acme"])
+            .await
+            .ok();
+        admin
+            .run(&[
+                "apps",
+                "create",
+                "hello",
+                "--org",
+                "acme",
+                "--project",
+                "web",
+            ])
             .await
             .ok();
         admin
@@ -91,14 +109,21 @@ impl World {
         for l in labels {
             extra.extend(["--label", l]);
         }
-        node.start(&node.server_for(&self.cp.cluster), Some(&token), &extra).await;
+        node.start(&node.server_for(&self.cp.cluster), Some(&token), &extra)
+            .await;
         let d = self.node_json(name).await;
         node.route_instances(d["instance_prefix"].as_str().expect("prefix"));
         node
     }
 
     fn registry_port(&self) -> u16 {
-        self.registry.host().rsplit(':').next().unwrap().parse().unwrap()
+        self.registry
+            .host()
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
     }
 
     async fn node_json(&self, name: &str) -> Value {
@@ -120,7 +145,9 @@ impl World {
             .expect("build hello");
         let image = verge_images::hello_image(&bin).expect("hello image");
         let reference = format!("{}/hello:1", self.registry.host());
-        verge_images::push(&image, &reference).await.expect("push hello");
+        verge_images::push(&image, &reference)
+            .await
+            .expect("push hello");
         reference
     }
 
@@ -159,7 +186,11 @@ impl World {
     }
 
     async fn events(&self) -> Vec<Value> {
-        self.json(&["events"]).await.as_array().cloned().unwrap_or_default()
+        self.json(&["events"])
+            .await
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// Every event of the cluster (node events belong to no org).
@@ -171,10 +202,17 @@ impl World {
 
 /// Connects to an instance and reads its greeting line.
 async fn greet(address: &str) -> Option<String> {
-    let conn = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(address)).await;
+    let conn = tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::net::TcpStream::connect(address),
+    )
+    .await;
     let mut stream = conn.ok()?.ok()?;
     let mut buf = vec![0u8; 512];
-    let n = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buf)).await.ok()?.ok()?;
+    let n = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
     Some(String::from_utf8_lossy(&buf[..n]).to_string())
 }
 
@@ -193,7 +231,10 @@ async fn two_nodes_join_and_serve_hello_on_private_addresses(backend: Backend) {
     for n in nodes {
         assert_eq!(n["state"], "online", "{n}");
         assert_eq!(n["isolation"], "namespaces");
-        assert!(n["cpu"].as_f64().unwrap() >= 1.0 && n["memory"].as_u64().unwrap() > 0, "{n}");
+        assert!(
+            n["cpu"].as_f64().unwrap() >= 1.0 && n["memory"].as_u64().unwrap() > 0,
+            "{n}"
+        );
         assert!(n["last_seen"].is_string(), "{n}");
     }
     assert_eq!(w.node_json("n1").await["labels"]["region"], "eu-west");
@@ -208,23 +249,65 @@ async fn two_nodes_join_and_serve_hello_on_private_addresses(backend: Backend) {
     let image = w.push_hello().await;
     w.deploy(&image, 2, "").await;
     let running = w.running(2).await;
-    let on: std::collections::BTreeSet<&str> = running.iter().map(|i| i["node"].as_str().unwrap()).collect();
+    let on: std::collections::BTreeSet<&str> = running
+        .iter()
+        .map(|i| i["node"].as_str().unwrap())
+        .collect();
     assert_eq!(on.len(), 2, "one instance per node: {running:?}");
     for inst in &running {
         let addr = inst["address"].as_str().unwrap();
         assert!(addr.starts_with("[fd76:"), "a private IPv6 address: {addr}");
         let id = inst["id"].as_str().unwrap();
         let greeting = eventually(DEADLINE, &format!("greeting from {addr}"), || greet(addr)).await;
-        assert!(greeting.contains(&format!("hello from instance {id}")), "{greeting}");
+        assert!(
+            greeting.contains(&format!("hello from instance {id}")),
+            "{greeting}"
+        );
         assert!(greeting.contains("VERGE_ENV=prod"), "{greeting}");
     }
-    let kinds: Vec<String> = w.events().await.iter().map(|e| e["kind"].as_str().unwrap().to_string()).collect();
+    let kinds: Vec<String> = w
+        .events()
+        .await
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap().to_string())
+        .collect();
     for k in ["instance.placed", "instance.state", "instance.running"] {
         assert!(kinds.iter().any(|x| x == k), "{k} in {kinds:?}");
     }
     let d = w.node_json("n1").await;
     assert_eq!(d["instances"], 1, "{d}");
     assert_eq!(d["instances_detail"][0]["state"], "running", "{d}");
+
+    // Constraints pick nodes by label, or explain per node why none fits.
+    w.deploy(&image, 2, "constraints = { region = \"eu-west\" }")
+        .await;
+    let placed = w.running(2).await;
+    assert!(
+        placed.iter().all(|i| i["node"] == "n1"),
+        "both on the eu-west node: {placed:?}"
+    );
+    w.deploy(&image, 1, "constraints = { region = \"mars\" }")
+        .await;
+    let pending = eventually(DEADLINE, "an unplaceable instance", || async {
+        let s = w.status().await;
+        let unplaced = s["workloads"][0]["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["node"].is_null())
+            .cloned();
+        unplaced.map(|i| (s["rollout"].clone(), i))
+    })
+    .await;
+    let reason = pending.1["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("node n1: label region=eu-west does not match mars"),
+        "{reason}"
+    );
+    assert!(
+        reason.contains("node n2: label region=us-east does not match mars"),
+        "{reason}"
+    );
     drop((n1, n2));
 }
 
@@ -240,29 +323,66 @@ async fn a_killed_daemon_leaves_instances_serving_goes_offline_and_readopts_on_r
     eventually(DEADLINE, "greeting", || greet(&addr)).await;
 
     n1.kill9().await;
-    let greeting = greet(&addr).await.expect("the instance still serves with its node daemon dead");
+    let greeting = greet(&addr)
+        .await
+        .expect("the instance still serves with its node daemon dead");
     assert!(greeting.contains(before["id"].as_str().unwrap()));
     let killed_at = std::time::Instant::now();
     w.wait_node_state("n1", "offline").await;
-    assert!(killed_at.elapsed() < Duration::from_secs(10), "offline detected within 10s: {:?}", killed_at.elapsed());
+    assert!(
+        killed_at.elapsed() < Duration::from_secs(10),
+        "offline detected within 10s: {:?}",
+        killed_at.elapsed()
+    );
     let status = w.status().await;
-    let reason = status["workloads"][0]["instances"][0]["reason"].as_str().unwrap_or_default().to_string();
+    let reason = status["workloads"][0]["instances"][0]["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     assert!(reason.contains("node n1 offline since"), "{status}");
 
     n1.start(&n1.server_for(&w.cp.cluster), None, &[]).await;
     w.wait_node_state("n1", "online").await;
     let after = w.running(1).await.remove(0);
-    assert_eq!(after["id"], before["id"], "the same instance, not a replacement");
-    assert!(greet(&addr).await.unwrap().contains(before["id"].as_str().unwrap()));
-    assert!(n1.log().contains("adopted=1"), "the new daemon re-adopted the instance\n{}", n1.log());
+    assert_eq!(
+        after["id"], before["id"],
+        "the same instance, not a replacement"
+    );
+    assert!(
+        greet(&addr)
+            .await
+            .unwrap()
+            .contains(before["id"].as_str().unwrap())
+    );
+    assert!(
+        n1.log().contains("adopted=1"),
+        "the new daemon re-adopted the instance\n{}",
+        n1.log()
+    );
     let cluster: Vec<String> = w
         .cluster_events()
         .await
         .iter()
-        .map(|e| format!("{} {}", e["kind"].as_str().unwrap(), e["message"].as_str().unwrap()))
+        .map(|e| {
+            format!(
+                "{} {}",
+                e["kind"].as_str().unwrap(),
+                e["message"].as_str().unwrap()
+            )
+        })
         .collect();
-    assert!(cluster.iter().any(|e| e.starts_with("node.offline node n1 is offline")), "{cluster:?}");
-    assert!(cluster.iter().any(|e| e.starts_with("node.online node n1 is online")), "{cluster:?}");
+    assert!(
+        cluster
+            .iter()
+            .any(|e| e.starts_with("node.offline node n1 is offline")),
+        "{cluster:?}"
+    );
+    assert!(
+        cluster
+            .iter()
+            .any(|e| e.starts_with("node.online node n1 is online")),
+        "{cluster:?}"
+    );
 }
 
 #[tokio::test]
@@ -285,14 +405,21 @@ async fn an_offline_node_returns_to_what_is_desired_now() {
         greet(&addr).await.is_none().then_some(())
     })
     .await;
-    let stopped = w.events().await.into_iter().any(|e| {
-        e["kind"] == "instance.stopped" && e["instance"] == gone[0]["id"]
-    });
-    assert!(stopped, "an instance.stopped event for the removed instance");
+    let stopped = w
+        .events()
+        .await
+        .into_iter()
+        .any(|e| e["kind"] == "instance.stopped" && e["instance"] == gone[0]["id"]);
+    assert!(
+        stopped,
+        "an instance.stopped event for the removed instance"
+    );
     // Its cgroup and network namespace are gone too.
     let id = gone[0]["id"].as_str().unwrap();
     eventually(DEADLINE, "cleanup of the removed instance", || async {
-        let cg = std::path::Path::new("/sys/fs/cgroup/memory/verge").join(id).exists();
+        let cg = std::path::Path::new("/sys/fs/cgroup/memory/verge")
+            .join(id)
+            .exists();
         let ns = std::path::Path::new("/run/verge/netns").join(id).exists();
         (!cg && !ns).then_some(())
     })
@@ -325,7 +452,10 @@ async fn bad_tokens_and_a_foreign_ca_are_refused() {
     let mut parts: Vec<String> = good.split('.').map(str::to_string).collect();
     parts[2] = "0".repeat(parts[2].len());
     let err = refused((&server, Some(parts.join(".")))).await;
-    assert!(err.contains("join refused by the control plane: the join token is not valid"), "{err}");
+    assert!(
+        err.contains("join refused by the control plane: the join token is not valid"),
+        "{err}"
+    );
     // Not a token at all.
     let err = refused((&server, Some("garbage".into()))).await;
     assert!(err.contains("invalid join token"), "{err}");
@@ -335,7 +465,10 @@ async fn bad_tokens_and_a_foreign_ca_are_refused() {
     // A token of another cluster: its CA pin does not match this server.
     let foreign = other.join_token().await;
     let err = refused((&server, Some(foreign))).await;
-    assert!(err.contains("the control plane's CA does not match the join token"), "{err}");
+    assert!(
+        err.contains("the control plane's CA does not match the join token"),
+        "{err}"
+    );
     // Expired: a one-second token, used once it has expired.
     let t = w.json(&["nodes", "join-token", "--ttl", "1s"]).await;
     let token = t["token"].as_str().unwrap().to_string();
@@ -347,8 +480,18 @@ async fn bad_tokens_and_a_foreign_ca_are_refused() {
     .await;
     let err = refused((&server, Some(token))).await;
     assert!(err.contains("expired at"), "{err}");
-    assert!(err.contains("mint a new one with `verge nodes join-token`"), "{err}");
-    assert!(w.json(&["nodes", "list"]).await.as_array().unwrap().is_empty(), "nothing joined");
+    assert!(
+        err.contains("mint a new one with `verge nodes join-token`"),
+        "{err}"
+    );
+    assert!(
+        w.json(&["nodes", "list"])
+            .await
+            .as_array()
+            .unwrap()
+            .is_empty(),
+        "nothing joined"
+    );
 }
 
 /// A static program that allocates and touches memory until killed.
@@ -367,7 +510,11 @@ fn hog_binary(dir: &std::path::Path) -> PathBuf {
         .arg(&src)
         .output()
         .expect("gcc");
-    assert!(out.status.success(), "gcc -static: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "gcc -static: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     bin
 }
 
@@ -376,7 +523,8 @@ async fn an_instance_over_its_memory_limit_is_oom_killed_and_reported() {
     let w = World::new(Backend::Sqlite).await;
     let _n1 = w.node(1, "n1", &[]).await;
     let bin = hog_binary(w.dir.path());
-    let layer = Layer::from_files(&[File::new("/hog", std::fs::read(&bin).unwrap(), 0o755)]).unwrap();
+    let layer =
+        Layer::from_files(&[File::new("/hog", std::fs::read(&bin).unwrap(), 0o755)]).unwrap();
     let image = Image::build(
         &ImageConfig {
             entrypoint: vec!["/hog".into()],
@@ -397,10 +545,24 @@ async fn an_instance_over_its_memory_limit_is_oom_killed_and_reported() {
     })
     .await;
     let (status, i) = inst;
-    assert!(i["reason"].as_str().unwrap().starts_with("oom: killed: out of memory (limit 64Mi)"), "{i}");
+    assert!(
+        i["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("oom: killed: out of memory (limit 64Mi)"),
+        "{i}"
+    );
     assert_eq!(status["rollout"]["state"], "failed", "{status}");
-    let failed = w.events().await.into_iter().find(|e| e["kind"] == "instance.failed").expect("an instance.failed event");
-    assert!(failed["message"].as_str().unwrap().contains("failed (oom)"), "{failed}");
+    let failed = w
+        .events()
+        .await
+        .into_iter()
+        .find(|e| e["kind"] == "instance.failed")
+        .expect("an instance.failed event");
+    assert!(
+        failed["message"].as_str().unwrap().contains("failed (oom)"),
+        "{failed}"
+    );
 }
 
 /// A static program that exits with code 3 at once.
@@ -414,13 +576,18 @@ fn crasher_binary(dir: &std::path::Path) -> PathBuf {
         .arg(&src)
         .output()
         .expect("gcc");
-    assert!(out.status.success(), "gcc -static: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "gcc -static: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     bin
 }
 
 async fn push_binary(w: &World, bin: &std::path::Path, name: &str) -> String {
     let file = format!("/{name}");
-    let layer = Layer::from_files(&[File::new(file.clone(), std::fs::read(bin).unwrap(), 0o755)]).unwrap();
+    let layer =
+        Layer::from_files(&[File::new(file.clone(), std::fs::read(bin).unwrap(), 0o755)]).unwrap();
     let image = Image::build(
         &ImageConfig {
             entrypoint: vec![file],
@@ -448,13 +615,25 @@ async fn a_crash_loop_is_restarted_with_backoff_then_fails_with_category_crash()
     })
     .await;
     let reason = i["reason"].as_str().unwrap();
-    assert!(reason.starts_with("crash: crash loop: failed 5 times in a row; last: exited with code 3"), "{i}");
+    assert!(
+        reason.starts_with("crash: crash loop: failed 5 times in a row; last: exited with code 3"),
+        "{i}"
+    );
     let events = w.events().await;
     let restarts: Vec<&Value> = events
         .iter()
-        .filter(|e| e["message"].as_str().unwrap().contains("exited with code 3; restarting in"))
+        .filter(|e| {
+            e["message"]
+                .as_str()
+                .unwrap()
+                .contains("exited with code 3; restarting in")
+        })
         .collect();
-    assert_eq!(restarts.len(), 4, "four restarts with backoff before giving up: {events:?}");
+    assert_eq!(
+        restarts.len(),
+        4,
+        "four restarts with backoff before giving up: {events:?}"
+    );
 }
 
 #[tokio::test]
@@ -467,12 +646,20 @@ async fn nodes_reconnect_after_the_control_plane_restarts() {
     // Same UDP port after the restart: the node dials what it joined through.
     let listen = format!("[::]:{}", w.cp.cluster.rsplit(':').next().unwrap());
     let prefix = w.prefix.clone();
-    w.cp.restart_with(&["--cluster-listen", &listen, "--instance-prefix", &prefix]).await;
+    w.cp.restart_with(&["--cluster-listen", &listen, "--instance-prefix", &prefix])
+        .await;
     eventually(DEADLINE, "the node's second session", || async {
-        (n1.log().matches("session with the control plane established").count() >= 2).then_some(())
+        (n1.log()
+            .matches("session with the control plane established")
+            .count()
+            >= 2)
+            .then_some(())
     })
     .await;
     assert!(n1.log().contains("reconnecting"), "{}", n1.log());
     let after = w.running(1).await.remove(0);
-    assert_eq!(after["id"], before["id"], "the instance kept running through the restart");
+    assert_eq!(
+        after["id"], before["id"],
+        "the instance kept running through the restart"
+    );
 }

@@ -53,9 +53,15 @@ fn start_failed(e: StartError) -> Failure {
             ErrorKind::Conflict,
             &["stop the process using that address, or pick another with --listen"],
         ),
+        StartError::Cluster(verge_control::cluster::ClusterError::Bind { .. }) => (
+            ErrorKind::Conflict,
+            &["stop the process using that UDP address, or pick another with --cluster-listen"],
+        ),
         StartError::Cluster(_) => (
-            ErrorKind::BadRequest,
-            &["pick another UDP address for nodes with --cluster-listen, or stop the process using it"],
+            ErrorKind::Internal,
+            &[
+                "the cluster CA could not be loaded or used: check the secrets key (every replica needs the same one)",
+            ],
         ),
         StartError::Secrets(_) => (
             ErrorKind::BadRequest,
@@ -170,7 +176,12 @@ pub async fn control(args: ControlArgs, out: &Output) -> Result {
     let started = verge_control::start(&config, shutdown)
         .await
         .map_err(start_failed)?;
-    print_banner(out, &started.url, started.admin_token.as_deref(), &started.cluster.advertise());
+    print_banner(
+        out,
+        &started.url,
+        started.admin_token.as_deref(),
+        &started.cluster.advertise(),
+    );
     if started.admin_token.is_some() {
         // Through the log, so that `--log-format json` stays one JSON object per line.
         tracing::warn!(
@@ -299,7 +310,12 @@ pub async fn dev(args: DevArgs, out: &Output) -> Result {
             return Err(e);
         }
     };
-    print_banner(out, &started.url, Some(&token), &started.cluster.advertise());
+    print_banner(
+        out,
+        &started.url,
+        Some(&token),
+        &started.cluster.advertise(),
+    );
     tracing::info!(
         url = %started.url,
         data_dir = %data_dir.display(),
@@ -331,7 +347,11 @@ async fn dev_node(
 ) -> Result<verge_node::daemon::StartedNode> {
     use crate::args::IsolationArg;
     let root = nix_is_root();
-    let isolation = args.isolation.unwrap_or(if root { IsolationArg::Namespaces } else { IsolationArg::None });
+    let isolation = args.isolation.unwrap_or(if root {
+        IsolationArg::Namespaces
+    } else {
+        IsolationArg::None
+    });
     let node_dir = data_dir.join("node");
     let join_token = if node_dir.join("identity").exists() {
         None
@@ -373,9 +393,13 @@ async fn dev_node(
     config.forwarding = false;
     config.stop_on_shutdown = true;
     if isolation == IsolationArg::None {
-        tracing::warn!("dev node: isolation none (not root): instances run as plain processes on loopback ports");
+        tracing::warn!(
+            "dev node: isolation none (not root): instances run as plain processes on loopback ports"
+        );
     }
-    verge_node::daemon::start(config, shutdown).await.map_err(node_failed)
+    verge_node::daemon::start(config, shutdown)
+        .await
+        .map_err(node_failed)
 }
 
 fn nix_is_root() -> bool {
@@ -395,7 +419,9 @@ fn node_failed(e: verge_node::daemon::NodeError) -> Failure {
     let (kind, next): (ErrorKind, &[&str]) = match &e {
         NodeError::Agent(AgentError::NotJoined | AgentError::BadToken(_)) => (
             ErrorKind::BadRequest,
-            &["on the control plane: verge nodes join-token; then start this node with the --server and --join-token it prints"],
+            &[
+                "on the control plane: verge nodes join-token; then start this node with the --server and --join-token it prints",
+            ],
         ),
         NodeError::Agent(AgentError::Refused(_)) => (
             ErrorKind::Forbidden,
@@ -407,7 +433,9 @@ fn node_failed(e: verge_node::daemon::NodeError) -> Failure {
         ),
         NodeError::Agent(AgentError::Unreachable { .. } | AgentError::Resolve { .. }) => (
             ErrorKind::Unavailable,
-            &["check --server (HOST:PORT of the cluster endpoint, UDP) and that the control plane runs"],
+            &[
+                "check --server (HOST:PORT of the cluster endpoint, UDP) and that the control plane runs",
+            ],
         ),
         NodeError::Runtime(_) | NodeError::Net(_) => (
             ErrorKind::BadRequest,

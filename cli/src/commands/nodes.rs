@@ -1,5 +1,6 @@
 //! `verge nodes join-token / list / describe` (cluster admin).
 
+use verge_api::manifest::human_size;
 use verge_api::nodes::Node;
 
 use super::Result;
@@ -10,7 +11,10 @@ use crate::output::{Output, table};
 pub async fn run(ctx: &Context, cmd: NodesCmd, out: &Output) -> Result {
     match cmd {
         NodesCmd::JoinToken { ttl } => {
-            let t = ctx.client.create_join_token(Some(ttl.as_secs().max(1))).await?;
+            let t = ctx
+                .client
+                .create_join_token(Some(ttl.as_secs().max(1)))
+                .await?;
             out.one(&t, |t| {
                 format!(
                     "join token {} (valid until {}; it pins the cluster CA sha256:{})\n\n    {}\n\n\
@@ -23,7 +27,16 @@ pub async fn run(ctx: &Context, cmd: NodesCmd, out: &Output) -> Result {
             let nodes = ctx.client.list_nodes().await?;
             out.list(
                 &nodes,
-                &["name", "state", "labels", "cpu", "memory", "instances", "last seen", "isolation"],
+                &[
+                    "name",
+                    "state",
+                    "labels",
+                    "cpu",
+                    "memory",
+                    "instances",
+                    "last seen",
+                    "isolation",
+                ],
                 |n| {
                     vec![
                         n.name.clone(),
@@ -108,30 +121,4 @@ fn labels(n: &Node) -> String {
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
         .join(",")
-}
-
-/// `23.5Gi`: bytes to one decimal in the largest binary unit that fits.
-fn human_size(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["", "Ki", "Mi", "Gi", "Ti"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 || value.fract() == 0.0 {
-        format!("{value:.0}{}", UNITS[unit])
-    } else {
-        format!("{value:.1}{}", UNITS[unit])
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn sizes_read_like_people_write_them() {
-        assert_eq!(super::human_size(512), "512");
-        assert_eq!(super::human_size(64 << 20), "64Mi");
-        assert_eq!(super::human_size(25_274_793_984), "23.5Gi");
-    }
 }

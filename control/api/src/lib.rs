@@ -5,12 +5,15 @@
 //! ([`requests`]), env config and secret bundle shapes ([`config`]),
 //! releases, receipts and their diffs ([`release`]), status and events
 //! ([`status`]), the error body every failure carries ([`error`]), the
-//! naming rules both sides check ([`names`]), nodes ([`nodes`]), the manifest (`verge.toml`)
-//! and its validation ([`manifest`]), and, behind the `client` feature, the
-//! typed HTTP client the CLI uses ([`client`]), and the control ⇄ node
-//! protocol carried over QUIC ([`wire`]).
+//! naming rules both sides check ([`names`]), nodes ([`nodes`]), the
+//! manifest (`verge.toml`) and its validation ([`manifest`]), and the
+//! control ⇄ node protocol carried over QUIC ([`wire`]). Behind features:
+//! the typed HTTP client the CLI uses (`client`: [`client`]) and framed
+//! reading and writing of wire messages on async streams (`wire-io`:
+//! `wire::io`).
 //!
-//! It must not depend on a server, a database or a runtime: the node, the
+//! Without features it must not depend on a server, a database or a
+//! runtime: the node, the
 //! ingress and the CLI all link it, and the JSON it defines is a stable
 //! contract (see `docs/cli.md`). Fields may be added; none may be renamed.
 

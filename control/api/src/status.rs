@@ -45,8 +45,9 @@ pub struct WorkloadStatus {
     pub instances: Vec<InstanceStatus>,
 }
 
-/// An instance, or a slot for one that does not exist yet (`id` is `None`
-/// while it is `pending` without a node).
+/// An instance of the env: `node` is `None` while it is `pending` without a
+/// node (then `reason` says why). `id` is always set by this version; it is
+/// optional for clients of older control planes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstanceStatus {
     pub id: Option<String>,

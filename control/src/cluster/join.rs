@@ -51,7 +51,8 @@ impl Cluster {
     /// node shows its operator.
     async fn admit(&self, req: &JoinRequest) -> Result<Joined, String> {
         let store = &self.inner.store;
-        let internal = |e: StoreError| format!("the control plane could not record the join: {e}; try again");
+        let internal =
+            |e: StoreError| format!("the control plane could not record the join: {e}; try again");
         let token = store.join_token(&req.token_id).await.map_err(internal)?;
         let Some(token) = token.filter(|t| t.secret_hash == hash_token(&req.token_secret)) else {
             return Err("the join token is not valid (unknown, or its secret is wrong): mint a new one with `verge nodes join-token`".into());
@@ -63,7 +64,8 @@ impl Cluster {
                 rfc3339(token.expires_at)
             ));
         }
-        names::validate("node", &req.name).map_err(|e| format!("{e}; start the node with a valid --name"))?;
+        names::validate("node", &req.name)
+            .map_err(|e| format!("{e}; start the node with a valid --name"))?;
         for (k, v) in &req.labels {
             names::label(k, v).map_err(|e| format!("{e}; fix --label"))?;
         }
@@ -100,6 +102,12 @@ impl Cluster {
                     req.name
                 ),
                 e => internal(e),
+            })?
+            .ok_or_else(|| {
+                format!(
+                    "the cluster's instance prefix {prefix} has no /64 left for another node: \
+                     the control plane needs a shorter instance_prefix"
+                )
             })?;
         tx.emit(NewEvent {
             node_id: Some(&node.id),
@@ -109,7 +117,7 @@ impl Cluster {
                 node.name,
                 req.isolation,
                 req.capacity.cpu,
-                verge_api::manifest::format_size(req.capacity.memory),
+                verge_api::manifest::human_size(req.capacity.memory),
                 node.instance_prefix
             ),
             ..NewEvent::default()
@@ -127,11 +135,15 @@ impl Cluster {
     }
 }
 
-/// The `index`th /64 of the cluster's instance prefix.
-fn node_prefix(cluster: ipnet::Ipv6Net, index: i64) -> String {
+/// The `index`th /64 of the cluster's instance prefix; `None` past its end.
+fn node_prefix(cluster: ipnet::Ipv6Net, index: i64) -> Option<String> {
+    let room = 1u128 << (64 - u32::from(cluster.prefix_len()));
+    if index < 1 || index as u128 >= room {
+        return None;
+    }
     let base = u128::from(cluster.network());
     let addr = Ipv6Addr::from(base | ((index as u128) << 64));
-    format!("{addr}/64")
+    Some(format!("{addr}/64"))
 }
 
 #[cfg(test)]
@@ -139,7 +151,20 @@ mod tests {
     #[test]
     fn node_prefixes_are_consecutive_64s() {
         let p = "fd76:6572:6765::/48".parse().unwrap();
-        assert_eq!(super::node_prefix(p, 1), "fd76:6572:6765:1::/64");
-        assert_eq!(super::node_prefix(p, 258), "fd76:6572:6765:102::/64");
+        assert_eq!(super::node_prefix(p, 1).unwrap(), "fd76:6572:6765:1::/64");
+        assert_eq!(
+            super::node_prefix(p, 258).unwrap(),
+            "fd76:6572:6765:102::/64"
+        );
+        let small = "fd76:6572:6765:ff00::/56".parse().unwrap();
+        assert_eq!(
+            super::node_prefix(small, 255).unwrap(),
+            "fd76:6572:6765:ffff::/64"
+        );
+        assert_eq!(
+            super::node_prefix(small, 256),
+            None,
+            "past the end of the /56"
+        );
     }
 }

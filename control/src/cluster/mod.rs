@@ -101,6 +101,13 @@ impl Cluster {
             }),
         };
         tracing::info!(addr = %local_addr, ca = cluster.ca_sha256(), "cluster endpoint listening");
+        if local_addr.ip().is_unspecified() && cluster.inner.config.advertise.is_none() {
+            tracing::warn!(
+                addr = %local_addr,
+                "the cluster endpoint listens on every address, so `verge nodes join-token` prints {local_addr}: \
+                 set --cluster-advertise HOST:PORT to the address nodes dial"
+            );
+        }
         let mut tasks = JoinSet::new();
         tasks.spawn(
             cluster

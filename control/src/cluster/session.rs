@@ -16,11 +16,18 @@ use crate::store::{Hello, NewEvent, NodeRow, Reported, Result};
 impl Cluster {
     pub(super) async fn session(&self, conn: quinn::Connection, shutdown: CancellationToken) {
         let Some(node) = self.identify(&conn).await else {
-            conn.close(2u32.into(), b"unknown node certificate: join again with a new token");
+            conn.close(
+                2u32.into(),
+                b"unknown node certificate: join again with a new token",
+            );
             return;
         };
         let span = tracing::info_span!("session", node = %node.id, name = %node.name);
-        match self.run_session(&conn, node, shutdown).instrument(span.clone()).await {
+        match self
+            .run_session(&conn, node, shutdown)
+            .instrument(span.clone())
+            .await
+        {
             Ok(()) => span.in_scope(|| tracing::info!("session ended")),
             Err(e) => span.in_scope(|| tracing::info!(error = %e, "session ended")),
         }
@@ -82,7 +89,9 @@ impl Cluster {
         tx.commit().await.map_err(|e| e.to_string())?;
         tracing::info!(came_back, instances = instances.len(), "node online");
         for r in &instances {
-            self.apply_report(&node, r).await.map_err(|e| e.to_string())?;
+            self.apply_report(&node, r)
+                .await
+                .map_err(|e| e.to_string())?;
         }
         self.poke();
         writer
@@ -104,7 +113,11 @@ impl Cluster {
                     let set = crate::reconcile::desired_set(store, &now)
                         .await
                         .map_err(|e| e.to_string())?;
-                    tracing::debug!(version = set.version, instances = set.instances.len(), "sending desired set");
+                    tracing::debug!(
+                        version = set.version,
+                        instances = set.instances.len(),
+                        "sending desired set"
+                    );
                     writer
                         .send(&ControlMsg::Desired(set))
                         .await
@@ -119,10 +132,14 @@ impl Cluster {
                     None => return Ok(()),
                     Some(NodeMsg::Heartbeat { capacity, usage }) => {
                         let usage = serde_json::to_string(&usage).expect("usage serialises");
-                        store
-                            .node_heartbeat(&node.id, (capacity.cpu * 1000.0).round() as i64, capacity.memory as i64, &usage)
+                        let back = store
+                            .node_heartbeat(&node, (capacity.cpu * 1000.0).round() as i64, capacity.memory as i64, &usage)
                             .await
                             .map_err(|e| e.to_string())?;
+                        if back {
+                            tracing::info!("node online again: its heartbeats resumed");
+                            self.poke();
+                        }
                     }
                     Some(NodeMsg::Report(r)) => {
                         self.apply_report(&node, &r).await.map_err(|e| e.to_string())?;
@@ -170,7 +187,10 @@ impl Cluster {
             || before.restarts != i64::from(r.restarts);
         if changed {
             let scope = store.env_scope(&before.env_id).await?;
-            let mut message = format!("instance {} of {} on {}: {state}", r.id, before.workload, node.name);
+            let mut message = format!(
+                "instance {} of {} on {}: {state}",
+                r.id, before.workload, node.name
+            );
             if let Some(c) = category {
                 message.push_str(&format!(" ({c})"));
             }

@@ -67,7 +67,10 @@ async fn create_join_token(
     ))
 }
 
-async fn list(State(st): State<AppState>, caller: Caller) -> Result<axum::Json<Vec<Node>>, ApiError> {
+async fn list(
+    State(st): State<AppState>,
+    caller: Caller,
+) -> Result<axum::Json<Vec<Node>>, ApiError> {
     caller.require_admin("listing nodes")?;
     let mut out = Vec::new();
     for n in st.store.nodes().await? {
@@ -84,16 +87,16 @@ async fn describe(
 ) -> Result<axum::Json<NodeDetail>, ApiError> {
     caller.require_admin("describing nodes")?;
     let Some(n) = st.store.node_by_name(&name).await? else {
-        return Err(ApiError::new(ErrorKind::NotFound, format!("no node named {name:?}"))
-            .next("verge nodes list"));
+        return Err(
+            ApiError::new(ErrorKind::NotFound, format!("no node named {name:?}"))
+                .next("verge nodes list"),
+        );
     };
     let instances = st.store.node_instances(&n.id).await?;
     let mut detail = Vec::new();
     for i in &instances {
         let scope = st.store.env_scope(&i.env_id).await?;
-        let (org, app, env) = scope
-            .map(|s| (s.org, s.app, s.env))
-            .unwrap_or_default();
+        let (org, app, env) = scope.map(|s| (s.org, s.app, s.env)).unwrap_or_default();
         detail.push(NodeInstance {
             id: i.id.clone(),
             org,
@@ -123,7 +126,10 @@ fn node(n: NodeRow, instances: &[InstanceRow]) -> Node {
         memory: n.memory.max(0) as u64,
         cpu_reserved: placed.iter().map(|i| i.cpu_millis).sum::<i64>() as f64 / 1000.0,
         memory_reserved: placed.iter().map(|i| i.memory).sum::<i64>().max(0) as u64,
-        usage: n.usage.as_deref().and_then(|u| serde_json::from_str(u).ok()),
+        usage: n
+            .usage
+            .as_deref()
+            .and_then(|u| serde_json::from_str(u).ok()),
         last_seen: n.last_seen.map(rfc3339),
         state_since: rfc3339(n.state_since),
         instances: instances.len() as u32,

@@ -89,13 +89,14 @@ async fn observe(st: &AppState, cx: &EnvCx) -> Result<Observed, ApiError> {
         .workloads
         .iter()
         .map(|(name, w)| {
-            let mine: Vec<&InstanceRow> = instances.iter().filter(|i| &i.workload == name).collect();
+            let mine: Vec<&InstanceRow> =
+                instances.iter().filter(|i| &i.workload == name).collect();
             WorkloadStatus {
                 name: name.clone(),
                 desired: w.count,
                 running: mine
                     .iter()
-                    .filter(|i| i.goal == "run" && i.release_id == row.id && i.state == "running")
+                    .filter(|i| i.goal == "run" && i.release_id == row.id && serving(i, &offline))
                     .count() as u32,
                 instances: mine.iter().map(|i| instance_status(i, &offline)).collect(),
             }
@@ -111,6 +112,11 @@ async fn observe(st: &AppState, cx: &EnvCx) -> Result<Observed, ApiError> {
     })
 }
 
+/// Running, as last reported by a node that is online.
+fn serving(i: &InstanceRow, offline: &BTreeMap<String, String>) -> bool {
+    i.state == "running" && !i.node_id.as_ref().is_some_and(|n| offline.contains_key(n))
+}
+
 fn instance_status(i: &InstanceRow, offline: &BTreeMap<String, String>) -> InstanceStatus {
     let mut reason = match (&i.category, &i.message) {
         (Some(c), Some(m)) => Some(format!("{c}: {m}")),
@@ -120,7 +126,10 @@ fn instance_status(i: &InstanceRow, offline: &BTreeMap<String, String>) -> Insta
     };
     if let Some(since) = i.node_id.as_ref().and_then(|n| offline.get(n)) {
         let node = i.node_name.clone().unwrap_or_default();
-        reason = Some(format!("node {node} offline since {since}; last reported {}", i.state));
+        reason = Some(format!(
+            "node {node} offline since {since}; last reported {}",
+            i.state
+        ));
     }
     InstanceStatus {
         id: Some(i.id.clone()),
@@ -150,10 +159,7 @@ fn rollout(
         .filter(|i| i.goal == "run" && i.release_id == release)
         .collect();
     let desired: u32 = m.workloads.values().map(|w| w.count).sum();
-    let running = wanted
-        .iter()
-        .filter(|i| i.state == "running" && !i.node_id.as_ref().is_some_and(|n| offline.contains_key(n)))
-        .count() as u32;
+    let running = wanted.iter().filter(|i| serving(i, offline)).count() as u32;
     let old = instances.iter().filter(|i| i.goal == "stop").count();
     if let Some(f) = wanted.iter().find(|i| i.state == "failed") {
         return Rollout {

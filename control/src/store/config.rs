@@ -92,7 +92,11 @@ impl Store {
     }
 
     /// The env vars of one config version (a release records which).
-    pub async fn config_vars_at(&self, env_id: &str, version: i64) -> Result<BTreeMap<String, String>> {
+    pub async fn config_vars_at(
+        &self,
+        env_id: &str,
+        version: i64,
+    ) -> Result<BTreeMap<String, String>> {
         let vars: Option<String> = sqlx::query_scalar(
             "SELECT vars FROM config_versions WHERE env_id = $1 AND version = $2",
         )

@@ -134,13 +134,15 @@ impl Mutation<'_> {
         node_id: Option<&str>,
         message: Option<&str>,
     ) -> Result<()> {
-        sqlx::query("UPDATE instances SET node_id = $2, message = $3, updated_at = $4 WHERE id = $1")
-            .bind(id)
-            .bind(node_id)
-            .bind(message)
-            .bind(now_ms())
-            .execute(self.conn())
-            .await?;
+        sqlx::query(
+            "UPDATE instances SET node_id = $2, message = $3, updated_at = $4 WHERE id = $1",
+        )
+        .bind(id)
+        .bind(node_id)
+        .bind(message)
+        .bind(now_ms())
+        .execute(self.conn())
+        .await?;
         Ok(())
     }
 
@@ -165,7 +167,12 @@ impl Mutation<'_> {
 
     /// Records a node's report about one of *its* instances; `false` when
     /// the instance is not (or no longer) placed on that node.
-    pub async fn report_instance(&mut self, node_id: &str, id: &str, r: &Reported<'_>) -> Result<bool> {
+    pub async fn report_instance(
+        &mut self,
+        node_id: &str,
+        id: &str,
+        r: &Reported<'_>,
+    ) -> Result<bool> {
         let done = sqlx::query(
             "UPDATE instances SET state = $3, category = $4, message = $5, \
              address = COALESCE($6, address), restarts = $7, updated_at = $8 \

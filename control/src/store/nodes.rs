@@ -133,26 +133,39 @@ impl Store {
             .await?)
     }
 
-    /// Records a heartbeat: the node is alive now.
+    /// Records a heartbeat: the node is alive now. A node marked offline
+    /// (its heartbeats were late) is online again, with an event; returns
+    /// whether that happened.
     pub async fn node_heartbeat(
         &self,
-        id: &str,
+        node: &NodeRow,
         cpu_millis: i64,
         memory: i64,
         usage: &str,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         sqlx::query(
             "UPDATE nodes SET last_seen = $2, cpu_millis = $3, memory = $4, usage = $5 \
              WHERE id = $1",
         )
-        .bind(id)
+        .bind(&node.id)
         .bind(now_ms())
         .bind(cpu_millis)
         .bind(memory)
         .bind(usage)
         .execute(&self.pool)
         .await?;
-        Ok(())
+        let offline: Option<String> =
+            sqlx::query_scalar("SELECT state FROM nodes WHERE id = $1 AND state = 'offline'")
+                .bind(&node.id)
+                .fetch_optional(&self.pool)
+                .await?;
+        if offline.is_none() {
+            return Ok(false);
+        }
+        let mut tx = self.mutation().await?;
+        let back = tx.mark_online(node).await?;
+        tx.commit().await?;
+        Ok(back)
     }
 
     /// Marks `offline` every online node not seen since `cutoff_ms`, with an
@@ -203,11 +216,20 @@ impl Mutation<'_> {
         Ok(sqlx::query_as(&sql).fetch_all(self.conn()).await?)
     }
 
-    /// Adds a node with the next free instance prefix index; returns it.
-    pub async fn insert_node(&mut self, n: &NewNode<'_>, prefix_for: impl Fn(i64) -> String) -> Result<NodeRow> {
+    /// Adds a node with the next instance prefix index (`prefix_for` turns
+    /// it into the prefix); returns it, or `None` when `prefix_for` has no
+    /// prefix for that index (the cluster's prefix is used up).
+    pub async fn insert_node(
+        &mut self,
+        n: &NewNode<'_>,
+        prefix_for: impl Fn(i64) -> Option<String>,
+    ) -> Result<Option<NodeRow>> {
         let index: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(prefix_index), 0) + 1 FROM nodes")
             .fetch_one(self.conn())
             .await?;
+        let Some(prefix) = prefix_for(index) else {
+            return Ok(None);
+        };
         let now = now_ms();
         sqlx::query(
             "INSERT INTO nodes (id, name, labels, cpu_millis, memory, isolation, version, state, \
@@ -223,7 +245,7 @@ impl Mutation<'_> {
         .bind(n.version)
         .bind(now)
         .bind(index)
-        .bind(prefix_for(index))
+        .bind(prefix)
         .bind(n.cert_sha256)
         .bind(n.join_token_id)
         .execute(self.conn())
@@ -233,22 +255,19 @@ impl Mutation<'_> {
             .execute(self.conn())
             .await?;
         let sql = format!("SELECT {NODE_COLUMNS} FROM nodes WHERE id = $1");
-        Ok(sqlx::query_as(&sql).bind(n.id).fetch_one(self.conn()).await?)
+        Ok(Some(
+            sqlx::query_as(&sql)
+                .bind(n.id)
+                .fetch_one(self.conn())
+                .await?,
+        ))
     }
 
     /// A session started: record what the node says and mark it online.
     /// Returns whether it was offline before (an `online` event was emitted).
     pub async fn node_online(&mut self, node: &NodeRow, hello: &Hello<'_>) -> Result<bool> {
         let now = now_ms();
-        let was_offline = sqlx::query(
-            "UPDATE nodes SET state = 'online', state_since = $2 WHERE id = $1 AND state <> 'online'",
-        )
-        .bind(&node.id)
-        .bind(now)
-        .execute(self.conn())
-        .await?
-        .rows_affected()
-            == 1;
+        let was_offline = self.mark_online(node).await?;
         sqlx::query(
             "UPDATE nodes SET labels = $2, cpu_millis = $3, memory = $4, isolation = $5, \
              version = $6, applied_version = $7, last_seen = $8 WHERE id = $1",
@@ -263,7 +282,21 @@ impl Mutation<'_> {
         .bind(now)
         .execute(self.conn())
         .await?;
-        if was_offline {
+        Ok(was_offline)
+    }
+
+    /// Marks a node online (with an event) unless it is; true if it was not.
+    async fn mark_online(&mut self, node: &NodeRow) -> Result<bool> {
+        let changed = sqlx::query(
+            "UPDATE nodes SET state = 'online', state_since = $2 WHERE id = $1 AND state <> 'online'",
+        )
+        .bind(&node.id)
+        .bind(now_ms())
+        .execute(self.conn())
+        .await?
+        .rows_affected()
+            == 1;
+        if changed {
             self.emit(NewEvent {
                 node_id: Some(&node.id),
                 kind: "node.online",
@@ -272,7 +305,7 @@ impl Mutation<'_> {
             })
             .await?;
         }
-        Ok(was_offline)
+        Ok(changed)
     }
 
     /// Bumps the desired-set version of each node; returns nothing (sessions re-read).

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 pub use check::{ManifestError, ManifestErrors, parse};
-pub use units::{format_size, parse_size};
+pub use units::{format_size, human_size, parse_size};
 
 /// A commented example manifest, as `verge init` writes it.
 pub const EXAMPLE: &str = include_str!("example.toml");

@@ -27,6 +27,24 @@ pub fn parse_size(text: &str) -> Option<u64> {
     n.checked_mul(factor).filter(|&b| b > 0)
 }
 
+/// `23.5Gi`: an approximate size for people (capacities, free memory),
+/// to one decimal in the largest binary unit that fits; exact sizes stay
+/// in [`format_size`].
+pub fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["", "Ki", "Mi", "Gi", "Ti"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 || value.fract() == 0.0 {
+        format!("{value:.0}{}", UNITS[unit])
+    } else {
+        format!("{value:.1}{}", UNITS[unit])
+    }
+}
+
 /// `bytes` in the largest binary unit that divides it (`268435456` → `256Mi`).
 pub fn format_size(bytes: u64) -> String {
     for (name, factor) in UNITS[..4].iter().rev() {
@@ -60,6 +78,9 @@ mod tests {
             assert_eq!(parse_size(bad), None, "{bad}");
         }
         assert_eq!(format_size(256 << 20), "256Mi");
+        assert_eq!(human_size(512), "512");
+        assert_eq!(human_size(64 << 20), "64Mi");
+        assert_eq!(human_size(25_274_793_984), "23.5Gi");
         assert_eq!(format_size(1 << 30), "1Gi");
         assert_eq!(format_size(1000), "1000");
     }

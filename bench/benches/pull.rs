@@ -4,15 +4,18 @@
 //! tests run it), pushes one image of 8 gzip'd layers of incompressible
 //! data (160 MiB), then, in rounds that alternate the two:
 //! - Verge: `ImageStore::pull` into a cold store (a new root each round):
-//!   manifest, config, layers 4 at a time, each streamed to disk with its
-//!   sha256 checked, synced, gunzipped, its diff_id checked, unpacked into
-//!   its own directory, synced;
+//!   manifest, config, layers 4 at a time, each streamed from the registry
+//!   into its unpacker with its sha256 checked on the way, gunzipped, its
+//!   diff_id checked, unpacked into its own directory, the filesystem
+//!   synced before the directory is renamed into place;
 //! - the peer: the same layer blobs fetched with plain `GET
 //!   /v2/<repo>/blobs/<digest>` (reqwest, 4 at a time, one kept client),
 //!   written to files: no checks, no unpacking, no syncing. The floor of any
 //!   pull over this registry.
 //!
-//! Then the re-pull of the image when all of it is local (no request).
+//! The CPU time of the benchmark's process is shown beside each (the
+//! registry's is not). Then the re-pull of the image when all of it is
+//! local (no request).
 //!
 //! Run: `cargo bench -p verge-bench --bench pull` (release build), as root
 //! like a node (otherwise files are unpacked without their owners).
@@ -60,20 +63,20 @@ async fn main() -> anyhow::Result<()> {
 
     let http = reqwest::Client::builder().no_proxy().build()?;
     let dir = tempfile::tempdir()?;
-    let (mut verge, mut peer) = (Vec::new(), Vec::new());
+    let (mut verge, mut peer) = (Run::default(), Run::default());
     for round in 0..ROUNDS {
         let root = dir.path().join(format!("verge-{round}"));
-        let t = Instant::now();
+        let (t, cpu) = (Instant::now(), cpu_seconds());
         let store = ImageStore::open(root.clone(), u64::MAX, PullOptions::default()).await?;
         let pulled = store.pull(&pinned).await?;
-        verge.push(t.elapsed());
+        verge.add(t, cpu);
         anyhow::ensure!(pulled.layers.len() == LAYERS);
 
         let out = dir.path().join(format!("peer-{round}"));
         std::fs::create_dir(&out)?;
-        let t = Instant::now();
+        let (t, cpu) = (Instant::now(), cpu_seconds());
         download(&http, registry.host(), &digests, &out).await?;
-        peer.push(t.elapsed());
+        peer.add(t, cpu);
 
         // The next round starts cold: free the disk of this one.
         drop(store);
@@ -92,23 +95,19 @@ async fn main() -> anyhow::Result<()> {
     let repull = t.elapsed() / repulls;
 
     println!(
-        "| operation ({:>3.0} MiB, {LAYERS} gzip layers)           |  MiB/s (median) | MiB/s (best) |",
+        "| operation ({:.0} MiB, {LAYERS} gzip layers)            | MiB/s (median) | MiB/s (best) | CPU s (median) |",
         bytes as f64 / MIB
     );
     println!(
-        "|---------------------------------------------------|-----------------|--------------|"
+        "|----------------------------------------------|----------------|--------------|----------------|"
     );
     println!(
         "{}",
-        row("Verge: ImageStore::pull, cold store", bytes, &mut verge)
+        verge.row("Verge: ImageStore::pull, cold store", bytes)
     );
     println!(
         "{}",
-        row(
-            "peer: plain HTTP GET of the blobs to files",
-            bytes,
-            &mut peer
-        )
+        peer.row("peer: plain HTTP GET of the blobs to files", bytes)
     );
     println!(
         "re-pull with everything local: {:.2} ms",
@@ -117,14 +116,48 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn row(name: &str, bytes: u64, times: &mut [Duration]) -> String {
-    times.sort();
-    let rate = |d: Duration| bytes as f64 / MIB / d.as_secs_f64();
-    format!(
-        "| {name:<49} | {:>15.0} | {:>12.0} |",
-        rate(times[times.len() / 2]),
-        rate(times[0])
-    )
+/// Wall and CPU times of the rounds of one side.
+#[derive(Default)]
+struct Run {
+    wall: Vec<Duration>,
+    cpu: Vec<f64>,
+}
+
+impl Run {
+    fn add(&mut self, started: Instant, cpu_before: f64) {
+        self.wall.push(started.elapsed());
+        self.cpu.push(cpu_seconds() - cpu_before);
+    }
+
+    fn row(&mut self, name: &str, bytes: u64) -> String {
+        self.wall.sort();
+        self.cpu.sort_by(f64::total_cmp);
+        let rate = |d: Duration| bytes as f64 / MIB / d.as_secs_f64();
+        format!(
+            "| {name:<44} | {:>14.0} | {:>12.0} | {:>14.2} |",
+            rate(self.wall[self.wall.len() / 2]),
+            rate(self.wall[0]),
+            self.cpu[self.cpu.len() / 2]
+        )
+    }
+}
+
+/// CPU time (user + system) of this process so far, from `/proc/self/stat`
+/// (clock ticks of 1/100 s, Linux's `USER_HZ`). The registry's CPU, the
+/// same work for both sides, is not counted.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
+    // utime and stime are fields 14 and 15; `fields[0]` is field 3.
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// Layers of pseudo-random (incompressible) files, built on all cores.

@@ -223,6 +223,9 @@ pub struct NodeArgs {
     /// Reach this registry (HOST:PORT) over plain HTTP although it is not on loopback (repeatable)
     #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
     pub insecure_registries: Vec<String>,
+    /// Registry credentials, one per line: `HOST basic USER PASSWORD` or `HOST bearer TOKEN` (keep the file 0600)
+    #[arg(long, env = "VERGE_REGISTRY_AUTH_FILE")]
+    pub registry_auth_file: Option<PathBuf>,
     /// Disk budget of the image store; unused images beyond it are removed
     #[arg(long, default_value = "10Gi", value_parser = parse_size)]
     pub image_budget: u64,

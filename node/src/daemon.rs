@@ -27,6 +27,8 @@ pub struct NodeConfig {
     pub isolation: Isolation,
     /// Registries reached over plain HTTP although not on loopback.
     pub insecure_registries: Vec<String>,
+    /// Credentials by registry `host[:port]`.
+    pub registry_auth: Vec<(String, crate::pull::RegistryAuth)>,
     /// Disk budget of the image store.
     pub image_budget: u64,
     /// Between SIGTERM and SIGKILL when an instance stops.
@@ -107,6 +109,7 @@ pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> Result<Start
         cfg.image_budget,
         PullOptions {
             insecure_registries: cfg.insecure_registries.clone(),
+            auth: cfg.registry_auth.clone(),
             ..PullOptions::default()
         },
     )

@@ -234,6 +234,13 @@ async fn blob_gets(registry: &Registry, repos: &[&str], digest: &str, at_least: 
     count()
 }
 
+/// `len` bytes that do not compress.
+fn noise(len: u32) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect()
+}
+
 fn layer_dir(store: &ImageStore, digest: &str) -> PathBuf {
     store
         .root()
@@ -252,9 +259,7 @@ fn tmp_is_empty(store: &ImageStore) -> bool {
 async fn shared_layer_is_downloaded_and_unpacked_once() {
     require_root();
     let registry = Registry::start().await.unwrap();
-    let big: Vec<u8> = (0..2_000_000u32)
-        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-        .collect();
+    let big = noise(2_000_000);
     let shared: &[(&str, &[u8])] = &[("usr/lib/big", &big)];
     let one = image(&[shared, &[("one", b"1")]]);
     let two = image(&[shared, &[("two", b"2")]]);
@@ -538,7 +543,10 @@ async fn image_index_resolves_to_this_nodes_platform() {
 async fn altered_content_and_unknown_digests_are_refused() {
     require_root();
     let registry = Registry::start().await.unwrap();
-    let built = image(&[&[("a", b"the real layer")]]);
+    // Several MiB, so that the unpacker meets the damage long before the
+    // download ends.
+    let big = noise(8 << 20);
+    let built = image(&[&[("a", &big)]]);
     let reference = push(&registry, "tamper", &built).await;
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), GIB, PullOptions::default()).await;
@@ -549,12 +557,14 @@ async fn altered_content_and_unknown_digests_are_refused() {
     assert!(matches!(err, PullError::NotFound { .. }), "{err}");
     assert!(err.to_string().contains(registry.host()), "{err}");
 
-    // A layer altered in the registry's storage, same length.
+    // A layer altered in the registry's storage, same length: its first
+    // deflate block header (right after the 10-byte gzip header) broken.
     let layer = &built.layers[0];
     let path = registry.blob_data_path(&layer.digest);
     let mut altered = std::fs::read(&path).unwrap();
-    let last = altered.len() - 1;
-    altered[last] ^= 0xff;
+    for byte in &mut altered[10..14] {
+        *byte ^= 0xff;
+    }
     std::fs::write(&path, &altered).unwrap();
     let err = store.pull(&reference).await.unwrap_err();
     assert!(matches!(err, PullError::DigestMismatch { .. }), "{err}");
@@ -978,6 +988,53 @@ async fn repull_of_a_local_image_needs_no_registry() {
     assert_eq!(store.pull(&reference).await.unwrap(), first);
 }
 
+#[tokio::test]
+async fn leftovers_of_a_crash_are_cleaned_up() {
+    require_root();
+    let registry = Registry::start().await.unwrap();
+    let built = image(&[&[("x", b"x")], &[("y", b"y")]]);
+    let reference = push(&registry, "crash", &built).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), GIB, PullOptions::default()).await;
+    let first = store.pull(&reference).await.unwrap();
+    drop(store);
+
+    // What a crash can leave: a half-unpacked layer in tmp/, an unpacked
+    // layer no record names yet, and (by hand) a layer gone from under its
+    // image's record.
+    let half = dir.path().join("tmp/01HALFUNPACKED/usr");
+    std::fs::create_dir_all(&half).unwrap();
+    std::fs::write(half.join("half"), b"h").unwrap();
+    let orphan = dir.path().join("layers").join("ab".repeat(32));
+    std::fs::create_dir_all(&orphan).unwrap();
+    std::fs::write(orphan.join("f"), vec![0u8; 1000]).unwrap();
+    std::fs::remove_dir_all(&first.layers[1]).unwrap();
+
+    let store = open(dir.path(), GIB, PullOptions::default()).await;
+    assert!(tmp_is_empty(&store), "tmp/ is emptied at open");
+    let again = store.pull(&reference).await.unwrap();
+    assert_eq!(again, first);
+    assert_eq!(std::fs::read(again.layers[1].join("y")).unwrap(), b"y");
+    let (intact, lost) = (&built.layers[0].digest, &built.layers[1].digest);
+    assert_eq!(
+        blob_gets(&registry, &["crash"], lost, 2).await,
+        2,
+        "the lost layer is fetched again"
+    );
+    assert_eq!(
+        blob_gets(&registry, &["crash"], intact, 1).await,
+        1,
+        "the intact one is not"
+    );
+
+    // GC removes what no image references, whatever the budget.
+    let report = store.gc(&[]).await.unwrap();
+    assert!(!orphan.exists());
+    assert_eq!(report.freed_bytes, 1000);
+    assert!(report.removed_images.is_empty());
+    assert_eq!(store.disk_usage(), first.size);
+}
+
 /// The first IPv4 address of this machine not on loopback.
 fn non_loopback_ipv4() -> Option<Ipv4Addr> {
     let mut addrs: *mut libc::ifaddrs = std::ptr::null_mut();
@@ -1010,21 +1067,72 @@ fn non_loopback_ipv4() -> Option<Ipv4Addr> {
     found
 }
 
+/// Connections open through a [`forward`], now and at most.
+#[derive(Default)]
+struct Connections {
+    open: std::sync::atomic::AtomicUsize,
+    most: std::sync::atomic::AtomicUsize,
+}
+
 /// Forwards TCP connections to `bind:PORT` (a port picked here) to `to`.
-async fn forward(bind: IpAddr, to: String) -> SocketAddr {
+async fn forward(bind: IpAddr, to: String) -> (SocketAddr, Arc<Connections>) {
+    use std::sync::atomic::Ordering::SeqCst;
     let listener = tokio::net::TcpListener::bind((bind, 0)).await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(Connections::default());
+    let counted = connections.clone();
     tokio::spawn(async move {
         while let Ok((mut inbound, _)) = listener.accept().await {
-            let to = to.clone();
+            let (to, c) = (to.clone(), counted.clone());
+            let now = c.open.fetch_add(1, SeqCst) + 1;
+            c.most.fetch_max(now, SeqCst);
             tokio::spawn(async move {
                 if let Ok(mut outbound) = tokio::net::TcpStream::connect(&to).await {
                     let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
                 }
+                c.open.fetch_sub(1, SeqCst);
             });
         }
     });
-    addr
+    (addr, connections)
+}
+
+#[tokio::test]
+async fn layers_download_concurrently_within_the_bound() {
+    require_root();
+    let registry = Registry::start().await.unwrap();
+    let files: Vec<(String, Vec<u8>)> = (0..6u32)
+        .map(|i| (format!("l{i}"), noise(3_000_000 + i)))
+        .collect();
+    let layers: Vec<Vec<(&str, &[u8])>> = files
+        .iter()
+        .map(|(name, data)| vec![(name.as_str(), &data[..])])
+        .collect();
+    let layers: Vec<&[(&str, &[u8])]> = layers.iter().map(Vec::as_slice).collect();
+    let built = image(&layers);
+    let local = push(&registry, "wide", &built).await;
+    let (front, connections) =
+        forward(IpAddr::V4(Ipv4Addr::LOCALHOST), registry.host().to_string()).await;
+    let reference = local.replace(registry.host(), &front.to_string());
+
+    let dir = tempfile::tempdir().unwrap();
+    let opts = PullOptions {
+        max_concurrent_layers: 2,
+        ..PullOptions::default()
+    };
+    let pulled = open(dir.path(), GIB, opts)
+        .await
+        .pull(&reference)
+        .await
+        .unwrap();
+    assert_eq!(pulled.layers.len(), 6);
+    // One kept client: a connection per download in flight (and none idle
+    // beyond them, as each is reused by the next layer).
+    let most = connections.most.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        (2..=3).contains(&most),
+        "{most} connections at once for 6 layers, 2 at a time"
+    );
 }
 
 #[tokio::test]
@@ -1035,7 +1143,7 @@ async fn plain_http_off_loopback_needs_an_insecure_listing() {
     let built = image(&[&[("x", b"x")]]);
     let local = push(&registry, "remote", &built).await;
     // The same registry, plain HTTP, at an address that is not loopback.
-    let front = forward(IpAddr::V4(ip), registry.host().to_string()).await;
+    let (front, _) = forward(IpAddr::V4(ip), registry.host().to_string()).await;
     let reference = local.replace(registry.host(), &front.to_string());
 
     let dir = tempfile::tempdir().unwrap();

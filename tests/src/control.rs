@@ -224,6 +224,30 @@ impl ControlPlane {
         self.restart().await
     }
 
+    /// Creates org `acme`, project `web`, app `hello` and its env `prod`
+    /// (what many tests start from); returns the admin CLI scoped to them
+    /// through `VERGE_ORG`, `VERGE_APP` and `VERGE_ENV`.
+    pub async fn acme_hello_prod(&self) -> Cli {
+        let admin = self.cli();
+        admin.run(&["orgs", "create", "acme"]).await.ok();
+        admin
+            .run(&["projects", "create", "web", "--org", "acme"])
+            .await
+            .ok();
+        admin
+            .run(&["apps", "create", "hello", "--org", "acme", "--project", "web"])
+            .await
+            .ok();
+        admin
+            .run(&["envs", "create", "prod", "--org", "acme", "--app", "hello"])
+            .await
+            .ok();
+        admin
+            .with_env("VERGE_ORG", "acme")
+            .with_env("VERGE_APP", "hello")
+            .with_env("VERGE_ENV", "prod")
+    }
+
     /// The CLI, as the admin.
     pub fn cli(&self) -> Cli {
         self.cli_as(&self.admin_token)

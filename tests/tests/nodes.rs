@@ -53,32 +53,7 @@ impl World {
         )
         .await;
         let registry = Registry::start().await.expect("registry starts");
-        let admin = cp.cli();
-        admin.run(&["orgs", "create", "acme"]).await.ok();
-        admin
-            .run(&["projects", "create", "web", "--org", "acme"])
-            .await
-            .ok();
-        admin
-            .run(&[
-                "apps",
-                "create",
-                "hello",
-                "--org",
-                "acme",
-                "--project",
-                "web",
-            ])
-            .await
-            .ok();
-        admin
-            .run(&["envs", "create", "prod", "--org", "acme", "--app", "hello"])
-            .await
-            .ok();
-        let cli = admin
-            .with_env("VERGE_ORG", "acme")
-            .with_env("VERGE_APP", "hello")
-            .with_env("VERGE_ENV", "prod");
+        let cli = cp.acme_hello_prod().await;
         World {
             cp,
             registry,
@@ -494,49 +469,34 @@ async fn bad_tokens_and_a_foreign_ca_are_refused() {
     );
 }
 
-/// A static program that allocates and touches memory until killed.
-fn hog_binary(dir: &std::path::Path) -> PathBuf {
-    let src = dir.join("hog.c");
-    std::fs::write(
-        &src,
-        "#include <stdlib.h>\n#include <string.h>\n#include <unistd.h>\n\
-         int main(void) { for (;;) { char *p = malloc(1 << 20); if (p) memset(p, 1, 1 << 20); } }\n",
-    )
-    .unwrap();
-    let bin = dir.join("hog");
+/// `src` compiled as a static program named `name` in `dir` (it runs alone
+/// in an otherwise empty image).
+fn static_c(dir: &std::path::Path, name: &str, src: &str) -> PathBuf {
+    let source = dir.join(format!("{name}.c"));
+    std::fs::write(&source, src).unwrap();
+    let bin = dir.join(name);
     let out = std::process::Command::new("gcc")
         .args(["-static", "-O1", "-o"])
         .arg(&bin)
-        .arg(&src)
+        .arg(&source)
         .output()
         .expect("gcc");
-    assert!(
-        out.status.success(),
-        "gcc -static: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "gcc -static: {}", String::from_utf8_lossy(&out.stderr));
     bin
 }
+
+/// Allocates and touches memory until killed.
+const HOG: &str = "#include <stdlib.h>\n#include <string.h>\n\
+    int main(void) { for (;;) { char *p = malloc(1 << 20); if (p) memset(p, 1, 1 << 20); } }\n";
+
+/// Exits with code 3 at once.
+const CRASH: &str = "int main(void) { return 3; }\n";
 
 #[tokio::test]
 async fn an_instance_over_its_memory_limit_is_oom_killed_and_reported() {
     let w = World::new(Backend::Sqlite).await;
     let _n1 = w.node(1, "n1", &[]).await;
-    let bin = hog_binary(w.dir.path());
-    let layer =
-        Layer::from_files(&[File::new("/hog", std::fs::read(&bin).unwrap(), 0o755)]).unwrap();
-    let image = Image::build(
-        &ImageConfig {
-            entrypoint: vec!["/hog".into()],
-            cmd: Vec::new(),
-            env: Vec::new(),
-            exposed_ports: Vec::new(),
-        },
-        vec![layer],
-    )
-    .unwrap();
-    let reference = format!("{}/hog:1", w.registry.host());
-    verge_images::push(&image, &reference).await.unwrap();
+    let reference = push_binary(&w, &static_c(w.dir.path(), "hog", HOG), "hog").await;
     w.deploy(&reference, 1, "restart = \"never\"").await;
     let inst = eventually(DEADLINE, "the hog to fail", || async {
         let s = w.status().await;
@@ -565,25 +525,6 @@ async fn an_instance_over_its_memory_limit_is_oom_killed_and_reported() {
     );
 }
 
-/// A static program that exits with code 3 at once.
-fn crasher_binary(dir: &std::path::Path) -> PathBuf {
-    let src = dir.join("crash.c");
-    std::fs::write(&src, "int main(void) { return 3; }\n").unwrap();
-    let bin = dir.join("crash");
-    let out = std::process::Command::new("gcc")
-        .args(["-static", "-o"])
-        .arg(&bin)
-        .arg(&src)
-        .output()
-        .expect("gcc");
-    assert!(
-        out.status.success(),
-        "gcc -static: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    bin
-}
-
 async fn push_binary(w: &World, bin: &std::path::Path, name: &str) -> String {
     let file = format!("/{name}");
     let layer =
@@ -607,7 +548,7 @@ async fn push_binary(w: &World, bin: &std::path::Path, name: &str) -> String {
 async fn a_crash_loop_is_restarted_with_backoff_then_fails_with_category_crash() {
     let w = World::new(Backend::Sqlite).await;
     let _n1 = w.node(1, "n1", &[]).await;
-    let reference = push_binary(&w, &crasher_binary(w.dir.path()), "crash").await;
+    let reference = push_binary(&w, &static_c(w.dir.path(), "crash", CRASH), "crash").await;
     w.deploy(&reference, 1, "restart = \"always\"").await;
     let i = eventually(DEADLINE, "the crash loop to end failed", || async {
         let i = w.status().await["workloads"][0]["instances"][0].clone();

@@ -52,32 +52,7 @@ impl World {
     async fn with(backend: Backend, extra: &[&str]) -> World {
         let cp = ControlPlane::start_with(backend, extra).await;
         let registry = Registry::start().await.expect("registry starts");
-        let admin = cp.cli();
-        admin.run(&["orgs", "create", "acme"]).await.ok();
-        admin
-            .run(&["projects", "create", "web", "--org", "acme"])
-            .await
-            .ok();
-        admin
-            .run(&[
-                "apps",
-                "create",
-                "hello",
-                "--org",
-                "acme",
-                "--project",
-                "web",
-            ])
-            .await
-            .ok();
-        admin
-            .run(&["envs", "create", "prod", "--org", "acme", "--app", "hello"])
-            .await
-            .ok();
-        let cli = admin
-            .with_env("VERGE_ORG", "acme")
-            .with_env("VERGE_APP", "hello")
-            .with_env("VERGE_ENV", "prod");
+        let cli = cp.acme_hello_prod().await;
         let mut digests = Vec::new();
         for tag in ["1", "2"] {
             digests.push(push_image(&registry, &format!("hello:{tag}"), tag).await);

@@ -380,6 +380,7 @@ async fn dev_node(
         labels: Vec::new(),
         isolation,
         insecure_registries: args.insecure_registries.clone(),
+        registry_auth_file: None,
         image_budget: 10 << 30,
         stop_grace: std::time::Duration::from_secs(10),
         cpu: None,
@@ -462,6 +463,48 @@ fn labels(pairs: &[String]) -> Result<std::collections::BTreeMap<String, String>
     Ok(labels)
 }
 
+/// Reads `--registry-auth-file`: `HOST basic USER PASSWORD` or `HOST bearer
+/// TOKEN` per line; blank lines and `#` comments are skipped.
+fn registry_auth(path: &Path) -> Result<Vec<(String, verge_node::pull::RegistryAuth)>> {
+    use verge_node::pull::RegistryAuth;
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        super::bad_request(format!(
+            "cannot read --registry-auth-file {}: {e}",
+            path.display()
+        ))
+    })?;
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let auth = match fields.as_slice() {
+            [] => continue,
+            [first, ..] if first.starts_with('#') => continue,
+            [host, "basic", user, password] => (
+                host.to_string(),
+                RegistryAuth::Basic {
+                    username: user.to_string(),
+                    password: password.to_string(),
+                },
+            ),
+            [host, "bearer", token] => (
+                host.to_string(),
+                RegistryAuth::Bearer {
+                    token: token.to_string(),
+                },
+            ),
+            _ => {
+                return Err(super::bad_request(format!(
+                    "{}:{}: expected `HOST basic USER PASSWORD` or `HOST bearer TOKEN`",
+                    path.display(),
+                    n + 1
+                )));
+            }
+        };
+        out.push(auth);
+    }
+    Ok(out)
+}
+
 /// The node configuration every daemon shares; `verge dev` adjusts it.
 fn node_config(args: &crate::args::NodeArgs) -> Result<verge_node::daemon::NodeConfig> {
     use crate::args::IsolationArg;
@@ -476,6 +519,10 @@ fn node_config(args: &crate::args::NodeArgs) -> Result<verge_node::daemon::NodeC
             IsolationArg::None => verge_api::wire::Isolation::None,
         },
         insecure_registries: args.insecure_registries.clone(),
+        registry_auth: match &args.registry_auth_file {
+            Some(path) => registry_auth(path)?,
+            None => Vec::new(),
+        },
         image_budget: args.image_budget,
         stop_grace: args.stop_grace,
         cpu: args.cpu,
@@ -508,4 +555,41 @@ pub async fn node(args: crate::args::NodeArgs, out: &Output) -> Result {
     tracing::info!(node = %started.node_id, name = %started.name, "node running; instances keep running when this daemon stops");
     let _ = started.task.await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use verge_node::pull::RegistryAuth;
+
+    #[test]
+    fn registry_auth_file_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("auth");
+        std::fs::write(
+            &path,
+            "# comment\n\nreg.example:5000 basic ci s3cret\nghcr.io bearer tok\n",
+        )
+        .unwrap();
+        let auth = super::registry_auth(&path).unwrap();
+        assert_eq!(auth[0].0, "reg.example:5000");
+        assert_eq!(
+            auth[0].1,
+            RegistryAuth::Basic {
+                username: "ci".into(),
+                password: "s3cret".into()
+            }
+        );
+        assert_eq!(
+            auth[1].1,
+            RegistryAuth::Bearer {
+                token: "tok".into()
+            }
+        );
+        std::fs::write(&path, "reg.example basic only-user\n").unwrap();
+        let err = super::registry_auth(&path).unwrap_err().0.message;
+        assert!(
+            err.contains(":1: expected `HOST basic USER PASSWORD`"),
+            "{err}"
+        );
+    }
 }

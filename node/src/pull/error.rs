@@ -29,7 +29,8 @@ pub enum PullError {
     )]
     NotPinned { reference: String },
     #[error(
-        "registry {registry} refused the credentials given for repository {repository} (image {reference})"
+        "registry {registry} refused the credentials given for repository {repository} \
+         (image {reference}): check the node's credentials for {registry} (--registry-auth)"
     )]
     CredentialsRefused {
         registry: String,
@@ -37,7 +38,8 @@ pub enum PullError {
         reference: String,
     },
     #[error(
-        "registry {registry} requires credentials for repository {repository} (image {reference}) and none are configured"
+        "registry {registry} requires credentials for repository {repository} \
+         (image {reference}) and the node has none for it: add them (--registry-auth)"
     )]
     CredentialsNeeded {
         registry: String,
@@ -58,7 +60,7 @@ pub enum PullError {
     },
     #[error(
         "registry {registry} did not complete a TLS handshake for image {reference} \
-         (a registry serving plain HTTP must be listed as insecure): {cause}"
+         (a registry serving plain HTTP must be listed with --insecure-registry {registry}): {cause}"
     )]
     Tls {
         registry: String,
@@ -174,7 +176,7 @@ impl PullError {
                 "check that the registry {registry} is running and reachable from this node; the pull is retried"
             )],
             Tls { registry, .. } => vec![format!(
-                "if {registry} serves plain HTTP, list it in the node's insecure registries; otherwise fix its certificate"
+                "if {registry} serves plain HTTP, start the node with --insecure-registry {registry}; otherwise fix its certificate"
             )],
             Registry { .. } => vec!["retry; if it persists, check the registry's log".into()],
             DigestMismatch { .. } => vec![

@@ -248,6 +248,12 @@ impl ImageStore {
             compressions.push(compression);
         }
 
+        if config_desc.size > MAX_CONFIG_BYTES {
+            return Err(invalid("the image config")(format!(
+                "it is {} bytes; the node reads configs of at most {MAX_CONFIG_BYTES}",
+                config_desc.size
+            )));
+        }
         hold.pin(Content::Blob(config_desc.digest.clone()));
         let config_bytes = self.config(&t, &config_desc).await?;
         blobs.push(sized(&config_desc.digest, config_bytes.len()));
@@ -413,10 +419,12 @@ impl ImageStore {
         });
         let downloaded = loop {
             match blob.chunk().await {
+                // Once the unpacker has stopped (its error says why), the
+                // rest is still read: a blob altered in transit must be
+                // reported as such, not as a broken layer.
                 Ok(Some(chunk)) => {
-                    if tx.send(Ok(chunk)).await.is_err() {
-                        // The unpacker stopped: its error says why.
-                        break Ok(());
+                    if !tx.is_closed() {
+                        let _ = tx.send(Ok(chunk)).await;
                     }
                 }
                 Ok(None) => break Ok(()),
@@ -503,6 +511,10 @@ impl ImageStore {
     }
 }
 
+/// Image configs are read into memory: a bound on what a registry can make
+/// the node allocate.
+const MAX_CONFIG_BYTES: u64 = 16 << 20;
+
 /// Chunks of a layer download queued for its unpacker.
 const CHUNKS_IN_FLIGHT: usize = 64;
 
@@ -555,14 +567,17 @@ fn joined(e: tokio::task::JoinError) -> PullError {
 mod tests {
     use super::*;
 
-    /// Callers spawn pulls and GCs: their futures must be `Send`.
+    /// Callers spawn pulls and GCs: their futures must be `Send` (checked
+    /// at compile time, as `tokio::spawn` checks them).
     #[test]
     fn futures_are_send() {
-        fn send<T: Send>(_: &T) {}
-        fn check(store: &ImageStore) {
-            send(&store.pull(""));
-            send(&store.gc(&[]));
-            send(store);
+        fn spawnable<F: Future + Send + 'static>(_: F) {}
+        fn check(store: ImageStore) {
+            spawnable(async move {
+                let reference = String::from("r");
+                let _ = store.pull(&reference).await;
+                let _ = store.gc(&[reference]).await;
+            });
         }
         let _ = check;
     }

@@ -10,8 +10,9 @@
 //!
 //! Everything is written under `tmp/` and renamed into place, so whatever
 //! sits under `blobs/` and `layers/` is complete; an image's record is
-//! written last. A compressed layer is deleted once unpacked: the unpacked
-//! directory is what the runtime uses and what a re-pull checks for.
+//! written last. Compressed layers are never stored: the download streams
+//! into the unpacker, and the unpacked directory is what the runtime uses
+//! and what a re-pull checks for.
 //! Deletions rename into `tmp/` first, so a crash never leaves a partial
 //! layer in place. The in-memory [`State`] mirrors the disk; in-flight pulls
 //! pin what they use, so GC cannot delete it under them.

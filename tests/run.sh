@@ -3,7 +3,8 @@
 # end-to-end through the real `verge` binary, registry round trips.
 #
 # Installs and starts what the tests need when it is missing:
-#   - iproute2, gcc and libc6-dev (node tests: namespaces, static workloads);
+#   - iproute2, gcc, libc6-dev and busybox-static (node tests: namespaces,
+#     static workloads, a busybox rootfs);
 #   - PostgreSQL (Debian's package; the machine's cluster is started and a
 #     `verge` superuser role created), exported as VERGE_TEST_POSTGRES;
 #   - Debian's docker-registry binary (the tests start their own instances);
@@ -56,6 +57,8 @@ missing=()
 # The path the harness runs (tests/src/registry.rs).
 [ -x /usr/bin/docker-registry ] || missing+=(docker-registry)
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+# The runtime tests' rootfs: a static busybox (sh, ps, ls, ...).
+[ -x /bin/busybox ] || missing+=(busybox-static)
 command -v gcc >/dev/null 2>&1 || missing+=(gcc)
 [ -e /usr/lib/x86_64-linux-gnu/libc.a ] || [ -n "$(find /usr/lib -name libc.a -print -quit 2>/dev/null)" ] || missing+=(libc6-dev)
 if [ -z "${VERGE_TEST_POSTGRES:-}" ]; then

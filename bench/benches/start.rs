@@ -31,6 +31,7 @@ const RUNS: usize = 20;
 const MEMORY: u64 = 256 * 1024 * 1024;
 const CPU: f64 = 1.0;
 const PIDS: u64 = 1024;
+const VERGE_CGROUP_PARENT: &str = "verge-bench";
 const RUNC_CGROUP_PARENT: &str = "verge-bench-runc";
 /// The capabilities Verge keeps (Docker's default set less CAP_MKNOD).
 const CAPS: &[&str] = &[
@@ -79,34 +80,71 @@ async fn run() -> anyhow::Result<()> {
 
     let rt = ProcessRuntime::new(RuntimeConfig {
         root: tmp.path().join("verge/instances"),
-        cgroup_parent: "verge-bench".into(),
+        cgroup_parent: VERGE_CGROUP_PARENT.into(),
         isolation: Isolation::Namespaces,
         shim_exe: "/proc/self/exe".into(),
     })?;
     let runc_root = tmp.path().join("runc");
     std::fs::create_dir_all(&runc_root)?;
 
-    let mut verge = (Vec::new(), Vec::new());
-    let mut runc = (Vec::new(), Vec::new());
+    let mut verge = Samples::default();
+    let mut runc = Samples::default();
     // One warm-up of each, not counted.
     for i in 0..=RUNS {
-        let (start, stop) = verge_once(&rt, &layer, i).await?;
-        let (rstart, rstop) = runc_once(&runc_root, &layer, i)?;
+        let v = verge_once(&rt, &layer, i).await?;
+        let r = runc_once(&runc_root, &layer, i)?;
         if i > 0 {
-            verge.0.push(start);
-            verge.1.push(stop);
-            runc.0.push(rstart);
-            runc.1.push(rstop);
+            verge.push(v);
+            runc.push(r);
         }
     }
-    let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup/pids").join(RUNC_CGROUP_PARENT));
+    // The parents of both sides' cgroups, in every hierarchy.
+    for hierarchy in std::fs::read_dir("/sys/fs/cgroup")?.flatten() {
+        for parent in [VERGE_CGROUP_PARENT, RUNC_CGROUP_PARENT] {
+            let _ = std::fs::remove_dir(hierarchy.path().join(parent));
+        }
+    }
     println!("| operation                                    | runs |  p50 ms |  p90 ms |");
     println!("|----------------------------------------------|------|---------|---------|");
-    row("verge: start until hello accepts", &mut verge.0);
-    row("runc (peer): start until hello accepts", &mut runc.0);
-    row("verge: stop + remove", &mut verge.1);
-    row("runc (peer): delete --force + cleanup", &mut runc.1);
+    row(
+        "verge: start() returned (command executed)",
+        &mut verge.returned,
+    );
+    row(
+        "runc (peer): mount + `runc run -d` returned",
+        &mut runc.returned,
+    );
+    row("verge: start until hello accepts", &mut verge.accepting);
+    row(
+        "runc (peer): start until hello accepts",
+        &mut runc.accepting,
+    );
+    row("verge: stop + remove", &mut verge.stopped);
+    row("runc (peer): delete --force + cleanup", &mut runc.stopped);
     Ok(())
+}
+
+/// One run: when the start call returned, when the port accepted, and how
+/// long stopping and cleaning up took.
+struct Sample {
+    returned: Duration,
+    accepting: Duration,
+    stopped: Duration,
+}
+
+#[derive(Default)]
+struct Samples {
+    returned: Vec<Duration>,
+    accepting: Vec<Duration>,
+    stopped: Vec<Duration>,
+}
+
+impl Samples {
+    fn push(&mut self, s: Sample) {
+        self.returned.push(s.returned);
+        self.accepting.push(s.accepting);
+        self.stopped.push(s.stopped);
+    }
 }
 
 fn row(name: &str, samples: &mut [Duration]) {
@@ -141,11 +179,7 @@ fn wait_for_port(port: u16) -> anyhow::Result<()> {
     }
 }
 
-async fn verge_once(
-    rt: &ProcessRuntime,
-    layer: &Path,
-    i: usize,
-) -> anyhow::Result<(Duration, Duration)> {
+async fn verge_once(rt: &ProcessRuntime, layer: &Path, i: usize) -> anyhow::Result<Sample> {
     let id = format!("bench{i}");
     let port = free_port()?;
     let spec = LaunchSpec {
@@ -163,8 +197,9 @@ async fn verge_once(
     };
     let t = Instant::now();
     let instance = rt.start(spec).await?;
+    let returned = t.elapsed();
     tokio::task::spawn_blocking(move || wait_for_port(port)).await??;
-    let started = t.elapsed();
+    let accepting = t.elapsed();
     let t = Instant::now();
     let exit = instance.stop(Duration::from_secs(5)).await;
     rt.remove(&id).await?;
@@ -172,10 +207,14 @@ async fn verge_once(
     if exit.start_failed {
         bail!("verge: {}", exit.describe());
     }
-    Ok((started, stopped))
+    Ok(Sample {
+        returned,
+        accepting,
+        stopped,
+    })
 }
 
-fn runc_once(state: &Path, layer: &Path, i: usize) -> anyhow::Result<(Duration, Duration)> {
+fn runc_once(state: &Path, layer: &Path, i: usize) -> anyhow::Result<Sample> {
     let id = format!("runc-bench{i}");
     let port = free_port()?;
     let bundle = state.join(format!("bundle{i}"));
@@ -220,8 +259,9 @@ fn runc_once(state: &Path, layer: &Path, i: usize) -> anyhow::Result<(Duration, 
             std::fs::read_to_string(bundle.join("stdout.log"))?
         );
     }
+    let returned = t.elapsed();
     wait_for_port(port)?;
-    let started = t.elapsed();
+    let accepting = t.elapsed();
 
     let t = Instant::now();
     let status = Command::new("runc")
@@ -235,7 +275,11 @@ fn runc_once(state: &Path, layer: &Path, i: usize) -> anyhow::Result<(Duration, 
     nix::mount::umount2(&rootfs, nix::mount::MntFlags::empty())
         .context("unmounting runc's overlay")?;
     std::fs::remove_dir_all(&bundle)?;
-    Ok((started, t.elapsed()))
+    Ok(Sample {
+        returned,
+        accepting,
+        stopped: t.elapsed(),
+    })
 }
 
 /// An OCI runtime config like what Verge sets up: PID, mount, IPC and UTS

@@ -63,7 +63,10 @@ pub struct JoinParams {
 
 /// `host:port` from `host:port` or `quic://host:port`, resolved.
 pub async fn resolve(server: &str) -> Result<SocketAddr, AgentError> {
-    let hostport = server.strip_prefix("quic://").unwrap_or(server).trim_end_matches('/');
+    let hostport = server
+        .strip_prefix("quic://")
+        .unwrap_or(server)
+        .trim_end_matches('/');
     let err = |why: String| AgentError::Resolve {
         server: server.to_string(),
         why,
@@ -147,9 +150,15 @@ pub async fn identity(data_dir: &Path, p: &JoinParams) -> Result<Identity, Agent
         }
         tokio::time::sleep(backoff.next()).await;
     };
-    let (send, recv) = conn.open_bi().await.map_err(|e| unreachable(e.to_string()))?;
+    let (send, recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
     let (mut reader, mut writer) = (Reader::new(recv), Writer::new(send));
-    writer.send(&request).await.map_err(|e| unreachable(e.to_string()))?;
+    writer
+        .send(&request)
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
     let answer: JoinResponse = reader
         .next()
         .await
@@ -236,7 +245,11 @@ impl Agent {
         }
     }
 
-    async fn session(&mut self, host: &mut Host, shutdown: &CancellationToken) -> Result<(), String> {
+    async fn session(
+        &mut self,
+        host: &mut Host,
+        shutdown: &CancellationToken,
+    ) -> Result<(), String> {
         let addr = resolve(&self.server).await.map_err(|e| e.to_string())?;
         let endpoint = client_endpoint(addr).map_err(|e| e.to_string())?;
         let config = tls::session_config(&self.identity)?;
@@ -269,8 +282,14 @@ impl Agent {
             })
             .await
             .map_err(|e| e.to_string())?;
-        let heartbeat = match reader.next::<ControlMsg>().await.map_err(|e| e.to_string())? {
-            Some(ControlMsg::Welcome { heartbeat_ms, name, .. }) => {
+        let heartbeat = match reader
+            .next::<ControlMsg>()
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            Some(ControlMsg::Welcome {
+                heartbeat_ms, name, ..
+            }) => {
                 tracing::info!(%name, "session with the control plane established");
                 Duration::from_millis(heartbeat_ms.max(100))
             }

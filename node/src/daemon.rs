@@ -153,7 +153,10 @@ pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> Result<Start
     let assigned = identity.assigned.clone();
     let supervisors = reconciler.clone();
     let agent = Agent {
-        server: cfg.server.clone().unwrap_or_else(|| assigned.server.clone()),
+        server: cfg
+            .server
+            .clone()
+            .unwrap_or_else(|| assigned.server.clone()),
         identity,
         labels: cfg.labels.clone(),
         capacity,

@@ -37,7 +37,11 @@ impl Host {
             (Some(t), Some(a)) => t.saturating_sub(a),
             _ => 0,
         };
-        Usage { cpu, memory, images }
+        Usage {
+            cpu,
+            memory,
+            images,
+        }
     }
 }
 

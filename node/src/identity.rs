@@ -100,7 +100,8 @@ impl Identity {
             move |source| IdentityError::Io { what, path, source }
         };
         std::fs::create_dir_all(&dir).map_err(io("creating", &dir))?;
-        write_private(&dir.join("node.key"), key_pem).map_err(io("writing", &dir.join("node.key")))?;
+        write_private(&dir.join("node.key"), key_pem)
+            .map_err(io("writing", &dir.join("node.key")))?;
         for (name, text) in [("node.crt", cert_pem), ("ca.crt", ca_pem)] {
             std::fs::write(dir.join(name), text).map_err(io("writing", &dir.join(name)))?;
         }

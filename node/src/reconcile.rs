@@ -22,7 +22,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use verge_api::manifest::{Restart, format_size};
-use verge_api::wire::{DesiredSet, ErrorCategory, InstanceReport, InstanceSpec, InstanceState, Isolation};
+use verge_api::wire::{
+    DesiredSet, ErrorCategory, InstanceReport, InstanceSpec, InstanceState, Isolation,
+};
 
 use crate::net::Network;
 use crate::pull::{ImageStore, PulledImage};
@@ -115,7 +117,11 @@ impl Reconciler {
             .into_iter()
             .map(|a| (a.spec.instance_id.clone(), a.instance))
             .collect();
-        tracing::info!(adopted = adopted.len(), desired = saved.set.instances.len(), "reconciler starting");
+        tracing::info!(
+            adopted = adopted.len(),
+            desired = saved.set.instances.len(),
+            "reconciler starting"
+        );
         {
             let mut st = r.inner.state.lock().expect("not poisoned");
             st.version = saved.set.version;
@@ -143,7 +149,8 @@ impl Reconciler {
         }
         let mut st = self.inner.state.lock().expect("not poisoned");
         st.version = set.version;
-        let wanted: std::collections::HashSet<&str> = set.instances.iter().map(|s| s.id.as_str()).collect();
+        let wanted: std::collections::HashSet<&str> =
+            set.instances.iter().map(|s| s.id.as_str()).collect();
         for (id, slot) in &st.slots {
             if !wanted.contains(id.as_str()) {
                 slot.stop.cancel();
@@ -181,7 +188,11 @@ impl Reconciler {
         let stop = CancellationToken::new();
         let report = InstanceReport {
             id: spec.id.clone(),
-            state: if running.is_some() { InstanceState::Running } else { InstanceState::Pending },
+            state: if running.is_some() {
+                InstanceState::Running
+            } else {
+                InstanceState::Pending
+            },
             category: None,
             message: None,
             address: None,
@@ -207,7 +218,9 @@ impl Reconciler {
             restarts: 0,
             address: None,
         };
-        self.inner.supervisors.spawn(sup.run(running).instrument(span));
+        self.inner
+            .supervisors
+            .spawn(sup.run(running).instrument(span));
     }
 
     /// Records and sends a state change.
@@ -222,7 +235,12 @@ impl Reconciler {
     }
 
     fn forget(&self, id: &str) {
-        self.inner.state.lock().expect("not poisoned").slots.remove(id);
+        self.inner
+            .state
+            .lock()
+            .expect("not poisoned")
+            .slots
+            .remove(id);
     }
 
     /// Removes what an instance left on the node (cgroup, rootfs, network).
@@ -242,7 +260,15 @@ impl Reconciler {
         let Some(net) = &self.inner.parts.net else {
             return;
         };
-        let known: Vec<String> = self.inner.state.lock().expect("not poisoned").slots.keys().cloned().collect();
+        let known: Vec<String> = self
+            .inner
+            .state
+            .lock()
+            .expect("not poisoned")
+            .slots
+            .keys()
+            .cloned()
+            .collect();
         if let Ok(ids) = net.list().await {
             for id in ids.into_iter().filter(|i| !known.contains(i)) {
                 tracing::info!(instance = %id, "removing a leftover instance network");
@@ -286,7 +312,12 @@ enum Woke<T> {
 }
 
 impl Supervisor {
-    fn report(&self, state: InstanceState, category: Option<ErrorCategory>, message: Option<String>) {
+    fn report(
+        &self,
+        state: InstanceState,
+        category: Option<ErrorCategory>,
+        message: Option<String>,
+    ) {
         if let Some(m) = &message {
             tracing::info!(%state, category = ?category, message = %m, "instance state");
         } else {
@@ -353,7 +384,11 @@ impl Supervisor {
                 Restart::Never => false,
             };
             if !restart {
-                let state = if failed { InstanceState::Failed } else { InstanceState::Stopped };
+                let state = if failed {
+                    InstanceState::Failed
+                } else {
+                    InstanceState::Stopped
+                };
                 self.report(state, category, Some(message));
                 return self.idle_until_removed().await;
             }
@@ -371,7 +406,12 @@ impl Supervisor {
     /// end it `failed`, with the last failure's category; or it was
     /// removed, or the daemon shuts down). `category` is `None` for a clean
     /// exit restarted by `restart = "always"`.
-    async fn back_off(&mut self, failures: u32, category: Option<ErrorCategory>, message: String) -> bool {
+    async fn back_off(
+        &mut self,
+        failures: u32,
+        category: Option<ErrorCategory>,
+        message: String,
+    ) -> bool {
         if failures >= CRASH_LOOP {
             let what = match category {
                 Some(ErrorCategory::Crash) | None => "crash loop",
@@ -380,17 +420,24 @@ impl Supervisor {
             self.report(
                 InstanceState::Failed,
                 Some(category.unwrap_or(ErrorCategory::Crash)),
-                Some(format!("{what}: failed {failures} times in a row; last: {message}")),
+                Some(format!(
+                    "{what}: failed {failures} times in a row; last: {message}"
+                )),
             );
             self.idle_until_removed().await;
             return false;
         }
-        let delay = Duration::from_millis(500).saturating_mul(1 << failures.min(6)).min(Duration::from_secs(30));
+        let delay = Duration::from_millis(500)
+            .saturating_mul(1 << failures.min(6))
+            .min(Duration::from_secs(30));
         self.restarts += 1;
         self.report(
             InstanceState::Pending,
             category,
-            Some(format!("{message}; restarting in {}", humantime_short(delay))),
+            Some(format!(
+                "{message}; restarting in {}",
+                humantime_short(delay)
+            )),
         );
         match self.until(tokio::time::sleep(delay)).await {
             Woke::Done(()) => true,
@@ -408,7 +455,9 @@ impl Supervisor {
         self.report(InstanceState::Pulling, None, None);
         let image = match self.until(parts.images.pull(&self.spec.image)).await {
             Woke::Done(Ok(img)) => img,
-            Woke::Done(Err(e)) => return Woke::Done(Err((ErrorCategory::ImagePull, e.to_string()))),
+            Woke::Done(Err(e)) => {
+                return Woke::Done(Err((ErrorCategory::ImagePull, e.to_string())));
+            }
             Woke::Stop => return Woke::Stop,
             Woke::Shutdown => return Woke::Shutdown,
         };
@@ -422,13 +471,20 @@ impl Supervisor {
                     };
                     (Some(n.netns), self.spec.port, address)
                 }
-                Woke::Done(Err(e)) => return Woke::Done(Err((ErrorCategory::Start, e.to_string()))),
+                Woke::Done(Err(e)) => {
+                    return Woke::Done(Err((ErrorCategory::Start, e.to_string())));
+                }
                 Woke::Stop => return Woke::Stop,
                 Woke::Shutdown => return Woke::Shutdown,
             },
             None => match free_loopback_port() {
                 Ok(p) => (None, Some(p), format!("127.0.0.1:{p}")),
-                Err(e) => return Woke::Done(Err((ErrorCategory::Start, format!("no free loopback port: {e}")))),
+                Err(e) => {
+                    return Woke::Done(Err((
+                        ErrorCategory::Start,
+                        format!("no free loopback port: {e}"),
+                    )));
+                }
             },
         };
         self.address = Some(address);
@@ -493,7 +549,10 @@ fn launch_spec(
         .config
         .env
         .iter()
-        .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+        .filter_map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        })
         .collect();
     fn set(env: &mut Vec<(String, String)>, k: &str, v: String) {
         env.retain(|(k2, _)| k2 != k);
@@ -531,7 +590,9 @@ fn classify(exit: &Exit, memory: u64) -> (Option<ErrorCategory>, String) {
 }
 
 fn free_loopback_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 fn humantime_short(d: Duration) -> String {
@@ -584,11 +645,17 @@ mod tests {
     #[test]
     fn exits_are_categorised() {
         assert_eq!(classify(&exit(Some(0), None, false), 1).0, None);
-        assert_eq!(classify(&exit(Some(3), None, false), 1), (Some(ErrorCategory::Crash), "exited with code 3".into()));
+        assert_eq!(
+            classify(&exit(Some(3), None, false), 1),
+            (Some(ErrorCategory::Crash), "exited with code 3".into())
+        );
         let (c, m) = classify(&exit(None, Some(9), true), 64 << 20);
         assert_eq!(c, Some(ErrorCategory::Oom));
         assert_eq!(m, "killed: out of memory (limit 64Mi)");
-        assert_eq!(classify(&exit(None, Some(11), false), 1).0, Some(ErrorCategory::Crash));
+        assert_eq!(
+            classify(&exit(None, Some(11), false), 1).0,
+            Some(ErrorCategory::Crash)
+        );
         let start = Exit {
             start_failed: true,
             message: Some("exec /nope: no such file".into()),

@@ -10,8 +10,8 @@
 
 use std::sync::{Arc, Mutex};
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::{DigitallySignedStruct, Error as TlsError, SignatureScheme};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
@@ -68,12 +68,17 @@ impl ServerCertVerifier for PinnedCa {
         roots
             .add(ca.clone().into_owned())
             .map_err(|e| fail(format!("the pinned CA certificate is not usable: {e}")))?;
-        let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
-            .build()
-            .map_err(|e| fail(e.to_string()))?;
+        let verifier =
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+                .build()
+                .map_err(|e| fail(e.to_string()))?;
         verifier
             .verify_server_cert(end_entity, &[], server_name, ocsp, now)
-            .map_err(|e| fail(format!("the control plane's certificate is not signed by the pinned CA: {e}")))
+            .map_err(|e| {
+                fail(format!(
+                    "the control plane's certificate is not signed by the pinned CA: {e}"
+                ))
+            })
     }
 
     fn verify_tls12_signature(
@@ -82,7 +87,12 @@ impl ServerCertVerifier for PinnedCa {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, TlsError> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -91,11 +101,18 @@ impl ServerCertVerifier for PinnedCa {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, TlsError> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -120,7 +137,9 @@ pub fn join_config(ca_sha256: &str) -> Result<(quinn::ClientConfig, Refusal), St
 /// The QUIC client config of a joined node's sessions (mutual TLS).
 pub fn session_config(id: &Identity) -> Result<quinn::ClientConfig, String> {
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(id.ca.clone()).map_err(|e| format!("the saved cluster CA is not usable: {e}"))?;
+    roots
+        .add(id.ca.clone())
+        .map_err(|e| format!("the saved cluster CA is not usable: {e}"))?;
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| e.to_string())?
@@ -132,7 +151,8 @@ pub fn session_config(id: &Identity) -> Result<quinn::ClientConfig, String> {
 }
 
 fn quic_client(tls: rustls::ClientConfig) -> Result<quinn::ClientConfig, String> {
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
+    let crypto =
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
     transport

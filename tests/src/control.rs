@@ -235,7 +235,15 @@ impl ControlPlane {
             .await
             .ok();
         admin
-            .run(&["apps", "create", "hello", "--org", "acme", "--project", "web"])
+            .run(&[
+                "apps",
+                "create",
+                "hello",
+                "--org",
+                "acme",
+                "--project",
+                "web",
+            ])
             .await
             .ok();
         admin

@@ -332,17 +332,24 @@ impl Drop for NodeHost {
                 let _ = nix_umount(&netns);
                 let _ = std::fs::remove_file(&netns);
             }
-            for controller in ["cpu", "cpuacct", "memory", "pids", "unified", "systemd"] {
-                let cg = Path::new("/sys/fs/cgroup")
-                    .join(controller)
-                    .join("verge")
-                    .join(&id);
-                for _ in 0..50 {
-                    if !cg.exists() || std::fs::remove_dir(&cg).is_ok() {
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
+            // In every hierarchy (cgroup v1 makes the instance's cgroup in
+            // each), retrying while the killed processes exit.
+            let cgroups: Vec<PathBuf> = std::fs::read_dir("/sys/fs/cgroup")
+                .map(|d| {
+                    d.filter_map(|e| e.ok())
+                        .map(|e| e.path().join("verge").join(&id))
+                        .collect()
+                })
+                .unwrap_or_default();
+            for _ in 0..250 {
+                let left: Vec<&PathBuf> = cgroups
+                    .iter()
+                    .filter(|cg| cg.exists() && std::fs::remove_dir(cg).is_err())
+                    .collect();
+                if left.is_empty() {
+                    break;
                 }
+                std::thread::sleep(Duration::from_millis(20));
             }
         }
         for r in &self.routes {

@@ -389,14 +389,23 @@ async fn an_offline_node_returns_to_what_is_desired_now() {
         stopped,
         "an instance.stopped event for the removed instance"
     );
-    // Its cgroup and network namespace are gone too.
-    let id = gone[0]["id"].as_str().unwrap();
+    // Its cgroups (in every hierarchy), network namespace and host veth are gone too.
+    let id = gone[0]["id"].as_str().unwrap().to_string();
     eventually(DEADLINE, "cleanup of the removed instance", || async {
-        let cg = std::path::Path::new("/sys/fs/cgroup/memory/verge")
-            .join(id)
-            .exists();
-        let ns = std::path::Path::new("/run/verge/netns").join(id).exists();
-        (!cg && !ns).then_some(())
+        let cgroups: Vec<PathBuf> = std::fs::read_dir("/sys/fs/cgroup")
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.path().join("verge").join(&id))
+            .filter(|p| p.exists())
+            .collect();
+        let ns = std::path::Path::new("/run/verge/netns").join(&id).exists();
+        let links = std::process::Command::new("ip")
+            .args(["-n", &n1.netns, "-o", "link"])
+            .output()
+            .unwrap();
+        let veth = verge_node::net::host_veth_name(&id);
+        let veth_left = String::from_utf8_lossy(&links.stdout).contains(&veth);
+        (cgroups.is_empty() && !ns && !veth_left).then_some(())
     })
     .await;
 }
@@ -481,7 +490,11 @@ fn static_c(dir: &std::path::Path, name: &str, src: &str) -> PathBuf {
         .arg(&source)
         .output()
         .expect("gcc");
-    assert!(out.status.success(), "gcc -static: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "gcc -static: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     bin
 }
 

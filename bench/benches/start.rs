@@ -11,7 +11,11 @@
 //!   connection; then `runc delete --force`, unmount, remove the dirs.
 //!
 //! Both run on the host network (no network namespace), each instance on
-//! its own port. Needs root and Debian's `runc`.
+//! its own port. A third, Verge-only series adds what an assignment costs
+//! on a node on top of the cached image: the instance's network namespace,
+//! veth pair and addresses (`net::Network::setup`), then `start` in that
+//! namespace until `hello` accepts on the instance's private IPv6 address;
+//! and `stop` + `remove` + `Network::remove`. Needs root and Debian's `runc`.
 //!
 //! Run: `cargo bench -p verge-bench --bench start` (release build). This
 //! binary is also the shim (`/proc/self/exe __verge-shim <dir>`), as the
@@ -25,6 +29,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::json;
 use verge_api::wire::Isolation;
+use verge_node::net::{NetConfig, Network};
 use verge_node::runtime::{LaunchSpec, ProcessRuntime, RuntimeConfig, SHIM_ARG, shim_main};
 
 const RUNS: usize = 20;
@@ -87,15 +92,24 @@ async fn run() -> anyhow::Result<()> {
     let runc_root = tmp.path().join("runc");
     std::fs::create_dir_all(&runc_root)?;
 
+    let net = Network::new(NetConfig {
+        netns_dir: tmp.path().join("netns"),
+        ..NetConfig::new(tmp.path(), "fd76:6265:6e63:1::/64".parse()?)
+    })
+    .await?;
+
     let mut verge = Samples::default();
     let mut runc = Samples::default();
+    let mut networked = Samples::default();
     // One warm-up of each, not counted.
     for i in 0..=RUNS {
-        let v = verge_once(&rt, &layer, i).await?;
+        let v = verge_once(&rt, &layer, i, None).await?;
         let r = runc_once(&runc_root, &layer, i)?;
+        let n = verge_once(&rt, &layer, i + RUNS + 1, Some(&net)).await?;
         if i > 0 {
             verge.push(v);
             runc.push(r);
+            networked.push(n);
         }
     }
     // The parents of both sides' cgroups, in every hierarchy.
@@ -121,6 +135,14 @@ async fn run() -> anyhow::Result<()> {
     );
     row("verge: stop + remove", &mut verge.stopped);
     row("runc (peer): delete --force + cleanup", &mut runc.stopped);
+    row(
+        "verge + netns/veth: assignment until accepts",
+        &mut networked.accepting,
+    );
+    row(
+        "verge + netns/veth: stop + remove all",
+        &mut networked.stopped,
+    );
     Ok(())
 }
 
@@ -165,27 +187,49 @@ fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
-/// Polls until something accepts on `port` (10 s at most).
+/// Polls until something accepts on `port` of loopback (10 s at most).
 fn wait_for_port(port: u16) -> anyhow::Result<()> {
+    wait_for(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
+/// Polls until something accepts at `addr` (10 s at most).
+fn wait_for(addr: std::net::SocketAddr) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        if TcpStream::connect(addr).is_ok() {
             return Ok(());
         }
         if Instant::now() > deadline {
-            bail!("nothing accepted on port {port} within 10 s");
+            bail!("nothing accepted on {addr} within 10 s");
         }
         std::thread::sleep(Duration::from_micros(500));
     }
 }
 
-async fn verge_once(rt: &ProcessRuntime, layer: &Path, i: usize) -> anyhow::Result<Sample> {
+/// One Verge run; with `net`, in the instance's own network namespace,
+/// timed from before `Network::setup` and probed on its private address.
+async fn verge_once(
+    rt: &ProcessRuntime,
+    layer: &Path,
+    i: usize,
+    net: Option<&Network>,
+) -> anyhow::Result<Sample> {
     let id = format!("bench{i}");
-    let port = free_port()?;
+    let t = Instant::now();
+    let (netns, addr) = match net {
+        Some(net) => {
+            let n = net.setup(&id).await?;
+            (Some(n.netns), std::net::SocketAddr::from((n.v6, 8080)))
+        }
+        None => (
+            None,
+            std::net::SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+        ),
+    };
     let spec = LaunchSpec {
         instance_id: id.clone(),
         layers: vec![layer.to_path_buf()],
-        argv: vec!["/hello".into(), "--port".into(), port.to_string()],
+        argv: vec!["/hello".into(), "--port".into(), addr.port().to_string()],
         env: vec![("VERGE_INSTANCE_ID".into(), id.clone())],
         working_dir: None,
         user: None,
@@ -193,16 +237,18 @@ async fn verge_once(rt: &ProcessRuntime, layer: &Path, i: usize) -> anyhow::Resu
         cpu: CPU,
         memory: MEMORY,
         pids: PIDS,
-        netns: None,
+        netns,
     };
-    let t = Instant::now();
     let instance = rt.start(spec).await?;
     let returned = t.elapsed();
-    tokio::task::spawn_blocking(move || wait_for_port(port)).await??;
+    tokio::task::spawn_blocking(move || wait_for(addr)).await??;
     let accepting = t.elapsed();
     let t = Instant::now();
     let exit = instance.stop(Duration::from_secs(5)).await;
     rt.remove(&id).await?;
+    if let Some(net) = net {
+        net.remove(&id).await?;
+    }
     let stopped = t.elapsed();
     if exit.start_failed {
         bail!("verge: {}", exit.describe());

@@ -263,6 +263,9 @@ pub enum NodesCmd {
         /// How long the token stays valid
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         ttl: std::time::Duration,
+        /// How many nodes may join with it
+        #[arg(long, default_value_t = 1)]
+        uses: u64,
     },
     /// Nodes with state, labels, capacity, last heartbeat and instance count
     List,

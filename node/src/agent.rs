@@ -293,7 +293,8 @@ impl Agent {
                 tracing::info!(%name, "session with the control plane established");
                 Duration::from_millis(heartbeat_ms.max(100))
             }
-            Some(other) => return Err(format!("expected welcome, got {other:?}")),
+            // Not `{other:?}`: a desired set carries env vars, which may be secret.
+            Some(_) => return Err("the control plane's first message was not welcome".into()),
             None => return Err("the control plane closed the session".into()),
         };
         let mut tick = tokio::time::interval(heartbeat);
@@ -319,7 +320,7 @@ impl Agent {
                 }
                 () = shutdown.cancelled() => {
                     conn.close(0u32.into(), b"node shutting down");
-                    endpoint.wait_idle().await;
+                    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
                     return Ok(());
                 }
             }

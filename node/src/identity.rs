@@ -103,12 +103,12 @@ impl Identity {
         write_private(&dir.join("node.key"), key_pem)
             .map_err(io("writing", &dir.join("node.key")))?;
         for (name, text) in [("node.crt", cert_pem), ("ca.crt", ca_pem)] {
-            std::fs::write(dir.join(name), text).map_err(io("writing", &dir.join(name)))?;
+            write_durably(&dir.join(name), text.as_bytes(), 0o644)
+                .map_err(io("writing", &dir.join(name)))?;
         }
         let json = serde_json::to_string_pretty(&assigned).expect("identity serialises");
-        let tmp = dir.join("node.json.tmp");
-        std::fs::write(&tmp, json).map_err(io("writing", &tmp))?;
-        std::fs::rename(&tmp, dir.join("node.json")).map_err(io("writing", &tmp))?;
+        let path = dir.join("node.json");
+        write_durably(&path, json.as_bytes(), 0o644).map_err(io("writing", &path))?;
         Identity::load(data_dir)?.ok_or(IdentityError::Damaged(dir))
     }
 
@@ -118,14 +118,27 @@ impl Identity {
 }
 
 fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    write_durably(path, text.as_bytes(), 0o600)
+}
+
+/// Replaces `path` with `bytes` so that a crash or power loss leaves the old
+/// content or the new, never a mix: a temp file with `mode`, synced,
+/// renamed over `path`, then the directory synced.
+pub(crate) fn write_durably(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
+    let tmp = path.with_extension("tmp");
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()
+        .mode(mode)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }

@@ -130,15 +130,16 @@ impl Reconciler {
                 r.spawn_supervisor(&mut st, spec, running);
             }
         }
+        let leftovers: Vec<String> = adopted.keys().cloned().collect();
+        r.cleanup_orphans(&leftovers).await;
         for (id, inst) in adopted {
             let r2 = r.clone();
-            tokio::spawn(async move {
+            r.inner.supervisors.spawn(async move {
                 tracing::info!(instance = %id, "stopping a leftover instance no longer desired");
                 inst.stop(r2.inner.parts.stop_grace).await;
                 r2.cleanup(&id).await;
             });
         }
-        r.cleanup_orphans().await;
         (r, rx)
     }
 
@@ -256,11 +257,11 @@ impl Reconciler {
     }
 
     /// Network namespaces of instances that are neither desired nor running.
-    async fn cleanup_orphans(&self) {
+    async fn cleanup_orphans(&self, leftovers: &[String]) {
         let Some(net) = &self.inner.parts.net else {
             return;
         };
-        let known: Vec<String> = self
+        let mut known: Vec<String> = self
             .inner
             .state
             .lock()
@@ -269,6 +270,8 @@ impl Reconciler {
             .keys()
             .cloned()
             .collect();
+        // Running, about to be stopped (and cleaned up) by their own task.
+        known.extend(leftovers.iter().cloned());
         if let Ok(ids) = net.list().await {
             for id in ids.into_iter().filter(|i| !known.contains(i)) {
                 tracing::info!(instance = %id, "removing a leftover instance network");
@@ -348,6 +351,9 @@ impl Supervisor {
             let inst = match running.take() {
                 Some(i) => i,
                 None => match self.launch().await {
+                    Woke::Done(Ok(i)) if self.stop.is_cancelled() => {
+                        return self.finish(Some(i)).await;
+                    }
                     Woke::Done(Ok(i)) => i,
                     Woke::Done(Err((category, message))) => {
                         failures += 1;
@@ -462,20 +468,19 @@ impl Supervisor {
             Woke::Shutdown => return Woke::Shutdown,
         };
         self.report(InstanceState::Starting, None, None);
+        // Setting up the network and starting run to the end, never
+        // cancelled half-way: a dropped start could leave a running shim
+        // behind. A stop that came meanwhile is honoured right after.
         let (netns, port, address) = match &parts.net {
-            Some(net) => match self.until(net.setup(&self.spec.id)).await {
-                Woke::Done(Ok(n)) => {
+            Some(net) => match net.setup(&self.spec.id).await {
+                Ok(n) => {
                     let address = match self.spec.port {
                         Some(p) => format!("[{}]:{p}", n.v6),
                         None => n.v6.to_string(),
                     };
                     (Some(n.netns), self.spec.port, address)
                 }
-                Woke::Done(Err(e)) => {
-                    return Woke::Done(Err((ErrorCategory::Start, e.to_string())));
-                }
-                Woke::Stop => return Woke::Stop,
-                Woke::Shutdown => return Woke::Shutdown,
+                Err(e) => return Woke::Done(Err((ErrorCategory::Start, e.to_string()))),
             },
             None => match free_loopback_port() {
                 Ok(p) => (None, Some(p), format!("127.0.0.1:{p}")),
@@ -492,11 +497,9 @@ impl Supervisor {
             Ok(l) => l,
             Err(e) => return Woke::Done(Err((ErrorCategory::Start, e))),
         };
-        match self.until(parts.runtime.start(launch)).await {
-            Woke::Done(Ok(inst)) => Woke::Done(Ok(inst)),
-            Woke::Done(Err(e)) => Woke::Done(Err((ErrorCategory::Start, e.to_string()))),
-            Woke::Stop => Woke::Stop,
-            Woke::Shutdown => Woke::Shutdown,
+        match parts.runtime.start(launch).await {
+            Ok(inst) => Woke::Done(Ok(inst)),
+            Err(e) => Woke::Done(Err((ErrorCategory::Start, e.to_string()))),
         }
     }
 
@@ -619,12 +622,13 @@ async fn load_saved(data_dir: &Path) -> Saved {
     }
 }
 
+/// Saves the desired set durably (see `identity::write_durably`).
 async fn save(data_dir: &Path, set: &DesiredSet) -> std::io::Result<()> {
     let path = saved_path(data_dir);
-    let tmp = path.with_extension("json.tmp");
     let bytes = serde_json::to_vec(&Saved { set: set.clone() }).expect("desired set serialises");
-    tokio::fs::write(&tmp, bytes).await?;
-    tokio::fs::rename(&tmp, &path).await
+    tokio::task::spawn_blocking(move || crate::identity::write_durably(&path, &bytes, 0o644))
+        .await
+        .expect("saving does not panic")
 }
 
 #[cfg(test)]

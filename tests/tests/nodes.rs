@@ -476,6 +476,16 @@ async fn bad_tokens_and_a_foreign_ca_are_refused() {
             .is_empty(),
         "nothing joined"
     );
+    // A token is good for one join (by default): the second is refused.
+    let mut n2 = NodeHost::create(w.tag, 2, "n2");
+    n2.start(&n2.server_for(&w.cp.cluster), Some(&good), &[])
+        .await;
+    let err = refused((&server, Some(good.clone()))).await;
+    assert!(err.contains("was already used (it allows 1 join)"), "{err}");
+    assert_eq!(
+        w.json(&["nodes", "list"]).await.as_array().unwrap().len(),
+        1
+    );
 }
 
 /// `src` compiled as a static program named `name` in `dir` (it runs alone

@@ -360,7 +360,7 @@ async fn dev_node(
         let expires = verge_control_now_ms() + 600_000;
         let id = started
             .store
-            .create_join_token(&auth::hash_token(&secret), expires, "verge dev")
+            .create_join_token(&auth::hash_token(&secret), expires, 1, "verge dev")
             .await
             .map_err(anyhow::Error::from)?;
         Some(

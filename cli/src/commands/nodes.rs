@@ -10,16 +10,22 @@ use crate::output::{Output, table};
 
 pub async fn run(ctx: &Context, cmd: NodesCmd, out: &Output) -> Result {
     match cmd {
-        NodesCmd::JoinToken { ttl } => {
+        NodesCmd::JoinToken { ttl, uses } => {
             let t = ctx
                 .client
-                .create_join_token(Some(ttl.as_secs().max(1)))
+                .create_join_token(Some(ttl.as_secs().max(1)), Some(uses))
                 .await?;
             out.one(&t, |t| {
                 format!(
-                    "join token {} (valid until {}; it pins the cluster CA sha256:{})\n\n    {}\n\n\
+                    "join token {} (valid until {} for {} join{}; it pins the cluster CA sha256:{})\n\n    {}\n\n\
                      It is shown only now. On the new machine, as root:\n\n    {}",
-                    t.id, t.expires_at, t.ca_sha256, t.token, t.command
+                    t.id,
+                    t.expires_at,
+                    t.uses,
+                    if t.uses == 1 { "" } else { "s" },
+                    t.ca_sha256,
+                    t.token,
+                    t.command
                 )
             });
         }

@@ -356,8 +356,9 @@ impl Client {
     pub async fn create_join_token(
         &self,
         ttl_secs: Option<u64>,
+        uses: Option<u64>,
     ) -> Result<crate::nodes::JoinTokenCreated, ClientError> {
-        let body = crate::nodes::CreateJoinToken { ttl_secs };
+        let body = crate::nodes::CreateJoinToken { ttl_secs, uses };
         self.post(self.url(&["nodes", "join-tokens"]), &body).await
     }
 

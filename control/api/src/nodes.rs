@@ -11,6 +11,9 @@ use crate::wire::Usage;
 pub struct CreateJoinToken {
     /// Seconds until the token expires; default one hour.
     pub ttl_secs: Option<u64>,
+    /// How many nodes may join with it; default one.
+    #[serde(default)]
+    pub uses: Option<u64>,
 }
 
 /// A new join token and how to use it. The token is shown only here.
@@ -19,6 +22,8 @@ pub struct JoinTokenCreated {
     pub id: String,
     pub token: String,
     pub expires_at: String,
+    /// How many nodes may join with it.
+    pub uses: u64,
     /// `host:port` of the cluster endpoint nodes dial.
     pub server: String,
     /// SHA-256 of the cluster CA certificate, also inside the token.

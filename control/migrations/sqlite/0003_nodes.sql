@@ -1,14 +1,15 @@
 -- Nodes, the tokens they join with, and the instances placed on them.
 
 -- `verge nodes join-token`: the secret is kept only as a SHA-256 hash.
--- Reusable by any number of nodes until it expires.
+-- Good for `max_uses` joins (one by default) until it expires.
 CREATE TABLE join_tokens (
     id          TEXT PRIMARY KEY,
     secret_hash TEXT NOT NULL,
     created_at  BIGINT NOT NULL,
     expires_at  BIGINT NOT NULL,
     created_by  TEXT NOT NULL,
-    uses        BIGINT NOT NULL DEFAULT 0
+    uses        BIGINT NOT NULL DEFAULT 0,
+    max_uses    BIGINT NOT NULL DEFAULT 1
 );
 
 CREATE TABLE nodes (

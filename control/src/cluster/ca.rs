@@ -52,30 +52,26 @@ impl ClusterCa {
     /// (one replica wins a race; the others load the winner's).
     pub async fn load_or_create(store: &Store, keyring: &Keyring) -> Result<ClusterCa, CaError> {
         if store.cluster_fact(CERT_FACT).await?.is_none() {
-            let key = KeyPair::generate()?;
-            let mut params = CertificateParams::new(Vec::<String>::new())?;
-            params
-                .distinguished_name
-                .push(DnType::CommonName, "Verge cluster CA");
-            params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-            params.not_before = rcgen::date_time_ymd(2024, 1, 1);
-            params.not_after = rcgen::date_time_ymd(2124, 1, 1);
-            let cert = params.self_signed(&key)?;
-            // The key first: a replica that sees the certificate finds its key.
+            // The key first, claimed once; then the certificate made from
+            // whichever key won, also claimed once. A replica that stopped
+            // between the two leaves a key that the next start completes.
+            let mine = KeyPair::generate()?;
             store
-                .claim_once(KEY_FACT, &keyring.seal_fact(KEY_FACT, &key.serialize_pem()))
+                .claim_once(
+                    KEY_FACT,
+                    &keyring.seal_fact(KEY_FACT, &mine.serialize_pem()),
+                )
                 .await?;
             let sealed = store.cluster_fact(KEY_FACT).await?.unwrap_or_default();
-            if keyring.open_fact(KEY_FACT, &sealed)?.0 == key.serialize_pem() {
-                store.claim_once(CERT_FACT, &cert.pem()).await?;
-            }
+            let key = KeyPair::from_pem(&keyring.open_fact(KEY_FACT, &sealed)?.0)?;
+            store
+                .claim_once(CERT_FACT, &ca_params()?.self_signed(&key)?.pem())
+                .await?;
         }
-        let Some(cert_pem) = store.cluster_fact(CERT_FACT).await? else {
-            // Another replica claimed the key but has not stored the certificate yet.
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-            return Box::pin(ClusterCa::load_or_create(store, keyring)).await;
-        };
+        let cert_pem = store
+            .cluster_fact(CERT_FACT)
+            .await?
+            .ok_or(CaError::Cert(rcgen::Error::CouldNotParseCertificate))?;
         let sealed = store.cluster_fact(KEY_FACT).await?.unwrap_or_default();
         let (key_pem, stale) = keyring.open_fact(KEY_FACT, &sealed)?;
         if stale {
@@ -142,6 +138,20 @@ impl ClusterCa {
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         Ok((vec![cert.der().clone(), self.cert_der.clone()], key))
     }
+}
+
+/// What the cluster CA certificate says: a CA for node and server
+/// certificates only (path length 0), valid for a century.
+fn ca_params() -> Result<CertificateParams, rcgen::Error> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "Verge cluster CA");
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params.not_before = rcgen::date_time_ymd(2024, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2124, 1, 1);
+    Ok(params)
 }
 
 /// The first certificate in PEM text.

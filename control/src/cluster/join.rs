@@ -12,21 +12,30 @@ use crate::auth::hash_token;
 use crate::store::{NewEvent, NewNode, StoreError, new_node_id};
 use crate::time::{now_ms, rfc3339};
 
+/// How long a joining node may take to send its request.
+const JOIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl Cluster {
     pub(super) async fn join(&self, conn: quinn::Connection) {
-        let (send, recv) = match conn.accept_bi().await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::info!(error = %e, "join connection closed before its request");
-                return;
+        // Unauthenticated peers get a few seconds to ask, not a connection to hold.
+        let request = async {
+            let (send, recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
+            let mut reader = Reader::new(recv);
+            match reader.next::<JoinRequest>().await {
+                Ok(Some(r)) => Ok((r, Writer::new(send))),
+                Ok(None) => Err("the node sent no request".to_string()),
+                Err(e) => Err(format!("unreadable join request: {e}")),
             }
         };
-        let (mut reader, mut writer) = (Reader::new(recv), Writer::new(send));
-        let req: JoinRequest = match reader.next().await {
-            Ok(Some(r)) => r,
-            Ok(None) => return,
-            Err(e) => {
-                tracing::info!(error = %e, "unreadable join request");
+        let (req, mut writer) = match tokio::time::timeout(JOIN_TIMEOUT, request).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(why)) => {
+                tracing::info!(%why, "join failed before its request");
+                return;
+            }
+            Err(_) => {
+                tracing::info!("join request timed out");
+                conn.close(3u32.into(), b"join request timed out");
                 return;
             }
         };
@@ -69,7 +78,14 @@ impl Cluster {
         for (k, v) in &req.labels {
             names::label(k, v).map_err(|e| format!("{e}; fix --label"))?;
         }
-        let node_id = new_node_id();
+        // A node of that name that joined but never connected lost its join
+        // answer (or crashed before saving it): this join takes its place.
+        let unused = store
+            .node_by_name(&req.name)
+            .await
+            .map_err(internal)?
+            .filter(|n| n.last_seen.is_none());
+        let node_id = unused.as_ref().map_or_else(new_node_id, |n| n.id.clone());
         let cert_pem = self
             .inner
             .ca
@@ -79,22 +95,43 @@ impl Cluster {
             .ok_or("signing the node certificate failed: the result does not parse")?;
         let labels = serde_json::to_string(&req.labels).expect("a string map serialises");
         let prefix = self.inner.config.instance_prefix;
+        let isolation = req.isolation.to_string();
+        let cert_sha256 = super::ca::sha256_hex(&cert_der);
+        let new = NewNode {
+            id: &node_id,
+            name: &req.name,
+            labels: &labels,
+            cpu_millis: (req.capacity.cpu * 1000.0).round() as i64,
+            memory: req.capacity.memory as i64,
+            isolation: &isolation,
+            version: &req.version,
+            cert_sha256: &cert_sha256,
+            join_token_id: &token.id,
+        };
         let mut tx = store.mutation().await.map_err(internal)?;
+        if !tx.use_join_token(&token.id).await.map_err(internal)? {
+            return Err(format!(
+                "the join token {} was already used (it allows {} join{}): mint a new one with `verge nodes join-token` (--uses N for several nodes)",
+                token.id,
+                token.max_uses,
+                if token.max_uses == 1 { "" } else { "s" }
+            ));
+        }
+        if unused.is_some()
+            && let Some(node) = tx.rejoin_node(&new).await.map_err(internal)?
+        {
+            tx.commit().await.map_err(internal)?;
+            tracing::info!(node = %node.id, "a node that never connected joined again");
+            return Ok(Joined {
+                node_id: node.id,
+                name: node.name,
+                cert_pem,
+                ca_pem: self.inner.ca.cert_pem().to_string(),
+                instance_prefix: node.instance_prefix,
+            });
+        }
         let node = tx
-            .insert_node(
-                &NewNode {
-                    id: &node_id,
-                    name: &req.name,
-                    labels: &labels,
-                    cpu_millis: (req.capacity.cpu * 1000.0).round() as i64,
-                    memory: req.capacity.memory as i64,
-                    isolation: &req.isolation.to_string(),
-                    version: &req.version,
-                    cert_sha256: &super::ca::sha256_hex(&cert_der),
-                    join_token_id: &token.id,
-                },
-                |index| node_prefix(prefix, index),
-            )
+            .insert_node(&new, |index| node_prefix(prefix, index))
             .await
             .map_err(|e| match e {
                 StoreError::Conflict => format!(

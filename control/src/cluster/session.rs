@@ -93,6 +93,9 @@ impl Cluster {
                 .await
                 .map_err(|e| e.to_string())?;
         }
+        self.forget_gone(&node, &instances)
+            .await
+            .map_err(|e| e.to_string())?;
         self.poke();
         writer
             .send(&ControlMsg::Welcome {
@@ -156,6 +159,41 @@ impl Cluster {
         }
     }
 
+    /// Instances the control plane was waiting to see stopped that the node
+    /// no longer has (its `stopped` report was lost while disconnected, or
+    /// it stopped them while restarting): they are gone, so forget them.
+    async fn forget_gone(&self, node: &NodeRow, present: &[InstanceReport]) -> Result<()> {
+        let store = &self.inner.store;
+        let gone: Vec<_> = store
+            .node_instances(&node.id)
+            .await?
+            .into_iter()
+            .filter(|i| i.goal == "stop" && !present.iter().any(|r| r.id == i.id))
+            .collect();
+        for i in gone {
+            let mut tx = store.mutation().await?;
+            let scope = tx.env_scope(&i.env_id).await?;
+            tx.delete_instance(&i.id).await?;
+            tx.emit(NewEvent {
+                org_id: scope.as_ref().map(|s| s.org_id.as_str()),
+                app_id: scope.as_ref().map(|s| s.app_id.as_str()),
+                env_id: Some(&i.env_id),
+                release_id: Some(&i.release_id),
+                instance_id: Some(&i.id),
+                node_id: Some(&node.id),
+                kind: "instance.stopped",
+                message: format!(
+                    "instance {} of {} on {}: stopped (the node no longer runs it)",
+                    i.id, i.workload, node.name
+                ),
+                actor: None,
+            })
+            .await?;
+            tx.commit().await?;
+        }
+        Ok(())
+    }
+
     /// Records a node's report on one of its instances, with an event when
     /// the state changed; forgets instances that stopped because they were
     /// no longer wanted.
@@ -186,7 +224,7 @@ impl Cluster {
             || before.category.as_deref() != category
             || before.restarts != i64::from(r.restarts);
         if changed {
-            let scope = store.env_scope(&before.env_id).await?;
+            let scope = tx.env_scope(&before.env_id).await?;
             let mut message = format!(
                 "instance {} of {} on {}: {state}",
                 r.id, before.workload, node.name

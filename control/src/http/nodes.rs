@@ -39,11 +39,22 @@ async fn create_join_token(
             "a join token's ttl must be between 1 second and 7 days, not {ttl} seconds"
         )));
     }
+    let uses = body.uses.unwrap_or(1);
+    if uses == 0 || uses > 10_000 {
+        return Err(ApiError::bad_request(format!(
+            "a join token's uses must be between 1 and 10000, not {uses}"
+        )));
+    }
     let secret = crate::auth::generate_token().replace('_', "");
     let expires_at = now_ms() + (ttl as i64) * 1000;
     let id = st
         .store
-        .create_join_token(&hash_token(&secret), expires_at, &caller.actor())
+        .create_join_token(
+            &hash_token(&secret),
+            expires_at,
+            uses as i64,
+            &caller.actor(),
+        )
         .await?;
     let token = JoinToken {
         id: id.clone(),
@@ -61,6 +72,7 @@ async fn create_join_token(
             id,
             token: token.to_string(),
             expires_at: rfc3339(expires_at),
+            uses,
             server,
             ca_sha256: token.ca_sha256,
         }),

@@ -203,15 +203,30 @@ pub struct EnvScope {
     pub env: String,
 }
 
+async fn env_scope<'e>(
+    e: impl Executor<'e, Database = Any>,
+    env_id: &str,
+) -> Result<Option<EnvScope>> {
+    Ok(sqlx::query_as(
+        "SELECT o.id AS org_id, o.name AS org, a.id AS app_id, a.name AS app, \
+         e.id AS env_id, e.name AS env FROM envs e JOIN apps a ON a.id = e.app_id \
+         JOIN orgs o ON o.id = a.org_id WHERE e.id = $1",
+    )
+    .bind(env_id)
+    .fetch_optional(e)
+    .await?)
+}
+
 impl Store {
     pub async fn env_scope(&self, env_id: &str) -> Result<Option<EnvScope>> {
-        Ok(sqlx::query_as(
-            "SELECT o.id AS org_id, o.name AS org, a.id AS app_id, a.name AS app, \
-             e.id AS env_id, e.name AS env FROM envs e JOIN apps a ON a.id = e.app_id \
-             JOIN orgs o ON o.id = a.org_id WHERE e.id = $1",
-        )
-        .bind(env_id)
-        .fetch_optional(&self.pool)
-        .await?)
+        env_scope(&self.pool, env_id).await
+    }
+}
+
+impl Mutation<'_> {
+    /// The env's scope, read on the mutation's own connection (a second
+    /// pool connection while holding the mutation lock could wait forever).
+    pub async fn env_scope(&mut self, env_id: &str) -> Result<Option<EnvScope>> {
+        env_scope(self.conn(), env_id).await
     }
 }

@@ -15,6 +15,7 @@ pub struct JoinTokenRow {
     pub expires_at: i64,
     pub created_by: String,
     pub uses: i64,
+    pub max_uses: i64,
 }
 
 /// A node as stored.
@@ -76,17 +77,19 @@ impl Store {
         &self,
         secret_hash: &str,
         expires_at: i64,
+        max_uses: i64,
         created_by: &str,
     ) -> Result<String> {
         let id = new_id("jt").replace('_', "");
         sqlx::query(
-            "INSERT INTO join_tokens (id, secret_hash, created_at, expires_at, created_by) \
-             VALUES ($1, $2, $3, $4, $5)",
+            "INSERT INTO join_tokens (id, secret_hash, created_at, expires_at, max_uses, \
+             created_by) VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(&id)
         .bind(secret_hash)
         .bind(now_ms())
         .bind(expires_at)
+        .bind(max_uses)
         .bind(created_by)
         .execute(&self.pool)
         .await?;
@@ -95,7 +98,7 @@ impl Store {
 
     pub async fn join_token(&self, id: &str) -> Result<Option<JoinTokenRow>> {
         Ok(sqlx::query_as(
-            "SELECT id, secret_hash, created_at, expires_at, created_by, uses \
+            "SELECT id, secret_hash, created_at, expires_at, created_by, uses, max_uses \
              FROM join_tokens WHERE id = $1",
         )
         .bind(id)
@@ -250,10 +253,48 @@ impl Mutation<'_> {
         .bind(n.join_token_id)
         .execute(self.conn())
         .await?;
-        sqlx::query("UPDATE join_tokens SET uses = uses + 1 WHERE id = $1")
-            .bind(n.join_token_id)
-            .execute(self.conn())
-            .await?;
+        let sql = format!("SELECT {NODE_COLUMNS} FROM nodes WHERE id = $1");
+        Ok(Some(
+            sqlx::query_as(&sql)
+                .bind(n.id)
+                .fetch_one(self.conn())
+                .await?,
+        ))
+    }
+
+    /// Counts one use of a join token; `false` when it has none left.
+    pub async fn use_join_token(&mut self, id: &str) -> Result<bool> {
+        let done =
+            sqlx::query("UPDATE join_tokens SET uses = uses + 1 WHERE id = $1 AND uses < max_uses")
+                .bind(id)
+                .execute(self.conn())
+                .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Gives a node that joined but never connected (its join answer was
+    /// lost, say) a new certificate and join details; `None` if the node
+    /// has connected since, or does not exist.
+    pub async fn rejoin_node(&mut self, n: &NewNode<'_>) -> Result<Option<NodeRow>> {
+        let done = sqlx::query(
+            "UPDATE nodes SET labels = $2, cpu_millis = $3, memory = $4, isolation = $5, \
+             version = $6, cert_sha256 = $7, join_token_id = $8, joined_at = $9 \
+             WHERE id = $1 AND last_seen IS NULL",
+        )
+        .bind(n.id)
+        .bind(n.labels)
+        .bind(n.cpu_millis)
+        .bind(n.memory)
+        .bind(n.isolation)
+        .bind(n.version)
+        .bind(n.cert_sha256)
+        .bind(n.join_token_id)
+        .bind(now_ms())
+        .execute(self.conn())
+        .await?;
+        if done.rows_affected() == 0 {
+            return Ok(None);
+        }
         let sql = format!("SELECT {NODE_COLUMNS} FROM nodes WHERE id = $1");
         Ok(Some(
             sqlx::query_as(&sql)

@@ -157,55 +157,9 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
-/// Writes the config, spawns the registry, waits for `GET /v2/` to answer 200.
+/// Writes the config, spawns the registry, waits for `GET /v2/` to answer.
 async fn start_on(dir: &Path, port: u16) -> anyhow::Result<(Child, PathBuf)> {
-    let config = dir.join("config.yml");
-    std::fs::write(&config, config_yaml(&dir.join("data"), port))
-        .with_context(|| format!("writing {}", config.display()))?;
-    let log = dir.join("registry.log");
-    let out = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-    let mut child = Command::new(REGISTRY_BIN)
-        .arg("serve")
-        .arg(&config)
-        .stdin(Stdio::null())
-        .stdout(out.try_clone()?)
-        .stderr(out)
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("spawning {REGISTRY_BIN}"))?;
-    match wait_ready(&mut child, port).await {
-        Ok(()) => Ok((child, log)),
-        Err(e) => {
-            let _ = child.kill().await;
-            Err(e.context(format!("registry log tail:\n{}", log_tail(&log))))
-        }
-    }
-}
-
-/// Polls `GET http://127.0.0.1:PORT/v2/` until 200, the child exits, or the deadline.
-async fn wait_ready(child: &mut Child, port: u16) -> anyhow::Result<()> {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let http = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(2))
-        .build()
-        .context("building an HTTP client")?;
-    let url = format!("http://127.0.0.1:{port}/v2/");
-    let deadline = Instant::now() + READY_TIMEOUT;
-    loop {
-        if let Some(status) = child.try_wait()? {
-            bail!("docker-registry exited ({status}) before serving {url}");
-        }
-        let last = match http.get(&url).send().await {
-            Ok(resp) if resp.status() == reqwest::StatusCode::OK => return Ok(()),
-            Ok(resp) => format!("status {}", resp.status()),
-            Err(e) => e.to_string(),
-        };
-        if Instant::now() > deadline {
-            bail!("{url} did not answer 200 within {READY_TIMEOUT:?} (last: {last})");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    start_with_config(dir, port, &config_yaml(&dir.join("data"), port)).await
 }
 
 /// Anonymous, plain HTTP on loopback, deletes enabled, storage under `data`.

@@ -112,26 +112,23 @@ impl Store {
     }
 
     pub async fn node_by_name(&self, name: &str) -> Result<Option<NodeRow>> {
-        let sql = format!("SELECT {NODE_COLUMNS} FROM nodes WHERE name = $1");
-        Ok(sqlx::query_as(&sql)
-            .bind(name)
-            .fetch_optional(&self.pool)
-            .await?)
+        self.node_where("name", name).await
     }
 
     pub async fn node(&self, id: &str) -> Result<Option<NodeRow>> {
-        let sql = format!("SELECT {NODE_COLUMNS} FROM nodes WHERE id = $1");
-        Ok(sqlx::query_as(&sql)
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?)
+        self.node_where("id", id).await
     }
 
     /// The node whose client certificate has this SHA-256 fingerprint.
     pub async fn node_by_cert(&self, cert_sha256: &str) -> Result<Option<NodeRow>> {
-        let sql = format!("SELECT {NODE_COLUMNS} FROM nodes WHERE cert_sha256 = $1");
+        self.node_where("cert_sha256", cert_sha256).await
+    }
+
+    /// The node whose unique `column` (a name from this file) is `value`.
+    async fn node_where(&self, column: &'static str, value: &str) -> Result<Option<NodeRow>> {
+        let sql = format!("SELECT {NODE_COLUMNS} FROM nodes WHERE {column} = $1");
         Ok(sqlx::query_as(&sql)
-            .bind(cert_sha256)
+            .bind(value)
             .fetch_optional(&self.pool)
             .await?)
     }

@@ -180,6 +180,9 @@ pub struct ControlArgs {
     /// Reach this registry (HOST:PORT) over plain HTTP although it is not on loopback (repeatable)
     #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
     pub insecure_registries: Vec<String>,
+    /// Registry credentials for pinning images, one per line: `HOST basic USER PASSWORD` or `HOST bearer TOKEN`
+    #[arg(long, env = "VERGE_REGISTRY_AUTH_FILE")]
+    pub registry_auth_file: Option<PathBuf>,
     /// UDP address nodes connect to (QUIC) [default: the --listen address, over UDP]
     #[arg(long, env = "VERGE_CLUSTER_LISTEN")]
     pub cluster_listen: Option<SocketAddr>,

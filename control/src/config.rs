@@ -37,6 +37,9 @@ pub struct Config {
     /// `host:port` of registries reached over plain HTTP although not on
     /// loopback (loopback registries always are).
     pub insecure_registries: Vec<String>,
+    /// Registry credentials for pinning images (format in
+    /// `verge_api::registry_auth`); read on start.
+    pub registry_auth_file: Option<PathBuf>,
     /// UDP address of the cluster endpoint nodes join and connect to (QUIC,
     /// mutual TLS); default: the host and port of `listen`, over UDP.
     pub cluster_listen: Option<SocketAddr>,
@@ -78,6 +81,7 @@ impl Default for Config {
             secrets_key_file: None,
             secrets_previous_key_files: Vec::new(),
             insecure_registries: Vec::new(),
+            registry_auth_file: None,
             cluster_listen: None,
             cluster_advertise: None,
             instance_prefix: "fd76:6572:6765::/48".into(),

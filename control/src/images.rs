@@ -4,7 +4,8 @@
 //! manifest with oci-client); a reference that already carries a digest is
 //! checked to exist. Registries on loopback are reached over plain HTTP, as
 //! Docker does; others over HTTPS unless listed in `insecure_registries`.
-//! Access is anonymous for now (private registries: see docs/operations.md).
+//! Access is anonymous, except to registries given credentials
+//! (`registry_auth_file`, see docs/operations.md).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -15,6 +16,7 @@ use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use verge_api::names::is_loopback_registry;
+use verge_api::registry_auth::Credential;
 
 /// Why an image reference could not be pinned.
 #[derive(Debug, thiserror::Error)]
@@ -29,7 +31,7 @@ pub enum PinError {
         registry: String,
         cause: String,
     },
-    #[error("registry {registry} refused anonymous access to image {reference:?}")]
+    #[error("registry {registry} refused access to image {reference:?}")]
     Unauthorized { reference: String, registry: String },
     #[error("registry {registry} failed to resolve image {reference:?}: {cause}")]
     Registry {
@@ -54,7 +56,7 @@ impl PinError {
                 "a registry that speaks plain HTTP off loopback needs --insecure-registry HOST:PORT on the control plane".into(),
             ],
             PinError::Unauthorized { .. } => vec![
-                "make the repository readable anonymously; registry credentials are not supported yet".into(),
+                "give the control plane credentials for this registry with --registry-auth-file (and the nodes too), or check the ones given".into(),
             ],
             PinError::Registry { .. } => vec!["retry; if it persists, check the registry's log".into()],
         }
@@ -69,6 +71,8 @@ const MAX_CLIENTS: usize = 64;
 pub struct Pinner {
     /// `host:port` of registries reached over plain HTTP although off loopback.
     insecure_registries: Vec<String>,
+    /// Credentials by registry `host[:port]`.
+    auth: Arc<Vec<(String, Credential)>>,
     /// One client per registry, kept: its connections (and TLS sessions and
     /// bearer tokens) are reused by the next deploy.
     clients: Arc<Mutex<HashMap<String, Client>>>,
@@ -83,10 +87,27 @@ impl std::fmt::Debug for Pinner {
 }
 
 impl Pinner {
-    pub fn new(insecure_registries: Vec<String>) -> Pinner {
+    pub fn new(insecure_registries: Vec<String>, auth: Vec<(String, Credential)>) -> Pinner {
         Pinner {
             insecure_registries,
+            auth: Arc::new(auth),
             clients: Arc::default(),
+        }
+    }
+
+    /// How to authenticate to `registry`.
+    fn auth_for(&self, registry: &str) -> RegistryAuth {
+        match self
+            .auth
+            .iter()
+            .find(|(r, _)| r == registry)
+            .map(|(_, c)| c)
+        {
+            Some(Credential::Basic { username, password }) => {
+                RegistryAuth::Basic(username.clone(), password.clone())
+            }
+            Some(Credential::Bearer { token }) => RegistryAuth::Bearer(token.clone()),
+            None => RegistryAuth::Anonymous,
         }
     }
 
@@ -126,7 +147,7 @@ impl Pinner {
         let registry = parsed.resolve_registry().to_string();
         let client = self.client(&registry);
         let digest = client
-            .fetch_manifest_digest(&parsed, &RegistryAuth::Anonymous)
+            .fetch_manifest_digest(&parsed, &self.auth_for(&registry))
             .await
             .map_err(|e| classify(e, reference, &registry))?;
         // Keep the tag beside the digest (`repo:1.0@sha256:...`): readable,

@@ -43,6 +43,8 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error("tls: {0}")]
     Tls(String),
+    #[error("registry credentials: {0}")]
+    RegistryAuth(String),
     #[error(transparent)]
     Cluster(#[from] crate::cluster::ClusterError),
     #[error("secrets: {0}")]
@@ -104,6 +106,16 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Start
         addr: config.listen,
         source,
     })?;
+    let registry_auth = match &config.registry_auth_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                StartError::RegistryAuth(format!("cannot read {}: {e}", path.display()))
+            })?;
+            verge_api::registry_auth::parse(&path.display().to_string(), &text)
+                .map_err(StartError::RegistryAuth)?
+        }
+        None => Vec::new(),
+    };
     let (key_file, create_key) = config.secrets_key();
     let previous_keys = config.secrets_previous_key_files.clone();
     let keyring =
@@ -153,7 +165,7 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Start
         metrics: Metrics::new(),
         max_body_bytes: config.max_body_bytes,
         keyring: Arc::new(keyring),
-        pinner: Pinner::new(config.insecure_registries.clone()),
+        pinner: Pinner::new(config.insecure_registries.clone(), registry_auth),
         cluster: cluster.clone(),
         shutdown: shutdown.clone(),
     });

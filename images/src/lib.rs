@@ -27,7 +27,7 @@ pub use elf::ensure_static;
 pub use hello::{HELLO_BIN, HELLO_PACKAGE, HELLO_PORT, build_hello, hello_image};
 pub use layer::{File, Layer, diff_id, unpack_layer};
 pub use oci::{Image, ImageConfig};
-pub use push::{client_for, install_crypto_provider, is_loopback_registry, push};
+pub use push::{client_for, install_crypto_provider, is_loopback_registry, push, push_with_auth};
 
 use std::path::PathBuf;
 

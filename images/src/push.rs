@@ -38,6 +38,11 @@ pub fn client_for(reference: &Reference) -> Client {
 /// `127.0.0.1:5000/hello:1.0`, and returns the manifest digest `sha256:...`.
 /// Blobs the registry already has are not uploaded again.
 pub async fn push(image: &Image, reference: &str) -> Result<String> {
+    push_with_auth(image, reference, &RegistryAuth::Anonymous).await
+}
+
+/// [`push`] to a registry that wants credentials.
+pub async fn push_with_auth(image: &Image, reference: &str, auth: &RegistryAuth) -> Result<String> {
     let parsed: Reference = reference
         .parse()
         .map_err(|source| Error::InvalidReference {
@@ -50,7 +55,7 @@ pub async fn push(image: &Image, reference: &str) -> Result<String> {
     };
     let client = client_for(&parsed);
     client
-        .store_auth_if_needed(parsed.resolve_registry(), &RegistryAuth::Anonymous)
+        .store_auth_if_needed(parsed.resolve_registry(), auth)
         .await;
 
     let layers = image.layers.iter().map(|l| (&l.digest, l.data.clone()));

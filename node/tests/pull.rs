@@ -611,9 +611,7 @@ async fn references_must_be_pinned() {
     assert!(matches!(err, PullError::InvalidReference { .. }), "{err}");
 }
 
-/// The registry's htpasswd line for `user`: password `verge-secret` (bcrypt).
-const HTPASSWD: &str = "$2b$04$cihpcESUrrdVHicGS/XJAe.afLH/jHlRC3xMQH/NMpCsr2zzdhIGq";
-const PASSWORD: &str = "verge-secret";
+use verge_tests::registry::{BASIC_PASSWORD as PASSWORD, HTPASSWD};
 
 fn basic(user: &str, password: &str) -> RegistryAuth {
     RegistryAuth::Basic {

@@ -78,8 +78,29 @@ impl Registry {
     }
 }
 
+/// The user of [`Registry::start_with_basic_auth`].
+pub const BASIC_USER: &str = "verge";
+/// Its password (stored in the registry's htpasswd as [`HTPASSWD`]).
+pub const BASIC_PASSWORD: &str = "verge-secret";
+/// The bcrypt hash of [`BASIC_PASSWORD`], as htpasswd keeps it.
+pub const HTPASSWD: &str = "$2b$04$cihpcESUrrdVHicGS/XJAe.afLH/jHlRC3xMQH/NMpCsr2zzdhIGq";
+
 /// Registries with authentication, and access to what they store.
 impl Registry {
+    /// A registry that wants HTTP basic auth: [`BASIC_USER`] with
+    /// [`BASIC_PASSWORD`].
+    pub async fn start_with_basic_auth() -> anyhow::Result<Registry> {
+        let htpasswd = tempfile::NamedTempFile::new().context("htpasswd file")?;
+        std::fs::write(htpasswd.path(), format!("{BASIC_USER}:{HTPASSWD}\n"))?;
+        // The registry reads the file on start; keep it for its life anyway.
+        let (_, path) = htpasswd.keep().context("keeping the htpasswd file")?;
+        Registry::start_with_auth(&format!(
+            "  htpasswd:\n    realm: verge\n    path: '{}'\n",
+            path.display()
+        ))
+        .await
+    }
+
     /// Starts a registry like [`Registry::start`] whose config also has
     /// `auth_yaml` as its `auth:` section (e.g. `htpasswd:` or `token:`
     /// with their settings, indented by two spaces). Ready once `GET /v2/`

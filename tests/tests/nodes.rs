@@ -627,3 +627,82 @@ async fn nodes_reconnect_after_the_control_plane_restarts() {
         "the instance kept running through the restart"
     );
 }
+
+#[tokio::test]
+async fn a_private_registry_needs_credentials_on_the_control_plane_and_the_node() {
+    let mut w = World::new(Backend::Sqlite).await;
+    let private = verge_tests::registry::Registry::start_with_basic_auth()
+        .await
+        .unwrap();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let bin = tokio::task::spawn_blocking(move || verge_images::build_hello(&root))
+        .await
+        .unwrap()
+        .expect("build hello");
+    let image = format!("{}/private/hello:1", private.host());
+    let creds = oci_client::secrets::RegistryAuth::Basic(
+        verge_tests::registry::BASIC_USER.into(),
+        verge_tests::registry::BASIC_PASSWORD.into(),
+    );
+    verge_images::push_with_auth(&verge_images::hello_image(&bin).unwrap(), &image, &creds)
+        .await
+        .expect("push with credentials");
+
+    // Without credentials the control plane cannot pin, and says what to do.
+    let path = w.dir.path().join("verge.toml");
+    std::fs::write(
+        &path,
+        format!("app = \"hello\"\n[workloads.web]\nimage = \"{image}\"\ncount = 1\n"),
+    )
+    .unwrap();
+    let err = w
+        .cli
+        .run(&["deploy", "-f", path.to_str().unwrap(), "-o", "json"])
+        .await
+        .error_json();
+    let text = err.to_string();
+    assert!(
+        text.contains("refused access") && text.contains("--registry-auth-file"),
+        "{text}"
+    );
+
+    // With a credentials file on both, the release pins and the node pulls.
+    let auth = w.dir.path().join("registry-auth");
+    std::fs::write(
+        &auth,
+        format!(
+            "{} basic {} {}\n",
+            private.host(),
+            verge_tests::registry::BASIC_USER,
+            verge_tests::registry::BASIC_PASSWORD
+        ),
+    )
+    .unwrap();
+    let listen = format!("[::]:{}", w.cp.cluster.rsplit(':').next().unwrap());
+    let (prefix, auth_arg) = (w.prefix.clone(), auth.display().to_string());
+    w.cp.restart_with(&[
+        "--cluster-listen",
+        &listen,
+        "--instance-prefix",
+        &prefix,
+        "--registry-auth-file",
+        &auth_arg,
+    ])
+    .await;
+    let mut n1 = NodeHost::create(w.tag, 1, "n1");
+    n1.forward_loopback(private.host().rsplit(':').next().unwrap().parse().unwrap());
+    let token = w.join_token().await;
+    n1.start(
+        &n1.server_for(&w.cp.cluster),
+        Some(&token),
+        &["--registry-auth-file", &auth_arg],
+    )
+    .await;
+    let d = w.node_json("n1").await;
+    n1.route_instances(d["instance_prefix"].as_str().unwrap());
+    w.deploy(&image, 1, "").await;
+    let inst = w.running(1).await.remove(0);
+    let addr = inst["address"].as_str().unwrap().to_string();
+    let greeting = eventually(DEADLINE, "greeting", || greet(&addr)).await;
+    assert!(greeting.contains("hello from instance"), "{greeting}");
+}

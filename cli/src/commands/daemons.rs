@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
+use verge_api::registry_auth::Credential;
 use verge_api::{ErrorDetail, ErrorKind};
 use verge_control::store::{Store, StoreError};
 use verge_control::{Config, StartError, auth};
@@ -61,6 +62,12 @@ fn start_failed(e: StartError) -> Failure {
             ErrorKind::Internal,
             &[
                 "the cluster CA could not be loaded or used: check the secrets key (every replica needs the same one)",
+            ],
+        ),
+        StartError::RegistryAuth(_) => (
+            ErrorKind::BadRequest,
+            &[
+                "fix --registry-auth-file: one `HOST basic USER PASSWORD` or `HOST bearer TOKEN` per line",
             ],
         ),
         StartError::Secrets(_) => (
@@ -158,6 +165,9 @@ pub async fn control(args: ControlArgs, out: &Output) -> Result {
     }
     if !args.insecure_registries.is_empty() {
         config.insecure_registries = args.insecure_registries;
+    }
+    if let Some(v) = args.registry_auth_file {
+        config.registry_auth_file = Some(v);
     }
     if let Some(v) = args.cluster_listen {
         config.cluster_listen = Some(v);
@@ -463,46 +473,15 @@ fn labels(pairs: &[String]) -> Result<std::collections::BTreeMap<String, String>
     Ok(labels)
 }
 
-/// Reads `--registry-auth-file`: `HOST basic USER PASSWORD` or `HOST bearer
-/// TOKEN` per line; blank lines and `#` comments are skipped.
-fn registry_auth(path: &Path) -> Result<Vec<(String, verge_node::pull::RegistryAuth)>> {
-    use verge_node::pull::RegistryAuth;
+/// Reads a `--registry-auth-file` (format: `verge_api::registry_auth`).
+fn registry_auth(path: &Path) -> Result<Vec<(String, Credential)>> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         super::bad_request(format!(
             "cannot read --registry-auth-file {}: {e}",
             path.display()
         ))
     })?;
-    let mut out = Vec::new();
-    for (n, line) in text.lines().enumerate() {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let auth = match fields.as_slice() {
-            [] => continue,
-            [first, ..] if first.starts_with('#') => continue,
-            [host, "basic", user, password] => (
-                host.to_string(),
-                RegistryAuth::Basic {
-                    username: user.to_string(),
-                    password: password.to_string(),
-                },
-            ),
-            [host, "bearer", token] => (
-                host.to_string(),
-                RegistryAuth::Bearer {
-                    token: token.to_string(),
-                },
-            ),
-            _ => {
-                return Err(super::bad_request(format!(
-                    "{}:{}: expected `HOST basic USER PASSWORD` or `HOST bearer TOKEN`",
-                    path.display(),
-                    n + 1
-                )));
-            }
-        };
-        out.push(auth);
-    }
-    Ok(out)
+    verge_api::registry_auth::parse(&path.display().to_string(), &text).map_err(super::bad_request)
 }
 
 /// The node configuration every daemon shares; `verge dev` adjusts it.
@@ -520,7 +499,20 @@ fn node_config(args: &crate::args::NodeArgs) -> Result<verge_node::daemon::NodeC
         },
         insecure_registries: args.insecure_registries.clone(),
         registry_auth: match &args.registry_auth_file {
-            Some(path) => registry_auth(path)?,
+            Some(path) => registry_auth(path)?
+                .into_iter()
+                .map(|(host, c)| {
+                    let auth = match c {
+                        Credential::Basic { username, password } => {
+                            verge_node::pull::RegistryAuth::Basic { username, password }
+                        }
+                        Credential::Bearer { token } => {
+                            verge_node::pull::RegistryAuth::Bearer { token }
+                        }
+                    };
+                    (host, auth)
+                })
+                .collect(),
             None => Vec::new(),
         },
         image_budget: args.image_budget,
@@ -559,37 +551,23 @@ pub async fn node(args: crate::args::NodeArgs, out: &Output) -> Result {
 
 #[cfg(test)]
 mod tests {
-    use verge_node::pull::RegistryAuth;
-
     #[test]
-    fn registry_auth_file_lines() {
+    fn registry_auth_file_errors_name_the_file_and_line() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("auth");
-        std::fs::write(
-            &path,
-            "# comment\n\nreg.example:5000 basic ci s3cret\nghcr.io bearer tok\n",
-        )
-        .unwrap();
-        let auth = super::registry_auth(&path).unwrap();
-        assert_eq!(auth[0].0, "reg.example:5000");
-        assert_eq!(
-            auth[0].1,
-            RegistryAuth::Basic {
-                username: "ci".into(),
-                password: "s3cret".into()
-            }
-        );
-        assert_eq!(
-            auth[1].1,
-            RegistryAuth::Bearer {
-                token: "tok".into()
-            }
-        );
-        std::fs::write(&path, "reg.example basic only-user\n").unwrap();
+        std::fs::write(&path, "# ok\nreg.example basic only-user\n").unwrap();
         let err = super::registry_auth(&path).unwrap_err().0.message;
         assert!(
-            err.contains(":1: expected `HOST basic USER PASSWORD`"),
+            err.contains("auth:2: expected `HOST basic USER PASSWORD`"),
             "{err}"
+        );
+        let missing = super::registry_auth(&dir.path().join("nope"))
+            .unwrap_err()
+            .0
+            .message;
+        assert!(
+            missing.contains("cannot read --registry-auth-file"),
+            "{missing}"
         );
     }
 }

@@ -5,7 +5,8 @@
 //! ([`requests`]), env config and secret bundle shapes ([`config`]),
 //! releases, receipts and their diffs ([`release`]), status and events
 //! ([`status`]), the error body every failure carries ([`error`]), the
-//! naming rules both sides check ([`names`]), nodes ([`nodes`]), the
+//! naming rules both sides check ([`names`]), nodes ([`nodes`]), registry
+//! credentials files ([`registry_auth`]), the
 //! manifest (`verge.toml`) and its validation ([`manifest`]), and the
 //! control ⇄ node protocol carried over QUIC ([`wire`]). Behind features:
 //! the typed HTTP client the CLI uses (`client`: [`client`]) and framed
@@ -22,6 +23,7 @@ pub mod error;
 pub mod manifest;
 pub mod names;
 pub mod nodes;
+pub mod registry_auth;
 pub mod release;
 pub mod requests;
 pub mod resources;

@@ -38,7 +38,10 @@ pub struct NodeConfig {
     pub memory: Option<u64>,
     /// Private IPv4 range instance addresses come from (node-local).
     pub ipv4_range: ipnet::Ipv4Net,
-    /// Where named network namespaces of instances live.
+    /// Where named network namespaces of instances live: a directory per
+    /// node under it (`<netns_dir>/<node id>/<instance id>`), so that nodes
+    /// sharing a machine (`verge dev` beside `verge node`, tests) never
+    /// take each other's namespaces for leftovers.
     pub netns_dir: PathBuf,
     /// cgroup under which instance cgroups are made.
     pub cgroup_parent: String,
@@ -127,7 +130,7 @@ pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> Result<Start
             }
             let mut nc = NetConfig::new(&cfg.data_dir, prefix);
             nc.range_v4 = cfg.ipv4_range;
-            nc.netns_dir = cfg.netns_dir.clone();
+            nc.netns_dir = cfg.netns_dir.join(&identity.assigned.node_id);
             Some(Network::new(nc).await?)
         }
         Isolation::None => {

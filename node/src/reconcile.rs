@@ -164,10 +164,16 @@ impl Reconciler {
         }
     }
 
-    /// Waits until every supervisor ended (after shutdown).
+    /// Waits until every supervisor ended (after shutdown), then releases
+    /// the network namespace directory if no instance is left in it.
     pub async fn stopped(&self) {
         self.inner.supervisors.close();
         self.inner.supervisors.wait().await;
+        if let Some(net) = &self.inner.parts.net
+            && let Err(e) = net.close().await
+        {
+            tracing::warn!(error = %e, "releasing the network namespace directory failed");
+        }
     }
 
     /// Every instance's current report (for `Hello`).

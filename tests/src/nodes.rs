@@ -285,6 +285,14 @@ impl NodeHost {
         }));
     }
 
+    /// Where the node keeps its instances' network namespaces
+    /// (`/run/verge/netns/<node id>`), once it has joined.
+    pub fn netns_dir(&self) -> Option<PathBuf> {
+        let text = std::fs::read_to_string(self.data_dir.path().join("identity/node.json")).ok()?;
+        let id: serde_json::Value = serde_json::from_str(&text).ok()?;
+        Some(Path::new("/run/verge/netns").join(id["node_id"].as_str()?))
+    }
+
     /// The instance dirs the node's runtime keeps.
     pub fn instance_dirs(&self) -> Vec<PathBuf> {
         std::fs::read_dir(self.data_dir.path().join("instances"))
@@ -327,11 +335,6 @@ impl Drop for NodeHost {
             let Some(id) = dir.file_name().and_then(|n| n.to_str()).map(str::to_string) else {
                 continue;
             };
-            let netns = Path::new("/run/verge/netns").join(&id);
-            if netns.exists() {
-                let _ = nix_umount(&netns);
-                let _ = std::fs::remove_file(&netns);
-            }
             // In every hierarchy (cgroup v1 makes the instance's cgroup in
             // each), retrying while the killed processes exit.
             let cgroups: Vec<PathBuf> = std::fs::read_dir("/sys/fs/cgroup")
@@ -352,6 +355,16 @@ impl Drop for NodeHost {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
+        // Every network namespace the node made (also of instances that
+        // failed or were still stopping), and its namespace directory.
+        if let Some(dir) = self.netns_dir() {
+            for f in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let _ = nix_umount(&f.path());
+                let _ = std::fs::remove_file(f.path());
+            }
+            let _ = nix_umount(&dir);
+            let _ = std::fs::remove_dir(&dir);
+        }
         for r in &self.routes {
             let _ = std::process::Command::new("ip")
                 .args(["-6", "route", "del", r])
@@ -364,6 +377,16 @@ impl Drop for NodeHost {
             .args(["link", "del", &self.host_if])
             .output();
     }
+}
+
+/// The named network namespace of instance `id`, if one exists: nodes keep
+/// them in `/run/verge/netns/<node id>/<instance id>`.
+pub fn instance_netns(id: &str) -> Option<PathBuf> {
+    std::fs::read_dir("/run/verge/netns")
+        .ok()?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join(id))
+        .find(|p| p.exists())
 }
 
 fn nix_umount(path: &Path) -> std::io::Result<()> {

@@ -185,6 +185,22 @@ impl Network {
         blocking(move || lock(&inner.ipam).release(&id)).await
     }
 
+    /// On shutdown: unmounts and removes the netns directory when no
+    /// instance namespace is left in it (a node that stopped its instances,
+    /// such as `verge dev`'s, leaves no mount behind).
+    pub async fn close(&self) -> Result<(), NetError> {
+        let dir = self.inner.cfg.netns_dir.clone();
+        tokio::task::spawn_blocking(move || ns::release_dir(&dir))
+            .await
+            .expect("releasing the netns dir does not panic")
+            .map_err(|e| {
+                NetError::node(
+                    format!("releasing {}", self.inner.cfg.netns_dir.display()),
+                    e,
+                )
+            })
+    }
+
     /// The instances with a file in the netns directory, mounted or not
     /// (a leftover to remove or an instance to adopt), in order.
     pub async fn list(&self) -> Result<Vec<String>, NetError> {

@@ -123,6 +123,27 @@ pub(crate) fn enter(path: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Undoes [`prepare_dir`] when nothing is left in `dir`: unmounts it and
+/// removes it. Ok when it is already gone, or still holds namespaces.
+pub(crate) fn release_dir(dir: &Path) -> io::Result<()> {
+    let empty = match fs::read_dir(dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+        Ok(mut entries) => entries.next().is_none(),
+    };
+    if !empty {
+        return Ok(());
+    }
+    match umount2(dir, MntFlags::MNT_DETACH) {
+        Ok(()) | Err(Errno::EINVAL) => {}
+        Err(e) => return Err(e.into()),
+    }
+    match fs::remove_dir(dir) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
 /// Unmounts the namespace on `path` and removes the file. Ok when either is
 /// already gone.
 pub(crate) fn remove(path: &Path) -> io::Result<()> {

@@ -38,7 +38,7 @@ pub struct LaunchSpec {
     pub memory: u64,
     /// Processes and threads; 0: [`DEFAULT_PIDS`].
     pub pids: u64,
-    /// A network namespace to join (e.g. `/run/verge/netns/<id>`); `None`:
+    /// A network namespace to join (e.g. `/run/verge/netns/<node>/<id>`); `None`:
     /// the host's network.
     pub netns: Option<PathBuf>,
 }

@@ -28,6 +28,16 @@ pub async fn reconcile_env(store: &Store, env_id: &str) -> Result<Vec<String>> {
     let Some(scope) = store.env_scope(env_id).await? else {
         return Ok(Vec::new());
     };
+    // Most runs find nothing to do: check that without the mutation lock,
+    // which every replica's writes wait for.
+    if let Some(release) = store.current_release(env_id).await?
+        && let Ok(snapshot) = serde_json::from_str::<Manifest>(&release.manifest)
+    {
+        let manifest = apply_scale(&snapshot, &store.scale_overrides(env_id).await?);
+        if settled(&manifest, &release.id, &store.env_instances(env_id).await?) {
+            return Ok(Vec::new());
+        }
+    }
     let mut tx = store.mutation().await?;
     let Some(release) = tx.current_release(env_id).await? else {
         return Ok(Vec::new());
@@ -43,13 +53,7 @@ pub async fn reconcile_env(store: &Store, env_id: &str) -> Result<Vec<String>> {
     // Stop what the current release no longer asks for.
     let mut kept: BTreeMap<(&str, i64), &InstanceRow> = BTreeMap::new();
     for i in instances.iter().filter(|i| i.goal == "run") {
-        let wanted = manifest.workloads.get(&i.workload).is_some_and(|w| {
-            i.release_id == release.id
-                && i.slot < i64::from(w.count)
-                && i.cpu_millis == cpu_millis(w)
-                && i.memory == w.memory as i64
-        });
-        if wanted && !kept.contains_key(&(i.workload.as_str(), i.slot)) {
+        if wanted(i, &release.id, &manifest) && !kept.contains_key(&(i.workload.as_str(), i.slot)) {
             kept.insert((i.workload.as_str(), i.slot), i);
             continue;
         }
@@ -210,6 +214,34 @@ fn ev<'a>(
     }
 }
 
+/// Whether instance `i` (goal `run`) is one the release asks for: its
+/// release, a slot below the count, the workload's CPU and memory.
+fn wanted(i: &InstanceRow, release: &str, manifest: &Manifest) -> bool {
+    manifest.workloads.get(&i.workload).is_some_and(|w| {
+        i.release_id == release
+            && i.slot < i64::from(w.count)
+            && i.cpu_millis == cpu_millis(w)
+            && i.memory == w.memory as i64
+    })
+}
+
+/// Whether [`reconcile_env`] would change nothing: every instance with
+/// goal `run` is wanted, placed, and alone in its slot, and every slot of
+/// every workload has one.
+fn settled(manifest: &Manifest, release: &str, instances: &[InstanceRow]) -> bool {
+    let mut slots = BTreeSet::new();
+    for i in instances.iter().filter(|i| i.goal == "run") {
+        if !wanted(i, release, manifest)
+            || i.node_id.is_none()
+            || !slots.insert((&i.workload, i.slot))
+        {
+            return false;
+        }
+    }
+    let desired: usize = manifest.workloads.values().map(|w| w.count as usize).sum();
+    slots.len() == desired
+}
+
 /// The scheduler's choice, or why there is none.
 fn place(
     nodes: &mut [NodeView],
@@ -357,4 +389,68 @@ fn instance_spec(i: &InstanceRow, r: &ReleaseParts, scope: &EnvScope) -> Option<
         restart: w.restart,
         port,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn instance(slot: i64, node: Option<&str>, goal: &str) -> InstanceRow {
+        InstanceRow {
+            id: format!("i{slot}"),
+            env_id: "e".into(),
+            release_id: "r1".into(),
+            workload: "web".into(),
+            slot,
+            node_id: node.map(str::to_string),
+            node_name: None,
+            goal: goal.into(),
+            state: "running".into(),
+            category: None,
+            message: None,
+            address: None,
+            restarts: 0,
+            cpu_millis: 250,
+            memory: 64 << 20,
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+
+    #[test]
+    fn settled_only_when_every_slot_is_placed_once() {
+        let m = verge_api::manifest::parse(
+            "verge.toml",
+            "app = \"a\"\n[workloads.web]\nimage = \"r/i:1\"\ncount = 2\ncpu = 0.25\nmemory = \"64Mi\"\n",
+        )
+        .unwrap();
+        let both = [
+            instance(0, Some("n1"), "run"),
+            instance(1, Some("n2"), "run"),
+        ];
+        assert!(settled(&m, "r1", &both));
+        // Stopping ones do not count; a missing slot, an unplaced one, a
+        // duplicate, another release or other resources all need work.
+        let mut more = both.to_vec();
+        more.push(instance(5, Some("n1"), "stop"));
+        assert!(settled(&m, "r1", &more));
+        assert!(!settled(&m, "r1", &both[..1]));
+        assert!(!settled(
+            &m,
+            "r1",
+            &[instance(0, Some("n1"), "run"), instance(1, None, "run")]
+        ));
+        assert!(!settled(
+            &m,
+            "r1",
+            &[
+                instance(0, Some("n1"), "run"),
+                instance(0, Some("n2"), "run")
+            ]
+        ));
+        assert!(!settled(&m, "r2", &both));
+        let mut bigger = both.to_vec();
+        bigger[1].memory = 128 << 20;
+        assert!(!settled(&m, "r1", &bigger));
+    }
 }

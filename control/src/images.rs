@@ -15,6 +15,7 @@ use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
+use verge_api::error::cause_chain;
 use verge_api::names::is_loopback_registry;
 use verge_api::registry_auth::Credential;
 
@@ -206,17 +207,4 @@ fn classify(e: OciDistributionError, reference: &str, registry: &str) -> PinErro
             cause: other.to_string(),
         },
     }
-}
-
-fn cause_chain(e: &dyn std::error::Error) -> String {
-    let mut parts = vec![e.to_string()];
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !parts.iter().any(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-        source = s.source();
-    }
-    parts.join(": ")
 }

@@ -28,6 +28,7 @@ use verge_api::wire::{
 
 use crate::net::Network;
 use crate::pull::{ImageStore, PulledImage};
+use crate::runtime::state::now_ms;
 use crate::runtime::{Exit, Instance, LaunchSpec, ProcessRuntime};
 
 /// Failures in a row (each after less than [`HEALTHY_RUN`] of running) that make a crash loop.
@@ -606,12 +607,6 @@ fn free_loopback_port() -> std::io::Result<u16> {
 
 fn humantime_short(d: Duration) -> String {
     format!("{:.1}s", d.as_secs_f64())
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 fn saved_path(data_dir: &Path) -> PathBuf {

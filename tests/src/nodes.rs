@@ -400,6 +400,21 @@ fn nix_umount(path: &Path) -> std::io::Result<()> {
     }
 }
 
+/// Connects to an instance at `address` and reads its greeting line;
+/// `None` when nothing answers within 2 s.
+pub async fn greet(address: &str) -> Option<String> {
+    use tokio::io::AsyncReadExt as _;
+    let connect = tokio::net::TcpStream::connect(address);
+    let mut stream = tokio::time::timeout(Duration::from_secs(2), connect)
+        .await
+        .ok()?
+        .ok()?;
+    let mut buf = vec![0u8; 512];
+    let read = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buf));
+    let n = read.await.ok()?.ok()?;
+    Some(String::from_utf8_lossy(&buf[..n]).to_string())
+}
+
 /// A tag for this test's namespaces, links and prefixes: distinct across
 /// concurrent tests (and runs), at most 16 bits.
 pub fn test_tag() -> u16 {

@@ -33,6 +33,13 @@ pub struct Registry {
 impl Registry {
     /// Starts a registry on a free port and waits until it serves.
     pub async fn start() -> anyhow::Result<Registry> {
+        Registry::launch(None).await
+    }
+
+    /// Writes a config (with `auth_yaml` as its `auth:` section, if any),
+    /// spawns the registry on a free port, retrying on another port when
+    /// the start fails, and waits until `GET /v2/` answers.
+    async fn launch(auth_yaml: Option<&str>) -> anyhow::Result<Registry> {
         if !Path::new(REGISTRY_BIN).is_file() {
             bail!(
                 "{REGISTRY_BIN} not found: the tests need a real OCI registry; \
@@ -47,7 +54,11 @@ impl Registry {
         let mut errors = Vec::new();
         for attempt in 1..=START_ATTEMPTS {
             let port = free_port()?;
-            match start_on(dir.path(), port).await {
+            let mut config = config_yaml(&dir.path().join("data"), port);
+            if let Some(auth) = auth_yaml {
+                config.push_str(&format!("auth:\n{auth}"));
+            }
+            match start_with_config(dir.path(), port, &config).await {
                 Ok((child, log)) => {
                     return Ok(Registry {
                         child,
@@ -106,36 +117,7 @@ impl Registry {
     /// with their settings, indented by two spaces). Ready once `GET /v2/`
     /// answers 200 or 401.
     pub async fn start_with_auth(auth_yaml: &str) -> anyhow::Result<Registry> {
-        if !Path::new(REGISTRY_BIN).is_file() {
-            bail!(
-                "{REGISTRY_BIN} not found: the tests need a real OCI registry; \
-                 install it with `apt-get install docker-registry`"
-            );
-        }
-        let dir = tempfile::Builder::new()
-            .prefix("verge-registry-")
-            .tempdir()
-            .context("creating the registry's tempdir")?;
-        let mut errors = Vec::new();
-        for attempt in 1..=START_ATTEMPTS {
-            let port = free_port()?;
-            let config = format!(
-                "{}auth:\n{auth_yaml}",
-                config_yaml(&dir.path().join("data"), port)
-            );
-            match start_with_config(dir.path(), port, &config).await {
-                Ok((child, log)) => {
-                    return Ok(Registry {
-                        child,
-                        host: format!("127.0.0.1:{port}"),
-                        log,
-                        _dir: dir,
-                    });
-                }
-                Err(e) => errors.push(format!("attempt {attempt} (port {port}): {e:#}")),
-            }
-        }
-        bail!("docker-registry did not start:\n{}", errors.join("\n"))
+        Registry::launch(Some(auth_yaml)).await
     }
 
     /// Where the registry keeps the bytes of blob `sha256:<hex>` (for tests
@@ -176,11 +158,6 @@ impl Drop for Registry {
 pub fn free_port() -> anyhow::Result<u16> {
     let listener = TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
     Ok(listener.local_addr()?.port())
-}
-
-/// Writes the config, spawns the registry, waits for `GET /v2/` to answer.
-async fn start_on(dir: &Path, port: u16) -> anyhow::Result<(Child, PathBuf)> {
-    start_with_config(dir, port, &config_yaml(&dir.join("data"), port)).await
 }
 
 /// Anonymous, plain HTTP on loopback, deletes enabled, storage under `data`.

@@ -4,6 +4,7 @@
 use tokio::process::Child;
 use verge_tests::cli::Cli;
 use verge_tests::control::{Banner, spawn_daemon, stop_daemon};
+use verge_tests::nodes::greet;
 
 async fn start_dev(data: &std::path::Path, config: &std::path::Path) -> (Child, Banner) {
     let data = data.display().to_string();
@@ -57,20 +58,6 @@ async fn dev_cluster_with_profile_and_clean_restart() {
     assert_eq!(second.token.as_deref(), Some(token.as_str()));
     assert_eq!(cli.names(&["apps", "list"]).await, ["hello"]);
     assert!(interrupt(child).await.success());
-}
-
-/// Connects to `address` and reads the greeting line.
-async fn greet(address: &str) -> Option<String> {
-    use tokio::io::AsyncReadExt as _;
-    let connect = tokio::net::TcpStream::connect(address);
-    let mut stream = tokio::time::timeout(std::time::Duration::from_secs(2), connect)
-        .await
-        .ok()?
-        .ok()?;
-    let mut buf = vec![0u8; 512];
-    let read = tokio::time::timeout(std::time::Duration::from_secs(2), stream.read(&mut buf));
-    let n = read.await.ok()?.ok()?;
-    Some(String::from_utf8_lossy(&buf[..n]).to_string())
 }
 
 /// `verge dev` + `verge deploy` of the hello image: a running instance at

@@ -13,12 +13,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::io::AsyncReadExt as _;
 use verge_images::{File, Image, ImageConfig, Layer};
 use verge_tests::cli::Cli;
 use verge_tests::control::{Backend, ControlPlane};
 use verge_tests::eventually;
-use verge_tests::nodes::{NodeHost, require_root, test_tag};
+use verge_tests::nodes::{NodeHost, greet, require_root, test_tag};
 use verge_tests::registry::Registry;
 
 /// How long anything node-related may take before a test gives up.
@@ -173,22 +172,6 @@ impl World {
         let run = self.cp.cli().run(&["events", "--all", "-o", "json"]).await;
         run.json().as_array().cloned().unwrap_or_default()
     }
-}
-
-/// Connects to an instance and reads its greeting line.
-async fn greet(address: &str) -> Option<String> {
-    let conn = tokio::time::timeout(
-        Duration::from_secs(2),
-        tokio::net::TcpStream::connect(address),
-    )
-    .await;
-    let mut stream = conn.ok()?.ok()?;
-    let mut buf = vec![0u8; 512];
-    let n = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buf))
-        .await
-        .ok()?
-        .ok()?;
-    Some(String::from_utf8_lossy(&buf[..n]).to_string())
 }
 
 verge_tests::on_both_backends!(

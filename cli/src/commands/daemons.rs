@@ -366,21 +366,12 @@ async fn dev_node(
     let join_token = if node_dir.join("identity").exists() {
         None
     } else {
-        let secret = auth::generate_token().replace('_', "");
-        let expires = verge_control_now_ms() + 600_000;
-        let id = started
-            .store
-            .create_join_token(&auth::hash_token(&secret), expires, 1, "verge dev")
+        let minted = started
+            .cluster
+            .mint_join_token(std::time::Duration::from_secs(600), 1, "verge dev")
             .await
             .map_err(anyhow::Error::from)?;
-        Some(
-            verge_api::wire::JoinToken {
-                id,
-                secret,
-                ca_sha256: started.cluster.ca_sha256().to_string(),
-            }
-            .to_string(),
-        )
+        Some(minted.token.to_string())
     };
     let node_args = crate::args::NodeArgs {
         server: Some(started.cluster.local_addr().to_string()),
@@ -416,12 +407,6 @@ async fn dev_node(
 fn nix_is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
-}
-
-fn verge_control_now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 fn node_failed(e: verge_node::daemon::NodeError) -> Failure {

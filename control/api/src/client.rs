@@ -108,20 +108,7 @@ impl ClientError {
 /// (Connect): invalid peer certificate: UnknownIssuer"), without reqwest's
 /// own "error sending request for url" line, which only repeats the URL.
 fn cause_chain(e: &reqwest::Error) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !parts.iter().any(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-        source = s.source();
-    }
-    if parts.is_empty() {
-        e.to_string()
-    } else {
-        parts.join(": ")
-    }
+    std::error::Error::source(e).map_or_else(|| e.to_string(), crate::error::cause_chain)
 }
 
 /// Whether two server URLs name the same control plane: same scheme, host

@@ -114,3 +114,19 @@ impl std::fmt::Display for ErrorDetail {
 }
 
 impl std::error::Error for ErrorDetail {}
+
+/// An error and its sources as one line, `outer: inner: ...`, leaving out
+/// a source whose text an earlier part already contains (libraries often
+/// repeat their source in their own message).
+pub fn cause_chain(e: &dyn std::error::Error) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        source = s.source();
+    }
+    parts.join(": ")
+}

@@ -5,12 +5,47 @@ use std::net::Ipv6Addr;
 
 use verge_api::names;
 use verge_api::wire::io::{Reader, Writer};
-use verge_api::wire::{JoinRequest, JoinResponse, Joined};
+use verge_api::wire::{JoinRequest, JoinResponse, JoinToken, Joined};
 
 use super::Cluster;
 use crate::auth::hash_token;
 use crate::store::{NewEvent, NewNode, StoreError, new_node_id};
 use crate::time::{now_ms, rfc3339};
+
+/// A join token minted by [`Cluster::mint_join_token`].
+#[derive(Debug, Clone)]
+pub struct Minted {
+    pub token: JoinToken,
+    /// Milliseconds since the epoch.
+    pub expires_at: i64,
+}
+
+impl Cluster {
+    /// Makes a join token good for `uses` joins within `ttl`; only the
+    /// secret's hash is stored, and the token pins this cluster's CA.
+    pub async fn mint_join_token(
+        &self,
+        ttl: std::time::Duration,
+        uses: i64,
+        created_by: &str,
+    ) -> Result<Minted, StoreError> {
+        let secret = crate::auth::generate_token().replace('_', "");
+        let expires_at = now_ms() + ttl.as_millis() as i64;
+        let id = self
+            .inner
+            .store
+            .create_join_token(&hash_token(&secret), expires_at, uses, created_by)
+            .await?;
+        Ok(Minted {
+            token: JoinToken {
+                id,
+                secret,
+                ca_sha256: self.ca_sha256().to_string(),
+            },
+            expires_at,
+        })
+    }
+}
 
 /// How long a joining node may take to send its request.
 const JOIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -146,21 +181,17 @@ impl Cluster {
                      the control plane needs a shorter instance_prefix"
                 )
             })?;
-        tx.emit(NewEvent {
-            node_id: Some(&node.id),
-            kind: "node.joined",
-            message: format!(
-                "node {} joined (isolation {}, {} cores, {} memory, instance prefix {})",
-                node.name,
-                req.isolation,
-                req.capacity.cpu,
-                verge_api::manifest::human_size(req.capacity.memory),
-                node.instance_prefix
-            ),
-            ..NewEvent::default()
-        })
-        .await
-        .map_err(internal)?;
+        let message = format!(
+            "node {} joined (isolation {}, {} cores, {} memory, instance prefix {})",
+            node.name,
+            req.isolation,
+            req.capacity.cpu,
+            verge_api::manifest::human_size(req.capacity.memory),
+            node.instance_prefix
+        );
+        tx.emit(NewEvent::about_node(&node.id, "node.joined", message))
+            .await
+            .map_err(internal)?;
         tx.commit().await.map_err(internal)?;
         Ok(Joined {
             node_id: node.id,

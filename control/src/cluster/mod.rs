@@ -30,6 +30,7 @@ use crate::secrets::Keyring;
 use crate::store::Store;
 use crate::time::now_ms;
 pub use ca::{CaError, ClusterCa};
+pub use join::Minted;
 
 /// What the cluster endpoint is configured with.
 #[derive(Debug, Clone)]

@@ -109,9 +109,18 @@ impl Cluster {
         let mut desired = self.inner.desired.subscribe();
         let mut sent: Option<i64> = None;
         let mut tick = tokio::time::interval(Duration::from_secs(2));
+        // Whether the node's desired version may have moved: at the start,
+        // when this replica's reconciler changed a set, and on every tick
+        // (other replicas' changes); not after each message the node sends.
+        let mut recheck = true;
         loop {
             // Send the node's desired set whenever its version moved.
-            match store.node(&node.id).await {
+            let row = if std::mem::take(&mut recheck) {
+                store.node(&node.id).await
+            } else {
+                Ok(None)
+            };
+            match row {
                 Ok(Some(now)) if sent.is_none_or(|v| now.desired_version > v) => {
                     let set = crate::reconcile::desired_set(store, &now)
                         .await
@@ -149,8 +158,8 @@ impl Cluster {
                     }
                     Some(NodeMsg::Hello { .. }) => return Err("hello sent twice".into()),
                 },
-                _ = desired.changed() => {}
-                _ = tick.tick() => {}
+                _ = desired.changed() => recheck = true,
+                _ = tick.tick() => recheck = true,
                 () = shutdown.cancelled() => {
                     conn.close(0u32.into(), b"control plane shutting down");
                     return Ok(());

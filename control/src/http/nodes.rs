@@ -7,15 +7,15 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
+use std::time::Duration;
 use verge_api::ErrorKind;
 use verge_api::nodes::{CreateJoinToken, JoinTokenCreated, Node, NodeDetail, NodeInstance};
-use verge_api::wire::JoinToken;
 
 use super::{AppState, Json, Path};
-use crate::auth::{Caller, hash_token};
+use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::store::{InstanceRow, NodeRow};
-use crate::time::{now_ms, rfc3339};
+use crate::time::rfc3339;
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -45,22 +45,12 @@ async fn create_join_token(
             "a join token's uses must be between 1 and 10000, not {uses}"
         )));
     }
-    let secret = crate::auth::generate_token().replace('_', "");
-    let expires_at = now_ms() + (ttl as i64) * 1000;
-    let id = st
-        .store
-        .create_join_token(
-            &hash_token(&secret),
-            expires_at,
-            uses as i64,
-            &caller.actor(),
-        )
+    let minted = st
+        .cluster
+        .mint_join_token(Duration::from_secs(ttl), uses as i64, &caller.actor())
         .await?;
-    let token = JoinToken {
-        id: id.clone(),
-        secret,
-        ca_sha256: st.cluster.ca_sha256().to_string(),
-    };
+    let (token, expires_at) = (minted.token, minted.expires_at);
+    let id = token.id.clone();
     let server = st.cluster.advertise();
     tracing::info!(token = %id, ttl, "join token minted");
     Ok((

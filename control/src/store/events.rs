@@ -28,6 +28,18 @@ pub struct NewEvent<'a> {
     pub actor: Option<&'a str>,
 }
 
+impl<'a> NewEvent<'a> {
+    /// An event about a node (a cluster event: no org sees it).
+    pub fn about_node(node_id: &'a str, kind: &'a str, message: String) -> NewEvent<'a> {
+        NewEvent {
+            node_id: Some(node_id),
+            kind,
+            message,
+            ..NewEvent::default()
+        }
+    }
+}
+
 /// An event as read back, with the names of its org, app and env.
 #[derive(Debug, Clone, PartialEq, Eq, FromRow)]
 pub struct EventRow {

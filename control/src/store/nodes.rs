@@ -195,13 +195,9 @@ impl Store {
             .await?;
             if done.rows_affected() == 1 {
                 let silent = (now - node.last_seen.unwrap_or(node.state_since)) / 1000;
-                tx.emit(NewEvent {
-                    node_id: Some(&node.id),
-                    kind: "node.offline",
-                    message: format!("node {} is offline: no heartbeat for {silent}s", node.name),
-                    ..NewEvent::default()
-                })
-                .await?;
+                let message = format!("node {} is offline: no heartbeat for {silent}s", node.name);
+                tx.emit(NewEvent::about_node(&node.id, "node.offline", message))
+                    .await?;
                 tx.commit().await?;
                 lost.push(node);
             }
@@ -335,13 +331,9 @@ impl Mutation<'_> {
         .rows_affected()
             == 1;
         if changed {
-            self.emit(NewEvent {
-                node_id: Some(&node.id),
-                kind: "node.online",
-                message: format!("node {} is online", node.name),
-                ..NewEvent::default()
-            })
-            .await?;
+            let message = format!("node {} is online", node.name);
+            self.emit(NewEvent::about_node(&node.id, "node.online", message))
+                .await?;
         }
         Ok(changed)
     }

@@ -27,7 +27,7 @@ mod layers;
 mod rootfs;
 mod shim;
 mod spec;
-mod state;
+pub(crate) mod state;
 mod user;
 
 use std::fs;

@@ -388,6 +388,7 @@ fn instance_spec(i: &InstanceRow, r: &ReleaseParts, scope: &EnvScope) -> Option<
         memory: i.memory as u64,
         restart: w.restart,
         port,
+        health: w.health,
     })
 }
 

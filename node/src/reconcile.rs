@@ -206,6 +206,7 @@ impl Reconciler {
             address: None,
             restarts: 0,
             at_ms: now_ms(),
+            healthy: None,
         };
         st.slots.insert(
             spec.id.clone(),
@@ -341,6 +342,7 @@ impl Supervisor {
             address: self.address.clone(),
             restarts: self.restarts,
             at_ms: now_ms(),
+            healthy: None,
         });
     }
 

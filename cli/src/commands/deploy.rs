@@ -63,6 +63,7 @@ pub async fn deploy(ctx: &Context, args: DeployArgs, out: &Output) -> Result {
         file,
         images,
         base: Some(base),
+        dry_run: false,
     };
     let receipt = ctx.client.deploy(names.scope(), &body).await?;
     finish(ctx, &names, receipt, &args.wait, out).await

@@ -359,6 +359,21 @@ impl Client {
         self.get(self.url(&["nodes", name])).await
     }
 
+    /// Moves every instance off a node and keeps new ones away (admin).
+    pub async fn drain_node(
+        &self,
+        name: &str,
+        deadline_secs: Option<u64>,
+    ) -> Result<crate::nodes::Node, ClientError> {
+        let body = crate::nodes::DrainNode { deadline_secs };
+        self.post(self.url(&["nodes", name, "drain"]), &body).await
+    }
+
+    /// Makes a drained (or draining) node schedulable again (admin).
+    pub async fn undrain_node(&self, name: &str) -> Result<crate::nodes::Node, ClientError> {
+        self.post(self.url(&["nodes", name, "undrain"]), &()).await
+    }
+
     /// Tokens of the cluster, or of one org.
     pub async fn list_tokens(&self, org: Option<&str>) -> Result<Vec<Token>, ClientError> {
         let mut url = self.url(&["tokens"]);
@@ -463,6 +478,25 @@ impl Client {
 
     pub async fn scale(&self, scope: EnvScope<'_>, scale: &Scale) -> Result<Receipt, ClientError> {
         self.post(self.env_url(scope, &["scale"]), scale).await
+    }
+
+    /// Stops the env's rollout in progress and returns the env to the
+    /// release it was rolling from: the canceled rollout.
+    pub async fn cancel_rollout(
+        &self,
+        scope: EnvScope<'_>,
+        cancel: &crate::status::CancelRollout,
+    ) -> Result<crate::status::Rollout, ClientError> {
+        self.post(self.env_url(scope, &["rollout", "cancel"]), cancel)
+            .await
+    }
+
+    /// The env's rollouts, newest first.
+    pub async fn list_rollouts(
+        &self,
+        scope: EnvScope<'_>,
+    ) -> Result<Vec<crate::status::Rollout>, ClientError> {
+        self.get(self.env_url(scope, &["rollouts"])).await
     }
 
     pub async fn status(&self, scope: EnvScope<'_>) -> Result<Status, ClientError> {

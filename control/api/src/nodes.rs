@@ -56,6 +56,12 @@ pub struct Node {
     pub instance_prefix: String,
     pub instances: u32,
     pub version: String,
+    /// `draining` (instances moving away) or `drained`; `None` when schedulable.
+    #[serde(default)]
+    pub drain: Option<String>,
+    /// When a drain stops whatever is left.
+    #[serde(default)]
+    pub drain_deadline: Option<String>,
 }
 
 /// `verge nodes describe`.
@@ -80,4 +86,13 @@ pub struct NodeInstance {
     pub category: Option<String>,
     pub address: Option<String>,
     pub restarts: u32,
+}
+
+/// `POST /v1/nodes/{name}/drain`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DrainNode {
+    /// After this long, instances still on the node are stopped even when
+    /// their replacements are not healthy yet; `None`: the default (5 min).
+    #[serde(default)]
+    pub deadline_secs: Option<u64>,
 }

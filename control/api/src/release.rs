@@ -79,6 +79,43 @@ pub struct Receipt {
     /// Per workload, the desired instances after the change.
     pub desired: BTreeMap<String, u32>,
     pub follow_ups: Vec<String>,
+    /// `verge deploy --dry-run`: nothing was changed; `plan` says what would be.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Where the release's instances would go (dry runs only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<Plan>,
+}
+
+/// What a deploy would do to instances: per workload, where each instance
+/// of the new release would be placed and which running ones it replaces.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    pub workloads: Vec<WorkloadPlan>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkloadPlan {
+    pub name: String,
+    pub count: u32,
+    pub placements: Vec<PlannedPlacement>,
+    /// Running instances the release replaces (stopped once the new ones are healthy).
+    pub replaces: Vec<PlannedStop>,
+}
+
+/// Slot `slot` of a workload: the node it would go to, or why none fits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlannedPlacement {
+    pub slot: u32,
+    pub node: Option<String>,
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlannedStop {
+    pub instance: String,
+    pub node: Option<String>,
+    pub release: Option<i64>,
 }
 
 /// Changes between two desired states.
@@ -284,6 +321,11 @@ fn workload_fields(w: &Workload) -> Vec<(&'static str, String)> {
             w.rollout.max_unavailable.to_string(),
         ),
         ("rollout.auto_rollback", w.rollout.auto_rollback.to_string()),
+        (
+            "rollout.deadline",
+            humantime::format_duration(std::time::Duration::from_millis(w.rollout.deadline_ms))
+                .to_string(),
+        ),
     ]);
     f
 }

@@ -68,6 +68,10 @@ pub struct Deploy {
     /// current, the deploy answers 409 naming the winner.
     #[serde(default)]
     pub base: Option<String>,
+    /// Check, pin and plan only: answer the receipt and placement plan
+    /// without creating a release or changing anything.
+    #[serde(default)]
+    pub dry_run: bool,
 }
 
 fn default_manifest_file() -> String {

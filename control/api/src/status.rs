@@ -18,12 +18,66 @@ pub struct Status {
     pub workloads: Vec<WorkloadStatus>,
 }
 
-/// Progress toward the current release.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A rollout: the env moving to a release (deploy, rollback, scale), one
+/// health-gated step at a time. `verge status` shows the latest one.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Rollout {
     /// `pending`, `in_progress`, `completed`, `failed`, `partial`, `canceled`.
     pub state: String,
     /// Why it is not `completed`, when it is not.
+    pub reason: Option<String>,
+    /// `None` only for an env without any rollout yet.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// The number of the release it rolls out.
+    #[serde(default)]
+    pub release: Option<i64>,
+    /// The release the env was on before (`None` for the first).
+    #[serde(default)]
+    pub from_release: Option<i64>,
+    /// `deploy`, `rollback`, `scale`, `auto_rollback`, `cancel` (back to
+    /// `from_release` after `verge rollout cancel`).
+    #[serde(default)]
+    pub kind: Option<String>,
+    /// The step it is on, or failed at (`pulling image of instance i_.. on n1`).
+    #[serde(default)]
+    pub step: Option<String>,
+    /// The error category of a failure (`image_pull`, `health`, `placement`, ...).
+    #[serde(default)]
+    pub category: Option<String>,
+    /// Instances the release asks for.
+    #[serde(default)]
+    pub total: u32,
+    /// Of those, running and healthy.
+    #[serde(default)]
+    pub done: u32,
+    /// Of those, failed.
+    #[serde(default)]
+    pub failed: u32,
+    /// `done / total` (1.0 for an empty release).
+    #[serde(default)]
+    pub success_rate: f64,
+    /// Instances of earlier releases (or leaving draining and lost nodes)
+    /// still running.
+    #[serde(default)]
+    pub outgoing: u32,
+    #[serde(default)]
+    pub started_at: Option<String>,
+    #[serde(default)]
+    pub ended_at: Option<String>,
+    /// Per instance of the release: its progress.
+    #[serde(default)]
+    pub instances: Vec<RolloutInstance>,
+}
+
+/// One instance of a rollout's release and how far it got.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutInstance {
+    pub id: String,
+    pub workload: String,
+    pub node: Option<String>,
+    /// Instance state, or `healthy` once running and passing its check.
+    pub state: String,
     pub reason: Option<String>,
 }
 
@@ -35,6 +89,19 @@ impl Rollout {
     pub fn is_final_failure(&self) -> bool {
         matches!(self.state.as_str(), "failed" | "partial" | "canceled")
     }
+
+    /// Still moving: `pending` or `in_progress`.
+    pub fn is_active(&self) -> bool {
+        matches!(self.state.as_str(), "pending" | "in_progress")
+    }
+}
+
+/// `POST .../envs/{env}/rollout/cancel`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CancelRollout {
+    /// Why, recorded in the env's events.
+    #[serde(default)]
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -55,6 +122,13 @@ pub struct InstanceStatus {
     pub state: String,
     pub address: Option<String>,
     pub reason: Option<String>,
+    /// `healthy` or `unhealthy` for a running instance with a health
+    /// check once checked; `None` otherwise.
+    #[serde(default)]
+    pub health: Option<String>,
+    /// The number of the release it runs.
+    #[serde(default)]
+    pub release: Option<i64>,
 }
 
 /// `verge describe env`.

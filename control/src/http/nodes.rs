@@ -141,5 +141,7 @@ fn node(n: NodeRow, instances: &[InstanceRow]) -> Node {
         isolation: n.isolation,
         instance_prefix: n.instance_prefix,
         version: n.version,
+        drain: None,
+        drain_deadline: None,
     }
 }

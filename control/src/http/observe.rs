@@ -69,6 +69,7 @@ async fn observe(st: &AppState, cx: &EnvCx) -> Result<Observed, ApiError> {
             rollout: Rollout {
                 state: "pending".into(),
                 reason: Some(format!("nothing deployed yet: verge deploy {}", cx.flags())),
+                ..Default::default()
             },
             workloads: Vec::new(),
             scale,
@@ -141,6 +142,8 @@ fn instance_status(i: &InstanceRow, offline: &BTreeMap<String, String>) -> Insta
         },
         address: i.address.clone(),
         reason,
+        health: None,
+        release: None,
     }
 }
 
@@ -171,12 +174,14 @@ fn rollout(
                 f.category.as_deref().unwrap_or("unknown"),
                 f.message.as_deref().unwrap_or("no details")
             )),
+            ..Default::default()
         };
     }
     if running == desired && wanted.len() as u32 == desired && old == 0 {
         return Rollout {
             state: "completed".into(),
             reason: None,
+            ..Default::default()
         };
     }
     let unplaced: Vec<&&InstanceRow> = wanted.iter().filter(|i| i.node_id.is_none()).collect();
@@ -188,6 +193,7 @@ fn rollout(
                 unplaced.len(),
                 unplaced[0].message.as_deref().unwrap_or("not placed yet")
             )),
+            ..Default::default()
         };
     }
     let mut reason = format!("{running} of {desired} instance(s) running");
@@ -197,6 +203,7 @@ fn rollout(
     Rollout {
         state: "in_progress".into(),
         reason: Some(reason),
+        ..Default::default()
     }
 }
 

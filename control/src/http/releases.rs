@@ -108,6 +108,8 @@ fn receipt(
             .map(|(n, w)| (n.clone(), w.count))
             .collect(),
         follow_ups,
+        dry_run: false,
+        plan: None,
     }
 }
 

@@ -354,6 +354,7 @@ pub(super) fn default_rollout() -> Rollout {
         max_surge: defaults::MAX_SURGE,
         max_unavailable: defaults::MAX_UNAVAILABLE,
         auto_rollback: false,
+        deadline_ms: defaults::ROLLOUT_DEADLINE_MS,
     }
 }
 

@@ -120,6 +120,11 @@ pub struct Rollout {
     pub max_surge: u32,
     pub max_unavailable: u32,
     pub auto_rollback: bool,
+    /// How long a rollout may go without progress (one more new instance
+    /// ready) before it ends `failed`. Absent from releases made before it
+    /// existed: those get the default.
+    #[serde(default = "defaults::rollout_deadline_ms")]
+    pub deadline_ms: u64,
 }
 
 /// An L4 ingress mapping.
@@ -149,4 +154,11 @@ pub mod defaults {
     pub const HEALTH_TIMEOUT_MS: u64 = 2_000;
     pub const MAX_SURGE: u32 = 1;
     pub const MAX_UNAVAILABLE: u32 = 0;
+    pub const ROLLOUT_DEADLINE_MS: u64 = 5 * 60 * 1000;
+    /// Consecutive failed health checks that make an instance unhealthy.
+    pub const HEALTH_FAILURES: u32 = 3;
+
+    pub(crate) fn rollout_deadline_ms() -> u64 {
+        ROLLOUT_DEADLINE_MS
+    }
 }

@@ -310,7 +310,11 @@ impl Cx<'_> {
 
     fn rollout(&mut self, path: &str, v: &Value<'_>) -> Option<Rollout> {
         let t = self.table(path, v)?;
-        self.known_keys(path, t, &["max_surge", "max_unavailable", "auto_rollback"]);
+        self.known_keys(
+            path,
+            t,
+            &["max_surge", "max_unavailable", "auto_rollback", "deadline"],
+        );
         let small = |cx: &mut Self, key: &str, default: u32| {
             opt(t.get(key), default, |v| {
                 cx.integer(&join(path, key), v, 0..10_001, "a count from 0 to 10000")
@@ -322,6 +326,9 @@ impl Cx<'_> {
         let auto_rollback = opt(t.get("auto_rollback"), false, |v| {
             self.boolean(&join(path, "auto_rollback"), v)
         });
+        let deadline = opt(t.get("deadline"), defaults::ROLLOUT_DEADLINE_MS, |v| {
+            self.duration_ms(&join(path, "deadline"), v)
+        });
         if max_surge == Some(0) && max_unavailable == Some(0) {
             self.error(v.span(), format!("{path}: max_surge and max_unavailable cannot both be 0: the rollout could never progress"));
             return None;
@@ -330,6 +337,7 @@ impl Cx<'_> {
             max_surge: max_surge?,
             max_unavailable: max_unavailable?,
             auto_rollback: auto_rollback?,
+            deadline_ms: deadline?,
         })
     }
 

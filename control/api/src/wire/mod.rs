@@ -246,6 +246,10 @@ pub struct InstanceSpec {
     /// The port the workload serves on, when the release says (endpoint
     /// `internal_port` or health check port); passed as `PORT`.
     pub port: Option<u16>,
+    /// The workload's TCP health check, run by the node against the
+    /// instance's address; `None` when it has none (then running is ready).
+    #[serde(default)]
+    pub health: Option<crate::manifest::Health>,
 }
 
 /// An instance's state (SPEC §5): `pending → pulling → starting → running → stopping → stopped | failed`.
@@ -328,6 +332,12 @@ pub struct InstanceReport {
     pub restarts: u32,
     /// Milliseconds since the epoch, on the node's clock.
     pub at_ms: i64,
+    /// The health verdict of a running instance with a health check:
+    /// `Some(true)` once a check passed, `Some(false)` after
+    /// [`crate::manifest::defaults::HEALTH_FAILURES`] failed in a row;
+    /// `None` without a check, before the first verdict, or when not running.
+    #[serde(default)]
+    pub healthy: Option<bool>,
 }
 
 #[cfg(test)]
@@ -366,6 +376,7 @@ mod tests {
             address: None,
             restarts: 2,
             at_ms: 1,
+            healthy: None,
         });
         let json = serde_json::to_value(&msg).unwrap();
         assert_eq!(json["type"], "report");

@@ -195,6 +195,9 @@ pub struct ControlArgs {
     /// Mark a node offline after this long without a heartbeat [default: 6s]
     #[arg(long, value_parser = humantime::parse_duration)]
     pub node_offline_after: Option<std::time::Duration>,
+    /// Replace the instances of a node offline this long (after it was marked offline) on other nodes [default: 30s]
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub reschedule_after: Option<std::time::Duration>,
     #[command(flatten)]
     pub log: LogArgs,
 }

@@ -53,6 +53,9 @@ pub struct Config {
     pub heartbeat_secs: u64,
     /// A node without a heartbeat for this long is marked offline.
     pub node_offline_after_secs: u64,
+    /// Instances of a node offline this long (after it was marked
+    /// offline) are replaced on other nodes, unless pinned by a volume.
+    pub reschedule_after_secs: u64,
     /// Mint another cluster admin token on this start (recovery when the
     /// first one is lost). A flag only: never read from the file.
     #[serde(skip)]
@@ -87,6 +90,7 @@ impl Default for Config {
             instance_prefix: "fd76:6572:6765::/48".into(),
             heartbeat_secs: 2,
             node_offline_after_secs: 6,
+            reschedule_after_secs: 30,
             new_admin_token: false,
         }
     }
@@ -196,6 +200,7 @@ impl Config {
                 "node_offline_after_secs",
                 self.node_offline_after_secs as usize,
             ),
+            ("reschedule_after_secs", self.reschedule_after_secs as usize),
         ] {
             if value == 0 {
                 return Err(ConfigError::Zero { field });

@@ -181,6 +181,9 @@ pub async fn control(args: ControlArgs, out: &Output) -> Result {
     if let Some(v) = args.node_offline_after {
         config.node_offline_after_secs = v.as_secs().max(1);
     }
+    if let Some(v) = args.reschedule_after {
+        config.reschedule_after_secs = v.as_secs().max(1);
+    }
     let shutdown = CancellationToken::new();
     cancel_on_signal(shutdown.clone())?;
     let started = verge_control::start(&config, shutdown)

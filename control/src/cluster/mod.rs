@@ -40,6 +40,8 @@ pub struct ClusterConfig {
     pub instance_prefix: ipnet::Ipv6Net,
     pub heartbeat: Duration,
     pub offline_after: Duration,
+    /// How long a node stays offline before its instances are replaced.
+    pub reschedule_after: Duration,
 }
 
 /// Why the cluster endpoint did not start.

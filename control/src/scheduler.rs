@@ -1,123 +1,359 @@
 //! Placement: which node an instance goes to. Pure functions over a
 //! snapshot of the cluster, deterministic for the same inputs.
 //!
-//! Filters: the node is online, carries the labels the workload's
-//! `constraints` ask for, and has the free CPU and memory the instance asks
-//! for. Score: fewest instances of the same workload (spread),
-//! then the most free memory, then the name (a stable tie-break). An
-//! instance that fits nowhere gets a reason naming each node's problem.
+//! Filters: the node is online and not draining, carries the labels the
+//! workload's `constraints` ask for, has the free CPU and memory the
+//! instance asks for, and is the node a volume pins the instance to (if
+//! any). Scores, in order: fewest instances of the same workload on the
+//! node (spread across nodes), then in the node's region (spread across
+//! regions), then the smallest share of the node already reserved (fewest
+//! resources used), then the name (a stable tie-break).
+//!
+//! [`place`] places a whole batch of one workload's instances in
+//! `O(nodes + batch × (regions + log nodes))`: the nodes are filtered once,
+//! kept in one min-heap per region, and after each placement only the chosen
+//! node's key changes. An instance that fits nowhere gets an explanation
+//! naming each node's problem (summarised past a few nodes) and a fix.
 
-use std::collections::BTreeMap;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 
 use verge_api::manifest::human_size;
+
+/// The label that names a node's region.
+pub const REGION: &str = "region";
+
+/// Nodes listed by name in an explanation before the rest are counted.
+const NAMED: usize = 6;
 
 /// One node as the scheduler sees it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NodeView {
     pub id: String,
     pub name: String,
-    pub online: bool,
+    /// `None` while online; when it went offline otherwise (RFC 3339).
+    pub offline_since: Option<String>,
+    /// Being drained: no new instances.
+    pub draining: bool,
     pub labels: BTreeMap<String, String>,
     pub cpu_millis: i64,
     pub memory: i64,
     /// Reserved by the instances placed on it.
     pub used_cpu_millis: i64,
     pub used_memory: i64,
-    /// `(env id, workload)` of each instance placed on it.
-    pub workloads: Vec<(String, String)>,
 }
 
 impl NodeView {
-    fn count_of(&self, env_id: &str, workload: &str) -> usize {
-        self.workloads
-            .iter()
-            .filter(|(e, w)| e == env_id && w == workload)
-            .count()
+    /// The larger of the CPU and memory shares reserved, in thousandths.
+    fn load_permille(&self) -> i64 {
+        let share = |used: i64, cap: i64| {
+            if cap <= 0 {
+                1000
+            } else {
+                used.saturating_mul(1000) / cap
+            }
+        };
+        share(self.used_cpu_millis, self.cpu_millis).max(share(self.used_memory, self.memory))
+    }
+
+    fn region(&self) -> &str {
+        self.labels.get(REGION).map_or("", String::as_str)
     }
 }
 
-/// What an instance asks for.
+/// The cluster's nodes, addressable by ID, with what is reserved on them.
+#[derive(Debug, Clone, Default)]
+pub struct Nodes {
+    views: Vec<NodeView>,
+    by_id: HashMap<String, usize>,
+}
+
+impl Nodes {
+    pub fn new(mut views: Vec<NodeView>) -> Nodes {
+        views.sort_by(|a, b| a.name.cmp(&b.name));
+        let by_id = views
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (v.id.clone(), i))
+            .collect();
+        Nodes { views, by_id }
+    }
+
+    pub fn get(&self, id: &str) -> Option<&NodeView> {
+        self.by_id.get(id).map(|&i| &self.views[i])
+    }
+
+    pub fn len(&self) -> usize {
+        self.views.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.views.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &NodeView> {
+        self.views.iter()
+    }
+
+    /// The node's name, or the ID itself for a node that is gone.
+    pub fn name<'a>(&'a self, id: &'a str) -> &'a str {
+        self.get(id).map_or(id, |n| n.name.as_str())
+    }
+
+    /// Adds (negative: gives back) a reservation.
+    pub fn reserve(&mut self, id: &str, cpu_millis: i64, memory: i64) {
+        if let Some(&i) = self.by_id.get(id) {
+            self.views[i].used_cpu_millis += cpu_millis;
+            self.views[i].used_memory += memory;
+        }
+    }
+}
+
+/// What each instance of a batch asks for.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Ask<'a> {
-    pub env_id: &'a str,
     pub workload: &'a str,
     pub cpu_millis: i64,
     pub memory: i64,
     /// Labels the node must carry (the workload's `constraints`).
     pub constraints: &'a BTreeMap<String, String>,
+    /// The only node the instance may go to (its volume's), and why.
+    pub pin: Option<(&'a str, &'a str)>,
 }
 
-/// Picks a node for `ask`, or says why none fits. On success the chosen
-/// node's reservations are updated, so successive calls spread.
-pub fn place(nodes: &mut [NodeView], ask: Ask<'_>) -> Result<String, String> {
-    if nodes.is_empty() {
-        return Err(
-            "no nodes have joined the cluster: join one with `verge nodes join-token`".into(),
-        );
+/// Places `n` instances of one workload. `existing` are the node IDs of
+/// the workload's instances already placed (one entry per instance), so
+/// the new ones spread around them. Chosen nodes' reservations are
+/// updated. Each result is a node ID or why no node fits.
+pub fn place(
+    nodes: &mut Nodes,
+    ask: &Ask<'_>,
+    existing: &[&str],
+    n: usize,
+) -> Vec<Result<String, String>> {
+    if n == 0 {
+        return Vec::new();
     }
-    let mut reasons = Vec::new();
-    let mut best: Option<usize> = None;
-    for (i, n) in nodes.iter().enumerate() {
-        if let Some(why) = unfit(n, &ask) {
-            reasons.push(format!("node {}: {why}", n.name));
-            continue;
+    let mut on_node: HashMap<usize, u32> = HashMap::new();
+    let mut in_region: HashMap<String, u32> = HashMap::new();
+    for id in existing {
+        if let Some(&i) = nodes.by_id.get(*id) {
+            *on_node.entry(i).or_default() += 1;
+            *in_region
+                .entry(nodes.views[i].region().to_string())
+                .or_default() += 1;
         }
-        let better = match best {
-            None => true,
-            Some(b) => {
-                let (cur, cand) = (&nodes[b], n);
-                let key = |v: &NodeView| {
-                    (
-                        v.count_of(ask.env_id, ask.workload),
-                        std::cmp::Reverse(v.memory - v.used_memory),
-                    )
-                };
-                (key(cand), &cand.name) < (key(cur), &cur.name)
+    }
+    // One min-heap per region of (on node, load, index): index order is name order.
+    type Key = (u32, i64, usize);
+    let mut heaps: BTreeMap<String, BinaryHeap<Reverse<Key>>> = BTreeMap::new();
+    for (i, v) in nodes.views.iter().enumerate() {
+        if unfit(v, ask).is_none() {
+            let key = (on_node.get(&i).copied().unwrap_or(0), v.load_permille(), i);
+            heaps
+                .entry(v.region().to_string())
+                .or_default()
+                .push(Reverse(key));
+        }
+    }
+    let mut out = Vec::with_capacity(n);
+    let mut explanation: Option<String> = None;
+    for _ in 0..n {
+        let chosen = loop {
+            // The best region: its best node's spread, then the region's
+            // own count, then load and name.
+            let best = heaps
+                .iter()
+                .filter_map(|(region, heap)| {
+                    let Reverse((count, load, i)) = *heap.peek()?;
+                    let r = in_region.get(region).copied().unwrap_or(0);
+                    Some(((count, r, load, i), region.clone()))
+                })
+                .min();
+            let Some(((_, _, _, i), region)) = best else {
+                break None;
+            };
+            let heap = heaps.get_mut(&region).expect("region has a heap");
+            heap.pop();
+            // Earlier placements of this batch may have filled it.
+            if unfit(&nodes.views[i], ask).is_none() {
+                break Some((i, region));
             }
         };
-        if better {
-            best = Some(i);
+        match chosen {
+            Some((i, region)) => {
+                let v = &mut nodes.views[i];
+                v.used_cpu_millis += ask.cpu_millis;
+                v.used_memory += ask.memory;
+                let count = on_node.entry(i).or_default();
+                *count += 1;
+                *in_region.entry(region.clone()).or_default() += 1;
+                let key = (*count, v.load_permille(), i);
+                heaps.entry(region).or_default().push(Reverse(key));
+                out.push(Ok(v.id.clone()));
+            }
+            None => {
+                let why = explanation.get_or_insert_with(|| explain(nodes, ask));
+                out.push(Err(why.clone()));
+            }
         }
     }
-    let Some(i) = best else {
-        return Err(reasons.join("; "));
-    };
-    let n = &mut nodes[i];
-    n.used_cpu_millis += ask.cpu_millis;
-    n.used_memory += ask.memory;
-    n.workloads
-        .push((ask.env_id.to_string(), ask.workload.to_string()));
-    Ok(n.id.clone())
+    out
 }
 
-fn unfit(n: &NodeView, ask: &Ask<'_>) -> Option<String> {
-    if !n.online {
-        return Some("offline".into());
+/// Why a node cannot take the instance, by kind, for summaries and fixes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Problem {
+    Pinned,
+    Offline,
+    Draining,
+    Label,
+    Memory,
+    Cpu,
+}
+
+fn unfit(n: &NodeView, ask: &Ask<'_>) -> Option<(Problem, String)> {
+    if let Some((pin, why)) = ask.pin
+        && pin != n.id
+    {
+        return Some((Problem::Pinned, format!("not the node {why}")));
+    }
+    if let Some(since) = &n.offline_since {
+        return Some((Problem::Offline, format!("offline since {since}")));
+    }
+    if n.draining {
+        return Some((Problem::Draining, "draining".into()));
     }
     for (k, want) in ask.constraints {
         match n.labels.get(k) {
             Some(have) if have == want => {}
-            Some(have) => return Some(format!("label {k}={have} does not match {want}")),
-            None => return Some(format!("no label {k} (the workload needs {k}={want})")),
+            Some(have) => {
+                return Some((
+                    Problem::Label,
+                    format!("label {k}={have} does not match {want}"),
+                ));
+            }
+            None => {
+                return Some((
+                    Problem::Label,
+                    format!("no label {k} (the workload needs {k}={want})"),
+                ));
+            }
         }
     }
     let free_mem = n.memory - n.used_memory;
     if ask.memory > free_mem {
-        return Some(format!(
-            "insufficient memory (needs {}, {} free)",
-            human_size(ask.memory.max(0) as u64),
-            human_size(free_mem.max(0) as u64)
+        return Some((
+            Problem::Memory,
+            format!(
+                "insufficient memory (needs {}, {} free)",
+                human_size(ask.memory.max(0) as u64),
+                human_size(free_mem.max(0) as u64)
+            ),
         ));
     }
     let free_cpu = n.cpu_millis - n.used_cpu_millis;
     if ask.cpu_millis > free_cpu {
-        return Some(format!(
-            "insufficient cpu (needs {}, {} free)",
-            cores(ask.cpu_millis),
-            cores(free_cpu.max(0))
+        return Some((
+            Problem::Cpu,
+            format!(
+                "insufficient cpu (needs {}, {} free)",
+                cores(ask.cpu_millis),
+                cores(free_cpu.max(0))
+            ),
         ));
     }
     None
+}
+
+/// Every node's problem with `ask` (the first few by name, then counts),
+/// and the fix for the most common problem.
+fn explain(nodes: &Nodes, ask: &Ask<'_>) -> String {
+    if nodes.is_empty() {
+        return "no nodes have joined the cluster; to fix: join one with `verge nodes join-token`"
+            .into();
+    }
+    let problems: Vec<(&NodeView, Problem, String)> = nodes
+        .iter()
+        .filter_map(|n| unfit(n, ask).map(|(p, why)| (n, p, why)))
+        .collect();
+    let mut parts: Vec<String> = problems
+        .iter()
+        .take(NAMED)
+        .map(|(n, _, why)| format!("node {}: {why}", n.name))
+        .collect();
+    let mut counts: BTreeMap<Problem, usize> = BTreeMap::new();
+    for (_, p, _) in &problems {
+        *counts.entry(*p).or_default() += 1;
+    }
+    if problems.len() > NAMED {
+        let mut rest: BTreeMap<Problem, usize> = BTreeMap::new();
+        for (_, p, _) in &problems[NAMED..] {
+            *rest.entry(*p).or_default() += 1;
+        }
+        let summary: Vec<String> = rest
+            .iter()
+            .map(|(p, c)| format!("{c} {}", problem_name(*p)))
+            .collect();
+        parts.push(format!(
+            "and {} more nodes ({})",
+            problems.len() - NAMED,
+            summary.join(", ")
+        ));
+    }
+    let mut text = parts.join("; ");
+    // The fix for what stands in the way most often (ties: the first kind).
+    if let Some((&p, _)) = counts.iter().max_by_key(|(p, c)| (**c, Reverse(**p))) {
+        text.push_str("; to fix: ");
+        text.push_str(&fix(p, ask));
+    }
+    text
+}
+
+fn problem_name(p: Problem) -> &'static str {
+    match p {
+        Problem::Pinned => "not the pinned node",
+        Problem::Offline => "offline",
+        Problem::Draining => "draining",
+        Problem::Label => "without the labels",
+        Problem::Memory => "without the memory",
+        Problem::Cpu => "without the cpu",
+    }
+}
+
+fn fix(p: Problem, ask: &Ask<'_>) -> String {
+    let w = ask.workload;
+    match p {
+        Problem::Pinned => {
+            "bring the volume's node back, or snapshot the volume and restore it onto another node"
+                .into()
+        }
+        Problem::Offline => {
+            "bring the offline nodes back (or join another node: `verge nodes join-token`)".into()
+        }
+        Problem::Draining => "undrain a node (`verge nodes undrain NODE`) or join another".into(),
+        Problem::Label => {
+            let want: Vec<String> = ask
+                .constraints
+                .iter()
+                .map(|(k, v)| format!("--label {k}={v}"))
+                .collect();
+            format!(
+                "join a node with {}, or change the constraints of {w}",
+                want.join(" ")
+            )
+        }
+        Problem::Memory => format!(
+            "lower the memory of {w} (`verge scale {w} --memory SIZE`), stop other instances, \
+             or join a node with {} free",
+            human_size(ask.memory.max(0) as u64)
+        ),
+        Problem::Cpu => format!(
+            "lower the cpu of {w} (`verge scale {w} --cpu CORES`), stop other instances, \
+             or join a node with {} free",
+            cores(ask.cpu_millis)
+        ),
+    }
 }
 
 fn cores(millis: i64) -> String {
@@ -128,50 +364,54 @@ fn cores(millis: i64) -> String {
 mod tests {
     use super::*;
 
-    fn node(name: &str, online: bool, cpu: i64, mem: i64) -> NodeView {
+    fn node(name: &str, region: &str, cpu: i64, mem: i64) -> NodeView {
         NodeView {
             id: format!("id-{name}"),
             name: name.into(),
-            online,
-            labels: BTreeMap::from([("region".to_string(), name.to_string())]),
+            offline_since: None,
+            draining: false,
+            labels: BTreeMap::from([(REGION.to_string(), region.to_string())]),
             cpu_millis: cpu,
             memory: mem,
             used_cpu_millis: 0,
             used_memory: 0,
-            workloads: Vec::new(),
         }
     }
 
     static NONE: BTreeMap<String, String> = BTreeMap::new();
     const ASK: Ask<'static> = Ask {
-        env_id: "e",
         workload: "web",
         cpu_millis: 250,
         memory: 64 << 20,
         constraints: &NONE,
+        pin: None,
     };
+
+    fn one(nodes: &mut Nodes, ask: &Ask<'_>) -> Result<String, String> {
+        place(nodes, ask, &[], 1).pop().unwrap()
+    }
 
     #[test]
     fn constraints_filter_by_label_and_say_which() {
-        let mut nodes = vec![
-            node("a", true, 2000, 1 << 30),
-            node("b", true, 2000, 1 << 30),
-        ];
-        let want = BTreeMap::from([("region".to_string(), "b".to_string())]);
+        let mut nodes = Nodes::new(vec![
+            node("a", "eu-west", 2000, 1 << 30),
+            node("b", "us-east", 2000, 1 << 30),
+        ]);
+        let want = BTreeMap::from([(REGION.to_string(), "us-east".to_string())]);
         let ask = Ask {
             constraints: &want,
             ..ASK
         };
-        assert_eq!(place(&mut nodes, ask).unwrap(), "id-b");
+        let placed = place(&mut nodes, &ask, &[], 2);
         assert_eq!(
-            place(&mut nodes, ask).unwrap(),
-            "id-b",
+            placed,
+            vec![Ok("id-b".to_string()), Ok("id-b".to_string())],
             "constraints beat spreading"
         );
         let other = BTreeMap::from([("zone".to_string(), "z1".to_string())]);
-        let err = place(
+        let err = one(
             &mut nodes,
-            Ask {
+            &Ask {
                 constraints: &other,
                 ..ASK
             },
@@ -181,69 +421,150 @@ mod tests {
             err.contains("node a: no label zone (the workload needs zone=z1)"),
             "{err}"
         );
-        let wrong = BTreeMap::from([("region".to_string(), "c".to_string())]);
-        let err = place(
+        assert!(
+            err.contains("to fix: join a node with --label zone=z1"),
+            "{err}"
+        );
+        let wrong = BTreeMap::from([(REGION.to_string(), "ap-south".to_string())]);
+        let err = one(
             &mut nodes,
-            Ask {
+            &Ask {
                 constraints: &wrong,
                 ..ASK
             },
         )
         .unwrap_err();
         assert!(
-            err.contains("node a: label region=a does not match c"),
+            err.contains("node a: label region=eu-west does not match ap-south; node b: label region=us-east does not match ap-south"),
             "{err}"
         );
     }
 
     #[test]
-    fn spreads_one_workload_across_nodes() {
-        let mut nodes = vec![
-            node("a", true, 2000, 1 << 30),
-            node("b", true, 2000, 1 << 30),
-        ];
-        let first = place(&mut nodes, ASK).unwrap();
-        let second = place(&mut nodes, ASK).unwrap();
-        assert_ne!(first, second);
-        assert_eq!(first, "id-a", "ties break by name");
+    fn spreads_across_nodes_then_regions() {
+        // Three nodes in eu, one in us: the second instance goes to us.
+        let mut nodes = Nodes::new(vec![
+            node("a", "eu", 2000, 1 << 30),
+            node("b", "eu", 2000, 1 << 30),
+            node("c", "eu", 2000, 1 << 30),
+            node("d", "us", 2000, 1 << 30),
+        ]);
+        let placed: Vec<String> = place(&mut nodes, &ASK, &[], 4)
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(placed, ["id-a", "id-d", "id-b", "id-c"]);
+        // A fifth: every node has one; eu has three, us one: back to us.
+        assert_eq!(
+            place(
+                &mut nodes,
+                &ASK,
+                &placed.iter().map(String::as_str).collect::<Vec<_>>(),
+                1
+            ),
+            vec![Ok("id-d".to_string())]
+        );
     }
 
     #[test]
-    fn skips_offline_and_full_nodes_and_explains() {
-        let mut nodes = vec![
-            node("a", false, 2000, 1 << 30),
-            node("b", true, 100, 32 << 20),
-        ];
-        let err = place(&mut nodes, ASK).unwrap_err();
-        assert!(err.contains("node a: offline"), "{err}");
+    fn prefers_the_least_loaded_node_and_is_deterministic() {
+        let mk = || {
+            let mut a = node("a", "", 1000, 1 << 30);
+            a.used_memory = 512 << 20;
+            let b = node("b", "", 1000, 1 << 30);
+            Nodes::new(vec![a, b])
+        };
+        let (mut x, mut y) = (mk(), mk());
+        assert_eq!(one(&mut mk(), &ASK).unwrap(), "id-b");
+        assert_eq!(place(&mut x, &ASK, &[], 5), place(&mut y, &ASK, &[], 5));
+    }
+
+    #[test]
+    fn skips_offline_draining_and_full_nodes_and_explains() {
+        let mut a = node("a", "", 2000, 1 << 30);
+        a.offline_since = Some("2026-11-22T10:00:00Z".into());
+        let mut c = node("c", "", 2000, 1 << 30);
+        c.draining = true;
+        let mut nodes = Nodes::new(vec![a, node("b", "", 100, 32 << 20), c]);
+        let err = one(&mut nodes, &ASK).unwrap_err();
+        assert!(
+            err.contains("node a: offline since 2026-11-22T10:00:00Z"),
+            "{err}"
+        );
         assert!(
             err.contains("node b: insufficient memory (needs 64Mi, 32Mi free)"),
             "{err}"
         );
-        nodes[1].memory = 1 << 30;
-        let err = place(&mut nodes, ASK).unwrap_err();
-        assert!(
-            err.contains("node b: insufficient cpu (needs 0.25 cores, 0.1 cores free)"),
-            "{err}"
-        );
+        assert!(err.contains("node c: draining"), "{err}");
+        assert!(err.contains("to fix: "), "{err}");
     }
 
     #[test]
-    fn reserves_what_it_places() {
-        let mut nodes = vec![node("a", true, 500, 1 << 30)];
-        place(&mut nodes, ASK).unwrap();
-        place(&mut nodes, ASK).unwrap();
+    fn reserves_what_it_places_and_explains_the_rest() {
+        let mut nodes = Nodes::new(vec![node("a", "", 500, 1 << 30)]);
+        let placed = place(&mut nodes, &ASK, &[], 3);
+        assert!(placed[0].is_ok() && placed[1].is_ok());
+        let err = placed[2].as_ref().unwrap_err();
         assert!(
-            place(&mut nodes, ASK)
-                .unwrap_err()
-                .contains("insufficient cpu")
+            err.contains("node a: insufficient cpu (needs 0.25 cores, 0 cores free)"),
+            "{err}"
         );
+        assert!(err.contains("verge scale web --cpu"), "{err}");
+        assert_eq!(nodes.get("id-a").unwrap().used_cpu_millis, 500);
+    }
+
+    #[test]
+    fn pins_to_one_node() {
+        let mut nodes = Nodes::new(vec![
+            node("a", "", 2000, 1 << 30),
+            node("b", "", 2000, 1 << 30),
+        ]);
+        let ask = Ask {
+            pin: Some(("id-b", "volume data is on")),
+            ..ASK
+        };
+        assert_eq!(
+            place(&mut nodes, &ask, &["id-b"], 1),
+            vec![Ok("id-b".to_string())]
+        );
+        nodes.views[1].offline_since = Some("t".into());
+        let err = one(&mut nodes, &ask).unwrap_err();
+        assert!(
+            err.contains("node a: not the node volume data is on"),
+            "{err}"
+        );
+        assert!(err.contains("node b: offline since t"), "{err}");
+    }
+
+    #[test]
+    fn summarises_large_clusters() {
+        let views = (0..100)
+            .map(|i| {
+                let mut n = node(&format!("n{i:03}"), "", 100, 1 << 30);
+                if i % 2 == 0 {
+                    n.offline_since = Some("t".into());
+                }
+                n
+            })
+            .collect();
+        let mut nodes = Nodes::new(views);
+        let err = one(&mut nodes, &ASK).unwrap_err();
+        assert!(
+            err.contains("node n000: offline since t; node n001: insufficient cpu"),
+            "{err}"
+        );
+        assert!(
+            err.contains("and 94 more nodes (47 offline, 47 without the cpu)"),
+            "{err}"
+        );
+        assert!(err.len() < 1000, "{err}");
     }
 
     #[test]
     fn no_nodes_says_how_to_add_one() {
+        let mut nodes = Nodes::new(Vec::new());
         assert!(
-            place(&mut [], ASK)
+            one(&mut nodes, &ASK)
                 .unwrap_err()
                 .contains("verge nodes join-token")
         );

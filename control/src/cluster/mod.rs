@@ -5,8 +5,10 @@
 //! Long-lived tasks, each named and stopped by the shutdown token:
 //! - `cluster_endpoint`: accepts QUIC connections, one task per connection;
 //! - `node_liveness`: marks nodes offline after the grace period;
-//! - `reconciler`: runs [`crate::reconcile::reconcile_all`] when poked
-//!   (deploy, rollback, scale, node online/offline) and every few seconds.
+//! - `reconciler`: runs [`crate::reconcile`] over every env when poked
+//!   (deploy, rollback, scale, drain, node online/offline) and every
+//!   [`FULL_PASS`]; over the envs that changed (instance reports) and
+//!   those with an active rollout on every [`TICK`].
 //!
 //! It must not hold desired state of its own: everything lives in the
 //! store, so any replica can serve any node.
@@ -15,8 +17,10 @@ pub mod ca;
 mod join;
 mod session;
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rustls::server::WebPkiClientVerifier;
@@ -60,6 +64,11 @@ pub enum ClusterError {
     },
 }
 
+/// How often the reconciler looks at envs with an active rollout.
+pub const TICK: Duration = Duration::from_secs(1);
+/// How often the reconciler looks at every env.
+pub const FULL_PASS: Duration = Duration::from_secs(5);
+
 /// A handle on the cluster side; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Cluster {
@@ -74,6 +83,10 @@ struct Inner {
     local_addr: SocketAddr,
     /// Poked when placements may need to change.
     poke: Notify,
+    /// The next pass covers every env.
+    full: AtomicBool,
+    /// Envs the next pass covers (changed since the last one).
+    dirty: Mutex<BTreeSet<String>>,
     /// Bumped after the reconciler changed some node's desired set.
     desired: watch::Sender<u64>,
 }
@@ -100,6 +113,8 @@ impl Cluster {
                 config,
                 local_addr,
                 poke: Notify::new(),
+                full: AtomicBool::new(true),
+                dirty: Mutex::new(BTreeSet::new()),
                 desired: watch::Sender::new(0),
             }),
         };
@@ -156,9 +171,28 @@ impl Cluster {
         self.inner.config.offline_after
     }
 
-    /// Asks the reconciler to run now (desired state changed).
+    /// Asks the reconciler to run over every env now (desired state or
+    /// the cluster changed).
     pub fn poke(&self) {
+        self.inner.full.store(true, Ordering::Relaxed);
         self.inner.poke.notify_one();
+    }
+
+    /// Asks the reconciler to look at one env now (its instances changed).
+    pub fn poke_env(&self, env_id: &str) {
+        self.inner
+            .dirty
+            .lock()
+            .expect("not poisoned")
+            .insert(env_id.to_string());
+        self.inner.poke.notify_one();
+    }
+
+    /// What the reconciler works with.
+    pub fn settings(&self) -> crate::reconcile::Settings {
+        crate::reconcile::Settings {
+            reschedule_after_ms: self.inner.config.reschedule_after.as_millis() as i64,
+        }
     }
 
     async fn accept_loop(self, endpoint: quinn::Endpoint, shutdown: CancellationToken) {
@@ -224,19 +258,56 @@ impl Cluster {
     }
 
     async fn reconcile_loop(self, shutdown: CancellationToken) {
+        let mut active: BTreeSet<String> = BTreeSet::new();
+        let mut last_full = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 () = self.inner.poke.notified() => {}
-                () = tokio::time::sleep(Duration::from_secs(2)) => {}
+                () = tokio::time::sleep(TICK) => {}
                 () = shutdown.cancelled() => return,
             }
-            match crate::reconcile::reconcile_all(&self.inner.store).await {
-                Ok(changed) if !changed.is_empty() => {
-                    tracing::debug!(nodes = ?changed, "desired sets changed");
-                    self.inner.desired.send_modify(|n| *n += 1);
+            let full =
+                self.inner.full.swap(false, Ordering::Relaxed) || last_full.elapsed() >= FULL_PASS;
+            let dirty = std::mem::take(&mut *self.inner.dirty.lock().expect("not poisoned"));
+            let result = if full {
+                last_full = tokio::time::Instant::now();
+                crate::reconcile::reconcile_all(&self.inner.store, self.settings()).await
+            } else {
+                let envs: Vec<String> = dirty.union(&active).cloned().collect();
+                match crate::reconcile::ClusterView::read(&self.inner.store).await {
+                    Ok(mut view) => {
+                        crate::reconcile::reconcile_envs(
+                            &self.inner.store,
+                            &envs,
+                            &mut view,
+                            self.settings(),
+                        )
+                        .await
+                    }
+                    Err(e) => Err(e),
                 }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "reconciling failed; will retry"),
+            };
+            match result {
+                Ok(pass) => {
+                    if !pass.changed.is_empty() {
+                        tracing::debug!(nodes = ?pass.changed, "desired sets changed");
+                        self.inner.desired.send_modify(|n| *n += 1);
+                    }
+                    if full {
+                        active = pass.active.into_iter().collect();
+                    } else {
+                        for env in dirty.union(&active.clone()) {
+                            if !pass.active.contains(env) {
+                                active.remove(env);
+                            }
+                        }
+                        active.extend(pass.active);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "reconciling failed; will retry");
+                    self.inner.full.store(true, Ordering::Relaxed);
+                }
             }
         }
     }

@@ -226,12 +226,14 @@ impl Cluster {
                 message: r.message.as_deref(),
                 address: r.address.as_deref(),
                 restarts: i64::from(r.restarts),
+                healthy: r.healthy,
             },
         )
         .await?;
         let changed = before.state != state
             || before.category.as_deref() != category
-            || before.restarts != i64::from(r.restarts);
+            || before.restarts != i64::from(r.restarts)
+            || before.healthy() != r.healthy;
         if changed {
             let scope = tx.env_scope(&before.env_id).await?;
             let mut message = format!(
@@ -247,6 +249,11 @@ impl Cluster {
             if let (Some(a), "running") = (&r.address, state) {
                 message.push_str(&format!(" at {a}"));
             }
+            match r.healthy {
+                Some(true) => message.push_str(", healthy"),
+                Some(false) => message.push_str(", unhealthy"),
+                None => {}
+            }
             tx.emit(NewEvent {
                 org_id: scope.as_ref().map(|s| s.org_id.as_str()),
                 app_id: scope.as_ref().map(|s| s.app_id.as_str()),
@@ -254,10 +261,12 @@ impl Cluster {
                 release_id: Some(&before.release_id),
                 instance_id: Some(&r.id),
                 node_id: Some(&node.id),
-                kind: match state {
-                    "failed" => "instance.failed",
-                    "running" => "instance.running",
-                    "stopped" => "instance.stopped",
+                kind: match (state, r.healthy) {
+                    ("failed", _) => "instance.failed",
+                    ("running", Some(true)) => "instance.healthy",
+                    ("running", Some(false)) => "instance.unhealthy",
+                    ("running", None) => "instance.running",
+                    ("stopped", _) => "instance.stopped",
                     _ => "instance.state",
                 },
                 message,
@@ -268,6 +277,11 @@ impl Cluster {
         if state == "stopped" && before.goal == "stop" {
             tx.delete_instance(&r.id).await?;
         }
-        tx.commit().await
+        tx.commit().await?;
+        if changed {
+            // Its rollout may move on.
+            self.poke_env(&before.env_id);
+        }
+        Ok(())
     }
 }

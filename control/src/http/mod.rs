@@ -10,6 +10,7 @@ mod nodes;
 mod nouns;
 mod observe;
 mod releases;
+mod rollouts;
 mod scope;
 mod tokens;
 
@@ -54,6 +55,7 @@ pub fn router(state: AppState) -> Router {
         .merge(nouns::routes())
         .merge(config::routes())
         .merge(releases::routes())
+        .merge(rollouts::routes())
         .merge(observe::routes())
         .merge(tokens::routes())
         .merge(nodes::routes());

@@ -1,5 +1,6 @@
 //! Nodes (cluster admin only): `POST /v1/nodes/join-tokens` mints a join
-//! token, `GET /v1/nodes` lists nodes, `GET /v1/nodes/{name}` describes one.
+//! token, `GET /v1/nodes` lists nodes, `GET /v1/nodes/{name}` describes one,
+//! `POST /v1/nodes/{name}/drain` and `.../undrain` start and end a drain.
 
 use std::collections::BTreeMap;
 
@@ -9,19 +10,101 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use std::time::Duration;
 use verge_api::ErrorKind;
-use verge_api::nodes::{CreateJoinToken, JoinTokenCreated, Node, NodeDetail, NodeInstance};
+use verge_api::nodes::{
+    CreateJoinToken, DrainNode, JoinTokenCreated, Node, NodeDetail, NodeInstance,
+};
 
 use super::{AppState, Json, Path};
 use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::store::{InstanceRow, NodeRow};
-use crate::time::rfc3339;
+use crate::store::{InstanceRow, NewEvent, NodeRow};
+use crate::time::{now_ms, rfc3339};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/nodes", get(list))
         .route("/nodes/join-tokens", post(create_join_token))
         .route("/nodes/{name}", get(describe))
+        .route("/nodes/{name}/drain", post(drain))
+        .route("/nodes/{name}/undrain", post(undrain))
+}
+
+/// How long a drain waits for replacements by default before it stops
+/// what is left.
+const DRAIN_DEADLINE_SECS: u64 = 300;
+
+async fn named(st: &AppState, name: &str) -> Result<NodeRow, ApiError> {
+    st.store.node_by_name(name).await?.ok_or_else(|| {
+        ApiError::new(ErrorKind::NotFound, format!("no node named {name:?}"))
+            .next("verge nodes list")
+    })
+}
+
+/// Keeps new instances off the node and moves its instances to others,
+/// each workload within its rollout limits; at the deadline whatever is
+/// left is stopped. The reconciler marks it `drained` when it is empty.
+async fn drain(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    Json(body): Json<DrainNode>,
+) -> Result<axum::Json<Node>, ApiError> {
+    caller.require_admin("draining a node")?;
+    let secs = body.deadline_secs.unwrap_or(DRAIN_DEADLINE_SECS);
+    if secs == 0 || secs > 7 * 24 * 3600 {
+        return Err(ApiError::bad_request(format!(
+            "a drain deadline must be between 1 second and 7 days, not {secs} seconds"
+        ))
+        .next(format!("verge nodes drain {name} --deadline 10m")));
+    }
+    let n = named(&st, &name).await?;
+    if n.drain.is_none() {
+        let deadline = now_ms() + (secs * 1000) as i64;
+        let mut tx = st.store.mutation().await?;
+        tx.set_drain(&n.id, Some("draining"), Some(deadline))
+            .await?;
+        let message = format!(
+            "node {} draining by {}: its instances move to other nodes; what is left at {} is stopped",
+            n.name,
+            caller.actor(),
+            rfc3339(deadline)
+        );
+        tx.emit(NewEvent::about_node(&n.id, "node.draining", message))
+            .await?;
+        tx.commit().await?;
+        tracing::info!(node = %n.id, name = %n.name, secs, "node draining");
+        st.cluster.poke();
+    }
+    let n = named(&st, &name).await?;
+    let instances = st.store.node_instances(&n.id).await?;
+    Ok(axum::Json(node(n, &instances)))
+}
+
+/// Makes the node schedulable again.
+async fn undrain(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<axum::Json<Node>, ApiError> {
+    caller.require_admin("undraining a node")?;
+    let n = named(&st, &name).await?;
+    if n.drain.is_some() {
+        let mut tx = st.store.mutation().await?;
+        tx.set_drain(&n.id, None, None).await?;
+        let message = format!(
+            "node {} schedulable again (undrained by {})",
+            n.name,
+            caller.actor()
+        );
+        tx.emit(NewEvent::about_node(&n.id, "node.undrained", message))
+            .await?;
+        tx.commit().await?;
+        tracing::info!(node = %n.id, name = %n.name, "node undrained");
+        st.cluster.poke();
+    }
+    let n = named(&st, &name).await?;
+    let instances = st.store.node_instances(&n.id).await?;
+    Ok(axum::Json(node(n, &instances)))
 }
 
 /// Longest a join token may live: a week.
@@ -88,12 +171,7 @@ async fn describe(
     Path(name): Path<String>,
 ) -> Result<axum::Json<NodeDetail>, ApiError> {
     caller.require_admin("describing nodes")?;
-    let Some(n) = st.store.node_by_name(&name).await? else {
-        return Err(
-            ApiError::new(ErrorKind::NotFound, format!("no node named {name:?}"))
-                .next("verge nodes list"),
-        );
-    };
+    let n = named(&st, &name).await?;
     let instances = st.store.node_instances(&n.id).await?;
     let mut detail = Vec::new();
     for i in &instances {
@@ -141,7 +219,7 @@ fn node(n: NodeRow, instances: &[InstanceRow]) -> Node {
         isolation: n.isolation,
         instance_prefix: n.instance_prefix,
         version: n.version,
-        drain: None,
-        drain_deadline: None,
+        drain: n.drain,
+        drain_deadline: n.drain_deadline.map(rfc3339),
     }
 }

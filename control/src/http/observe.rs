@@ -78,6 +78,13 @@ async fn observe(st: &AppState, cx: &EnvCx) -> Result<Observed, ApiError> {
     };
     let m = apply_scale(&manifest_of(&row)?, &scale);
     let instances = st.store.env_instances(&cx.env.id).await?;
+    let numbers: BTreeMap<String, i64> = st
+        .store
+        .list_releases(&cx.env.id)
+        .await?
+        .into_iter()
+        .map(|r| (r.id, r.number))
+        .collect();
     let offline: BTreeMap<String, String> = st
         .store
         .nodes()
@@ -86,12 +93,14 @@ async fn observe(st: &AppState, cx: &EnvCx) -> Result<Observed, ApiError> {
         .filter(|n| n.state != "online")
         .map(|n| (n.id, rfc3339(n.state_since)))
         .collect();
+    let reschedule = st.cluster.settings().reschedule_after_ms;
     let workloads: Vec<WorkloadStatus> = m
         .workloads
         .iter()
         .map(|(name, w)| {
             let mine: Vec<&InstanceRow> =
                 instances.iter().filter(|i| &i.workload == name).collect();
+            let pinned = !w.volumes.is_empty();
             WorkloadStatus {
                 name: name.clone(),
                 desired: w.count,
@@ -99,11 +108,20 @@ async fn observe(st: &AppState, cx: &EnvCx) -> Result<Observed, ApiError> {
                     .iter()
                     .filter(|i| i.goal == "run" && i.release_id == row.id && serving(i, &offline))
                     .count() as u32,
-                instances: mine.iter().map(|i| instance_status(i, &offline)).collect(),
+                instances: mine
+                    .iter()
+                    .map(|i| instance_status(i, &offline, &numbers, pinned, reschedule))
+                    .collect(),
             }
         })
         .collect();
-    let rollout = rollout(&row.id, &m, &instances, &offline);
+    let rollout = match st.store.latest_rollout(&cx.env.id).await? {
+        Some(r) => super::rollouts::view(&st.store, &cx.env.id, &r, reschedule).await?,
+        None => Rollout {
+            state: "completed".into(),
+            ..Default::default()
+        },
+    };
     Ok(Observed {
         release: Some(cx.release_ref(&row)),
         rollout,
@@ -118,7 +136,13 @@ fn serving(i: &InstanceRow, offline: &BTreeMap<String, String>) -> bool {
     i.state == "running" && !i.node_id.as_ref().is_some_and(|n| offline.contains_key(n))
 }
 
-fn instance_status(i: &InstanceRow, offline: &BTreeMap<String, String>) -> InstanceStatus {
+fn instance_status(
+    i: &InstanceRow,
+    offline: &BTreeMap<String, String>,
+    numbers: &BTreeMap<String, i64>,
+    pinned: bool,
+    reschedule_after_ms: i64,
+) -> InstanceStatus {
     let mut reason = match (&i.category, &i.message) {
         (Some(c), Some(m)) => Some(format!("{c}: {m}")),
         (None, Some(m)) => Some(m.clone()),
@@ -127,11 +151,28 @@ fn instance_status(i: &InstanceRow, offline: &BTreeMap<String, String>) -> Insta
     };
     if let Some(since) = i.node_id.as_ref().and_then(|n| offline.get(n)) {
         let node = i.node_name.clone().unwrap_or_default();
+        let next = if i.goal == "stop" {
+            "replaced; the node stops this copy when it returns".to_string()
+        } else if pinned {
+            "pinned to the node by the workload's volumes: not rescheduled; it resumes when the \
+             node returns (or snapshot and restore the volume onto another node)"
+                .to_string()
+        } else {
+            format!(
+                "replaced on another node once it has been offline for {}",
+                humantime::format_duration(Duration::from_millis(reschedule_after_ms as u64))
+            )
+        };
         reason = Some(format!(
-            "node {node} offline since {since}; last reported {}",
+            "node {node} offline since {since}; last reported {}; {next}",
             i.state
         ));
     }
+    let health = match (i.state.as_str(), i.healthy()) {
+        ("running", Some(true)) => Some("healthy".to_string()),
+        ("running", Some(false)) => Some("unhealthy".to_string()),
+        _ => None,
+    };
     InstanceStatus {
         id: Some(i.id.clone()),
         node: i.node_name.clone(),
@@ -142,68 +183,8 @@ fn instance_status(i: &InstanceRow, offline: &BTreeMap<String, String>) -> Insta
         },
         address: i.address.clone(),
         reason,
-        health: None,
-        release: None,
-    }
-}
-
-/// Progress toward the current release: `completed` when every workload
-/// runs its count of the release's instances and nothing old is left,
-/// `failed` when an instance of it failed, `pending` while none could be
-/// placed, `in_progress` otherwise.
-fn rollout(
-    release: &str,
-    m: &verge_api::manifest::Manifest,
-    instances: &[InstanceRow],
-    offline: &BTreeMap<String, String>,
-) -> Rollout {
-    let wanted: Vec<&InstanceRow> = instances
-        .iter()
-        .filter(|i| i.goal == "run" && i.release_id == release)
-        .collect();
-    let desired: u32 = m.workloads.values().map(|w| w.count).sum();
-    let running = wanted.iter().filter(|i| serving(i, offline)).count() as u32;
-    let old = instances.iter().filter(|i| i.goal == "stop").count();
-    if let Some(f) = wanted.iter().find(|i| i.state == "failed") {
-        return Rollout {
-            state: "failed".into(),
-            reason: Some(format!(
-                "instance {} of {} failed ({}): {}; see verge events",
-                f.id,
-                f.workload,
-                f.category.as_deref().unwrap_or("unknown"),
-                f.message.as_deref().unwrap_or("no details")
-            )),
-            ..Default::default()
-        };
-    }
-    if running == desired && wanted.len() as u32 == desired && old == 0 {
-        return Rollout {
-            state: "completed".into(),
-            reason: None,
-            ..Default::default()
-        };
-    }
-    let unplaced: Vec<&&InstanceRow> = wanted.iter().filter(|i| i.node_id.is_none()).collect();
-    if !unplaced.is_empty() && running == 0 {
-        return Rollout {
-            state: "pending".into(),
-            reason: Some(format!(
-                "{} instance(s) pending: {}",
-                unplaced.len(),
-                unplaced[0].message.as_deref().unwrap_or("not placed yet")
-            )),
-            ..Default::default()
-        };
-    }
-    let mut reason = format!("{running} of {desired} instance(s) running");
-    if old > 0 {
-        reason.push_str(&format!("; {old} old instance(s) stopping"));
-    }
-    Rollout {
-        state: "in_progress".into(),
-        reason: Some(reason),
-        ..Default::default()
+        health,
+        release: numbers.get(&i.release_id).copied(),
     }
 }
 

@@ -197,7 +197,7 @@ async fn deploy(
     if let Some(cur) = current.as_ref().filter(|c| c.fingerprint == fp) {
         let now = old.expect("current exists");
         tracing::info!(env = %cx.env.id, release = %cur.id, "deploy unchanged");
-        return Ok(axum::Json(receipt(
+        let mut r = receipt(
             &cx,
             Action::Deploy,
             true,
@@ -205,7 +205,9 @@ async fn deploy(
             Some(cur),
             Diff::default(),
             &now,
-        )));
+        );
+        r.dry_run = body.dry_run;
+        return Ok(axum::Json(r));
     }
     let row = ReleaseRow {
         id: new_id("rel"),
@@ -220,6 +222,25 @@ async fn deploy(
         created_at: now_ms(),
         created_by: cx.actor.clone(),
     };
+    if body.dry_run {
+        // Nothing is written: the mutation is dropped (rolled back) unused.
+        drop(tx);
+        let carried = match &current {
+            Some(c) => carry_scale(&manifest_of(c)?, &m, &scale),
+            None => BTreeMap::new(),
+        };
+        let now = Effective::of(&row, &carried)?;
+        let d = diff(old.as_ref(), &now);
+        let plan =
+            crate::reconcile::dry_run(&st.store, &cx.env.id, &now.manifest, st.cluster.settings())
+                .await?;
+        let mut r = receipt(&cx, Action::Deploy, false, &row, current.as_ref(), d, &now);
+        r.release.id = "dry-run".into();
+        r.dry_run = true;
+        r.plan = Some(plan);
+        r.follow_ups = vec![format!("verge deploy {}  (to do it)", cx.flags())];
+        return Ok(axum::Json(r));
+    }
     tracing::Span::current().record("release", row.id.as_str());
     tx.insert_release(&row).await?;
     tx.emit(cx.event(
@@ -260,6 +281,7 @@ async fn deploy(
     };
     tx.replace_scale_overrides(&cx.env.id, &scale).await?;
     tx.set_current_release(&cx.env.id, &row.id).await?;
+    super::rollouts::begin(&mut tx, &cx, &row, current.as_ref(), "deploy").await?;
     let was = current
         .as_ref()
         .map_or("none".into(), |c| format!("v{}", c.number));
@@ -390,6 +412,7 @@ async fn rollback(
     };
     tx.replace_scale_overrides(&cx.env.id, &scale).await?;
     tx.set_current_release(&cx.env.id, &target.id).await?;
+    super::rollouts::begin(&mut tx, &cx, &target, current.as_ref(), "rollback").await?;
     let was = current
         .as_ref()
         .map_or("none".into(), |c| format!("v{}", c.number));
@@ -497,6 +520,7 @@ async fn scale(
     let d = diff(Some(&old), &now);
     if !d.is_empty() {
         tx.replace_scale_overrides(&cx.env.id, &new_scale).await?;
+        super::rollouts::begin(&mut tx, &cx, &current, Some(&current), "scale").await?;
         let changes: Vec<String> = d
             .workloads
             .iter()

@@ -28,11 +28,19 @@ pub struct InstanceRow {
     pub memory: i64,
     pub created_at: i64,
     pub updated_at: i64,
+    /// The node's last health verdict: `None`, `Some(1)` healthy, `Some(0)` unhealthy.
+    pub healthy: Option<i64>,
+}
+
+impl InstanceRow {
+    pub fn healthy(&self) -> Option<bool> {
+        self.healthy.map(|h| h != 0)
+    }
 }
 
 const INSTANCE_SELECT: &str = "SELECT i.id, i.env_id, i.release_id, i.workload, i.slot, \
     i.node_id, n.name AS node_name, i.goal, i.state, i.category, i.message, i.address, \
-    i.restarts, i.cpu_millis, i.memory, i.created_at, i.updated_at \
+    i.restarts, i.cpu_millis, i.memory, i.created_at, i.updated_at, i.healthy \
     FROM instances i LEFT JOIN nodes n ON n.id = i.node_id";
 
 /// A new instance slot of a release's workload.
@@ -57,6 +65,7 @@ pub struct Reported<'a> {
     pub message: Option<&'a str>,
     pub address: Option<&'a str>,
     pub restarts: i64,
+    pub healthy: Option<bool>,
 }
 
 async fn select<'e>(
@@ -124,7 +133,36 @@ impl Mutation<'_> {
         .bind(now)
         .execute(self.conn())
         .await?;
+        if let Some(node) = n.node_id {
+            self.reserve(node, n.cpu_millis, n.memory).await?;
+        }
         Ok(id)
+    }
+
+    /// Adds to (or, negative, takes from) what a node has reserved.
+    async fn reserve(&mut self, node_id: &str, cpu_millis: i64, memory: i64) -> Result<()> {
+        sqlx::query(
+            "UPDATE nodes SET used_cpu_millis = used_cpu_millis + $2, \
+             used_memory = used_memory + $3 WHERE id = $1",
+        )
+        .bind(node_id)
+        .bind(cpu_millis)
+        .bind(memory)
+        .execute(self.conn())
+        .await?;
+        Ok(())
+    }
+
+    /// Gives back what a placed instance with goal `run` reserved (before
+    /// it stops counting: goal `stop`, or deleted).
+    async fn unreserve(&mut self, id: &str) -> Result<()> {
+        if let Some(i) = self.instance(id).await?
+            && i.goal == "run"
+            && let Some(node) = &i.node_id
+        {
+            self.reserve(node, -i.cpu_millis, -i.memory).await?;
+        }
+        Ok(())
     }
 
     /// Places a pending instance on a node (or records why it cannot be).
@@ -134,6 +172,7 @@ impl Mutation<'_> {
         node_id: Option<&str>,
         message: Option<&str>,
     ) -> Result<()> {
+        self.unreserve(id).await?;
         sqlx::query(
             "UPDATE instances SET node_id = $2, message = $3, updated_at = $4 WHERE id = $1",
         )
@@ -143,11 +182,17 @@ impl Mutation<'_> {
         .bind(now_ms())
         .execute(self.conn())
         .await?;
+        if let Some(node) = node_id
+            && let Some(i) = self.instance(id).await?
+        {
+            self.reserve(node, i.cpu_millis, i.memory).await?;
+        }
         Ok(())
     }
 
     /// The control plane no longer wants this instance; its node stops it.
     pub async fn stop_instance(&mut self, id: &str) -> Result<()> {
+        self.unreserve(id).await?;
         sqlx::query("UPDATE instances SET goal = 'stop', updated_at = $2 WHERE id = $1")
             .bind(id)
             .bind(now_ms())
@@ -158,6 +203,7 @@ impl Mutation<'_> {
 
     /// Forgets an instance that is gone (stopped on its node, or never placed).
     pub async fn delete_instance(&mut self, id: &str) -> Result<()> {
+        self.unreserve(id).await?;
         sqlx::query("DELETE FROM instances WHERE id = $1")
             .bind(id)
             .execute(self.conn())
@@ -175,7 +221,7 @@ impl Mutation<'_> {
     ) -> Result<bool> {
         let done = sqlx::query(
             "UPDATE instances SET state = $3, category = $4, message = $5, \
-             address = COALESCE($6, address), restarts = $7, updated_at = $8 \
+             address = COALESCE($6, address), restarts = $7, updated_at = $8, healthy = $9 \
              WHERE id = $1 AND node_id = $2",
         )
         .bind(id)
@@ -186,6 +232,7 @@ impl Mutation<'_> {
         .bind(r.address)
         .bind(r.restarts)
         .bind(now_ms())
+        .bind(r.healthy.map(i64::from))
         .execute(self.conn())
         .await?;
         Ok(done.rows_affected() == 1)

@@ -20,6 +20,7 @@ mod instances;
 mod nodes;
 mod nouns;
 mod releases;
+mod rollouts;
 mod tokens;
 
 use std::str::FromStr;
@@ -34,6 +35,7 @@ pub use instances::{EnvScope, InstanceRow, NewInstance, Reported};
 pub use nodes::{Hello, JoinTokenRow, NewNode, NodeRow};
 pub use nouns::{AppRow, EnvRow, OrgRow, ProjectRow};
 pub use releases::{ReleaseRow, ScaleRow};
+pub use rollouts::{NewRollout, RolloutRow};
 pub use tokens::{Revoke, TokenRow};
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");

@@ -40,11 +40,17 @@ pub struct NodeRow {
     pub joined_at: i64,
     pub desired_version: i64,
     pub applied_version: i64,
+    /// `None` (schedulable), `draining` or `drained`.
+    pub drain: Option<String>,
+    pub drain_deadline: Option<i64>,
+    /// Reserved by its instances with goal `run`.
+    pub used_cpu_millis: i64,
+    pub used_memory: i64,
 }
 
 const NODE_COLUMNS: &str = "id, name, labels, cpu_millis, memory, usage, isolation, version, \
     state, state_since, last_seen, prefix_index, instance_prefix, cert_sha256, joined_at, \
-    desired_version, applied_version";
+    desired_version, applied_version, drain, drain_deadline, used_cpu_millis, used_memory";
 
 /// What a joining node becomes.
 #[derive(Debug, Clone)]
@@ -336,6 +342,23 @@ impl Mutation<'_> {
                 .await?;
         }
         Ok(changed)
+    }
+
+    /// Starts (`Some("draining")`, with its deadline), finishes
+    /// (`Some("drained")`) or ends (`None`) a node's drain.
+    pub async fn set_drain(
+        &mut self,
+        node_id: &str,
+        drain: Option<&str>,
+        deadline: Option<i64>,
+    ) -> Result<()> {
+        sqlx::query("UPDATE nodes SET drain = $2, drain_deadline = $3 WHERE id = $1")
+            .bind(node_id)
+            .bind(drain)
+            .bind(deadline)
+            .execute(self.conn())
+            .await?;
+        Ok(())
     }
 
     /// Bumps the desired-set version of each node; returns nothing (sessions re-read).

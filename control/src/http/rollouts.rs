@@ -1,0 +1,206 @@
+//! Rollouts of an env: `GET .../envs/{env}/rollouts` (newest first) and
+//! `POST .../envs/{env}/rollout/cancel`; and [`begin`], which every change
+//! of an env's desired state (deploy, rollback, scale) calls in its
+//! mutation to start a rollout, superseding the one in progress.
+
+use axum::Router;
+use axum::extract::State;
+use axum::routing::{get, post};
+use verge_api::status::{CancelRollout, Rollout};
+
+use super::scope::{EnvCx, manifest_of};
+use super::{AppState, Json, Path};
+use crate::auth::Caller;
+use crate::desired::carry_scale;
+use crate::error::ApiError;
+use crate::reconcile::{ClusterView, rollout};
+use crate::store::{Mutation, NewRollout, ReleaseRow, RolloutRow, Store};
+use crate::time::now_ms;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/orgs/{org}/apps/{app}/envs/{env}/rollouts", get(list))
+        .route(
+            "/orgs/{org}/apps/{app}/envs/{env}/rollout/cancel",
+            post(cancel),
+        )
+}
+
+type EnvPath = (String, String, String);
+
+/// Starts a rollout of `release` (from `from`) in the caller's mutation,
+/// with events; the env's rollout in progress, if any, ends `canceled`.
+pub async fn begin(
+    tx: &mut Mutation<'_>,
+    cx: &EnvCx,
+    release: &ReleaseRow,
+    from: Option<&ReleaseRow>,
+    kind: &str,
+) -> Result<(), ApiError> {
+    let manifest = manifest_of(release)?;
+    let what = format!("v{} ({kind})", release.number);
+    let (_, superseded) = tx
+        .start_rollout(
+            &NewRollout {
+                env_id: &cx.env.id,
+                release_id: &release.id,
+                from_release_id: from.map(|f| f.id.as_str()),
+                kind,
+                deadline_ms: rollout::deadline_ms(&manifest),
+                created_by: Some(&cx.actor),
+            },
+            &what,
+        )
+        .await?;
+    if let Some(old) = superseded {
+        tx.emit(cx.event(
+            "rollout.canceled",
+            Some(&old.release_id),
+            format!(
+                "rollout {} ({}) canceled: superseded by {what} before it finished ({} of {} ready)",
+                old.id, old.kind, old.done, old.total
+            ),
+        ))
+        .await?;
+    }
+    let from = from.map_or("nothing".into(), |f| format!("v{}", f.number));
+    tx.emit(cx.event(
+        "rollout.pending",
+        Some(&release.id),
+        format!("rollout of {what} from {from} started"),
+    ))
+    .await?;
+    Ok(())
+}
+
+/// The API view of `row`, with live progress when it is active.
+pub async fn view(
+    store: &Store,
+    env_id: &str,
+    row: &RolloutRow,
+    reschedule_after_ms: i64,
+) -> Result<Rollout, ApiError> {
+    let number = |id: Option<String>| async move {
+        match id {
+            Some(id) => store
+                .release_by_id(env_id, &id)
+                .await
+                .map(|r| r.map(|r| r.number)),
+            None => Ok(None),
+        }
+    };
+    let release = number(Some(row.release_id.clone())).await?;
+    let from = number(row.from_release_id.clone()).await?;
+    let live = if row.is_active() {
+        live_progress(store, env_id, row, reschedule_after_ms).await?
+    } else {
+        None
+    };
+    Ok(rollout::view(row, release, from, live.as_ref()))
+}
+
+async fn live_progress(
+    store: &Store,
+    env_id: &str,
+    row: &RolloutRow,
+    reschedule_after_ms: i64,
+) -> Result<Option<rollout::Progress>, ApiError> {
+    let Some(release) = store.release_by_id(env_id, &row.release_id).await? else {
+        return Ok(None);
+    };
+    let manifest = crate::desired::apply_scale(
+        &manifest_of(&release)?,
+        &store.scale_overrides(env_id).await?,
+    );
+    let instances = store.env_instances(env_id).await?;
+    let view = ClusterView::read(store).await?;
+    let input = crate::reconcile::plan::EnvInput {
+        release_id: &release.id,
+        manifest: &manifest,
+        instances: &instances,
+        hold: false,
+    };
+    let clock = crate::reconcile::plan::Clock {
+        now_ms: now_ms(),
+        reschedule_after_ms,
+    };
+    Ok(Some(rollout::progress(&input, &view.facts, clock)))
+}
+
+async fn list(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(path): Path<EnvPath>,
+) -> Result<axum::Json<Vec<Rollout>>, ApiError> {
+    let cx = EnvCx::resolve(&st, &caller, &path).await?;
+    let reschedule = st.cluster.settings().reschedule_after_ms;
+    let mut out = Vec::new();
+    for row in st.store.rollouts(&cx.env.id, 100).await? {
+        out.push(view(&st.store, &cx.env.id, &row, reschedule).await?);
+    }
+    Ok(axum::Json(out))
+}
+
+/// Ends the env's active rollout `canceled` and points the env back at the
+/// release it was rolling from (a rollout of kind `cancel`).
+async fn cancel(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(path): Path<EnvPath>,
+    Json(body): Json<CancelRollout>,
+) -> Result<axum::Json<Rollout>, ApiError> {
+    let cx = EnvCx::resolve(&st, &caller, &path).await?;
+    let mut tx = st.store.mutation().await?;
+    let latest = tx.latest_rollout(&cx.env.id).await?;
+    let Some(mut row) = latest.filter(RolloutRow::is_active) else {
+        return Err(ApiError::conflict(format!(
+            "{} has no rollout in progress to cancel",
+            cx.label()
+        ))
+        .next(format!("verge rollout list {}", cx.flags()))
+        .next(format!("verge status {}", cx.flags())));
+    };
+    let why = body.reason.as_deref().unwrap_or("no reason given");
+    let release = tx.release_by_id(&cx.env.id, &row.release_id).await?;
+    let from = match &row.from_release_id {
+        Some(id) if *id != row.release_id => tx.release_by_id(&cx.env.id, id).await?,
+        _ => None,
+    };
+    row.state = "canceled".into();
+    row.ended_at = Some(now_ms());
+    row.reason = Some(match &from {
+        Some(f) => format!(
+            "canceled by {}: {why}; the env goes back to v{}",
+            cx.actor, f.number
+        ),
+        None => format!(
+            "canceled by {}: {why}; nothing to go back to: the instances started so far keep running",
+            cx.actor
+        ),
+    });
+    tx.update_rollout(&row).await?;
+    tx.emit(cx.event(
+        "rollout.canceled",
+        Some(&row.release_id),
+        format!(
+            "rollout {} of v{} {}",
+            row.id,
+            release.as_ref().map_or(0, |r| r.number),
+            row.reason.as_deref().unwrap_or_default()
+        ),
+    ))
+    .await?;
+    if let (Some(from), Some(release)) = (&from, &release) {
+        let scale = tx.scale_overrides(&cx.env.id).await?;
+        let carried = carry_scale(&manifest_of(release)?, &manifest_of(from)?, &scale);
+        tx.replace_scale_overrides(&cx.env.id, &carried).await?;
+        tx.set_current_release(&cx.env.id, &from.id).await?;
+        begin(&mut tx, &cx, from, Some(release), "cancel").await?;
+    }
+    tx.commit().await?;
+    st.cluster.poke();
+    let reschedule = st.cluster.settings().reschedule_after_ms;
+    Ok(axum::Json(
+        view(&st.store, &cx.env.id, &row, reschedule).await?,
+    ))
+}

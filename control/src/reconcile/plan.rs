@@ -1,0 +1,365 @@
+//! The rolling planner: what one env's instances should do next, as a list
+//! of [`Action`]s. Pure: it reads a snapshot and changes nothing, so
+//! `reconcile_env` applies its actions, `verge deploy --dry-run` shows them,
+//! and the scale benchmark drives it over simulated clusters.
+//!
+//! Per workload, each instance with goal `run` is either *current* (the
+//! release's spec, slot below the count, first in its slot, on a node that
+//! is neither draining nor lost) or *outgoing* (an earlier release, scaled
+//! away, a duplicate, or on a draining node). Then:
+//!
+//! 1. Instances of a node offline longer than the reschedule grace are
+//!    stopped (`node_lost`) and their slots refilled elsewhere, unless the
+//!    workload mounts volumes: then they are pinned and wait for the node.
+//! 2. Outgoing instances that do not serve are stopped; serving ones are
+//!    stopped while the workload keeps at least `count - max_unavailable`
+//!    ready (running, and healthy when it has a check) instances; those on
+//!    a node past its drain deadline are stopped regardless.
+//! 3. Missing slots get new instances while the workload has at most
+//!    `count + max_surge` instances.
+//!
+//! A *held* env (its rollout failed or was canceled) takes no rolling
+//! steps: it keeps serving from what it runs.
+
+use std::collections::BTreeMap;
+
+use verge_api::manifest::{Manifest, Runtime, Workload};
+
+use crate::scheduler::{self, Ask, Nodes};
+use crate::store::InstanceRow;
+
+/// Why an instance is stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopWhy {
+    /// Another release (or other resources) replaces it.
+    Replaced,
+    /// Its slot is above the count, or its workload is gone.
+    ScaledDown,
+    /// Two instances in one slot.
+    Duplicate,
+    /// Its node is draining.
+    Drained,
+    /// Its node has been offline longer than the reschedule grace.
+    Lost,
+}
+
+impl StopWhy {
+    pub fn describe(self) -> &'static str {
+        match self {
+            StopWhy::Replaced => "replaced by the new release",
+            StopWhy::ScaledDown => "no longer wanted (scaled down or removed)",
+            StopWhy::Duplicate => "a duplicate of its slot",
+            StopWhy::Drained => "moved off its draining node",
+            StopWhy::Lost => "its node is lost: replaced on another node",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// A new instance of the release in `slot`: on a node, or pending with why not.
+    Create {
+        workload: String,
+        slot: i64,
+        node: Result<String, String>,
+    },
+    /// A pending instance without a node: placed now, or a new reason why not.
+    Place {
+        instance: String,
+        node: Result<String, String>,
+    },
+    /// Goal `stop` for a placed instance.
+    Stop {
+        instance: String,
+        node: String,
+        why: StopWhy,
+    },
+    /// Forget an instance that never got a node.
+    Delete { instance: String },
+}
+
+/// What the planner needs to know besides the instances.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    pub now_ms: i64,
+    /// Instances of a node offline this long are lost.
+    pub reschedule_after_ms: i64,
+}
+
+/// A node's liveness and drain, as the planner needs it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NodeFacts {
+    pub online: bool,
+    /// Since when it is offline (ms), when it is.
+    pub offline_at: Option<i64>,
+    pub draining: bool,
+    /// Draining and past the drain deadline.
+    pub drain_overdue: bool,
+}
+
+/// One env at one moment.
+#[derive(Debug, Clone, Copy)]
+pub struct EnvInput<'a> {
+    pub release_id: &'a str,
+    /// The release's manifest with `verge scale` applied.
+    pub manifest: &'a Manifest,
+    /// Every instance of the env, in (workload, slot, created_at) order.
+    pub instances: &'a [InstanceRow],
+    /// The rollout ended without success: take no rolling steps.
+    pub hold: bool,
+}
+
+/// Liveness and drain of nodes, by ID.
+pub type Facts = BTreeMap<String, NodeFacts>;
+
+pub fn cpu_millis(w: &Workload) -> i64 {
+    (w.cpu * 1000.0).round() as i64
+}
+
+/// Whether `i` runs the release's spec of its workload (release, slot,
+/// resources), ignoring where.
+pub fn matches(i: &InstanceRow, release: &str, w: &Workload) -> bool {
+    i.release_id == release
+        && i.slot < i64::from(w.count)
+        && i.cpu_millis == cpu_millis(w)
+        && i.memory == w.memory as i64
+}
+
+/// Running (and healthy, when `checked`) on a node that is online.
+pub fn ready(i: &InstanceRow, checked: bool, facts: &Facts) -> bool {
+    let online = i
+        .node_id
+        .as_ref()
+        .and_then(|n| facts.get(n))
+        .is_some_and(|f| f.online);
+    online
+        && i.state == "running"
+        && match i.healthy() {
+            Some(h) => h,
+            None => !checked,
+        }
+}
+
+/// Lost: on a node offline for longer than the reschedule grace.
+pub fn lost(i: &InstanceRow, facts: &Facts, clock: Clock) -> bool {
+    i.node_id
+        .as_ref()
+        .and_then(|n| facts.get(n))
+        .and_then(|f| f.offline_at)
+        .is_some_and(|at| clock.now_ms - at >= clock.reschedule_after_ms)
+}
+
+/// A workload's instances split by role.
+#[derive(Debug, Default)]
+pub struct Split<'a> {
+    /// Slot → the instance that holds it.
+    pub current: BTreeMap<i64, &'a InstanceRow>,
+    pub outgoing: Vec<(&'a InstanceRow, StopWhy)>,
+    /// Lost instances to stop (their slots are free again).
+    pub lost: Vec<&'a InstanceRow>,
+    /// Lost but pinned by volumes: kept, waiting for their node.
+    pub pinned: Vec<&'a InstanceRow>,
+}
+
+/// Splits the goal-`run` instances of workload `name` (spec `w`).
+pub fn split<'a>(
+    name: &str,
+    w: &Workload,
+    input: &EnvInput<'a>,
+    facts: &Facts,
+    clock: Clock,
+) -> Split<'a> {
+    let mut s = Split::default();
+    for i in input
+        .instances
+        .iter()
+        .filter(|i| i.goal == "run" && i.workload == name)
+    {
+        if lost(i, facts, clock) {
+            if w.volumes.is_empty() {
+                s.lost.push(i);
+                continue;
+            }
+            s.pinned.push(i);
+        }
+        let draining = i
+            .node_id
+            .as_ref()
+            .and_then(|n| facts.get(n))
+            .is_some_and(|f| f.draining);
+        let why = if !matches(i, input.release_id, w) {
+            if i.release_id == input.release_id && i.slot >= i64::from(w.count) {
+                StopWhy::ScaledDown
+            } else {
+                StopWhy::Replaced
+            }
+        } else if draining {
+            StopWhy::Drained
+        } else if s.current.contains_key(&i.slot) {
+            StopWhy::Duplicate
+        } else {
+            s.current.insert(i.slot, i);
+            continue;
+        };
+        s.outgoing.push((i, why));
+    }
+    s
+}
+
+/// The next actions for one env. `nodes` is the cluster (reservations are
+/// updated for what this plan places); `facts` its liveness and drains.
+pub fn plan(input: &EnvInput<'_>, nodes: &mut Nodes, facts: &Facts, clock: Clock) -> Vec<Action> {
+    let mut actions = Vec::new();
+    // Workloads the release no longer has: stop at once.
+    for i in input
+        .instances
+        .iter()
+        .filter(|i| i.goal == "run" && !input.manifest.workloads.contains_key(&i.workload))
+    {
+        actions.push(stop_or_delete(i, StopWhy::ScaledDown));
+    }
+    for (name, w) in &input.manifest.workloads {
+        plan_workload(name, w, input, nodes, facts, clock, &mut actions);
+    }
+    // Give back what stopped instances reserved in this snapshot.
+    for a in &actions {
+        if let Action::Stop { instance, node, .. } = a
+            && let Some(i) = input.instances.iter().find(|i| &i.id == instance)
+        {
+            nodes.reserve(node, -i.cpu_millis, -i.memory);
+        }
+    }
+    actions
+}
+
+fn stop_or_delete(i: &InstanceRow, why: StopWhy) -> Action {
+    match &i.node_id {
+        Some(node) => Action::Stop {
+            instance: i.id.clone(),
+            node: node.clone(),
+            why,
+        },
+        None => Action::Delete {
+            instance: i.id.clone(),
+        },
+    }
+}
+
+fn plan_workload(
+    name: &str,
+    w: &Workload,
+    input: &EnvInput<'_>,
+    nodes: &mut Nodes,
+    facts: &Facts,
+    clock: Clock,
+    actions: &mut Vec<Action>,
+) {
+    let s = split(name, w, input, facts, clock);
+    for i in &s.lost {
+        actions.push(stop_or_delete(i, StopWhy::Lost));
+    }
+    let count = i64::from(w.count);
+    let checked = w.health.is_some();
+    let mut outgoing: Vec<(&InstanceRow, StopWhy)> = Vec::new();
+    for (i, why) in s.outgoing {
+        if i.node_id.is_none() {
+            // Never placed: nothing runs, nothing to wait for.
+            actions.push(stop_or_delete(i, why));
+        } else {
+            outgoing.push((i, why));
+        }
+    }
+    if !input.hold {
+        let mut serving = s
+            .current
+            .values()
+            .filter(|i| ready(i, checked, facts))
+            .count() as i64
+            + outgoing
+                .iter()
+                .filter(|(i, _)| ready(i, false, facts))
+                .count() as i64;
+        let keep = (count - i64::from(w.rollout.max_unavailable)).max(0);
+        // Stop what does not serve first, then what serves, newest release last.
+        outgoing.sort_by_key(|(i, _)| (ready(i, false, facts), i.created_at));
+        let mut remaining = Vec::new();
+        for (i, why) in outgoing {
+            let overdue = i
+                .node_id
+                .as_ref()
+                .and_then(|n| facts.get(n))
+                .is_some_and(|f| f.drain_overdue);
+            let ready_now = ready(i, false, facts);
+            if !ready_now || overdue || serving - 1 >= keep {
+                if ready_now {
+                    serving -= 1;
+                }
+                actions.push(stop_or_delete(i, why));
+            } else {
+                remaining.push((i, why));
+            }
+        }
+        outgoing = remaining;
+    }
+
+    // Pending instances without a node, and new ones for missing slots.
+    let unplaced: Vec<&InstanceRow> = s
+        .current
+        .values()
+        .filter(|i| i.node_id.is_none())
+        .copied()
+        .collect();
+    let mut missing: Vec<i64> = (0..count).filter(|k| !s.current.contains_key(k)).collect();
+    if input.hold {
+        missing.clear();
+    } else {
+        let total = (s.current.len() + outgoing.len()) as i64;
+        let room = (count + i64::from(w.rollout.max_surge) - total).max(0);
+        missing.truncate(room as usize);
+    }
+    if unplaced.is_empty() && missing.is_empty() {
+        return;
+    }
+    let existing: Vec<&str> = s
+        .current
+        .values()
+        .chain(outgoing.iter().map(|(i, _)| i))
+        .filter_map(|i| i.node_id.as_deref())
+        .collect();
+    let pinned_to = s.pinned.first().and_then(|i| i.node_id.clone());
+    let ask = Ask {
+        workload: name,
+        cpu_millis: cpu_millis(w),
+        memory: w.memory as i64,
+        constraints: &w.constraints,
+        pin: pinned_to
+            .as_deref()
+            .map(|n| (n, "the workload's volumes are on")),
+    };
+    let wasm = (w.runtime == Runtime::Wasm)
+        .then(|| "no node runs WebAssembly workloads yet: nodes run runtime = \"process\" only");
+    let mut placed = match wasm {
+        Some(why) => vec![Err(why.to_string()); unplaced.len() + missing.len()],
+        None => scheduler::place(nodes, &ask, &existing, unplaced.len() + missing.len()),
+    }
+    .into_iter();
+    for i in unplaced {
+        let node = placed.next().expect("one result per instance");
+        if node.as_ref().err() != i.message.as_ref() {
+            actions.push(Action::Place {
+                instance: i.id.clone(),
+                node,
+            });
+        }
+    }
+    for slot in missing {
+        actions.push(Action::Create {
+            workload: name.to_string(),
+            slot,
+            node: placed.next().expect("one result per slot"),
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests;

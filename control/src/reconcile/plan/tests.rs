@@ -1,0 +1,275 @@
+use super::*;
+use crate::scheduler::NodeView;
+
+const NOW: i64 = 1_000_000;
+const CLOCK: Clock = Clock {
+    now_ms: NOW,
+    reschedule_after_ms: 30_000,
+};
+
+fn manifest(extra: &str) -> Manifest {
+    verge_api::manifest::parse(
+        "verge.toml",
+        &format!(
+            "app = \"a\"\n[workloads.web]\nimage = \"r/i:1\"\ncount = 2\ncpu = 0.25\n\
+             memory = \"64Mi\"\n{extra}"
+        ),
+    )
+    .unwrap()
+}
+
+fn nodes(names: &[&str]) -> (Nodes, Facts) {
+    cluster(names, &[], &[])
+}
+
+/// Nodes by name; `offline` ones since the given time, `draining` ones.
+fn cluster(names: &[&str], offline: &[(&str, i64)], draining: &[&str]) -> (Nodes, Facts) {
+    let since = |n: &str| offline.iter().find(|(o, _)| *o == n).map(|(_, t)| *t);
+    let views = names
+        .iter()
+        .map(|n| NodeView {
+            id: n.to_string(),
+            name: n.to_string(),
+            offline_since: since(n).map(|t| t.to_string()),
+            draining: draining.contains(n),
+            labels: BTreeMap::new(),
+            cpu_millis: 4000,
+            memory: 4 << 30,
+            used_cpu_millis: 0,
+            used_memory: 0,
+        })
+        .collect();
+    let facts = names
+        .iter()
+        .map(|n| {
+            (
+                n.to_string(),
+                NodeFacts {
+                    online: since(n).is_none(),
+                    offline_at: since(n),
+                    draining: draining.contains(n),
+                    drain_overdue: false,
+                },
+            )
+        })
+        .collect();
+    (Nodes::new(views), facts)
+}
+
+fn inst(id: &str, release: &str, slot: i64, node: &str, state: &str) -> InstanceRow {
+    InstanceRow {
+        id: id.into(),
+        env_id: "e".into(),
+        release_id: release.into(),
+        workload: "web".into(),
+        slot,
+        node_id: Some(node.into()),
+        node_name: Some(node.into()),
+        goal: "run".into(),
+        state: state.into(),
+        category: None,
+        message: None,
+        address: None,
+        restarts: 0,
+        cpu_millis: 250,
+        memory: 64 << 20,
+        created_at: slot,
+        updated_at: 0,
+        healthy: None,
+    }
+}
+
+fn run(m: &Manifest, instances: &[InstanceRow], names: &[&str], hold: bool) -> Vec<Action> {
+    let (mut n, f) = nodes(names);
+    run_with(m, instances, &mut n, &f, hold)
+}
+
+fn run_with(
+    m: &Manifest,
+    instances: &[InstanceRow],
+    nodes: &mut Nodes,
+    facts: &Facts,
+    hold: bool,
+) -> Vec<Action> {
+    let input = EnvInput {
+        release_id: "r2",
+        manifest: m,
+        instances,
+        hold,
+    };
+    plan(&input, nodes, facts, CLOCK)
+}
+
+fn creates(actions: &[Action]) -> Vec<(i64, String)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Create { slot, node, .. } => Some((*slot, node.clone().unwrap())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn stops(actions: &[Action]) -> Vec<(String, StopWhy)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Stop { instance, why, .. } => Some((instance.clone(), *why)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_first_deploy_creates_every_slot_spread() {
+    let actions = run(&manifest(""), &[], &["a", "b"], false);
+    assert_eq!(creates(&actions), [(0, "a".into()), (1, "b".into())]);
+    assert!(stops(&actions).is_empty());
+}
+
+#[test]
+fn a_rollout_surges_then_stops_old_ones_only_when_new_ones_are_ready() {
+    let m = manifest("");
+    let old = [
+        inst("o0", "r1", 0, "a", "running"),
+        inst("o1", "r1", 1, "b", "running"),
+    ];
+    // max_surge 1, max_unavailable 0: one new instance, nothing stopped.
+    let actions = run(&m, &old, &["a", "b", "c"], false);
+    assert_eq!(creates(&actions), [(0, "c".into())]);
+    assert!(stops(&actions).is_empty(), "{actions:?}");
+
+    // The new one is still starting: nothing more happens.
+    let mut now = old.to_vec();
+    now.push(inst("n0", "r2", 0, "c", "starting"));
+    assert!(run(&m, &now, &["a", "b", "c"], false).is_empty());
+
+    // Ready: one old one stops, which makes room for the next new one.
+    now[2].state = "running".into();
+    let actions = run(&m, &now, &["a", "b", "c"], false);
+    assert_eq!(stops(&actions), [("o0".into(), StopWhy::Replaced)]);
+    assert_eq!(creates(&actions), [(1, "a".into())]);
+
+    // Until that one is ready, the last old one keeps serving.
+    now.remove(0);
+    now.push(inst("n1", "r2", 1, "a", "pulling"));
+    assert!(run(&m, &now, &["a", "b", "c"], false).is_empty());
+    now[2].state = "running".into();
+    assert_eq!(
+        stops(&run(&m, &now, &["a", "b", "c"], false)),
+        [("o1".into(), StopWhy::Replaced)]
+    );
+}
+
+#[test]
+fn health_checked_instances_count_only_when_healthy() {
+    let m = manifest("health = { tcp = 8080 }\n");
+    let mut now = vec![
+        inst("o0", "r1", 0, "a", "running"),
+        inst("o1", "r1", 1, "b", "running"),
+        inst("n0", "r2", 0, "c", "running"),
+    ];
+    assert!(run(&m, &now, &["a", "b", "c"], false).is_empty());
+    now[2].healthy = Some(0);
+    assert!(run(&m, &now, &["a", "b", "c"], false).is_empty());
+    now[2].healthy = Some(1);
+    assert_eq!(stops(&run(&m, &now, &["a", "b", "c"], false)).len(), 1);
+}
+
+#[test]
+fn max_unavailable_stops_first_without_surge() {
+    let m = manifest("rollout = { max_surge = 0, max_unavailable = 1 }\n");
+    let old = [
+        inst("o0", "r1", 0, "a", "running"),
+        inst("o1", "r1", 1, "b", "running"),
+    ];
+    let actions = run(&m, &old, &["a", "b"], false);
+    assert_eq!(stops(&actions), [("o0".into(), StopWhy::Replaced)]);
+    assert_eq!(creates(&actions).len(), 1, "{actions:?}");
+}
+
+#[test]
+fn a_held_env_takes_no_rolling_steps() {
+    let m = manifest("");
+    let mut now = vec![
+        inst("o0", "r1", 0, "a", "running"),
+        inst("o1", "r1", 1, "b", "running"),
+        inst("n0", "r2", 0, "c", "failed"),
+    ];
+    assert!(run(&m, &now, &["a", "b", "c"], true).is_empty());
+    now[2].state = "running".into();
+    assert!(run(&m, &now, &["a", "b", "c"], true).is_empty());
+}
+
+#[test]
+fn instances_of_a_lost_node_are_replaced_unless_pinned() {
+    let m = manifest("");
+    let now = [
+        inst("i0", "r2", 0, "a", "running"),
+        inst("i1", "r2", 1, "b", "running"),
+    ];
+    // Offline, but not for long yet: wait.
+    let (mut n, f) = cluster(&["a", "b", "c"], &[("a", NOW - 1_000)], &[]);
+    assert!(run_with(&m, &now, &mut n, &f, false).is_empty());
+    let (mut n, f) = cluster(&["a", "b", "c"], &[("a", NOW - 60_000)], &[]);
+    let actions = run_with(&m, &now, &mut n, &f, false);
+    assert_eq!(stops(&actions), [("i0".into(), StopWhy::Lost)]);
+    assert_eq!(creates(&actions), [(0, "c".into())]);
+
+    let pinned = manifest("volumes = [{ name = \"data\", path = \"/data\" }]\n");
+    let (mut n, f) = cluster(&["a", "b", "c"], &[("a", NOW - 60_000)], &[]);
+    assert!(run_with(&pinned, &now, &mut n, &f, false).is_empty());
+}
+
+#[test]
+fn a_drain_moves_instances_within_the_rollout_rules() {
+    let m = manifest("");
+    let mut now = vec![
+        inst("i0", "r2", 0, "a", "running"),
+        inst("i1", "r2", 1, "b", "running"),
+    ];
+    let (n, mut f) = cluster(&["a", "b", "c"], &[], &["a"]);
+    let actions = run_with(&m, &now, &mut n.clone(), &f, false);
+    assert_eq!(creates(&actions), [(0, "c".into())], "a replacement first");
+    assert!(stops(&actions).is_empty());
+    now.push(inst("r0", "r2", 0, "c", "running"));
+    let actions = run_with(&m, &now, &mut n.clone(), &f, false);
+    assert_eq!(stops(&actions), [("i0".into(), StopWhy::Drained)]);
+    // Past the deadline, it goes whether or not its replacement is ready.
+    now[2].state = "starting".into();
+    assert!(run_with(&m, &now, &mut n.clone(), &f, false).is_empty());
+    f.get_mut("a").unwrap().drain_overdue = true;
+    let actions = run_with(&m, &now, &mut n.clone(), &f, false);
+    assert_eq!(stops(&actions), [("i0".into(), StopWhy::Drained)]);
+}
+
+#[test]
+fn scaling_down_stops_the_highest_slots() {
+    let m = manifest("");
+    let now = [
+        inst("i0", "r2", 0, "a", "running"),
+        inst("i1", "r2", 1, "b", "running"),
+        inst("i2", "r2", 2, "c", "running"),
+    ];
+    let actions = run(&m, &now, &["a", "b", "c"], false);
+    assert_eq!(stops(&actions), [("i2".into(), StopWhy::ScaledDown)]);
+    assert!(creates(&actions).is_empty());
+}
+
+#[test]
+fn unplaceable_slots_explain_and_do_not_repeat() {
+    let m = manifest("constraints = { region = \"eu-west\" }\n");
+    let actions = run(&m, &[], &["a"], false);
+    let Action::Create { node: Err(why), .. } = &actions[0] else {
+        panic!("{actions:?}")
+    };
+    assert!(why.contains("node a: no label region"), "{why}");
+    // A pending instance with that very reason is left alone.
+    let mut pending = inst("p0", "r2", 0, "a", "pending");
+    pending.node_id = None;
+    pending.message = Some(why.clone());
+    let mut p1 = pending.clone();
+    p1.id = "p1".into();
+    p1.slot = 1;
+    assert!(run(&m, &[pending, p1], &["a"], false).is_empty());
+}

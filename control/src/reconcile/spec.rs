@@ -1,0 +1,111 @@
+//! What instance specs nodes get: a node's desired set, built from the
+//! instances placed on it and the releases they belong to.
+
+use std::collections::BTreeMap;
+
+use verge_api::manifest::Manifest;
+use verge_api::wire::{DesiredSet, InstanceSpec};
+
+use crate::store::{EnvScope, InstanceRow, NodeRow, Result, Store};
+
+/// What instance specs take from their release.
+struct ReleaseParts {
+    manifest: Manifest,
+    /// Workload → digest-pinned image.
+    images: BTreeMap<String, String>,
+    /// The env vars of the config version the release pins.
+    vars: BTreeMap<String, String>,
+}
+
+async fn release_parts(
+    store: &Store,
+    env_id: &str,
+    release_id: &str,
+) -> Result<Option<ReleaseParts>> {
+    let Some(r) = store.release_by_id(env_id, release_id).await? else {
+        return Ok(None);
+    };
+    let Ok(manifest) = serde_json::from_str::<Manifest>(&r.manifest) else {
+        return Ok(None);
+    };
+    Ok(Some(ReleaseParts {
+        manifest,
+        images: serde_json::from_str(&r.images).unwrap_or_default(),
+        vars: store.config_vars_at(env_id, r.config_version).await?,
+    }))
+}
+
+/// The desired set of one node: every instance placed on it with goal `run`.
+pub async fn desired_set(store: &Store, node: &NodeRow) -> Result<DesiredSet> {
+    let mut releases: BTreeMap<String, Option<ReleaseParts>> = BTreeMap::new();
+    let mut scopes: BTreeMap<String, Option<EnvScope>> = BTreeMap::new();
+    let mut specs = Vec::new();
+    for i in store.node_instances(&node.id).await? {
+        if i.goal != "run" {
+            continue;
+        }
+        if !releases.contains_key(&i.release_id) {
+            let parts = release_parts(store, &i.env_id, &i.release_id).await?;
+            releases.insert(i.release_id.clone(), parts);
+        }
+        if !scopes.contains_key(&i.env_id) {
+            scopes.insert(i.env_id.clone(), store.env_scope(&i.env_id).await?);
+        }
+        let (Some(Some(r)), Some(Some(scope))) =
+            (releases.get(&i.release_id), scopes.get(&i.env_id))
+        else {
+            continue;
+        };
+        if let Some(spec) = instance_spec(&i, r, scope) {
+            specs.push(spec);
+        }
+    }
+    Ok(DesiredSet {
+        version: node.desired_version as u64,
+        instances: specs,
+    })
+}
+
+/// What a node needs to run instance `i`.
+fn instance_spec(i: &InstanceRow, r: &ReleaseParts, scope: &EnvScope) -> Option<InstanceSpec> {
+    let w = r.manifest.workloads.get(&i.workload)?;
+    let port = r
+        .manifest
+        .endpoints
+        .iter()
+        .find(|e| e.workload == i.workload)
+        .map(|e| e.internal_port)
+        .or(w.health.map(|h| h.tcp));
+    // The manifest's env, then the env's own vars (operators override), then Verge's.
+    let mut env_vars = r.manifest.env.clone();
+    env_vars.extend(r.vars.clone());
+    for (k, v) in [
+        ("VERGE_INSTANCE_ID", &i.id),
+        ("VERGE_APP", &scope.app),
+        ("VERGE_ENV", &scope.env),
+        ("VERGE_WORKLOAD", &i.workload),
+        ("VERGE_RELEASE", &i.release_id),
+    ] {
+        env_vars.insert(k.to_string(), v.clone());
+    }
+    Some(InstanceSpec {
+        id: i.id.clone(),
+        org: scope.org.clone(),
+        app: scope.app.clone(),
+        env: scope.env.clone(),
+        release: i.release_id.clone(),
+        workload: i.workload.clone(),
+        image: r
+            .images
+            .get(&i.workload)
+            .cloned()
+            .unwrap_or_else(|| w.image.clone()),
+        command: w.command.clone(),
+        env_vars,
+        cpu: i.cpu_millis as f64 / 1000.0,
+        memory: i.memory as u64,
+        restart: w.restart,
+        port,
+        health: w.health,
+    })
+}

@@ -1,6 +1,8 @@
 //! The store suite: the same scenarios against SQLite and PostgreSQL.
 
-use verge_control::store::{Backend, Revoke, Store, StoreError, TokenRow};
+use verge_control::store::{
+    Backend, NewInstance, NewNode, NewRollout, ReleaseRow, Revoke, Store, StoreError, TokenRow,
+};
 
 fn expect_revoked(r: Revoke) -> TokenRow {
     match r {
@@ -29,6 +31,8 @@ on_both_backends!(
     claim_once_has_one_winner_among_racers,
     the_last_admin_token_is_never_revoked,
     bootstrap_has_one_winner_and_makes_the_token_with_the_claim,
+    node_reservations_follow_placements_and_stops,
+    a_new_rollout_supersedes_the_active_one,
 );
 
 async fn open(backend: Backend) -> (Store, String, tempfile::TempDir) {
@@ -291,4 +295,129 @@ async fn bootstrap_has_one_winner_and_makes_the_token_with_the_claim(store: Stor
             .unwrap()
     );
     assert_eq!(store.active_admin_tokens().await.unwrap(), 1);
+}
+
+/// An env with one release, for instance and rollout rows: `(env id, release id)`.
+async fn env_with_release(store: &Store) -> (String, String) {
+    let org = store.create_org("acme").await.unwrap();
+    let project = store.create_project(&org.id, "p").await.unwrap();
+    let app = store.create_app(&org.id, &project, "hello").await.unwrap();
+    let env = store.create_env(&app, "prod").await.unwrap();
+    let release = ReleaseRow {
+        id: "rel_1".into(),
+        env_id: env.id.clone(),
+        number: 1,
+        manifest: "{}".into(),
+        images: "{}".into(),
+        config_version: 0,
+        secrets: "{}".into(),
+        fingerprint: "f".into(),
+        parent_id: None,
+        created_at: 0,
+        created_by: "test".into(),
+    };
+    let mut tx = store.mutation().await.unwrap();
+    tx.insert_release(&release).await.unwrap();
+    tx.commit().await.unwrap();
+    (env.id, release.id)
+}
+
+/// `nodes.used_*` is kept in step with every placement, stop and delete,
+/// and equals what the instances with goal `run` add up to.
+async fn node_reservations_follow_placements_and_stops(store: Store, _url: String) {
+    let (env, release) = env_with_release(&store).await;
+    let mut tx = store.mutation().await.unwrap();
+    for (id, name) in [("n_a", "a"), ("n_b", "b")] {
+        let node = NewNode {
+            id,
+            name,
+            labels: "{}",
+            cpu_millis: 4000,
+            memory: 1 << 30,
+            isolation: "namespaces",
+            version: "test",
+            cert_sha256: id,
+            join_token_id: "jt",
+        };
+        tx.insert_node(&node, |i| Some(format!("fd00:{i}::/64")))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let new = |slot, node| NewInstance {
+        env_id: &env,
+        release_id: &release,
+        workload: "web",
+        slot,
+        node_id: node,
+        cpu_millis: 250,
+        memory: 64 << 20,
+        message: None,
+    };
+    let placed = tx.insert_instance(&new(0, Some("n_a"))).await.unwrap();
+    let pending = tx.insert_instance(&new(1, None)).await.unwrap();
+    let other = tx.insert_instance(&new(2, Some("n_a"))).await.unwrap();
+    tx.place_instance(&pending, Some("n_b"), None)
+        .await
+        .unwrap();
+    tx.stop_instance(&other).await.unwrap();
+    // Stopping twice, or deleting a stopped one, gives nothing back twice.
+    tx.stop_instance(&other).await.unwrap();
+    tx.delete_instance(&other).await.unwrap();
+    tx.commit().await.unwrap();
+    let used = |store: Store| async move {
+        store
+            .nodes()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|n| (n.name, n.used_cpu_millis, n.used_memory))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        used(store.clone()).await,
+        [("a".into(), 250, 64 << 20), ("b".into(), 250, 64 << 20)]
+    );
+    let mut tx = store.mutation().await.unwrap();
+    tx.stop_instance(&placed).await.unwrap();
+    tx.delete_instance(&pending).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(
+        used(store.clone()).await,
+        [("a".into(), 0, 0), ("b".into(), 0, 0)]
+    );
+}
+
+async fn a_new_rollout_supersedes_the_active_one(store: Store, _url: String) {
+    let (env, release) = env_with_release(&store).await;
+    let new = NewRollout {
+        env_id: &env,
+        release_id: &release,
+        from_release_id: None,
+        kind: "deploy",
+        deadline_ms: 1000,
+        created_by: Some("test"),
+    };
+    let mut tx = store.mutation().await.unwrap();
+    let (first, none) = tx.start_rollout(&new, "v1 (deploy)").await.unwrap();
+    assert!(none.is_none());
+    let (second, superseded) = tx.start_rollout(&new, "v2 (deploy)").await.unwrap();
+    tx.commit().await.unwrap();
+    let superseded = superseded.expect("the first was active");
+    assert_eq!(superseded.id, first);
+    assert_eq!(superseded.state, "canceled");
+    assert_eq!(
+        superseded.reason.as_deref(),
+        Some("superseded by v2 (deploy)")
+    );
+    let rows = store.rollouts(&env, 10).await.unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(
+        store.latest_rollout(&env).await.unwrap().unwrap().id,
+        second
+    );
+    assert_eq!(
+        rows.iter().find(|r| r.id == first).unwrap().state,
+        "canceled"
+    );
 }

@@ -5,7 +5,8 @@
 //! (`agent`), reconciling the desired set of instances the control plane
 //! sends (`reconcile`), pulling digest-pinned OCI images into a
 //! content-addressed store (`pull`), running instances as namespaced
-//! processes in cgroups (`runtime`), and their networking (`net`).
+//! processes in cgroups (`runtime`), their networking (`net`) and
+//! their TCP health checks (`health`).
 //! [`daemon`] puts these together for `verge node` (and `verge dev`);
 //! [`identity`] keeps what the node got at join, [`host`] reads the
 //! machine's capacity and usage for heartbeats.
@@ -16,6 +17,7 @@
 
 pub mod agent;
 pub mod daemon;
+pub mod health;
 pub mod host;
 pub mod identity;
 pub mod net;

@@ -6,13 +6,20 @@
 //! starts the process, waits for it, applies the restart policy (exponential
 //! backoff; five failures in a row without a minute of running is a crash
 //! loop, and the instance ends `failed`), and stops it (SIGTERM, grace,
-//! SIGKILL) when the instance leaves the set. Every state change is sent to
+//! SIGKILL) when the instance leaves the set. While an instance with a
+//! health check runs, its supervisor also checks it ([`crate::health`]):
+//! the first pass makes it healthy; three failures in a row make it
+//! unhealthy, and then it is stopped and handled as a failed exit (category
+//! `health`). Every state change, and every change of health, is sent to
 //! the agent as an [`InstanceReport`].
 //!
 //! On start, instances the previous daemon left running are re-adopted, not
-//! restarted; leftovers no longer desired are stopped and cleaned up.
+//! restarted (with the address they had: the network's allocation, or the
+//! loopback `PORT` they were started with); leftovers no longer desired are
+//! stopped and cleaned up.
 
 use std::collections::HashMap;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,10 +33,11 @@ use verge_api::wire::{
     DesiredSet, ErrorCategory, InstanceReport, InstanceSpec, InstanceState, Isolation,
 };
 
+use crate::health::{Check, Checker, Verdict};
 use crate::net::Network;
 use crate::pull::{ImageStore, PulledImage};
 use crate::runtime::state::now_ms;
-use crate::runtime::{Exit, Instance, LaunchSpec, ProcessRuntime};
+use crate::runtime::{Adopted, Exit, Instance, LaunchSpec, ProcessRuntime};
 
 /// Failures in a row (each after less than [`HEALTHY_RUN`] of running) that make a crash loop.
 const CRASH_LOOP: u32 = 5;
@@ -114,9 +122,9 @@ impl Reconciler {
                 supervisors: tokio_util::task::TaskTracker::new(),
             }),
         };
-        let mut adopted: HashMap<String, Instance> = adopted
+        let mut adopted: HashMap<String, Adopted> = adopted
             .into_iter()
-            .map(|a| (a.spec.instance_id.clone(), a.instance))
+            .map(|a| (a.spec.instance_id.clone(), a))
             .collect();
         tracing::info!(
             adopted = adopted.len(),
@@ -133,11 +141,11 @@ impl Reconciler {
         }
         let leftovers: Vec<String> = adopted.keys().cloned().collect();
         r.cleanup_orphans(&leftovers).await;
-        for (id, inst) in adopted {
+        for (id, leftover) in adopted {
             let r2 = r.clone();
             r.inner.supervisors.spawn(async move {
                 tracing::info!(instance = %id, "stopping a leftover instance no longer desired");
-                inst.stop(r2.inner.parts.stop_grace).await;
+                leftover.instance.stop(r2.inner.parts.stop_grace).await;
                 r2.cleanup(&id).await;
             });
         }
@@ -192,8 +200,11 @@ impl Reconciler {
         self.inner.parts.images.disk_usage()
     }
 
-    fn spawn_supervisor(&self, st: &mut State, spec: InstanceSpec, running: Option<Instance>) {
+    fn spawn_supervisor(&self, st: &mut State, spec: InstanceSpec, running: Option<Adopted>) {
         let stop = CancellationToken::new();
+        let reach = running
+            .as_ref()
+            .and_then(|a| self.readopted_reach(&spec.id, &a.spec));
         let report = InstanceReport {
             id: spec.id.clone(),
             state: if running.is_some() {
@@ -203,7 +214,7 @@ impl Reconciler {
             },
             category: None,
             message: None,
-            address: None,
+            address: reach.map(|r| r.address(spec.port)),
             restarts: 0,
             at_ms: now_ms(),
             healthy: None,
@@ -225,11 +236,35 @@ impl Reconciler {
             spec,
             stop,
             restarts: 0,
-            address: None,
+            reach,
+            healthy: None,
         };
         self.inner
             .supervisors
-            .spawn(sup.run(running).instrument(span));
+            .spawn(sup.run(running.map(|a| a.instance)).instrument(span));
+    }
+
+    /// Where a re-adopted instance is reached, as `launch` decided when it
+    /// started it: the IPv6 address the network allocated to it, or the
+    /// loopback `PORT` it was started with.
+    fn readopted_reach(&self, id: &str, launched: &LaunchSpec) -> Option<Reach> {
+        let reach = match &self.inner.parts.net {
+            Some(net) => net.addresses(id).map(|(v6, _)| Reach::Own(v6)),
+            None => launched
+                .env
+                .iter()
+                .rev()
+                .find(|(k, _)| k == "PORT")
+                .and_then(|(_, v)| v.parse().ok())
+                .map(Reach::Loopback),
+        };
+        if reach.is_none() {
+            tracing::warn!(
+                instance = %id,
+                "the re-adopted instance's address is unknown (no address allocation, or no PORT); it is reported without one, and not health checked"
+            );
+        }
+        reach
     }
 
     /// Records and sends a state change.
@@ -310,7 +345,44 @@ struct Supervisor {
     spec: InstanceSpec,
     stop: CancellationToken,
     restarts: u32,
-    address: Option<String>,
+    /// Where the instance is reached, once known.
+    reach: Option<Reach>,
+    /// The health verdict of the current run (see [`InstanceReport::healthy`]).
+    healthy: Option<bool>,
+}
+
+/// Where an instance is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reach {
+    /// Its own IPv6 address (with networking), on its own ports.
+    Own(Ipv6Addr),
+    /// A loopback port the node picked and passed as `PORT` (without
+    /// networking, with isolation `none`).
+    Loopback(u16),
+}
+
+impl Reach {
+    /// The report's `address`; `port` is the instance spec's.
+    fn address(self, port: Option<u16>) -> String {
+        match (self, port) {
+            (Reach::Own(v6), Some(p)) => format!("[{v6}]:{p}"),
+            (Reach::Own(v6), None) => v6.to_string(),
+            (Reach::Loopback(p), _) => format!("127.0.0.1:{p}"),
+        }
+    }
+
+    /// Where a health check of port `tcp` connects. On loopback the node's
+    /// port stands in for the spec's `port` (which the workload serves on
+    /// as `PORT`); other ports are the workload's own.
+    fn probe(self, port: Option<u16>, tcp: u16) -> SocketAddr {
+        match self {
+            Reach::Own(v6) => SocketAddr::new(v6.into(), tcp),
+            Reach::Loopback(p) => {
+                let p = if port == Some(tcp) { p } else { tcp };
+                SocketAddr::new(Ipv4Addr::LOCALHOST.into(), p)
+            }
+        }
+    }
 }
 
 /// How a wait ended.
@@ -320,6 +392,13 @@ enum Woke<T> {
     Stop,
     /// The daemon is shutting down: leave the instance as it is.
     Shutdown,
+}
+
+/// How a run ended.
+enum Ended {
+    Exited(Exit),
+    /// Its health check failed too often; what the last failure said.
+    Unhealthy(String),
 }
 
 impl Supervisor {
@@ -339,11 +418,23 @@ impl Supervisor {
             state,
             category,
             message,
-            address: self.address.clone(),
+            address: self.reach.map(|r| r.address(self.spec.port)),
             restarts: self.restarts,
             at_ms: now_ms(),
-            healthy: None,
+            // A verdict is about a running instance only.
+            healthy: if state == InstanceState::Running {
+                self.healthy
+            } else {
+                None
+            },
         });
+    }
+
+    /// The instance's health check, when it has one and its address is known.
+    fn check(&self) -> Option<Check> {
+        let health = self.spec.health?;
+        let addr = self.reach?.probe(self.spec.port, health.tcp);
+        Some(Check::new(addr, &health))
     }
 
     async fn until<T>(&self, fut: impl std::future::Future<Output = T>) -> Woke<T> {
@@ -375,23 +466,41 @@ impl Supervisor {
                     Woke::Shutdown => return,
                 },
             };
+            self.healthy = None;
             self.report(InstanceState::Running, None, None);
             let started = Instant::now();
-            let exit = match self.until(inst.wait()).await {
-                Woke::Done(exit) => exit,
+            let ended = match self.watch(&inst).await {
+                Woke::Done(ended) => ended,
                 Woke::Stop => return self.finish(Some(inst)).await,
                 Woke::Shutdown if self.r.inner.parts.stop_on_shutdown => {
                     return self.finish(Some(inst)).await;
                 }
                 Woke::Shutdown => return,
             };
-            if started.elapsed() >= HEALTHY_RUN {
+            // A long run resets the count, unless it never passed its health check.
+            if started.elapsed() >= HEALTHY_RUN
+                && (self.check().is_none() || self.healthy == Some(true))
+            {
                 failures = 0;
             }
+            let (category, message) = match ended {
+                Ended::Exited(exit) => classify(&exit, self.spec.memory),
+                Ended::Unhealthy(message) => {
+                    self.healthy = Some(false);
+                    self.report(
+                        InstanceState::Running,
+                        Some(ErrorCategory::Health),
+                        Some(message.clone()),
+                    );
+                    tracing::info!("stopping the unhealthy instance");
+                    inst.stop(self.r.inner.parts.stop_grace).await;
+                    (Some(ErrorCategory::Health), message)
+                }
+            };
+            self.healthy = None;
             if let Err(e) = self.r.inner.parts.runtime.remove(&self.spec.id).await {
                 tracing::warn!(error = %e, "removing the exited instance's runtime state failed");
             }
-            let (category, message) = classify(&exit, self.spec.memory);
             let failed = category.is_some();
             let restart = match self.spec.restart {
                 Restart::Always => true,
@@ -412,6 +521,48 @@ impl Supervisor {
             }
             if !self.back_off(failures, category, message).await {
                 return;
+            }
+        }
+    }
+
+    /// Waits for the instance to exit while running its health check, if
+    /// it has one: reports when it turns healthy, and ends when it turns
+    /// unhealthy (still running).
+    async fn watch(&mut self, inst: &Instance) -> Woke<Ended> {
+        let Some(check) = self.check() else {
+            return match self.until(inst.wait()).await {
+                Woke::Done(exit) => Woke::Done(Ended::Exited(exit)),
+                Woke::Stop => Woke::Stop,
+                Woke::Shutdown => Woke::Shutdown,
+            };
+        };
+        enum Event {
+            Exited(Exit),
+            Health(Verdict),
+        }
+        let mut checker = Checker::new(check);
+        loop {
+            // Both are cancel-safe: an exit is never missed, and the checker
+            // keeps its timer and failure count from one turn to the next.
+            let event = self.until(async {
+                tokio::select! {
+                    exit = inst.wait() => Event::Exited(exit),
+                    verdict = checker.next() => Event::Health(verdict),
+                }
+            });
+            match event.await {
+                Woke::Done(Event::Exited(exit)) => return Woke::Done(Ended::Exited(exit)),
+                Woke::Done(Event::Health(Verdict::Healthy)) => {
+                    tracing::info!(check = %check.addr, "instance healthy");
+                    self.healthy = Some(true);
+                    self.report(InstanceState::Running, None, None);
+                }
+                Woke::Done(Event::Health(Verdict::Unhealthy(message))) => {
+                    tracing::info!(%message, "instance unhealthy");
+                    return Woke::Done(Ended::Unhealthy(message));
+                }
+                Woke::Stop => return Woke::Stop,
+                Woke::Shutdown => return Woke::Shutdown,
             }
         }
     }
@@ -480,19 +631,13 @@ impl Supervisor {
         // Setting up the network and starting run to the end, never
         // cancelled half-way: a dropped start could leave a running shim
         // behind. A stop that came meanwhile is honoured right after.
-        let (netns, port, address) = match &parts.net {
+        let (netns, port, reach) = match &parts.net {
             Some(net) => match net.setup(&self.spec.id).await {
-                Ok(n) => {
-                    let address = match self.spec.port {
-                        Some(p) => format!("[{}]:{p}", n.v6),
-                        None => n.v6.to_string(),
-                    };
-                    (Some(n.netns), self.spec.port, address)
-                }
+                Ok(n) => (Some(n.netns), self.spec.port, Reach::Own(n.v6)),
                 Err(e) => return Woke::Done(Err((ErrorCategory::Start, e.to_string()))),
             },
             None => match free_loopback_port() {
-                Ok(p) => (None, Some(p), format!("127.0.0.1:{p}")),
+                Ok(p) => (None, Some(p), Reach::Loopback(p)),
                 Err(e) => {
                     return Woke::Done(Err((
                         ErrorCategory::Start,
@@ -501,7 +646,7 @@ impl Supervisor {
                 }
             },
         };
-        self.address = Some(address);
+        self.reach = Some(reach);
         let launch = match launch_spec(&self.spec, &image, netns, port) {
             Ok(l) => l,
             Err(e) => return Woke::Done(Err((ErrorCategory::Start, e))),

@@ -22,6 +22,7 @@
 //! steps: it keeps serving from what it runs.
 
 use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
 
 use verge_api::manifest::{Manifest, Runtime, Workload};
 
@@ -125,8 +126,13 @@ pub fn matches(i: &InstanceRow, release: &str, w: &Workload) -> bool {
         && i.memory == w.memory as i64
 }
 
-/// Running (and healthy, when `checked`) on a node that is online.
-pub fn ready(i: &InstanceRow, checked: bool, facts: &Facts) -> bool {
+/// How long an instance without a health check must have been running to
+/// count as ready: one that crashes at once never does.
+pub const MIN_READY_MS: i64 = 2_000;
+
+/// Running on a node that is online, and healthy when `checked` (else
+/// running for [`MIN_READY_MS`]).
+pub fn ready(i: &InstanceRow, checked: bool, facts: &Facts, now_ms: i64) -> bool {
     let online = i
         .node_id
         .as_ref()
@@ -136,7 +142,7 @@ pub fn ready(i: &InstanceRow, checked: bool, facts: &Facts) -> bool {
         && i.state == "running"
         && match i.healthy() {
             Some(h) => h,
-            None => !checked,
+            None => !checked && now_ms - i.updated_at >= MIN_READY_MS,
         }
 }
 
@@ -195,11 +201,11 @@ pub fn split<'a>(
             }
         } else if draining {
             StopWhy::Drained
-        } else if s.current.contains_key(&i.slot) {
-            StopWhy::Duplicate
-        } else {
-            s.current.insert(i.slot, i);
+        } else if let Entry::Vacant(slot) = s.current.entry(i.slot) {
+            slot.insert(i);
             continue;
+        } else {
+            StopWhy::Duplicate
         };
         s.outgoing.push((i, why));
     }
@@ -273,15 +279,15 @@ fn plan_workload(
         let mut serving = s
             .current
             .values()
-            .filter(|i| ready(i, checked, facts))
+            .filter(|i| ready(i, checked, facts, clock.now_ms))
             .count() as i64
             + outgoing
                 .iter()
-                .filter(|(i, _)| ready(i, false, facts))
+                .filter(|(i, _)| ready(i, false, facts, clock.now_ms))
                 .count() as i64;
         let keep = (count - i64::from(w.rollout.max_unavailable)).max(0);
         // Stop what does not serve first, then what serves, newest release last.
-        outgoing.sort_by_key(|(i, _)| (ready(i, false, facts), i.created_at));
+        outgoing.sort_by_key(|(i, _)| (ready(i, false, facts, clock.now_ms), i.created_at));
         let mut remaining = Vec::new();
         for (i, why) in outgoing {
             let overdue = i
@@ -289,8 +295,8 @@ fn plan_workload(
                 .as_ref()
                 .and_then(|n| facts.get(n))
                 .is_some_and(|f| f.drain_overdue);
-            let ready_now = ready(i, false, facts);
-            if !ready_now || overdue || serving - 1 >= keep {
+            let ready_now = ready(i, false, facts, clock.now_ms);
+            if !ready_now || overdue || serving > keep {
                 if ready_now {
                     serving -= 1;
                 }
@@ -337,7 +343,7 @@ fn plan_workload(
             .map(|n| (n, "the workload's volumes are on")),
     };
     let wasm = (w.runtime == Runtime::Wasm)
-        .then(|| "no node runs WebAssembly workloads yet: nodes run runtime = \"process\" only");
+        .then_some("no node runs WebAssembly workloads yet: nodes run runtime = \"process\" only");
     let mut placed = match wasm {
         Some(why) => vec![Err(why.to_string()); unplaced.len() + missing.len()],
         None => scheduler::place(nodes, &ask, &existing, unplaced.len() + missing.len()),

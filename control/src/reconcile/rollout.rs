@@ -56,7 +56,7 @@ pub fn progress(input: &EnvInput<'_>, facts: &Facts, clock: Clock) -> Progress {
                 .map(|n| format!(" on {n}"))
                 .unwrap_or_default();
             let what = format!("instance {} of {name}{on}", i.id);
-            let ready = plan::ready(i, checked, facts);
+            let ready = plan::ready(i, checked, facts, clock.now_ms);
             let state = if ready && checked {
                 "healthy".to_string()
             } else if i.state == "running" && i.healthy() == Some(false) {

@@ -101,8 +101,9 @@ impl Mutation<'_> {
         new: &NewRollout<'_>,
         superseded_by: &str,
     ) -> Result<(String, Option<RolloutRow>)> {
-        let now = now_ms();
         let before = self.latest_rollout(new.env_id).await?;
+        // Strictly after the latest, so "latest" never depends on ID order.
+        let now = now_ms().max(before.as_ref().map_or(0, |b| b.created_at + 1));
         let superseded = match before {
             Some(mut r) if r.is_active() => {
                 r.state = "canceled".into();

@@ -66,7 +66,7 @@ pub enum Command {
     Control(ControlArgs),
     /// Run a node daemon: join the cluster (first start) and run the instances placed on it
     Node(NodeArgs),
-    /// Nodes of the cluster (admin): join tokens, list, describe
+    /// Nodes of the cluster (admin): join tokens, list, describe, drain, undrain
     #[command(subcommand)]
     Nodes(NodesCmd),
     /// Write a commented example verge.toml in the current directory
@@ -111,7 +111,10 @@ pub enum Command {
     Rollback(RollbackArgs),
     /// Change the desired instance count or resources of workloads
     Scale(ScaleArgs),
-    /// Desired vs running instances of the env, with node, state and address
+    /// Rollouts of the env: list them, cancel the one in progress
+    #[command(subcommand)]
+    Rollout(RolloutCmd),
+    /// Desired vs running instances of the env (release, node, state and health, address) and its rollout
     Status,
     /// Show a release, an env or a workload in full
     #[command(subcommand)]
@@ -277,6 +280,37 @@ pub enum NodesCmd {
     List,
     /// One node in full, with its instances
     Describe { name: String },
+    /// Move every instance off a node and keep new ones away (rolling: replacements first)
+    Drain {
+        /// The node's name
+        name: String,
+        /// After this long, stop what is still on the node even if its replacements are not healthy [default: 5m, the server's]
+        #[arg(long, value_name = "DURATION", value_parser = duration)]
+        deadline: Option<Duration>,
+        /// Then wait until the node is drained
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits [default: the deadline plus 1m]
+        #[arg(long, value_name = "DURATION", value_parser = duration, requires = "wait")]
+        timeout: Option<Duration>,
+    },
+    /// Make a drained (or draining) node take new instances again
+    Undrain {
+        /// The node's name
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RolloutCmd {
+    /// The env's rollouts, newest first: release, kind, state, progress, failing step
+    List,
+    /// Stop the rollout in progress; the env goes back to the release it was rolling from
+    Cancel {
+        /// Why, recorded in the env's events
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -398,6 +432,9 @@ pub struct DeployArgs {
     /// Image replacing the manifest's: WORKLOAD=IMAGE, or IMAGE when there is one workload (repeatable)
     #[arg(long = "image", value_name = "[WORKLOAD=]IMAGE")]
     pub images: Vec<String>,
+    /// Check, pin images and plan placements only: print the diff and the plan, create no release
+    #[arg(long, conflicts_with = "wait")]
+    pub dry_run: bool,
     #[command(flatten)]
     pub wait: WaitOpts,
 }

@@ -87,13 +87,20 @@ fn usage_error(e: clap::Error) -> std::process::ExitCode {
         .as_str()
         .map(str::to_string)
         .unwrap_or_else(|| e.to_string());
-    let message = e
-        .to_string()
-        .lines()
-        .next()
-        .unwrap_or(&text)
-        .trim_start_matches("error: ")
-        .to_string();
+    let rendered = e.to_string();
+    let mut lines = rendered.lines();
+    let first = lines.next().unwrap_or(&text).trim_start_matches("error: ");
+    // "the following required arguments were not provided:" and the
+    // indented arguments under it make one line.
+    let message = if first.ends_with(':') {
+        let more: Vec<&str> = lines
+            .take_while(|l| !l.trim().is_empty())
+            .map(str::trim)
+            .collect();
+        format!("{first} {}", more.join(", "))
+    } else {
+        first.to_string()
+    };
     let detail = verge_api::ErrorDetail::new(verge_api::ErrorKind::BadRequest, message)
         .with_next("verge --help");
     Output::new(args::Format::Json).error(&commands::Failure(detail));

@@ -61,13 +61,6 @@ impl Output {
         let _ = writeln!(stdout, "{line}").and_then(|()| stdout.flush());
     }
 
-    /// A note for people on stderr (progress, reconnects); none under `-o json`.
-    pub fn note(&self, text: &str) {
-        if !self.is_json() {
-            eprintln!("{text}");
-        }
-    }
-
     fn json<T: Serialize + ?Sized>(&self, value: &T) {
         println!(
             "{}",

@@ -9,14 +9,14 @@
 //! regions), then the smallest share of the node already reserved (fewest
 //! resources used), then the name (a stable tie-break).
 //!
-//! [`place`] places a whole batch of one workload's instances in
-//! `O(nodes + batch × (regions + log nodes))`: the nodes are filtered once,
-//! kept in one min-heap per region, and after each placement only the chosen
-//! node's key changes. An instance that fits nowhere gets an explanation
+//! [`Nodes`] keeps each region's schedulable nodes ordered by load across
+//! placements, so [`place`] scans each region from its least loaded node
+//! and stops at the first that fits without the workload: a placement
+//! costs `O(regions × (skipped + log nodes))`, not `O(nodes)`. An instance that fits nowhere gets an explanation
 //! naming each node's problem (summarised past a few nodes) and a fix.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use verge_api::manifest::human_size;
 
@@ -61,11 +61,19 @@ impl NodeView {
     }
 }
 
-/// The cluster's nodes, addressable by ID, with what is reserved on them.
+/// The cluster's nodes, addressable by ID, with what is reserved on them
+/// and, per region, the schedulable ones (online, not draining) ordered by
+/// load, kept up to date by [`Nodes::reserve`]: placing scans a region
+/// from its least loaded node and usually stops at the first.
 #[derive(Debug, Clone, Default)]
 pub struct Nodes {
     views: Vec<NodeView>,
     by_id: HashMap<String, usize>,
+    /// Region names, sorted; `region_of[i]` indexes it.
+    regions: Vec<String>,
+    region_of: Vec<usize>,
+    /// Per region: `(load, index)` of each schedulable node.
+    order: Vec<BTreeSet<(i64, usize)>>,
 }
 
 impl Nodes {
@@ -76,7 +84,33 @@ impl Nodes {
             .enumerate()
             .map(|(i, v)| (v.id.clone(), i))
             .collect();
-        Nodes { views, by_id }
+        let regions: Vec<String> = views
+            .iter()
+            .map(|v| v.region().to_string())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let region_of: Vec<usize> = views
+            .iter()
+            .map(|v| {
+                regions
+                    .binary_search_by(|r| r.as_str().cmp(v.region()))
+                    .expect("every region is listed")
+            })
+            .collect();
+        let mut order = vec![BTreeSet::new(); regions.len()];
+        for (i, v) in views.iter().enumerate() {
+            if schedulable(v) {
+                order[region_of[i]].insert((v.load_permille(), i));
+            }
+        }
+        Nodes {
+            views,
+            by_id,
+            regions,
+            region_of,
+            order,
+        }
     }
 
     pub fn get(&self, id: &str) -> Option<&NodeView> {
@@ -103,10 +137,25 @@ impl Nodes {
     /// Adds (negative: gives back) a reservation.
     pub fn reserve(&mut self, id: &str, cpu_millis: i64, memory: i64) {
         if let Some(&i) = self.by_id.get(id) {
-            self.views[i].used_cpu_millis += cpu_millis;
-            self.views[i].used_memory += memory;
+            self.reserve_at(i, cpu_millis, memory);
         }
     }
+
+    fn reserve_at(&mut self, i: usize, cpu_millis: i64, memory: i64) {
+        let v = &mut self.views[i];
+        let before = v.load_permille();
+        v.used_cpu_millis += cpu_millis;
+        v.used_memory += memory;
+        let after = v.load_permille();
+        let order = &mut self.order[self.region_of[i]];
+        if order.remove(&(before, i)) {
+            order.insert((after, i));
+        }
+    }
+}
+
+fn schedulable(v: &NodeView) -> bool {
+    v.offline_since.is_none() && !v.draining
 }
 
 /// What each instance of a batch asks for.
@@ -131,66 +180,54 @@ pub fn place(
     existing: &[&str],
     n: usize,
 ) -> Vec<Result<String, String>> {
-    if n == 0 {
-        return Vec::new();
-    }
     let mut on_node: HashMap<usize, u32> = HashMap::new();
-    let mut in_region: HashMap<String, u32> = HashMap::new();
+    let mut in_region = vec![0u32; nodes.regions.len()];
     for id in existing {
         if let Some(&i) = nodes.by_id.get(*id) {
             *on_node.entry(i).or_default() += 1;
-            *in_region
-                .entry(nodes.views[i].region().to_string())
-                .or_default() += 1;
+            in_region[nodes.region_of[i]] += 1;
         }
     }
-    // One min-heap per region of (on node, load, index): index order is name order.
-    type Key = (u32, i64, usize);
-    let mut heaps: BTreeMap<String, BinaryHeap<Reverse<Key>>> = BTreeMap::new();
-    for (i, v) in nodes.views.iter().enumerate() {
-        if unfit(v, ask).is_none() {
-            let key = (on_node.get(&i).copied().unwrap_or(0), v.load_permille(), i);
-            heaps
-                .entry(v.region().to_string())
-                .or_default()
-                .push(Reverse(key));
-        }
-    }
+    // Only the regions that can fit: the constrained or pinned one, or all.
+    let regions: Vec<usize> = match (ask.pin, ask.constraints.get(REGION)) {
+        (Some((pin, _)), _) => nodes
+            .by_id
+            .get(pin)
+            .map(|&i| nodes.region_of[i])
+            .into_iter()
+            .collect(),
+        (None, Some(want)) => nodes.regions.binary_search(want).ok().into_iter().collect(),
+        (None, None) => (0..nodes.regions.len()).collect(),
+    };
     let mut out = Vec::with_capacity(n);
     let mut explanation: Option<String> = None;
     for _ in 0..n {
-        let chosen = loop {
-            // The best region: its best node's spread, then the region's
-            // own count, then load and name.
-            let best = heaps
-                .iter()
-                .filter_map(|(region, heap)| {
-                    let Reverse((count, load, i)) = *heap.peek()?;
-                    let r = in_region.get(region).copied().unwrap_or(0);
-                    Some(((count, r, load, i), region.clone()))
-                })
-                .min();
-            let Some(((_, _, _, i), region)) = best else {
-                break None;
-            };
-            let heap = heaps.get_mut(&region).expect("region has a heap");
-            heap.pop();
-            // Earlier placements of this batch may have filled it.
-            if unfit(&nodes.views[i], ask).is_none() {
-                break Some((i, region));
+        // The best node: fewest of the workload on it, then in its region,
+        // then least loaded, then first by name.
+        let mut best: Option<(u32, u32, i64, usize)> = None;
+        for &r in &regions {
+            for &(load, i) in &nodes.order[r] {
+                if !fits(&nodes.views[i], ask) {
+                    continue;
+                }
+                let count = on_node.get(&i).copied().unwrap_or(0);
+                let key = (count, in_region[r], load, i);
+                if best.is_none_or(|b| key < b) {
+                    best = Some(key);
+                }
+                // Later nodes of the region are loaded at least as much:
+                // none can beat a node without the workload.
+                if count == 0 {
+                    break;
+                }
             }
-        };
-        match chosen {
-            Some((i, region)) => {
-                let v = &mut nodes.views[i];
-                v.used_cpu_millis += ask.cpu_millis;
-                v.used_memory += ask.memory;
-                let count = on_node.entry(i).or_default();
-                *count += 1;
-                *in_region.entry(region.clone()).or_default() += 1;
-                let key = (*count, v.load_permille(), i);
-                heaps.entry(region).or_default().push(Reverse(key));
-                out.push(Ok(v.id.clone()));
+        }
+        match best {
+            Some((_, _, _, i)) => {
+                nodes.reserve_at(i, ask.cpu_millis, ask.memory);
+                *on_node.entry(i).or_default() += 1;
+                in_region[nodes.region_of[i]] += 1;
+                out.push(Ok(nodes.views[i].id.clone()));
             }
             None => {
                 let why = explanation.get_or_insert_with(|| explain(nodes, ask));
@@ -199,6 +236,18 @@ pub fn place(
         }
     }
     out
+}
+
+/// Whether `n` can take the instance (the fast check; [`unfit`] says why not).
+fn fits(n: &NodeView, ask: &Ask<'_>) -> bool {
+    ask.pin.is_none_or(|(pin, _)| pin == n.id)
+        && schedulable(n)
+        && ask
+            .constraints
+            .iter()
+            .all(|(k, want)| n.labels.get(k) == Some(want))
+        && ask.memory <= n.memory - n.used_memory
+        && ask.cpu_millis <= n.cpu_millis - n.used_cpu_millis
 }
 
 /// Why a node cannot take the instance, by kind, for summaries and fixes.

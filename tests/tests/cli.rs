@@ -285,6 +285,29 @@ async fn usage_errors_and_pipes_behave() {
 }
 
 #[tokio::test]
+async fn wait_flags_that_cannot_go_together_are_usage_errors() {
+    let config = tempfile::tempdir().unwrap();
+    let cli = Cli::new(config.path());
+    for (args, flags) in [
+        (
+            &["deploy", "--dry-run", "--wait", "-o", "json"][..],
+            &["--dry-run", "--wait"][..],
+        ),
+        (
+            &["nodes", "drain", "n1", "--timeout", "1m", "-o", "json"][..],
+            &["not provided: --wait"][..],
+        ),
+    ] {
+        let run = cli.run(args).await;
+        assert_eq!(run.output.status.code(), Some(2), "{args:?}");
+        let err = run.error_json();
+        assert_eq!(err["kind"], "bad_request", "{err}");
+        let message = err["message"].as_str().unwrap();
+        assert!(flags.iter().all(|f| message.contains(f)), "{err}");
+    }
+}
+
+#[tokio::test]
 async fn parallel_logins_keep_every_profile() {
     let cp = ControlPlane::start(Backend::Sqlite).await;
     let cli = Cli::new(cp.config_dir.path());

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use verge_api::manifest::{self, Manifest};
 use verge_api::names;
-use verge_api::release::{Action, Change, ChangeKind, Receipt};
+use verge_api::release::{Action, Change, ChangeKind, Plan, Receipt};
 use verge_api::requests::{Deploy, Rollback, Scale};
 use verge_api::status::ScaleOverride;
 use verge_api::{ErrorDetail, ErrorKind};
@@ -63,9 +63,25 @@ pub async fn deploy(ctx: &Context, args: DeployArgs, out: &Output) -> Result {
         file,
         images,
         base: Some(base),
-        dry_run: false,
+        dry_run: args.dry_run,
     };
     let receipt = ctx.client.deploy(names.scope(), &body).await?;
+    if args.dry_run && !receipt.dry_run {
+        // A control plane that ignored the flag made the change: say so loudly.
+        out.one(&receipt, render_receipt);
+        return Err(Failure(
+            ErrorDetail::new(
+                ErrorKind::Internal,
+                format!(
+                    "the control plane did not honour --dry-run: release {} was deployed to {}",
+                    receipt.release.label(),
+                    names.label()
+                ),
+            )
+            .with_next("verge status")
+            .with_next("verge releases"),
+        ));
+    }
     finish(ctx, &names, receipt, &args.wait, out).await
 }
 
@@ -188,17 +204,35 @@ async fn finish(
     Ok(())
 }
 
-/// The receipt for people: what happened, the diff, desired scale, next steps.
+/// The receipt for people: what happened, the diff, desired scale, next
+/// steps; for a dry run, first that nothing changed, and the plan.
 pub fn render_receipt(r: &Receipt) -> String {
     let at = format!("{}/{}", r.target.app, r.target.env);
     let release = r.release.label();
-    let mut lines = vec![match (r.action, r.unchanged) {
-        (Action::Scale, true) => format!("unchanged: {at} stays on {release}; nothing to change"),
-        (_, true) => format!("unchanged: {at} stays on {release}; no release was created"),
-        (Action::Deploy, false) => format!("deployed {at}: release {release}"),
-        (Action::Rollback, false) => format!("rolled back {at} to {release}"),
-        (Action::Scale, false) => format!("scaled {at} (release v{})", r.release.number),
-    }];
+    let mut lines = if r.dry_run {
+        let now = r.previous.as_ref().map_or_else(
+            || "no release yet".to_string(),
+            |p| format!("now on v{}", p.number),
+        );
+        vec![
+            "dry run: nothing was changed, no release created".to_string(),
+            if r.unchanged {
+                format!("a deploy would change nothing: {at} stays on {release}")
+            } else {
+                format!("a deploy to {at} ({now}) would change:")
+            },
+        ]
+    } else {
+        vec![match (r.action, r.unchanged) {
+            (Action::Scale, true) => {
+                format!("unchanged: {at} stays on {release}; nothing to change")
+            }
+            (_, true) => format!("unchanged: {at} stays on {release}; no release was created"),
+            (Action::Deploy, false) => format!("deployed {at}: release {release}"),
+            (Action::Rollback, false) => format!("rolled back {at} to {release}"),
+            (Action::Scale, false) => format!("scaled {at} (release v{})", r.release.number),
+        }]
+    };
     changes("workloads", &r.diff.workloads, &mut lines);
     changes("endpoints", &r.diff.endpoints, &mut lines);
     if !r.diff.config.is_empty() {
@@ -209,7 +243,40 @@ pub fn render_receipt(r: &Receipt) -> String {
         let desired: Vec<String> = r.desired.iter().map(|(w, n)| format!("{w}={n}")).collect();
         lines.push(format!("desired: {}", desired.join(", ")));
     }
+    if let Some(plan) = &r.plan {
+        plan_lines(plan, &mut lines);
+    }
     lines.join("\n") + &next_lines(&r.follow_ups)
+}
+
+/// `plan:`, then per workload each slot's node (or why none fits) and the
+/// running instances the release would replace.
+fn plan_lines(plan: &Plan, lines: &mut Vec<String>) {
+    lines.push("plan:".into());
+    if plan.workloads.is_empty() {
+        lines.push("  (no workloads)".into());
+    }
+    for w in &plan.workloads {
+        lines.push(format!("  {}: {} instance(s)", w.name, w.count));
+        for p in &w.placements {
+            let to = match (&p.node, &p.reason) {
+                (Some(node), _) => node.clone(),
+                (None, Some(reason)) => format!("cannot place: {reason}"),
+                (None, None) => "cannot place".into(),
+            };
+            lines.push(format!("    slot {} → {to}", p.slot));
+        }
+        for stop in &w.replaces {
+            let mut text = format!("    replaces {}", stop.instance);
+            if let Some(node) = &stop.node {
+                text.push_str(&format!(" on {node}"));
+            }
+            if let Some(n) = stop.release {
+                text.push_str(&format!(" (v{n})"));
+            }
+            lines.push(text);
+        }
+    }
 }
 
 /// `+ name` with its fields below, `- name`, `~ name: field: old → new, ...`.
@@ -236,5 +303,112 @@ fn changes(title: &str, list: &[Change], lines: &mut Vec<String>) {
                 lines.push(format!("  ~ {}: {}", c.name, fields.join(", ")));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use verge_api::release::{
+        Diff, FieldChange, PlannedPlacement, PlannedStop, ReleaseRef, Target, WorkloadPlan,
+    };
+
+    use super::*;
+
+    fn receipt() -> Receipt {
+        Receipt {
+            action: Action::Deploy,
+            target: Target {
+                org: "dev".into(),
+                project: "default".into(),
+                app: "hello".into(),
+                env: "prod".into(),
+            },
+            release: ReleaseRef {
+                id: "rel_3".into(),
+                number: 3,
+                env: "prod".into(),
+            },
+            previous: Some(ReleaseRef {
+                id: "rel_2".into(),
+                number: 2,
+                env: "prod".into(),
+            }),
+            unchanged: false,
+            diff: Diff {
+                workloads: vec![Change {
+                    name: "web".into(),
+                    change: ChangeKind::Changed,
+                    fields: vec![FieldChange {
+                        field: "count".into(),
+                        old: Some("1".into()),
+                        new: Some("2".into()),
+                    }],
+                }],
+                ..Diff::default()
+            },
+            desired: BTreeMap::from([("web".to_string(), 2)]),
+            follow_ups: vec![],
+            dry_run: true,
+            plan: Some(Plan {
+                workloads: vec![WorkloadPlan {
+                    name: "web".into(),
+                    count: 2,
+                    placements: vec![
+                        PlannedPlacement {
+                            slot: 0,
+                            node: Some("dev".into()),
+                            reason: None,
+                        },
+                        PlannedPlacement {
+                            slot: 1,
+                            node: None,
+                            reason: Some("node dev: insufficient memory".into()),
+                        },
+                    ],
+                    replaces: vec![PlannedStop {
+                        instance: "i_1".into(),
+                        node: Some("dev".into()),
+                        release: Some(2),
+                    }],
+                }],
+            }),
+        }
+    }
+
+    #[test]
+    fn a_dry_run_says_nothing_changed_and_shows_the_plan() {
+        assert_eq!(
+            render_receipt(&receipt()),
+            "dry run: nothing was changed, no release created\n\
+             a deploy to hello/prod (now on v2) would change:\n\
+             workloads:\n  ~ web: count: 1 → 2\n\
+             desired: web=2\n\
+             plan:\n  web: 2 instance(s)\n    slot 0 → dev\n    \
+             slot 1 → cannot place: node dev: insufficient memory\n    \
+             replaces i_1 on dev (v2)"
+        );
+    }
+
+    #[test]
+    fn an_unchanged_dry_run_changes_nothing() {
+        let mut r = receipt();
+        r.unchanged = true;
+        r.release = r.previous.clone().unwrap();
+        r.diff = Diff::default();
+        r.plan = None;
+        assert_eq!(
+            render_receipt(&r),
+            "dry run: nothing was changed, no release created\n\
+             a deploy would change nothing: hello/prod stays on v2 (rel_2)\n\
+             desired: web=2"
+        );
+    }
+
+    #[test]
+    fn a_real_deploy_reads_as_before() {
+        let mut r = receipt();
+        r.dry_run = false;
+        r.plan = None;
+        assert!(render_receipt(&r).starts_with("deployed hello/prod: release v3 (rel_3)\n"));
     }
 }

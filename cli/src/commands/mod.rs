@@ -8,7 +8,9 @@ mod manifest;
 mod nodes;
 mod nouns;
 mod observe;
+mod progress;
 mod releases;
+mod rollouts;
 mod tokens;
 
 use verge_api::client::ClientError;
@@ -93,6 +95,7 @@ pub async fn run(cli: Cli, out: &Output) -> Result {
         Command::Releases => releases::list(&Context::new(target)?, out).await,
         Command::Rollback(args) => deploy::rollback(&Context::new(target)?, args, out).await,
         Command::Scale(args) => deploy::scale(&Context::new(target)?, args, out).await,
+        Command::Rollout(cmd) => rollouts::run(&Context::new(target)?, cmd, out).await,
         Command::Status => observe::status(&Context::new(target)?, out).await,
         Command::Describe(cmd) => releases::describe(&Context::new(target)?, cmd, out).await,
         Command::Events(args) => observe::events(&Context::new(target)?, args, out).await,

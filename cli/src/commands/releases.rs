@@ -5,6 +5,7 @@ use verge_api::names;
 use verge_api::release::Release;
 use verge_api::status::{EnvDetail, ScaleOverride, WorkloadDetail};
 
+use super::rollouts::rollout_line;
 use super::{Result, bad_request, observe, short_digest};
 use crate::args::DescribeCmd;
 use crate::context::{Context, EnvNames};
@@ -134,11 +135,11 @@ fn env_text(e: &EnvDetail) -> String {
             e.releases
         ),
     ];
-    let mut rollout = format!("rollout: {}", e.rollout.state);
-    if let Some(reason) = &e.rollout.reason {
-        rollout = format!("{rollout}: {reason}");
+    lines.push(rollout_line(&e.rollout));
+    if let Some(started) = &e.rollout.started_at {
+        let ended = e.rollout.ended_at.as_deref().unwrap_or("-");
+        lines.push(format!("rollout started: {started}, ended: {ended}"));
     }
-    lines.push(rollout);
     lines.push(format!(
         "config version: {} (vars: {})",
         e.config_version,

@@ -29,7 +29,7 @@ use crate::desired::{apply_scale, carry_scale};
 use crate::scheduler::{NodeView, Nodes};
 use crate::store::{
     EnvScope, InstanceRow, Mutation, NewEvent, NewInstance, NewRollout, NodeRow, ReleaseRow,
-    Result, RolloutRow, Store,
+    Result, RolloutRow, Store, StoreError,
 };
 use crate::time::{now_ms, rfc3339};
 use plan::{Action, Clock, EnvInput, Facts, NodeFacts, StopWhy};
@@ -120,6 +120,14 @@ impl EnvState {
         }
     }
 
+    /// Nothing changed between two reads.
+    fn same_as(&self, other: &EnvState) -> bool {
+        self.release.id == other.release.id
+            && self.manifest == other.manifest
+            && self.instances == other.instances
+            && self.rollout == other.rollout
+    }
+
     /// The rollout the reconciler moves: the latest, when it is for the
     /// current release.
     fn own_rollout(&self) -> Option<&RolloutRow> {
@@ -170,37 +178,63 @@ async fn read_env_locked(tx: &mut Mutation<'_>, env_id: &str) -> Result<Option<E
 }
 
 /// Brings one env a step closer to its current release. `view` is the
-/// cluster as this pass knows it; it is refreshed when the env changed
-/// something.
+/// cluster as this pass knows it, with the reservations of what the pass
+/// placed so far; the store checks every reservation against the node's
+/// capacity, and a plan made on a stale view (another replica placed on
+/// the same node) is made again on a fresh one.
 pub async fn reconcile_env(
     store: &Store,
     env_id: &str,
     view: &mut ClusterView,
     settings: Settings,
 ) -> Result<EnvOutcome> {
-    let clock = Clock {
-        now_ms: now_ms(),
-        reschedule_after_ms: settings.reschedule_after_ms,
-    };
-    // Most runs find nothing to do: check that without the mutation lock,
-    // which every replica's writes wait for. A plan without actions leaves
-    // `view` untouched.
-    let Some(env) = read_env(store, env_id).await? else {
-        return Ok(EnvOutcome::default());
-    };
-    let actions = plan::plan(&env.input(), &mut view.nodes, &view.facts, clock);
-    let advanced = env.own_rollout().and_then(|r| {
-        let p = rollout::progress(&env.input(), &view.facts, clock);
-        rollout::advance(r, &p, clock.now_ms)
-    });
-    let active = env.own_rollout().is_some_and(RolloutRow::is_active);
-    if actions.is_empty() && advanced.is_none() {
-        return Ok(EnvOutcome {
-            changed: Vec::new(),
-            active,
+    let mut attempts = 0;
+    loop {
+        let clock = Clock {
+            now_ms: now_ms(),
+            reschedule_after_ms: settings.reschedule_after_ms,
+        };
+        // Most runs find nothing to do: check that without the mutation
+        // lock, which every replica's writes wait for. A plan without
+        // actions leaves `view` untouched.
+        let Some(seen) = read_env(store, env_id).await? else {
+            return Ok(EnvOutcome::default());
+        };
+        let actions = plan::plan(&seen.input(), &mut view.nodes, &view.facts, clock);
+        let advanced = seen.own_rollout().and_then(|r| {
+            let p = rollout::progress(&seen.input(), &view.facts, clock);
+            rollout::advance(r, &p, clock.now_ms)
         });
+        if actions.is_empty() && advanced.is_none() {
+            return Ok(EnvOutcome {
+                changed: Vec::new(),
+                active: seen.own_rollout().is_some_and(RolloutRow::is_active),
+            });
+        }
+        match locked(store, env_id, &seen, actions, view, clock).await {
+            Err(StoreError::Conflict) if attempts < 2 => {
+                attempts += 1;
+                tracing::debug!(
+                    env = env_id,
+                    "placed on a stale view of the nodes; planning again"
+                );
+                *view = ClusterView::read(store).await?;
+            }
+            other => return other,
+        }
     }
+}
 
+/// Applies the env's plan in one mutation: `planned` was made on `seen`;
+/// when the env changed meanwhile it is made again on what is locked.
+async fn locked(
+    store: &Store,
+    env_id: &str,
+    seen: &EnvState,
+    planned: Vec<Action>,
+    view: &mut ClusterView,
+    clock: Clock,
+) -> Result<EnvOutcome> {
     let mut tx = store.mutation().await?;
     let Some(env) = read_env_locked(&mut tx, env_id).await? else {
         return Ok(EnvOutcome::default());
@@ -208,8 +242,12 @@ pub async fn reconcile_env(
     let Some(scope) = tx.env_scope(env_id).await? else {
         return Ok(EnvOutcome::default());
     };
-    *view = ClusterView::new(tx.nodes().await?, clock.now_ms);
-    let actions = plan::plan(&env.input(), &mut view.nodes, &view.facts, clock);
+    let actions = if env.same_as(seen) {
+        planned
+    } else {
+        plan::undo(&seen.input(), &planned, &mut view.nodes);
+        plan::plan(&env.input(), &mut view.nodes, &view.facts, clock)
+    };
     let changed = apply(&mut tx, &scope, &env, &actions, view).await?;
     let mut active = false;
     if let Some(r) = env.own_rollout() {
@@ -244,7 +282,8 @@ async fn apply(
 ) -> Result<BTreeSet<String>> {
     let release = &env.release.id;
     let mut changed = BTreeSet::new();
-    let row = |id: &str| env.instances.iter().find(|i| i.id == id);
+    let rows = plan::by_id(&env.instances);
+    let row = |id: &str| rows.get(id).copied();
     for a in actions {
         match a {
             Action::Create {

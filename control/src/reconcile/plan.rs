@@ -21,8 +21,8 @@
 //! A *held* env (its rollout failed or was canceled) takes no rolling
 //! steps: it keeps serving from what it runs.
 
-use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
+use std::collections::{BTreeMap, HashMap};
 
 use verge_api::manifest::{Manifest, Runtime, Workload};
 
@@ -228,14 +228,53 @@ pub fn plan(input: &EnvInput<'_>, nodes: &mut Nodes, facts: &Facts, clock: Clock
         plan_workload(name, w, input, nodes, facts, clock, &mut actions);
     }
     // Give back what stopped instances reserved in this snapshot.
+    let rows = by_id(input.instances);
     for a in &actions {
         if let Action::Stop { instance, node, .. } = a
-            && let Some(i) = input.instances.iter().find(|i| &i.id == instance)
+            && let Some(i) = rows.get(instance.as_str())
         {
             nodes.reserve(node, -i.cpu_millis, -i.memory);
         }
     }
     actions
+}
+
+/// Instance rows by ID.
+pub fn by_id(instances: &[InstanceRow]) -> HashMap<&str, &InstanceRow> {
+    instances.iter().map(|i| (i.id.as_str(), i)).collect()
+}
+
+/// Takes back from `nodes` what [`plan`] reserved and gave back for
+/// `actions` (when they will not be applied as planned).
+pub fn undo(input: &EnvInput<'_>, actions: &[Action], nodes: &mut Nodes) {
+    let rows = by_id(input.instances);
+    for a in actions {
+        match a {
+            Action::Create {
+                workload,
+                node: Ok(node),
+                ..
+            } => {
+                if let Some(w) = input.manifest.workloads.get(workload) {
+                    nodes.reserve(node, -cpu_millis(w), -(w.memory as i64));
+                }
+            }
+            Action::Place {
+                instance,
+                node: Ok(node),
+            } => {
+                if let Some(i) = rows.get(instance.as_str()) {
+                    nodes.reserve(node, -i.cpu_millis, -i.memory);
+                }
+            }
+            Action::Stop { instance, node, .. } => {
+                if let Some(i) = rows.get(instance.as_str()) {
+                    nodes.reserve(node, i.cpu_millis, i.memory);
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 fn stop_or_delete(i: &InstanceRow, why: StopWhy) -> Action {

@@ -4,7 +4,7 @@
 use sqlx::{Any, Executor, FromRow};
 
 use super::events::Mutation;
-use super::{Result, Store, new_id};
+use super::{Result, Store, StoreError, new_id};
 use crate::time::now_ms;
 
 /// An instance as stored, with its node's name.
@@ -139,17 +139,24 @@ impl Mutation<'_> {
         Ok(id)
     }
 
-    /// Adds to (or, negative, takes from) what a node has reserved.
+    /// Adds to (or, negative, takes from) what a node has reserved. Adding
+    /// more than the node has free is a [`StoreError::Conflict`]: the
+    /// reconciler planned on a stale view (another replica placed there
+    /// meanwhile) and plans again.
     async fn reserve(&mut self, node_id: &str, cpu_millis: i64, memory: i64) -> Result<()> {
-        sqlx::query(
+        let done = sqlx::query(
             "UPDATE nodes SET used_cpu_millis = used_cpu_millis + $2, \
-             used_memory = used_memory + $3 WHERE id = $1",
+             used_memory = used_memory + $3 WHERE id = $1 AND ($2 <= 0 AND $3 <= 0 \
+             OR used_cpu_millis + $2 <= cpu_millis AND used_memory + $3 <= memory)",
         )
         .bind(node_id)
         .bind(cpu_millis)
         .bind(memory)
         .execute(self.conn())
         .await?;
+        if done.rows_affected() == 0 && (cpu_millis > 0 || memory > 0) {
+            return Err(StoreError::Conflict);
+        }
         Ok(())
     }
 

@@ -31,8 +31,19 @@ macro_rules! on_both_backends {
 }
 
 /// The `verge` binary of this build (`target/<profile>/verge`), built by the
-/// test command before the tests run.
+/// test command before the tests run; `VERGE_TEST_BIN` (read by the tests,
+/// never passed to `verge`) names another one, e.g. a copy that builds
+/// sharing the target dir cannot replace during a run.
 pub fn verge_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("VERGE_TEST_BIN") {
+        let bin = PathBuf::from(bin);
+        assert!(
+            bin.is_file(),
+            "VERGE_TEST_BIN={} is not a file",
+            bin.display()
+        );
+        return bin;
+    }
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test-binary>
     let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");

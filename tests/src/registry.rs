@@ -112,6 +112,14 @@ impl Registry {
         .await
     }
 
+    /// Writes a registry credentials file (the format of
+    /// `verge_api::registry_auth`) for this registry with [`BASIC_USER`]
+    /// and [`BASIC_PASSWORD`] at `path`.
+    pub fn write_basic_auth_file(&self, path: &std::path::Path) {
+        let line = format!("{} basic {BASIC_USER} {BASIC_PASSWORD}\n", self.host());
+        std::fs::write(path, line).expect("writing the registry credentials file");
+    }
+
     /// Starts a registry like [`Registry::start`] whose config also has
     /// `auth_yaml` as its `auth:` section (e.g. `htpasswd:` or `token:`
     /// with their settings, indented by two spaces). Ready once `GET /v2/`

@@ -651,16 +651,7 @@ async fn a_private_registry_needs_credentials_on_the_control_plane_and_the_node(
 
     // With a credentials file on both, the release pins and the node pulls.
     let auth = w.dir.path().join("registry-auth");
-    std::fs::write(
-        &auth,
-        format!(
-            "{} basic {} {}\n",
-            private.host(),
-            verge_tests::registry::BASIC_USER,
-            verge_tests::registry::BASIC_PASSWORD
-        ),
-    )
-    .unwrap();
+    private.write_basic_auth_file(&auth);
     let listen = format!("[::]:{}", w.cp.cluster.rsplit(':').next().unwrap());
     let (prefix, auth_arg) = (w.prefix.clone(), auth.display().to_string());
     w.cp.restart_with(&[

@@ -809,16 +809,7 @@ async fn a_broken_image_fails_with_image_pull_and_cancel_returns_to_the_old_rele
         .expect("private registry");
     let secrets = tempfile::tempdir().unwrap();
     let auth = secrets.path().join("registry-auth");
-    std::fs::write(
-        &auth,
-        format!(
-            "{} basic {} {}\n",
-            private.host(),
-            verge_tests::registry::BASIC_USER,
-            verge_tests::registry::BASIC_PASSWORD
-        ),
-    )
-    .unwrap();
+    private.write_basic_auth_file(&auth);
     let auth_arg = auth.display().to_string();
     let mut w = World::new(Backend::Sqlite, &["--registry-auth-file", &auth_arg]).await;
     w.forwarded.push(port_of(private.host()));

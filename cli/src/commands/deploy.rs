@@ -11,7 +11,7 @@ use verge_api::requests::{Deploy, Rollback, Scale};
 use verge_api::status::ScaleOverride;
 use verge_api::{ErrorDetail, ErrorKind};
 
-use super::{Failure, Result, bad_request, next_lines, observe, releases};
+use super::{Failure, Result, bad_request, next_lines, releases, wait};
 use crate::args::{DeployArgs, RollbackArgs, ScaleArgs, WaitOpts};
 use crate::context::{Context, EnvNames};
 use crate::output::Output;
@@ -196,9 +196,9 @@ async fn finish(
     out.one(&receipt, render_receipt);
     if wait.wait {
         let status =
-            observe::wait_for(ctx, names, Some(receipt.release.clone()), wait.timeout, out).await?;
+            wait::wait_for(ctx, names, Some(receipt.release.clone()), wait.timeout, out).await?;
         if !out.is_json() {
-            println!("{}", observe::converged(names, &status));
+            println!("{}", wait::converged(names, &status));
         }
     }
     Ok(())

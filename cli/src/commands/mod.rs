@@ -12,6 +12,7 @@ mod progress;
 mod releases;
 mod rollouts;
 mod tokens;
+mod wait;
 
 use verge_api::client::ClientError;
 use verge_api::{ErrorDetail, ErrorKind};
@@ -99,7 +100,7 @@ pub async fn run(cli: Cli, out: &Output) -> Result {
         Command::Status => observe::status(&Context::new(target)?, out).await,
         Command::Describe(cmd) => releases::describe(&Context::new(target)?, cmd, out).await,
         Command::Events(args) => observe::events(&Context::new(target)?, args, out).await,
-        Command::Wait(args) => observe::wait(&Context::new(target)?, args, out).await,
+        Command::Wait(args) => wait::wait(&Context::new(target)?, args, out).await,
     }
 }
 

@@ -1001,6 +1001,54 @@ async fn a_broken_image_fails_with_image_pull_and_cancel_returns_to_the_old_rele
             .any(|r| r["kind"] == "auto_rollback"),
         "without auto_rollback no auto_rollback rollout happens"
     );
+
+    // Supersede: a deploy while a rollout is in progress takes over; the
+    // earlier rollout ends canceled, naming its successor, and the new one
+    // completes with full counts.
+    let stuck = w
+        .deploy(&web(&image, 2, &["memory = \"100Gi\"", HEALTHY]))
+        .await;
+    let stuck_number = stuck["release"]["number"].as_i64().unwrap();
+    w.until(DEADLINE, "the unplaceable rollout to be active", || async {
+        let s = w.status().await;
+        (s["rollout"]["release"] == stuck_number
+            && matches!(
+                s["rollout"]["state"].as_str(),
+                Some("pending" | "in_progress")
+            ))
+        .then_some(())
+    })
+    .await;
+    let good = w
+        .deploy(&web(&image, 2, &[SMALL, HEALTHY, "cpu = 0.3"]))
+        .await;
+    let good_number = good["release"]["number"].as_i64().unwrap();
+    let (s, _) = w.converged(2, Some(good_number)).await;
+    ensure!(
+        w,
+        s["rollout"]["release"] == good_number
+            && s["rollout"]["done"] == 2
+            && s["rollout"]["total"] == 2
+            && s["rollout"]["failed"] == 0
+            && s["rollout"]["success_rate"] == 1.0,
+        "the superseding rollout completes with 2 of 2 done: {:#}",
+        s["rollout"]
+    );
+    let rollouts = w.rollouts().await;
+    let superseded = rollouts
+        .iter()
+        .find(|r| r["release"] == stuck_number)
+        .cloned()
+        .unwrap_or_default();
+    ensure!(
+        w,
+        superseded["state"] == "canceled"
+            && superseded["reason"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(&format!("superseded by v{good_number}")),
+        "the rollout in progress ends canceled, superseded by v{good_number}: {superseded:#}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

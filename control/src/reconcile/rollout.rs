@@ -265,3 +265,179 @@ pub fn deadline_ms(m: &Manifest) -> i64 {
 pub fn auto_rollback(m: &Manifest) -> bool {
     m.workloads.values().any(|w| w.rollout.auto_rollback)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reconcile::plan::NodeFacts;
+
+    const NOW: i64 = 1_000_000;
+    const CLOCK: Clock = Clock {
+        now_ms: NOW,
+        reschedule_after_ms: 30_000,
+    };
+
+    fn manifest() -> Manifest {
+        verge_api::manifest::parse(
+            "verge.toml",
+            "app = \"a\"\n[workloads.web]\nimage = \"r/i:1\"\ncount = 2\ncpu = 0.25\n\
+             memory = \"64Mi\"\nhealth = { tcp = 8080 }\n",
+        )
+        .unwrap()
+    }
+
+    fn inst(id: &str, slot: i64, state: &str, healthy: Option<i64>) -> InstanceRow {
+        InstanceRow {
+            id: id.into(),
+            env_id: "e".into(),
+            release_id: "r2".into(),
+            workload: "web".into(),
+            slot,
+            node_id: Some("n1".into()),
+            node_name: Some("n1".into()),
+            goal: "run".into(),
+            state: state.into(),
+            category: None,
+            message: None,
+            address: None,
+            restarts: 0,
+            cpu_millis: 250,
+            memory: 64 << 20,
+            created_at: 0,
+            updated_at: 0,
+            healthy,
+        }
+    }
+
+    fn row(state: &str, done: i64, progress_at: i64) -> RolloutRow {
+        RolloutRow {
+            id: "ro".into(),
+            env_id: "e".into(),
+            release_id: "r2".into(),
+            from_release_id: Some("r1".into()),
+            kind: "deploy".into(),
+            state: state.into(),
+            reason: None,
+            step: None,
+            category: None,
+            total: 2,
+            done,
+            failed: 0,
+            outgoing: 0,
+            deadline_ms: 10_000,
+            progress_at,
+            created_at: 0,
+            created_by: None,
+            ended_at: None,
+        }
+    }
+
+    fn progress_of(instances: &[InstanceRow]) -> Progress {
+        let m = manifest();
+        let facts: Facts = [(
+            "n1".to_string(),
+            NodeFacts {
+                online: true,
+                ..NodeFacts::default()
+            },
+        )]
+        .into();
+        let input = EnvInput {
+            release_id: "r2",
+            manifest: &m,
+            instances,
+            hold: false,
+        };
+        progress(&input, &facts, CLOCK)
+    }
+
+    #[test]
+    fn counts_done_and_names_the_step_with_its_category() {
+        let p = progress_of(&[
+            inst("a", 0, "running", Some(1)),
+            inst("b", 1, "running", None),
+        ]);
+        assert_eq!((p.total, p.done, p.failed), (2, 1, 0));
+        assert_eq!(
+            p.step.as_deref(),
+            Some("waiting for instance b of web on n1 to pass its health check")
+        );
+        assert_eq!(p.category.as_deref(), Some("health"));
+        assert_eq!(p.instances[0].state, "healthy");
+        let p = progress_of(&[inst("a", 0, "pulling", None)]);
+        assert_eq!(p.category.as_deref(), Some("image_pull"));
+    }
+
+    #[test]
+    fn completes_fails_fast_and_fails_or_is_partial_at_the_deadline() {
+        let both = [
+            inst("a", 0, "running", Some(1)),
+            inst("b", 1, "running", Some(1)),
+        ];
+        let next = advance(&row("in_progress", 1, NOW), &progress_of(&both), NOW).unwrap();
+        assert_eq!(next.state, "completed");
+        assert_eq!(next.ended_at, Some(NOW));
+
+        let mut failed = inst("b", 1, "failed", None);
+        failed.category = Some("crash".into());
+        failed.message = Some("exited with code 3".into());
+        let p = progress_of(&[both[0].clone(), failed]);
+        let next = advance(&row("in_progress", 1, NOW), &p, NOW).unwrap();
+        assert_eq!(next.state, "partial", "one of two was done");
+        assert_eq!(next.category.as_deref(), Some("crash"));
+        assert!(
+            next.reason
+                .as_deref()
+                .unwrap()
+                .contains("exited with code 3"),
+            "{next:?}"
+        );
+
+        // No progress within the deadline: failed when none got ready.
+        let waiting = [inst("a", 0, "running", Some(0))];
+        let p = progress_of(&waiting);
+        let r = row("in_progress", 0, NOW - 5_000);
+        assert!(
+            advance(&r, &p, NOW).is_none(),
+            "within the deadline nothing changes"
+        );
+        let next = advance(&row("in_progress", 0, NOW - 20_000), &p, NOW).unwrap();
+        assert_eq!(next.state, "failed");
+        assert_eq!(next.category.as_deref(), Some("health"));
+        assert!(
+            next.reason
+                .as_deref()
+                .unwrap()
+                .starts_with("no progress for 10s")
+        );
+
+        // One more ready counts as progress and restarts the deadline.
+        let next = advance(
+            &row("in_progress", 0, NOW - 20_000),
+            &progress_of(&both[..1]),
+            NOW,
+        )
+        .unwrap();
+        assert_eq!(
+            (next.state.as_str(), next.progress_at),
+            ("in_progress", NOW)
+        );
+    }
+
+    #[test]
+    fn ended_rollouts_do_not_move_and_unplaced_ones_are_pending() {
+        let p = progress_of(&[inst("a", 0, "running", Some(1))]);
+        assert!(advance(&row("failed", 0, 0), &p, NOW).is_none());
+        let mut unplaced = inst("a", 0, "pending", None);
+        unplaced.node_id = None;
+        unplaced.message = Some("node n1: draining".into());
+        let next = advance(&row("pending", 0, NOW), &progress_of(&[unplaced]), NOW).unwrap();
+        assert_eq!(next.state, "pending");
+        assert!(
+            next.reason
+                .as_deref()
+                .unwrap()
+                .contains("node n1: draining")
+        );
+    }
+}

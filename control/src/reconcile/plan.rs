@@ -19,7 +19,9 @@
 //!    `count + max_surge` instances.
 //!
 //! A *held* env (its rollout failed or was canceled) takes no rolling
-//! steps: it keeps serving from what it runs.
+//! steps: it keeps serving from what it runs. Lost instances are still
+//! stopped (not replaced), and a drain's deadline still stops what is left
+//! on the node.
 
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, HashMap};
@@ -307,8 +309,14 @@ fn plan_workload(
     let checked = w.health.is_some();
     let mut outgoing: Vec<(&InstanceRow, StopWhy)> = Vec::new();
     for (i, why) in s.outgoing {
-        if i.node_id.is_none() {
-            // Never placed: nothing runs, nothing to wait for.
+        let overdue = i
+            .node_id
+            .as_ref()
+            .and_then(|n| facts.get(n))
+            .is_some_and(|f| f.drain_overdue);
+        if i.node_id.is_none() || (input.hold && overdue) {
+            // Never placed: nothing runs, nothing to wait for. A held env
+            // takes no rolling steps, but a drain's deadline still holds.
             actions.push(stop_or_delete(i, why));
         } else {
             outgoing.push((i, why));

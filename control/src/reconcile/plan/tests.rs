@@ -199,6 +199,14 @@ fn a_held_env_takes_no_rolling_steps() {
     assert!(run(&m, &now, &["a", "b", "c"], true).is_empty());
     now[2].state = "running".into();
     assert!(run(&m, &now, &["a", "b", "c"], true).is_empty());
+    // Only a drain's deadline still stops what is on the node.
+    let (mut n, mut f) = cluster(&["a", "b", "c"], &[], &["a"]);
+    assert!(run_with(&m, &now, &mut n, &f, true).is_empty());
+    f.get_mut("a").unwrap().drain_overdue = true;
+    assert_eq!(
+        stops(&run_with(&m, &now, &mut n, &f, true)),
+        [("o0".into(), StopWhy::Replaced)]
+    );
 }
 
 #[test]

@@ -351,6 +351,7 @@ fn simulate(n: usize) -> anyhow::Result<Value> {
             manifest: &env.manifest,
             instances: &[],
             hold: false,
+            since_ms: 0,
         };
         let t = Instant::now();
         let actions = plan::plan(&input, &mut view.nodes, &view.facts, clock);
@@ -426,6 +427,7 @@ fn simulate(n: usize) -> anyhow::Result<Value> {
             manifest: &env.manifest,
             instances,
             hold: false,
+            since_ms: 0,
         };
         let t = Instant::now();
         let actions = plan::plan(&input, &mut view.nodes, &view.facts, clock);
@@ -659,6 +661,7 @@ fn large_env(n: usize) -> anyhow::Result<Value> {
         manifest: &env.manifest,
         instances: &[],
         hold: false,
+        since_ms: 0,
     };
     let t = Instant::now();
     let actions = plan::plan(&input, &mut view.nodes, &view.facts, clock);
@@ -672,6 +675,7 @@ fn large_env(n: usize) -> anyhow::Result<Value> {
         manifest: &one,
         instances: &rows,
         hold: false,
+        since_ms: 0,
     };
     let t = Instant::now();
     let actions = plan::plan(&input, &mut view.nodes, &view.facts, clock);

@@ -546,6 +546,8 @@ impl Supervisor {
             // keeps its timer and failure count from one turn to the next.
             let event = self.until(async {
                 tokio::select! {
+                    // An exit that is there wins over a verdict due at the same time.
+                    biased;
                     exit = inst.wait() => Event::Exited(exit),
                     verdict = checker.next() => Event::Health(verdict),
                 }

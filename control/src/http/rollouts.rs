@@ -39,6 +39,16 @@ pub async fn begin(
 ) -> Result<(), ApiError> {
     let manifest = manifest_of(release)?;
     let what = format!("v{} ({kind})", release.number);
+    // A scale during a rollout of the same release keeps that rollout's
+    // way back: the release the env came from, not the one it goes to.
+    let kept = match tx.latest_rollout(&cx.env.id).await? {
+        Some(r) if r.is_active() && r.release_id == release.id => match &r.from_release_id {
+            Some(id) => tx.release_by_id(&cx.env.id, id).await?,
+            None => None,
+        },
+        _ => None,
+    };
+    let from = kept.as_ref().or(from);
     let (_, superseded) = tx
         .start_rollout(
             &NewRollout {
@@ -119,6 +129,7 @@ async fn live_progress(
         manifest: &manifest,
         instances: &instances,
         hold: false,
+        since_ms: row.created_at,
     };
     let clock = crate::reconcile::plan::Clock {
         now_ms: now_ms(),
@@ -162,8 +173,9 @@ async fn cancel(
     };
     let why = body.reason.as_deref().unwrap_or("no reason given");
     let release = tx.release_by_id(&cx.env.id, &row.release_id).await?;
+    // A way back (an automatic rollback or a cancel) is not itself undone.
     let from = match &row.from_release_id {
-        Some(id) if *id != row.release_id => tx.release_by_id(&cx.env.id, id).await?,
+        Some(id) if rollout::goes_back(&row) => tx.release_by_id(&cx.env.id, id).await?,
         _ => None,
     };
     row.state = "canceled".into();

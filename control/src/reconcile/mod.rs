@@ -117,6 +117,7 @@ impl EnvState {
             manifest: &self.manifest,
             instances: &self.instances,
             hold,
+            since_ms: self.own_rollout().map_or(0, |r| r.created_at),
         }
     }
 
@@ -256,7 +257,7 @@ async fn locked(
             tx.update_rollout(&next).await?;
             rollout_events(&mut tx, &scope, &env.release, r, &next).await?;
             active = next.is_active();
-            if next.holds() && rollout::auto_rollback(&env.manifest) {
+            if next.holds() && rollout::auto_rollback(&env.manifest) && rollout::goes_back(&next) {
                 // The rollback's own rollout needs the next passes.
                 active = roll_back(&mut tx, &scope, &env, &mut next).await?;
                 tx.update_rollout(&next).await?;
@@ -335,9 +336,15 @@ async fn apply(
                         "instance.lost",
                         format!(
                             "instance {instance} of {} on {name}: node_lost: the node has been offline \
-                             longer than the reschedule grace; replacing it on another node (the \
-                             node stops this copy if it returns)",
-                            i.workload
+                             longer than the reschedule grace; {} (the node stops this copy if it \
+                             returns)",
+                            i.workload,
+                            if env.input().hold {
+                                "not replaced while the env's rollout has failed: deploy, roll back \
+                                 or scale to refill it"
+                            } else {
+                                "replacing it on another node"
+                            }
                         ),
                     ),
                     why => (
@@ -533,7 +540,15 @@ pub async fn reconcile_envs(
     let mut changed = BTreeSet::new();
     let mut active = Vec::new();
     for env in envs {
-        let o = reconcile_env(store, env, view, settings).await?;
+        // One env that cannot be reconciled does not stop the others.
+        let o = match reconcile_env(store, env, view, settings).await {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(env = %env, error = %e, "reconciling the env failed; will retry");
+                active.push(env.clone());
+                continue;
+            }
+        };
         changed.extend(o.changed);
         if o.active {
             active.push(env.clone());
@@ -565,7 +580,10 @@ async fn finish_drains(store: &Store, view: &ClusterView) -> Result<Vec<String>>
             continue;
         }
         let mut tx = store.mutation().await?;
-        tx.set_drain(&n.id, Some("drained"), None).await?;
+        // Only if it is still draining (not undrained meanwhile).
+        if !tx.finish_drain(&n.id).await? {
+            continue;
+        }
         tx.emit(NewEvent::about_node(
             &n.id,
             "node.drained",
@@ -632,6 +650,7 @@ pub async fn dry_run(
         manifest: &m,
         instances: &instances,
         hold: false,
+        since_ms: 0,
     };
     let clock = Clock {
         now_ms: now_ms(),

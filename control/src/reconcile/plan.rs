@@ -44,12 +44,15 @@ pub enum StopWhy {
     Drained,
     /// Its node has been offline longer than the reschedule grace.
     Lost,
+    /// It failed before the env's current rollout started.
+    Failed,
 }
 
 impl StopWhy {
     pub fn describe(self) -> &'static str {
         match self {
-            StopWhy::Replaced => "replaced by the new release",
+            StopWhy::Replaced => "replaced (another release, or other cpu or memory)",
+            StopWhy::Failed => "failed before this rollout: replaced",
             StopWhy::ScaledDown => "no longer wanted (scaled down or removed)",
             StopWhy::Duplicate => "a duplicate of its slot",
             StopWhy::Drained => "moved off its draining node",
@@ -110,6 +113,9 @@ pub struct EnvInput<'a> {
     pub instances: &'a [InstanceRow],
     /// The rollout ended without success: take no rolling steps.
     pub hold: bool,
+    /// When the env's rollout started: instances of the release that
+    /// failed before it are replaced (a new scale or deploy retries them).
+    pub since_ms: i64,
 }
 
 /// Liveness and drain of nodes, by ID.
@@ -203,6 +209,8 @@ pub fn split<'a>(
             }
         } else if draining {
             StopWhy::Drained
+        } else if i.state == "failed" && i.updated_at < input.since_ms {
+            StopWhy::Failed
         } else if let Entry::Vacant(slot) = s.current.entry(i.slot) {
             slot.insert(i);
             continue;

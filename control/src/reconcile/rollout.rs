@@ -205,9 +205,13 @@ fn end_unsuccessful(next: &mut RolloutRow, p: &Progress, now_ms: i64, why: &str)
     next.state = if p.done > 0 { "partial" } else { "failed" }.into();
     let step = p.step.as_deref().unwrap_or("unknown step");
     let category = p.category.as_deref().unwrap_or("unknown");
+    let serving = if p.done > 0 || p.outgoing > 0 {
+        "; the env keeps serving from what runs"
+    } else {
+        ""
+    };
     next.reason = Some(format!(
-        "{why}: {} of {} instance(s) ready; failed at: {step} ({category}); the env keeps serving \
-         from what was running",
+        "{why}: {} of {} instance(s) ready; failed at: {step} ({category}){serving}",
         p.done, p.total
     ));
     next.ended_at = Some(now_ms);
@@ -259,6 +263,16 @@ pub fn deadline_ms(m: &Manifest) -> i64 {
         .map(|w| w.rollout.deadline_ms as i64)
         .max()
         .unwrap_or(verge_api::manifest::defaults::ROLLOUT_DEADLINE_MS as i64)
+}
+
+/// Whether a rollout that ended unsuccessfully may go back to where it
+/// came from: not a way back itself (an automatic rollback or a cancel),
+/// or the env would bounce between two releases.
+pub fn goes_back(r: &RolloutRow) -> bool {
+    !matches!(r.kind.as_str(), "auto_rollback" | "cancel")
+        && r.from_release_id
+            .as_ref()
+            .is_some_and(|f| *f != r.release_id)
 }
 
 /// Whether a failed rollout of `m` rolls back by itself.
@@ -347,6 +361,7 @@ mod tests {
             manifest: &m,
             instances,
             hold: false,
+            since_ms: 0,
         };
         progress(&input, &facts, CLOCK)
     }
@@ -422,6 +437,19 @@ mod tests {
             (next.state.as_str(), next.progress_at),
             ("in_progress", NOW)
         );
+    }
+
+    #[test]
+    fn ways_back_are_not_themselves_undone() {
+        let mut r = row("failed", 0, 0);
+        assert!(goes_back(&r));
+        for kind in ["auto_rollback", "cancel"] {
+            r.kind = kind.into();
+            assert!(!goes_back(&r), "{kind}");
+        }
+        r.kind = "scale".into();
+        r.from_release_id = Some(r.release_id.clone());
+        assert!(!goes_back(&r), "nowhere to go back to");
     }
 
     #[test]

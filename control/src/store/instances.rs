@@ -27,6 +27,7 @@ pub struct InstanceRow {
     pub cpu_millis: i64,
     pub memory: i64,
     pub created_at: i64,
+    /// When its state last changed (a report with the same state keeps it).
     pub updated_at: i64,
     /// The node's last health verdict: `None`, `Some(1)` healthy, `Some(0)` unhealthy.
     pub healthy: Option<i64>,
@@ -228,7 +229,8 @@ impl Mutation<'_> {
     ) -> Result<bool> {
         let done = sqlx::query(
             "UPDATE instances SET state = $3, category = $4, message = $5, \
-             address = COALESCE($6, address), restarts = $7, updated_at = $8, healthy = $9 \
+             address = COALESCE($6, address), restarts = $7, healthy = $9, \
+             updated_at = CASE WHEN state = $3 THEN updated_at ELSE $8 END \
              WHERE id = $1 AND node_id = $2",
         )
         .bind(id)

@@ -361,6 +361,21 @@ impl Mutation<'_> {
         Ok(())
     }
 
+    /// Marks a draining node `drained`; `false` when it is not draining
+    /// (any more) or still has instances.
+    pub async fn finish_drain(&mut self, node_id: &str) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE nodes SET drain = 'drained', drain_deadline = NULL \
+             WHERE id = $1 AND drain = 'draining' AND NOT EXISTS \
+             (SELECT 1 FROM instances i WHERE i.node_id = $1 \
+              AND (i.goal = 'run' OR nodes.state = 'online'))",
+        )
+        .bind(node_id)
+        .execute(self.conn())
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     /// Bumps the desired-set version of each node; returns nothing (sessions re-read).
     pub async fn bump_desired(&mut self, node_ids: &[String]) -> Result<()> {
         for id in node_ids {

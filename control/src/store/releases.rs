@@ -128,7 +128,6 @@ impl Store {
 }
 
 impl Mutation<'_> {
-    /// The env's current release, as of now inside this mutation.
     pub async fn release_by_id(&mut self, env_id: &str, id: &str) -> Result<Option<ReleaseRow>> {
         let sql = format!("SELECT {RELEASE_COLUMNS} FROM releases WHERE env_id = $1 AND id = $2");
         Ok(sqlx::query_as(&sql)
@@ -138,6 +137,7 @@ impl Mutation<'_> {
             .await?)
     }
 
+    /// The env's current release, as of now inside this mutation.
     pub async fn current_release(&mut self, env_id: &str) -> Result<Option<ReleaseRow>> {
         current_release(self.conn(), env_id).await
     }

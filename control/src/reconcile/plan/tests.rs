@@ -91,11 +91,23 @@ fn run_with(
     facts: &Facts,
     hold: bool,
 ) -> Vec<Action> {
+    run_since(m, instances, nodes, facts, hold, 0)
+}
+
+fn run_since(
+    m: &Manifest,
+    instances: &[InstanceRow],
+    nodes: &mut Nodes,
+    facts: &Facts,
+    hold: bool,
+    since_ms: i64,
+) -> Vec<Action> {
     let input = EnvInput {
         release_id: "r2",
         manifest: m,
         instances,
         hold,
+        since_ms,
     };
     plan(&input, nodes, facts, CLOCK)
 }
@@ -280,4 +292,19 @@ fn unplaceable_slots_explain_and_do_not_repeat() {
     p1.id = "p1".into();
     p1.slot = 1;
     assert!(run(&m, &[pending, p1], &["a"], false).is_empty());
+}
+
+#[test]
+fn instances_that_failed_before_the_rollout_are_replaced() {
+    let m = manifest("");
+    let mut failed = inst("f0", "r2", 0, "a", "failed");
+    failed.updated_at = NOW - 60_000;
+    let now = [failed, inst("i1", "r2", 1, "b", "running")];
+    // Failed during this rollout: it holds its slot (the rollout fails).
+    let (mut n, f) = nodes(&["a", "b"]);
+    assert!(run_since(&m, &now, &mut n, &f, false, NOW - 120_000).is_empty());
+    // Failed before it (a scale after a failed rollout): replaced.
+    let actions = run_since(&m, &now, &mut n, &f, false, NOW - 1_000);
+    assert_eq!(stops(&actions), [("f0".into(), StopWhy::Failed)]);
+    assert_eq!(creates(&actions).len(), 1, "{actions:?}");
 }

@@ -1020,7 +1020,11 @@ async fn a_broken_image_fails_with_image_pull_and_cancel_returns_to_the_old_rele
     })
     .await;
     let good = w
-        .deploy(&web(&image, 2, &[SMALL, HEALTHY, "cpu = 0.3"]))
+        .deploy(&web(
+            &image,
+            2,
+            &[SMALL, HEALTHY, "restart = \"on-failure\""],
+        ))
         .await;
     let good_number = good["release"]["number"].as_i64().unwrap();
     let (s, _) = w.converged(2, Some(good_number)).await;

@@ -249,13 +249,7 @@ async fn wait_drained(
                 progress.update((most - now).into(), most.into(), &text, &text, &line);
                 left = Some(now);
             }
-            Ok(Err(e @ ClientError::Connect { .. })) => {
-                let now = e.to_string();
-                if now != unreachable {
-                    progress.note(&format!("{now}; retrying"));
-                    unreachable = now;
-                }
-            }
+            Ok(Err(e @ ClientError::Connect { .. })) => progress.retrying(&e, &mut unreachable),
             Ok(Err(e)) => return Err(e.into()),
             Err(_elapsed) => {}
         }

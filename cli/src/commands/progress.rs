@@ -43,6 +43,16 @@ pub struct Progress {
 }
 
 impl Progress {
+    /// Says the control plane is unreachable and the wait retries, once
+    /// per distinct error (`last` keeps the one said).
+    pub fn retrying(&mut self, error: &verge_api::client::ClientError, last: &mut String) {
+        let now = error.to_string();
+        if now != *last {
+            self.note(&format!("{now}; retrying"));
+            *last = now;
+        }
+    }
+
     /// A bar titled `prefix` on a terminal, lines elsewhere, nothing under
     /// `-o json`. The bar reads `POS/LEN UNIT` (`1/2 done`) with the
     /// message on a second line. It has no colours; a dumb terminal gets

@@ -108,13 +108,7 @@ pub async fn wait_for(
                 last = Some(status);
             }
             // The control plane may be restarting: keep trying until the deadline.
-            Ok(Err(e @ ClientError::Connect { .. })) => {
-                let now = e.to_string();
-                if now != unreachable {
-                    progress.note(&format!("{now}; retrying"));
-                    unreachable = now;
-                }
-            }
+            Ok(Err(e @ ClientError::Connect { .. })) => progress.retrying(&e, &mut unreachable),
             Ok(Err(e)) => return Err(e.into()),
             Err(_elapsed) => {}
         }

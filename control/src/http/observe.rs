@@ -95,9 +95,6 @@ async fn observe(st: &AppState, cx: &EnvCx) -> Result<Observed, ApiError> {
         .collect();
     let reschedule = st.cluster.settings().reschedule_after_ms;
     let latest = st.store.latest_rollout(&cx.env.id).await?;
-    let held = latest
-        .as_ref()
-        .is_some_and(|r| r.release_id == row.id && r.holds());
     let workloads: Vec<WorkloadStatus> = m
         .workloads
         .iter()
@@ -114,9 +111,7 @@ async fn observe(st: &AppState, cx: &EnvCx) -> Result<Observed, ApiError> {
                     .count() as u32,
                 instances: mine
                     .iter()
-                    .map(|i| {
-                        instance_status(i, &offline, &numbers, pinned && !held, reschedule, held)
-                    })
+                    .map(|i| instance_status(i, &offline, &numbers, pinned, reschedule))
                     .collect(),
             }
         })
@@ -148,7 +143,6 @@ fn instance_status(
     numbers: &BTreeMap<String, i64>,
     pinned: bool,
     reschedule_after_ms: i64,
-    held: bool,
 ) -> InstanceStatus {
     let mut reason = match (&i.category, &i.message) {
         (Some(c), Some(m)) => Some(format!("{c}: {m}")),
@@ -160,10 +154,6 @@ fn instance_status(
         let node = i.node_name.clone().unwrap_or_default();
         let next = if i.goal == "stop" {
             "replaced; the node stops this copy when it returns".to_string()
-        } else if held {
-            "not replaced while the env's rollout has failed: deploy, roll back or scale to \
-             replace it"
-                .to_string()
         } else if pinned {
             "pinned to the node by the workload's volumes: not rescheduled; it resumes when the \
              node returns (or snapshot and restore the volume onto another node)"

@@ -309,6 +309,30 @@ async fn apply(
                     changed.insert(n.clone());
                 }
             }
+            Action::Refill {
+                workload,
+                slot,
+                release,
+                cpu_millis,
+                memory,
+                node,
+            } => {
+                let new = NewInstance {
+                    env_id: &scope.env_id,
+                    release_id: release,
+                    workload,
+                    slot: *slot,
+                    node_id: node.as_ref().ok().map(String::as_str),
+                    cpu_millis: *cpu_millis,
+                    memory: *memory,
+                    message: node.as_ref().err().cloned(),
+                };
+                let id = tx.insert_instance(&new).await?;
+                placed_event(tx, scope, release, &id, workload, node, view).await?;
+                if let Ok(n) = node {
+                    changed.insert(n.clone());
+                }
+            }
             Action::Place { instance, node } => {
                 let Some(i) = row(instance) else { continue };
                 tx.place_instance(
@@ -336,15 +360,9 @@ async fn apply(
                         "instance.lost",
                         format!(
                             "instance {instance} of {} on {name}: node_lost: the node has been offline \
-                             longer than the reschedule grace; {} (the node stops this copy if it \
-                             returns)",
-                            i.workload,
-                            if env.input().hold {
-                                "not replaced while the env's rollout has failed: deploy, roll back \
-                                 or scale to refill it"
-                            } else {
-                                "replacing it on another node"
-                            }
+                             longer than the reschedule grace; replacing it on another node (the \
+                             node stops this copy if it returns)",
+                            i.workload
                         ),
                     ),
                     why => (

@@ -20,8 +20,9 @@
 //!
 //! A *held* env (its rollout failed or was canceled) takes no rolling
 //! steps: it keeps serving from what it runs. Lost instances are still
-//! stopped (not replaced), and a drain's deadline still stops what is left
-//! on the node.
+//! stopped, and a drain's deadline still stops what is left on the node;
+//! each is refilled elsewhere as it was (its release, slot and resources),
+//! so the env keeps its capacity.
 
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, HashMap};
@@ -67,6 +68,17 @@ pub enum Action {
     Create {
         workload: String,
         slot: i64,
+        node: Result<String, String>,
+    },
+    /// In a held env, a copy of an instance a lost node or a drain took
+    /// away: same release, slot and resources, on another node (or pending
+    /// with why not), so the env keeps its capacity.
+    Refill {
+        workload: String,
+        slot: i64,
+        release: String,
+        cpu_millis: i64,
+        memory: i64,
         node: Result<String, String>,
     },
     /// A pending instance without a node: placed now, or a new reason why not.
@@ -277,6 +289,12 @@ pub fn undo(input: &EnvInput<'_>, actions: &[Action], nodes: &mut Nodes) {
                     nodes.reserve(node, -i.cpu_millis, -i.memory);
                 }
             }
+            Action::Refill {
+                cpu_millis,
+                memory,
+                node: Ok(node),
+                ..
+            } => nodes.reserve(node, -cpu_millis, -memory),
             Action::Stop { instance, node, .. } => {
                 if let Some(i) = rows.get(instance.as_str()) {
                     nodes.reserve(node, i.cpu_millis, i.memory);
@@ -310,8 +328,13 @@ fn plan_workload(
     actions: &mut Vec<Action>,
 ) {
     let s = split(name, w, input, facts, clock);
+    // What a held env loses to lost nodes and drain deadlines, refilled as it was.
+    let mut refill: Vec<&InstanceRow> = Vec::new();
     for i in &s.lost {
         actions.push(stop_or_delete(i, StopWhy::Lost));
+        if input.hold && i.node_id.is_some() {
+            refill.push(i);
+        }
     }
     let count = i64::from(w.count);
     let checked = w.health.is_some();
@@ -326,6 +349,9 @@ fn plan_workload(
             // Never placed: nothing runs, nothing to wait for. A held env
             // takes no rolling steps, but a drain's deadline still holds.
             actions.push(stop_or_delete(i, why));
+            if i.node_id.is_some() {
+                refill.push(i);
+            }
         } else {
             outgoing.push((i, why));
         }
@@ -378,7 +404,7 @@ fn plan_workload(
         let room = (count + i64::from(w.rollout.max_surge) - total).max(0);
         missing.truncate(room as usize);
     }
-    if unplaced.is_empty() && missing.is_empty() {
+    if unplaced.is_empty() && missing.is_empty() && refill.is_empty() {
         return;
     }
     let existing: Vec<&str> = s
@@ -418,6 +444,29 @@ fn plan_workload(
             workload: name.to_string(),
             slot,
             node: placed.next().expect("one result per slot"),
+        });
+    }
+    for i in refill {
+        let ask = Ask {
+            cpu_millis: i.cpu_millis,
+            memory: i.memory,
+            ..ask
+        };
+        // Where nothing fits, a held env runs short until its next rollout.
+        let Some(Ok(node)) = wasm
+            .is_none()
+            .then(|| scheduler::place(nodes, &ask, &existing, 1).pop())
+            .flatten()
+        else {
+            continue;
+        };
+        actions.push(Action::Refill {
+            workload: name.to_string(),
+            slot: i.slot,
+            release: i.release_id.clone(),
+            cpu_millis: i.cpu_millis,
+            memory: i.memory,
+            node: Ok(node),
         });
     }
 }

@@ -211,14 +211,34 @@ fn a_held_env_takes_no_rolling_steps() {
     assert!(run(&m, &now, &["a", "b", "c"], true).is_empty());
     now[2].state = "running".into();
     assert!(run(&m, &now, &["a", "b", "c"], true).is_empty());
-    // Only a drain's deadline still stops what is on the node.
-    let (mut n, mut f) = cluster(&["a", "b", "c"], &[], &["a"]);
+    // Only a drain's deadline still stops what is on the node, and the
+    // env gets a copy of it elsewhere: same release, slot and resources.
+    let (mut n, mut f) = cluster(&["a", "b", "c", "d"], &[], &["a"]);
     assert!(run_with(&m, &now, &mut n, &f, true).is_empty());
     f.get_mut("a").unwrap().drain_overdue = true;
-    assert_eq!(
-        stops(&run_with(&m, &now, &mut n, &f, true)),
-        [("o0".into(), StopWhy::Replaced)]
-    );
+    let actions = run_with(&m, &now, &mut n, &f, true);
+    assert_eq!(stops(&actions), [("o0".into(), StopWhy::Replaced)]);
+    assert_eq!(refills(&actions), [(0, "r1".into(), "d".into())]);
+    // So does a lost node.
+    let (mut n, f) = cluster(&["a", "b", "c", "d"], &[("b", NOW - 60_000)], &[]);
+    let actions = run_with(&m, &now, &mut n, &f, true);
+    assert_eq!(stops(&actions), [("o1".into(), StopWhy::Lost)]);
+    assert_eq!(refills(&actions), [(1, "r1".into(), "d".into())]);
+}
+
+fn refills(actions: &[Action]) -> Vec<(i64, String, String)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Refill {
+                slot,
+                release,
+                node: Ok(node),
+                ..
+            } => Some((*slot, release.clone(), node.clone())),
+            _ => None,
+        })
+        .collect()
 }
 
 #[test]

@@ -106,7 +106,13 @@ pub async fn view(
     } else {
         None
     };
-    Ok(rollout::view(row, release, from, live.as_ref()))
+    // What the reconciler will store on its next look (within a second),
+    // so status never shows an ended rollout as still moving.
+    let now = live
+        .as_ref()
+        .and_then(|p| rollout::advance(row, p, now_ms()));
+    let shown = now.as_ref().unwrap_or(row);
+    Ok(rollout::view(shown, release, from, live.as_ref()))
 }
 
 async fn live_progress(
@@ -161,9 +167,20 @@ async fn cancel(
     Json(body): Json<CancelRollout>,
 ) -> Result<axum::Json<Rollout>, ApiError> {
     let cx = EnvCx::resolve(&st, &caller, &path).await?;
+    let reschedule = st.cluster.settings().reschedule_after_ms;
+    // A rollout that has just reached its end (the reconciler stores it on
+    // its next look) is not canceled: status already shows it ended.
+    let ended = match st.store.latest_rollout(&cx.env.id).await? {
+        Some(r) if r.is_active() => live_progress(&st.store, &cx.env.id, &r, reschedule)
+            .await?
+            .and_then(|p| rollout::advance(&r, &p, now_ms()))
+            .filter(|next| !next.is_active())
+            .map(|_| r.id),
+        _ => None,
+    };
     let mut tx = st.store.mutation().await?;
     let latest = tx.latest_rollout(&cx.env.id).await?;
-    let Some(mut row) = latest.filter(RolloutRow::is_active) else {
+    let Some(mut row) = latest.filter(|r| r.is_active() && ended.as_ref() != Some(&r.id)) else {
         return Err(ApiError::conflict(format!(
             "{} has no rollout in progress to cancel",
             cx.label()
@@ -211,7 +228,6 @@ async fn cancel(
     }
     tx.commit().await?;
     st.cluster.poke();
-    let reschedule = st.cluster.settings().reschedule_after_ms;
     Ok(axum::Json(
         view(&st.store, &cx.env.id, &row, reschedule).await?,
     ))

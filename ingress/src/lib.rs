@@ -10,5 +10,8 @@
 //! It must not hold desired state or talk to the store: it serves the last
 //! table it received, also while the control plane is unreachable.
 //!
-//! Nothing is implemented yet: this crate exists so that the workspace shows
-//! the architecture from the start (see `docs/architecture.md`).
+//! Built so far (issue 6 builds the rest): the byte path of a connection
+//! ([`proxy`]) and PROXY protocol v2 headers ([`proxy_protocol`]).
+
+pub mod proxy;
+pub mod proxy_protocol;

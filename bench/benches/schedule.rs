@@ -263,6 +263,7 @@ fn rows_of(
                 workload,
                 slot,
                 node: Ok(node),
+                ..
             } = a
             else {
                 panic!("a first pass only creates placed instances: {a:?}");

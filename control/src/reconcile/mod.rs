@@ -32,7 +32,7 @@ use crate::store::{
     Result, RolloutRow, Store, StoreError,
 };
 use crate::time::{now_ms, rfc3339};
-use plan::{Action, Clock, EnvInput, Facts, NodeFacts, StopWhy};
+use plan::{Action, Clock, EnvInput, Facts, NodeFacts};
 pub use spec::desired_set;
 
 /// Timings the reconciler works with.
@@ -281,35 +281,12 @@ async fn apply(
     actions: &[Action],
     view: &ClusterView,
 ) -> Result<BTreeSet<String>> {
-    let release = &env.release.id;
     let mut changed = BTreeSet::new();
     let rows = plan::by_id(&env.instances);
     let row = |id: &str| rows.get(id).copied();
     for a in actions {
         match a {
             Action::Create {
-                workload,
-                slot,
-                node,
-            } => {
-                let w = &env.manifest.workloads[workload];
-                let new = NewInstance {
-                    env_id: &scope.env_id,
-                    release_id: release,
-                    workload,
-                    slot: *slot,
-                    node_id: node.as_ref().ok().map(String::as_str),
-                    cpu_millis: plan::cpu_millis(w),
-                    memory: w.memory as i64,
-                    message: node.as_ref().err().cloned(),
-                };
-                let id = tx.insert_instance(&new).await?;
-                placed_event(tx, scope, release, &id, workload, node, view).await?;
-                if let Ok(n) = node {
-                    changed.insert(n.clone());
-                }
-            }
-            Action::Refill {
                 workload,
                 slot,
                 release,
@@ -354,30 +331,16 @@ async fn apply(
                 let Some(i) = row(instance) else { continue };
                 tx.stop_instance(instance).await?;
                 changed.insert(node.clone());
-                let name = view.nodes.name(node);
-                let (kind, message) = match why {
-                    StopWhy::Lost => (
-                        "instance.lost",
-                        format!(
-                            "instance {instance} of {} on {name}: node_lost: the node has been offline \
-                             longer than the reschedule grace; replacing it on another node (the \
-                             node stops this copy if it returns)",
-                            i.workload
-                        ),
-                    ),
-                    why => (
-                        "instance.stopping",
-                        format!(
-                            "instance {instance} of {} on {name}: stopping: {}",
-                            i.workload,
-                            why.describe()
-                        ),
-                    ),
-                };
+                let message = format!(
+                    "instance {instance} of {} on {}: {}",
+                    i.workload,
+                    view.nodes.name(node),
+                    why.describe()
+                );
                 tx.emit(event(
                     scope,
                     &i.release_id,
-                    kind,
+                    why.event_kind(),
                     Some(instance),
                     Some(node),
                     message,
@@ -684,6 +647,7 @@ pub async fn dry_run(
                     workload,
                     slot,
                     node,
+                    ..
                 } if workload == name => Some(PlannedPlacement {
                     slot: *slot as u32,
                     node: node.as_ref().ok().map(|n| view.nodes.name(n).to_string()),

@@ -50,30 +50,36 @@ pub enum StopWhy {
 }
 
 impl StopWhy {
+    /// What its event says after `instance I of W on N: `.
     pub fn describe(self) -> &'static str {
         match self {
-            StopWhy::Replaced => "replaced (another release, or other cpu or memory)",
-            StopWhy::Failed => "failed before this rollout: replaced",
-            StopWhy::ScaledDown => "no longer wanted (scaled down or removed)",
-            StopWhy::Duplicate => "a duplicate of its slot",
-            StopWhy::Drained => "moved off its draining node",
-            StopWhy::Lost => "its node is lost: replaced on another node",
+            StopWhy::Replaced => "stopping: replaced (another release, or other cpu or memory)",
+            StopWhy::Failed => "stopping: failed before this rollout: replaced",
+            StopWhy::ScaledDown => "stopping: no longer wanted (scaled down or removed)",
+            StopWhy::Duplicate => "stopping: a duplicate of its slot",
+            StopWhy::Drained => "stopping: moved off its draining node",
+            StopWhy::Lost => {
+                "node_lost: the node has been offline longer than the reschedule grace; \
+                 replacing it on another node (the node stops this copy if it returns)"
+            }
+        }
+    }
+
+    /// The kind of its event.
+    pub fn event_kind(self) -> &'static str {
+        match self {
+            StopWhy::Lost => "instance.lost",
+            _ => "instance.stopping",
         }
     }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    /// A new instance of the release in `slot`: on a node, or pending with why not.
+    /// A new instance in `slot`: on a node, or pending with why not. Its
+    /// release is the env's, or, in a held env, that of the instance a lost
+    /// node or a drain took away (refilled as it was, resources included).
     Create {
-        workload: String,
-        slot: i64,
-        node: Result<String, String>,
-    },
-    /// In a held env, a copy of an instance a lost node or a drain took
-    /// away: same release, slot and resources, on another node (or pending
-    /// with why not), so the env keeps its capacity.
-    Refill {
         workload: String,
         slot: i64,
         release: String,
@@ -150,15 +156,15 @@ pub fn matches(i: &InstanceRow, release: &str, w: &Workload) -> bool {
 /// count as ready: one that crashes at once never does.
 pub const MIN_READY_MS: i64 = 2_000;
 
+/// The facts of the node `i` is placed on, if any.
+pub fn node_of<'f>(i: &InstanceRow, facts: &'f Facts) -> Option<&'f NodeFacts> {
+    i.node_id.as_ref().and_then(|n| facts.get(n))
+}
+
 /// Running on a node that is online, and healthy when `checked` (else
 /// running for [`MIN_READY_MS`]).
 pub fn ready(i: &InstanceRow, checked: bool, facts: &Facts, now_ms: i64) -> bool {
-    let online = i
-        .node_id
-        .as_ref()
-        .and_then(|n| facts.get(n))
-        .is_some_and(|f| f.online);
-    online
+    node_of(i, facts).is_some_and(|f| f.online)
         && i.state == "running"
         && match i.healthy() {
             Some(h) => h,
@@ -168,9 +174,7 @@ pub fn ready(i: &InstanceRow, checked: bool, facts: &Facts, now_ms: i64) -> bool
 
 /// Lost: on a node offline for longer than the reschedule grace.
 pub fn lost(i: &InstanceRow, facts: &Facts, clock: Clock) -> bool {
-    i.node_id
-        .as_ref()
-        .and_then(|n| facts.get(n))
+    node_of(i, facts)
         .and_then(|f| f.offline_at)
         .is_some_and(|at| clock.now_ms - at >= clock.reschedule_after_ms)
 }
@@ -208,11 +212,7 @@ pub fn split<'a>(
             }
             s.pinned.push(i);
         }
-        let draining = i
-            .node_id
-            .as_ref()
-            .and_then(|n| facts.get(n))
-            .is_some_and(|f| f.draining);
+        let draining = node_of(i, facts).is_some_and(|f| f.draining);
         let why = if !matches(i, input.release_id, w) {
             if i.release_id == input.release_id && i.slot >= i64::from(w.count) {
                 StopWhy::ScaledDown
@@ -273,14 +273,11 @@ pub fn undo(input: &EnvInput<'_>, actions: &[Action], nodes: &mut Nodes) {
     for a in actions {
         match a {
             Action::Create {
-                workload,
+                cpu_millis,
+                memory,
                 node: Ok(node),
                 ..
-            } => {
-                if let Some(w) = input.manifest.workloads.get(workload) {
-                    nodes.reserve(node, -cpu_millis(w), -(w.memory as i64));
-                }
-            }
+            } => nodes.reserve(node, -cpu_millis, -memory),
             Action::Place {
                 instance,
                 node: Ok(node),
@@ -289,12 +286,6 @@ pub fn undo(input: &EnvInput<'_>, actions: &[Action], nodes: &mut Nodes) {
                     nodes.reserve(node, -i.cpu_millis, -i.memory);
                 }
             }
-            Action::Refill {
-                cpu_millis,
-                memory,
-                node: Ok(node),
-                ..
-            } => nodes.reserve(node, -cpu_millis, -memory),
             Action::Stop { instance, node, .. } => {
                 if let Some(i) = rows.get(instance.as_str()) {
                     nodes.reserve(node, i.cpu_millis, i.memory);
@@ -338,13 +329,11 @@ fn plan_workload(
     }
     let count = i64::from(w.count);
     let checked = w.health.is_some();
-    let mut outgoing: Vec<(&InstanceRow, StopWhy)> = Vec::new();
+    // Outgoing instances on a node, each with whether it serves and
+    // whether its node's drain deadline passed.
+    let mut outgoing: Vec<(&InstanceRow, StopWhy, bool, bool)> = Vec::new();
     for (i, why) in s.outgoing {
-        let overdue = i
-            .node_id
-            .as_ref()
-            .and_then(|n| facts.get(n))
-            .is_some_and(|f| f.drain_overdue);
+        let overdue = node_of(i, facts).is_some_and(|f| f.drain_overdue);
         if i.node_id.is_none() || (input.hold && overdue) {
             // Never placed: nothing runs, nothing to wait for. A held env
             // takes no rolling steps, but a drain's deadline still holds.
@@ -353,7 +342,7 @@ fn plan_workload(
                 refill.push(i);
             }
         } else {
-            outgoing.push((i, why));
+            outgoing.push((i, why, ready(i, false, facts, clock.now_ms), overdue));
         }
     }
     if !input.hold {
@@ -362,31 +351,20 @@ fn plan_workload(
             .values()
             .filter(|i| ready(i, checked, facts, clock.now_ms))
             .count() as i64
-            + outgoing
-                .iter()
-                .filter(|(i, _)| ready(i, false, facts, clock.now_ms))
-                .count() as i64;
+            + outgoing.iter().filter(|o| o.2).count() as i64;
         let keep = (count - i64::from(w.rollout.max_unavailable)).max(0);
         // Stop what does not serve first, then what serves, newest release last.
-        outgoing.sort_by_key(|(i, _)| (ready(i, false, facts, clock.now_ms), i.created_at));
-        let mut remaining = Vec::new();
-        for (i, why) in outgoing {
-            let overdue = i
-                .node_id
-                .as_ref()
-                .and_then(|n| facts.get(n))
-                .is_some_and(|f| f.drain_overdue);
-            let ready_now = ready(i, false, facts, clock.now_ms);
-            if !ready_now || overdue || serving > keep {
+        outgoing.sort_by_key(|&(i, _, ready_now, _)| (ready_now, i.created_at));
+        outgoing.retain(|&(i, why, ready_now, overdue)| {
+            let stop = !ready_now || overdue || serving > keep;
+            if stop {
                 if ready_now {
                     serving -= 1;
                 }
                 actions.push(stop_or_delete(i, why));
-            } else {
-                remaining.push((i, why));
             }
-        }
-        outgoing = remaining;
+            !stop
+        });
     }
 
     // Pending instances without a node, and new ones for missing slots.
@@ -410,7 +388,7 @@ fn plan_workload(
     let existing: Vec<&str> = s
         .current
         .values()
-        .chain(outgoing.iter().map(|(i, _)| i))
+        .chain(outgoing.iter().map(|o| &o.0))
         .filter_map(|i| i.node_id.as_deref())
         .collect();
     let pinned_to = s.pinned.first().and_then(|i| i.node_id.clone());
@@ -443,6 +421,9 @@ fn plan_workload(
         actions.push(Action::Create {
             workload: name.to_string(),
             slot,
+            release: input.release_id.to_string(),
+            cpu_millis: ask.cpu_millis,
+            memory: ask.memory,
             node: placed.next().expect("one result per slot"),
         });
     }
@@ -460,7 +441,7 @@ fn plan_workload(
         else {
             continue;
         };
-        actions.push(Action::Refill {
+        actions.push(Action::Create {
             workload: name.to_string(),
             slot: i.slot,
             release: i.release_id.clone(),

@@ -117,11 +117,7 @@ fn waiting_on(
         .as_deref()
         .map(|m| format!(": {m}"))
         .unwrap_or_default();
-    let offline = i
-        .node_id
-        .as_ref()
-        .and_then(|n| facts.get(n))
-        .is_some_and(|f| !f.online);
+    let offline = plan::node_of(i, facts).is_some_and(|f| !f.online);
     let (step, fallback) = if i.node_id.is_none() {
         (format!("placing {what}{detail}"), "placement")
     } else if offline {

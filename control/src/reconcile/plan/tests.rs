@@ -116,7 +116,12 @@ fn creates(actions: &[Action]) -> Vec<(i64, String)> {
     actions
         .iter()
         .filter_map(|a| match a {
-            Action::Create { slot, node, .. } => Some((*slot, node.clone().unwrap())),
+            Action::Create {
+                slot,
+                release,
+                node,
+                ..
+            } if release == "r2" => Some((*slot, node.clone().unwrap())),
             _ => None,
         })
         .collect()
@@ -230,12 +235,13 @@ fn refills(actions: &[Action]) -> Vec<(i64, String, String)> {
     actions
         .iter()
         .filter_map(|a| match a {
-            Action::Refill {
+            // A copy of what a held env lost: an earlier release.
+            Action::Create {
                 slot,
                 release,
                 node: Ok(node),
                 ..
-            } => Some((*slot, release.clone(), node.clone())),
+            } if release != "r2" => Some((*slot, release.clone(), node.clone())),
             _ => None,
         })
         .collect()

@@ -275,12 +275,10 @@ async fn deploy(
         .next(format!("verge rollback v{} {}  (to make yours current)", row.number, cx.flags()))
         .next("or deploy again, on top of the new current release"));
     }
-    let scale = match &current {
-        Some(c) => carry_scale(&manifest_of(c)?, &m, &scale),
-        None => BTreeMap::new(),
-    };
-    tx.replace_scale_overrides(&cx.env.id, &scale).await?;
-    tx.set_current_release(&cx.env.id, &row.id).await?;
+    let from = current.as_ref().map(manifest_of).transpose()?;
+    let scale = tx
+        .make_current(&cx.env.id, &row.id, from.as_ref(), &m, &scale)
+        .await?;
     super::rollouts::begin(&mut tx, &cx, &row, current.as_ref(), "deploy").await?;
     let was = current
         .as_ref()
@@ -406,12 +404,16 @@ async fn rollback(
             &now,
         )));
     }
-    let scale = match &current {
-        Some(c) => carry_scale(&manifest_of(c)?, &manifest_of(&target)?, &scale),
-        None => BTreeMap::new(),
-    };
-    tx.replace_scale_overrides(&cx.env.id, &scale).await?;
-    tx.set_current_release(&cx.env.id, &target.id).await?;
+    let from = current.as_ref().map(manifest_of).transpose()?;
+    let scale = tx
+        .make_current(
+            &cx.env.id,
+            &target.id,
+            from.as_ref(),
+            &manifest_of(&target)?,
+            &scale,
+        )
+        .await?;
     super::rollouts::begin(&mut tx, &cx, &target, current.as_ref(), "rollback").await?;
     let was = current
         .as_ref()

@@ -11,7 +11,6 @@ use verge_api::status::{CancelRollout, Rollout};
 use super::scope::{EnvCx, manifest_of};
 use super::{AppState, Json, Path};
 use crate::auth::Caller;
-use crate::desired::carry_scale;
 use crate::error::ApiError;
 use crate::reconcile::{ClusterView, rollout};
 use crate::store::{Mutation, NewRollout, ReleaseRow, RolloutRow, Store};
@@ -221,9 +220,14 @@ async fn cancel(
     .await?;
     if let (Some(from), Some(release)) = (&from, &release) {
         let scale = tx.scale_overrides(&cx.env.id).await?;
-        let carried = carry_scale(&manifest_of(release)?, &manifest_of(from)?, &scale);
-        tx.replace_scale_overrides(&cx.env.id, &carried).await?;
-        tx.set_current_release(&cx.env.id, &from.id).await?;
+        tx.make_current(
+            &cx.env.id,
+            &from.id,
+            Some(&manifest_of(release)?),
+            &manifest_of(from)?,
+            &scale,
+        )
+        .await?;
         begin(&mut tx, &cx, from, Some(release), "cancel").await?;
     }
     tx.commit().await?;

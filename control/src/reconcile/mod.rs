@@ -25,7 +25,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use verge_api::manifest::Manifest;
 use verge_api::release::{Plan, PlannedPlacement, PlannedStop, WorkloadPlan};
 
-use crate::desired::{apply_scale, carry_scale};
+use crate::desired::apply_scale;
 use crate::scheduler::{NodeView, Nodes};
 use crate::store::{
     EnvScope, InstanceRow, Mutation, NewEvent, NewInstance, NewRollout, NodeRow, ReleaseRow,
@@ -101,6 +101,8 @@ pub struct EnvOutcome {
 /// locked pass.
 struct EnvState {
     release: ReleaseRow,
+    /// The release's manifest as stored, and with `verge scale` applied.
+    snapshot: Manifest,
     manifest: Manifest,
     instances: Vec<InstanceRow>,
     rollout: Option<RolloutRow>,
@@ -108,15 +110,11 @@ struct EnvState {
 
 impl EnvState {
     fn input(&self) -> EnvInput<'_> {
-        let hold = self
-            .rollout
-            .as_ref()
-            .is_some_and(|r| r.release_id == self.release.id && r.holds());
         EnvInput {
             release_id: &self.release.id,
             manifest: &self.manifest,
             instances: &self.instances,
-            hold,
+            hold: self.own_rollout().is_some_and(RolloutRow::holds),
             since_ms: self.own_rollout().map_or(0, |r| r.created_at),
         }
     }
@@ -157,6 +155,7 @@ async fn read_env(store: &Store, env_id: &str) -> Result<Option<EnvState>> {
     };
     Ok(Some(EnvState {
         manifest: apply_scale(&snapshot, &store.scale_overrides(env_id).await?),
+        snapshot,
         instances: store.env_instances(env_id).await?,
         rollout: store.latest_rollout(env_id).await?,
         release,
@@ -172,6 +171,7 @@ async fn read_env_locked(tx: &mut Mutation<'_>, env_id: &str) -> Result<Option<E
     };
     Ok(Some(EnvState {
         manifest: apply_scale(&snapshot, &tx.scale_overrides(env_id).await?),
+        snapshot,
         instances: tx.env_instances(env_id).await?,
         rollout: tx.latest_rollout(env_id).await?,
         release,
@@ -405,11 +405,14 @@ async fn roll_back(
         return Ok(false);
     };
     let scale = tx.scale_overrides(&scope.env_id).await?;
-    let current_manifest: Manifest =
-        serde_json::from_str(&env.release.manifest).unwrap_or_else(|_| env.manifest.clone());
-    let carried = carry_scale(&current_manifest, &target_manifest, &scale);
-    tx.replace_scale_overrides(&scope.env_id, &carried).await?;
-    tx.set_current_release(&scope.env_id, &target.id).await?;
+    tx.make_current(
+        &scope.env_id,
+        &target.id,
+        Some(&env.snapshot),
+        &target_manifest,
+        &scale,
+    )
+    .await?;
     let why = failed.reason.clone().unwrap_or_default();
     failed.reason = Some(format!(
         "{why}; rolled back automatically to v{} (auto_rollback)",

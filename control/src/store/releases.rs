@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use sqlx::{Any, Executor, FromRow};
+use verge_api::manifest::Manifest;
 
 use super::events::Mutation;
 use super::{Result, Store};
@@ -172,14 +173,28 @@ impl Mutation<'_> {
         Ok(())
     }
 
-    /// Points the env at `release_id`.
-    pub async fn set_current_release(&mut self, env_id: &str, release_id: &str) -> Result<()> {
+    /// Points the env at `release_id` (manifest `to`), keeping those of
+    /// its scale overrides `scale` that still apply after moving from
+    /// manifest `from` (`desired::carry_scale`; none without a `from`);
+    /// returns the overrides kept.
+    pub async fn make_current(
+        &mut self,
+        env_id: &str,
+        release_id: &str,
+        from: Option<&Manifest>,
+        to: &Manifest,
+        scale: &BTreeMap<String, ScaleRow>,
+    ) -> Result<BTreeMap<String, ScaleRow>> {
+        let kept = from
+            .map(|f| crate::desired::carry_scale(f, to, scale))
+            .unwrap_or_default();
+        self.replace_scale_overrides(env_id, &kept).await?;
         sqlx::query("UPDATE envs SET current_release = $2 WHERE id = $1")
             .bind(env_id)
             .bind(release_id)
             .execute(self.conn())
             .await?;
-        Ok(())
+        Ok(kept)
     }
 
     pub async fn scale_overrides(&mut self, env_id: &str) -> Result<BTreeMap<String, ScaleRow>> {

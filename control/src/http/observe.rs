@@ -28,8 +28,10 @@ use super::{AppState, Path, Query};
 use crate::auth::Caller;
 use crate::desired::apply_scale;
 use crate::error::ApiError;
+use crate::reconcile::plan::Clock;
+use crate::reconcile::{ClusterView, rollout};
 use crate::store::{EventFilter, EventRow, InstanceRow, ScaleRow};
-use crate::time::rfc3339;
+use crate::time::{now_ms, rfc3339};
 
 /// Longest silence on a followed event stream.
 pub const KEEPALIVE: Duration = Duration::from_secs(15);
@@ -78,20 +80,12 @@ async fn observe(st: &AppState, cx: &EnvCx) -> Result<Observed, ApiError> {
     };
     let m = apply_scale(&manifest_of(&row)?, &scale);
     let instances = st.store.env_instances(&cx.env.id).await?;
-    let numbers: BTreeMap<String, i64> = st
-        .store
-        .list_releases(&cx.env.id)
-        .await?
-        .into_iter()
-        .map(|r| (r.id, r.number))
-        .collect();
-    let offline: BTreeMap<String, String> = st
-        .store
-        .nodes()
-        .await?
-        .into_iter()
-        .filter(|n| n.state != "online")
-        .map(|n| (n.id, rfc3339(n.state_since)))
+    let numbers = st.store.release_numbers(&cx.env.id).await?;
+    let nodes = ClusterView::read(&st.store).await?;
+    let offline: BTreeMap<String, String> = nodes
+        .nodes
+        .iter()
+        .filter_map(|n| Some((n.id.clone(), n.offline_since.clone()?)))
         .collect();
     let reschedule = st.cluster.settings().reschedule_after_ms;
     let latest = st.store.latest_rollout(&cx.env.id).await?;
@@ -117,7 +111,26 @@ async fn observe(st: &AppState, cx: &EnvCx) -> Result<Observed, ApiError> {
         })
         .collect();
     let rollout = match latest {
-        Some(r) => super::rollouts::view(&st.store, &cx.env.id, &r, reschedule).await?,
+        Some(r) => {
+            // Its progress from what was just read: status is what `verge
+            // wait` polls.
+            let live = if r.is_active() && r.release_id == row.id {
+                let clock = Clock {
+                    now_ms: now_ms(),
+                    reschedule_after_ms: reschedule,
+                };
+                Some(rollout::progress_of(
+                    &r,
+                    &m,
+                    &instances,
+                    &nodes.facts,
+                    clock,
+                ))
+            } else {
+                super::rollouts::live_progress(&st.store, &cx.env.id, &r, reschedule).await?
+            };
+            super::rollouts::view(&r, &numbers, live.as_ref())
+        }
         None => Rollout {
             state: "completed".into(),
             ..Default::default()

@@ -3,6 +3,8 @@
 //! of an env's desired state (deploy, rollback, scale) calls in its
 //! mutation to start a rollout, superseding the one in progress.
 
+use std::collections::BTreeMap;
+
 use axum::Router;
 use axum::extract::State;
 use axum::routing::{get, post};
@@ -82,44 +84,35 @@ pub async fn begin(
     Ok(())
 }
 
-/// The API view of `row`, with live progress when it is active.
-pub async fn view(
-    store: &Store,
-    env_id: &str,
+/// The API view of `row`. `live` is its progress now, when it is active
+/// (see [`live_progress`]): then it also shows the state the reconciler
+/// stores on its next look (within a second), so status never shows an
+/// ended rollout as still moving. `numbers`: the env's release numbers.
+pub fn view(
     row: &RolloutRow,
-    reschedule_after_ms: i64,
-) -> Result<Rollout, ApiError> {
-    let number = |id: Option<String>| async move {
-        match id {
-            Some(id) => store
-                .release_by_id(env_id, &id)
-                .await
-                .map(|r| r.map(|r| r.number)),
-            None => Ok(None),
-        }
-    };
-    let release = number(Some(row.release_id.clone())).await?;
-    let from = number(row.from_release_id.clone()).await?;
-    let live = if row.is_active() {
-        live_progress(store, env_id, row, reschedule_after_ms).await?
-    } else {
-        None
-    };
-    // What the reconciler will store on its next look (within a second),
-    // so status never shows an ended rollout as still moving.
-    let now = live
-        .as_ref()
-        .and_then(|p| rollout::advance(row, p, now_ms()));
-    let shown = now.as_ref().unwrap_or(row);
-    Ok(rollout::view(shown, release, from, live.as_ref()))
+    numbers: &BTreeMap<String, i64>,
+    live: Option<&rollout::Progress>,
+) -> Rollout {
+    let now = live.and_then(|p| rollout::advance(row, p, now_ms()));
+    let number = |id: &String| numbers.get(id).copied();
+    rollout::view(
+        now.as_ref().unwrap_or(row),
+        number(&row.release_id),
+        row.from_release_id.as_ref().and_then(number),
+        live,
+    )
 }
 
-async fn live_progress(
+/// The progress of `row` now, read from the store, when it is active.
+pub async fn live_progress(
     store: &Store,
     env_id: &str,
     row: &RolloutRow,
     reschedule_after_ms: i64,
 ) -> Result<Option<rollout::Progress>, ApiError> {
+    if !row.is_active() {
+        return Ok(None);
+    }
     let Some(release) = store.release_by_id(env_id, &row.release_id).await? else {
         return Ok(None);
     };
@@ -129,18 +122,17 @@ async fn live_progress(
     );
     let instances = store.env_instances(env_id).await?;
     let view = ClusterView::read(store).await?;
-    let input = crate::reconcile::plan::EnvInput {
-        release_id: &release.id,
-        manifest: &manifest,
-        instances: &instances,
-        hold: false,
-        since_ms: row.created_at,
-    };
     let clock = crate::reconcile::plan::Clock {
         now_ms: now_ms(),
         reschedule_after_ms,
     };
-    Ok(Some(rollout::progress(&input, &view.facts, clock)))
+    Ok(Some(rollout::progress_of(
+        row,
+        &manifest,
+        &instances,
+        &view.facts,
+        clock,
+    )))
 }
 
 async fn list(
@@ -150,9 +142,11 @@ async fn list(
 ) -> Result<axum::Json<Vec<Rollout>>, ApiError> {
     let cx = EnvCx::resolve(&st, &caller, &path).await?;
     let reschedule = st.cluster.settings().reschedule_after_ms;
+    let numbers = st.store.release_numbers(&cx.env.id).await?;
     let mut out = Vec::new();
     for row in st.store.rollouts(&cx.env.id, 100).await? {
-        out.push(view(&st.store, &cx.env.id, &row, reschedule).await?);
+        let live = live_progress(&st.store, &cx.env.id, &row, reschedule).await?;
+        out.push(view(&row, &numbers, live.as_ref()));
     }
     Ok(axum::Json(out))
 }
@@ -170,12 +164,12 @@ async fn cancel(
     // A rollout that has just reached its end (the reconciler stores it on
     // its next look) is not canceled: status already shows it ended.
     let ended = match st.store.latest_rollout(&cx.env.id).await? {
-        Some(r) if r.is_active() => live_progress(&st.store, &cx.env.id, &r, reschedule)
+        Some(r) => live_progress(&st.store, &cx.env.id, &r, reschedule)
             .await?
             .and_then(|p| rollout::advance(&r, &p, now_ms()))
             .filter(|next| !next.is_active())
             .map(|_| r.id),
-        _ => None,
+        None => None,
     };
     let mut tx = st.store.mutation().await?;
     let latest = tx.latest_rollout(&cx.env.id).await?;
@@ -232,7 +226,6 @@ async fn cancel(
     }
     tx.commit().await?;
     st.cluster.poke();
-    Ok(axum::Json(
-        view(&st.store, &cx.env.id, &row, reschedule).await?,
-    ))
+    let numbers = st.store.release_numbers(&cx.env.id).await?;
+    Ok(axum::Json(view(&row, &numbers, None)))
 }

@@ -20,7 +20,7 @@ pub mod plan;
 pub mod rollout;
 mod spec;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use verge_api::manifest::Manifest;
 use verge_api::release::{Plan, PlannedPlacement, PlannedStop, WorkloadPlan};
@@ -613,16 +613,7 @@ pub async fn dry_run(
 ) -> Result<Plan> {
     let mut view = ClusterView::read(store).await?;
     let instances = store.env_instances(env_id).await?;
-    let mut releases: BTreeMap<String, Option<i64>> = BTreeMap::new();
-    for i in &instances {
-        if !releases.contains_key(&i.release_id) {
-            let number = store
-                .release_by_id(env_id, &i.release_id)
-                .await?
-                .map(|r| r.number);
-            releases.insert(i.release_id.clone(), number);
-        }
-    }
+    let numbers = store.release_numbers(env_id).await?;
     // Unbounded surge: every slot now, beside what runs.
     let mut m = manifest.clone();
     for w in m.workloads.values_mut() {
@@ -665,7 +656,7 @@ pub async fn dry_run(
             .map(|i| PlannedStop {
                 instance: i.id.clone(),
                 node: i.node_name.clone(),
-                release: releases.get(&i.release_id).copied().flatten(),
+                release: numbers.get(&i.release_id).copied(),
             })
             .collect();
         plan.workloads.push(WorkloadPlan {

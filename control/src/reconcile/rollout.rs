@@ -105,6 +105,25 @@ pub fn progress(input: &EnvInput<'_>, facts: &Facts, clock: Clock) -> Progress {
     p
 }
 
+/// The progress of rollout `row` of release `manifest` (scale applied),
+/// given the env's `instances`.
+pub fn progress_of(
+    row: &RolloutRow,
+    manifest: &Manifest,
+    instances: &[InstanceRow],
+    facts: &Facts,
+    clock: Clock,
+) -> Progress {
+    let input = EnvInput {
+        release_id: &row.release_id,
+        manifest,
+        instances,
+        hold: false,
+        since_ms: row.created_at,
+    };
+    progress(&input, facts, clock)
+}
+
 /// What a not-yet-ready instance waits for, and the category it would fail with.
 fn waiting_on(
     i: &InstanceRow,

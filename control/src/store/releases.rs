@@ -94,6 +94,16 @@ impl Store {
             .await?)
     }
 
+    /// Release ID → number, for every release of the env.
+    pub async fn release_numbers(&self, env_id: &str) -> Result<BTreeMap<String, i64>> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT id, number FROM releases WHERE env_id = $1")
+                .bind(env_id)
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows.into_iter().collect())
+    }
+
     /// How many releases the env has had.
     pub async fn count_releases(&self, env_id: &str) -> Result<i64> {
         Ok(

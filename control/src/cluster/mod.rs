@@ -269,23 +269,17 @@ impl Cluster {
             let full =
                 self.inner.full.swap(false, Ordering::Relaxed) || last_full.elapsed() >= FULL_PASS;
             let dirty = std::mem::take(&mut *self.inner.dirty.lock().expect("not poisoned"));
+            let store = &self.inner.store;
             let result = if full {
                 last_full = tokio::time::Instant::now();
-                crate::reconcile::reconcile_all(&self.inner.store, self.settings()).await
+                crate::reconcile::reconcile_all(store, self.settings()).await
             } else {
                 let envs: Vec<String> = dirty.union(&active).cloned().collect();
-                match crate::reconcile::ClusterView::read(&self.inner.store).await {
-                    Ok(mut view) => {
-                        crate::reconcile::reconcile_envs(
-                            &self.inner.store,
-                            &envs,
-                            &mut view,
-                            self.settings(),
-                        )
-                        .await
-                    }
-                    Err(e) => Err(e),
+                async {
+                    let mut view = crate::reconcile::ClusterView::read(store).await?;
+                    crate::reconcile::reconcile_envs(store, &envs, &mut view, self.settings()).await
                 }
+                .await
             };
             match result {
                 Ok(pass) => {
@@ -293,16 +287,8 @@ impl Cluster {
                         tracing::debug!(nodes = ?pass.changed, "desired sets changed");
                         self.inner.desired.send_modify(|n| *n += 1);
                     }
-                    if full {
-                        active = pass.active.into_iter().collect();
-                    } else {
-                        for env in dirty.union(&active.clone()) {
-                            if !pass.active.contains(env) {
-                                active.remove(env);
-                            }
-                        }
-                        active.extend(pass.active);
-                    }
+                    // Every env that was active took part in this pass.
+                    active = pass.active.into_iter().collect();
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "reconciling failed; will retry");

@@ -545,26 +545,16 @@ pub async fn reconcile_envs(
     })
 }
 
-/// Marks `drained` every draining node that has no instance left.
+/// Marks `drained` every draining node that has no instance left
+/// ([`Mutation::finish_drain`] decides, under the lock).
 async fn finish_drains(store: &Store, view: &ClusterView) -> Result<Vec<String>> {
     let mut drained = Vec::new();
-    for n in view.nodes.iter().filter(|n| n.draining) {
-        let facts = view.facts.get(&n.id).copied().unwrap_or_default();
-        if !facts.draining {
-            continue; // already drained
-        }
-        let left = store.node_instances(&n.id).await?;
-        // An offline node cannot confirm its stops: wanting none is enough.
-        let empty = if facts.online {
-            left.is_empty()
-        } else {
-            left.iter().all(|i| i.goal != "run")
-        };
-        if !empty {
-            continue;
-        }
+    let draining = view
+        .nodes
+        .iter()
+        .filter(|n| view.facts.get(&n.id).is_some_and(|f| f.draining));
+    for n in draining {
         let mut tx = store.mutation().await?;
-        // Only if it is still draining (not undrained meanwhile).
         if !tx.finish_drain(&n.id).await? {
             continue;
         }

@@ -361,8 +361,9 @@ impl Mutation<'_> {
         Ok(())
     }
 
-    /// Marks a draining node `drained`; `false` when it is not draining
-    /// (any more) or still has instances.
+    /// Marks a draining node `drained` once it has no instance left (an
+    /// offline node cannot confirm its stops: then none wanted is enough);
+    /// `false` when it is not draining (any more) or not empty yet.
     pub async fn finish_drain(&mut self, node_id: &str) -> Result<bool> {
         let done = sqlx::query(
             "UPDATE nodes SET drain = 'drained', drain_deadline = NULL \

@@ -30,6 +30,16 @@ macro_rules! on_both_backends {
     };
 }
 
+/// The `hello` example workload's binary, built (off the runtime) the way
+/// `images/` builds it.
+pub async fn hello_binary() -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    tokio::task::spawn_blocking(move || verge_images::build_hello(&root))
+        .await
+        .expect("building hello does not panic")
+        .expect("build hello")
+}
+
 /// The `verge` binary of this build (`target/<profile>/verge`), built by the
 /// test command before the tests run; `VERGE_TEST_BIN` (read by the tests,
 /// never passed to `verge`) names another one, e.g. a copy that builds

@@ -78,6 +78,15 @@ impl Registry {
         &self.host
     }
 
+    /// The port it listens on (on loopback).
+    pub fn port(&self) -> u16 {
+        self.host
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("the registry's host is HOST:PORT")
+    }
+
     /// The registry's log file (its stdout and stderr).
     pub fn log_path(&self) -> &Path {
         &self.log

@@ -67,11 +67,7 @@ async fn dev_cluster_with_profile_and_clean_restart() {
 async fn dev_serves_hello(isolation: &str, command: &str) {
     verge_tests::nodes::require_root();
     let registry = verge_tests::registry::Registry::start().await.unwrap();
-    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let bin = tokio::task::spawn_blocking(move || verge_images::build_hello(&root))
-        .await
-        .unwrap()
-        .unwrap();
+    let bin = verge_tests::hello_binary().await;
     let image = format!("{}/hello:1", registry.host());
     verge_images::push(&verge_images::hello_image(&bin).unwrap(), &image)
         .await

@@ -78,7 +78,7 @@ impl World {
     async fn node(&self, index: u8, name: &str, labels: &[&str]) -> NodeHost {
         let mut node = NodeHost::create(self.tag, index, name);
         let token = self.join_token().await;
-        node.forward_loopback(self.registry_port());
+        node.forward_loopback(self.registry.port());
         let mut extra = Vec::new();
         for l in labels {
             extra.extend(["--label", l]);
@@ -88,16 +88,6 @@ impl World {
         let d = self.node_json(name).await;
         node.route_instances(d["instance_prefix"].as_str().expect("prefix"));
         node
-    }
-
-    fn registry_port(&self) -> u16 {
-        self.registry
-            .host()
-            .rsplit(':')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
     }
 
     async fn node_json(&self, name: &str) -> Value {
@@ -112,11 +102,7 @@ impl World {
     }
 
     async fn push_hello(&self) -> String {
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-        let bin = tokio::task::spawn_blocking(move || verge_images::build_hello(&root))
-            .await
-            .unwrap()
-            .expect("build hello");
+        let bin = verge_tests::hello_binary().await;
         let image = verge_images::hello_image(&bin).expect("hello image");
         let reference = format!("{}/hello:1", self.registry.host());
         verge_images::push(&image, &reference)
@@ -617,11 +603,7 @@ async fn a_private_registry_needs_credentials_on_the_control_plane_and_the_node(
     let private = verge_tests::registry::Registry::start_with_basic_auth()
         .await
         .unwrap();
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let bin = tokio::task::spawn_blocking(move || verge_images::build_hello(&root))
-        .await
-        .unwrap()
-        .expect("build hello");
+    let bin = verge_tests::hello_binary().await;
     let image = format!("{}/private/hello:1", private.host());
     let creds = oci_client::secrets::RegistryAuth::Basic(
         verge_tests::registry::BASIC_USER.into(),
@@ -664,7 +646,7 @@ async fn a_private_registry_needs_credentials_on_the_control_plane_and_the_node(
     ])
     .await;
     let mut n1 = NodeHost::create(w.tag, 1, "n1");
-    n1.forward_loopback(private.host().rsplit(':').next().unwrap().parse().unwrap());
+    n1.forward_loopback(private.port());
     let token = w.join_token().await;
     n1.start(
         &n1.server_for(&w.cp.cluster),

@@ -23,7 +23,6 @@
 //! cluster's nodes and events, and the logs of the control plane and nodes.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -103,7 +102,7 @@ impl World {
         let cp = ControlPlane::start_with(backend, &args).await;
         let registry = Registry::start().await.expect("registry starts");
         let cli = cp.acme_hello_prod().await;
-        let port = port_of(registry.host());
+        let port = registry.port();
         World {
             cp,
             registry,
@@ -383,30 +382,15 @@ fn tail(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-fn port_of(host: &str) -> u16 {
-    host.rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .expect("HOST:PORT")
-}
-
 async fn hello_image() -> verge_images::Image {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let bin = tokio::task::spawn_blocking(move || verge_images::build_hello(&root))
-        .await
-        .unwrap()
-        .expect("build hello");
+    let bin = verge_tests::hello_binary().await;
     verge_images::hello_image(&bin).expect("hello image")
 }
 
 /// `hello` with another digest than [`hello_image`]'s (an extra file, an
 /// extra env var): a node that has `hello` cannot run it without pulling.
 async fn private_hello_image() -> verge_images::Image {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let bin = tokio::task::spawn_blocking(move || verge_images::build_hello(&root))
-        .await
-        .unwrap()
-        .expect("build hello");
+    let bin = verge_tests::hello_binary().await;
     let layer = verge_images::Layer::from_files(&[
         verge_images::File::new("/hello".to_string(), std::fs::read(&bin).unwrap(), 0o755),
         verge_images::File::new("/private".to_string(), b"private\n".to_vec(), 0o644),
@@ -812,7 +796,7 @@ async fn a_broken_image_fails_with_image_pull_and_cancel_returns_to_the_old_rele
     private.write_basic_auth_file(&auth);
     let auth_arg = auth.display().to_string();
     let mut w = World::new(Backend::Sqlite, &["--registry-auth-file", &auth_arg]).await;
-    w.forwarded.push(port_of(private.host()));
+    w.forwarded.push(private.port());
     w.add_node(1, "n1", &["--label", "region=eu-west"]).await;
     w.add_node(2, "n2", &["--label", "region=eu-west"]).await;
     let image = w.push_hello().await;

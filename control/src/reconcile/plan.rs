@@ -453,4 +453,4 @@ fn plan_workload(
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

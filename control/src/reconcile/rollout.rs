@@ -317,24 +317,8 @@ mod tests {
 
     fn inst(id: &str, slot: i64, state: &str, healthy: Option<i64>) -> InstanceRow {
         InstanceRow {
-            id: id.into(),
-            env_id: "e".into(),
-            release_id: "r2".into(),
-            workload: "web".into(),
-            slot,
-            node_id: Some("n1".into()),
-            node_name: Some("n1".into()),
-            goal: "run".into(),
-            state: state.into(),
-            category: None,
-            message: None,
-            address: None,
-            restarts: 0,
-            cpu_millis: 250,
-            memory: 64 << 20,
-            created_at: 0,
-            updated_at: 0,
             healthy,
+            ..crate::reconcile::plan::tests::inst(id, "r2", slot, "n1", state)
         }
     }
 
@@ -361,8 +345,8 @@ mod tests {
         }
     }
 
-    fn progress_of(instances: &[InstanceRow]) -> Progress {
-        let m = manifest();
+    /// The progress of a rollout of release r2 with `instances` on node n1.
+    fn on_n1(instances: &[InstanceRow]) -> Progress {
         let facts: Facts = [(
             "n1".to_string(),
             NodeFacts {
@@ -371,19 +355,18 @@ mod tests {
             },
         )]
         .into();
-        let input = EnvInput {
-            release_id: "r2",
-            manifest: &m,
+        progress_of(
+            &row("in_progress", 0, 0),
+            &manifest(),
             instances,
-            hold: false,
-            since_ms: 0,
-        };
-        progress(&input, &facts, CLOCK)
+            &facts,
+            CLOCK,
+        )
     }
 
     #[test]
     fn counts_done_and_names_the_step_with_its_category() {
-        let p = progress_of(&[
+        let p = on_n1(&[
             inst("a", 0, "running", Some(1)),
             inst("b", 1, "running", None),
         ]);
@@ -394,7 +377,7 @@ mod tests {
         );
         assert_eq!(p.category.as_deref(), Some("health"));
         assert_eq!(p.instances[0].state, "healthy");
-        let p = progress_of(&[inst("a", 0, "pulling", None)]);
+        let p = on_n1(&[inst("a", 0, "pulling", None)]);
         assert_eq!(p.category.as_deref(), Some("image_pull"));
     }
 
@@ -404,14 +387,14 @@ mod tests {
             inst("a", 0, "running", Some(1)),
             inst("b", 1, "running", Some(1)),
         ];
-        let next = advance(&row("in_progress", 1, NOW), &progress_of(&both), NOW).unwrap();
+        let next = advance(&row("in_progress", 1, NOW), &on_n1(&both), NOW).unwrap();
         assert_eq!(next.state, "completed");
         assert_eq!(next.ended_at, Some(NOW));
 
         let mut failed = inst("b", 1, "failed", None);
         failed.category = Some("crash".into());
         failed.message = Some("exited with code 3".into());
-        let p = progress_of(&[both[0].clone(), failed]);
+        let p = on_n1(&[both[0].clone(), failed]);
         let next = advance(&row("in_progress", 1, NOW), &p, NOW).unwrap();
         assert_eq!(next.state, "partial", "one of two was done");
         assert_eq!(next.category.as_deref(), Some("crash"));
@@ -425,7 +408,7 @@ mod tests {
 
         // No progress within the deadline: failed when none got ready.
         let waiting = [inst("a", 0, "running", Some(0))];
-        let p = progress_of(&waiting);
+        let p = on_n1(&waiting);
         let r = row("in_progress", 0, NOW - 5_000);
         assert!(
             advance(&r, &p, NOW).is_none(),
@@ -444,7 +427,7 @@ mod tests {
         // One more ready counts as progress and restarts the deadline.
         let next = advance(
             &row("in_progress", 0, NOW - 20_000),
-            &progress_of(&both[..1]),
+            &on_n1(&both[..1]),
             NOW,
         )
         .unwrap();
@@ -469,12 +452,12 @@ mod tests {
 
     #[test]
     fn ended_rollouts_do_not_move_and_unplaced_ones_are_pending() {
-        let p = progress_of(&[inst("a", 0, "running", Some(1))]);
+        let p = on_n1(&[inst("a", 0, "running", Some(1))]);
         assert!(advance(&row("failed", 0, 0), &p, NOW).is_none());
         let mut unplaced = inst("a", 0, "pending", None);
         unplaced.node_id = None;
         unplaced.message = Some("node n1: draining".into());
-        let next = advance(&row("pending", 0, NOW), &progress_of(&[unplaced]), NOW).unwrap();
+        let next = advance(&row("pending", 0, NOW), &on_n1(&[unplaced]), NOW).unwrap();
         assert_eq!(next.state, "pending");
         assert!(
             next.reason

@@ -56,7 +56,8 @@ fn cluster(names: &[&str], offline: &[(&str, i64)], draining: &[&str]) -> (Nodes
     (Nodes::new(views), facts)
 }
 
-fn inst(id: &str, release: &str, slot: i64, node: &str, state: &str) -> InstanceRow {
+/// An instance of workload `web` (0.25 cores, 64Mi) with goal `run`.
+pub(crate) fn inst(id: &str, release: &str, slot: i64, node: &str, state: &str) -> InstanceRow {
     InstanceRow {
         id: id.into(),
         env_id: "e".into(),

@@ -68,8 +68,34 @@ impl Cli {
     /// [`target`](Self::target) and [`with_env`](Self::with_env) set.
     pub async fn run(&self, args: &[&str]) -> Run {
         let mut cmd = crate::verge_command();
-        cmd.args(args)
-            .env("VERGE_CONFIG_DIR", &self.config_dir)
+        cmd.args(args);
+        self.run_command(cmd, args).await
+    }
+
+    /// Runs `verge ARGS...` like [`run`](Self::run) but on a terminal: under
+    /// `script(1)`, which gives it a pseudo-terminal (`TERM=xterm`). What it
+    /// writes to stdout and stderr comes back as stdout, with the terminal's
+    /// control sequences.
+    pub async fn run_on_terminal(&self, args: &[&str]) -> Run {
+        let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
+        let mut line = quote(&crate::verge_bin().display().to_string());
+        for a in args {
+            line.push(' ');
+            line.push_str(&quote(a));
+        }
+        let mut cmd = tokio::process::Command::new("script");
+        crate::isolate_env(cmd.as_std_mut());
+        cmd.args(["-qec", &line, "/dev/null"])
+            .env("TERM", "xterm")
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        self.run_command(cmd, args).await
+    }
+
+    /// Runs `cmd` (a `verge` run with `args`) to completion, at most
+    /// [`RUN_TIMEOUT`], in this CLI's environment.
+    async fn run_command(&self, mut cmd: tokio::process::Command, args: &[&str]) -> Run {
+        cmd.env("VERGE_CONFIG_DIR", &self.config_dir)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         for (k, v) in &self.env {

@@ -742,6 +742,23 @@ async fn placement_spreads_follows_regions_explains_and_dry_runs(backend: Backen
             "the unplaced instance is pending with a reason containing {expected:?}: {pending}"
         );
     }
+    ensure!(
+        w,
+        reason.contains("to fix: lower the memory of web"),
+        "the explanation ends with a fix for the most common problem (memory): {reason}"
+    );
+    let described = w.json(&["describe", "workload", "web"]).await["status"]["instances"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .find(|i| i["id"] == pending["id"])
+        .unwrap_or_default();
+    ensure!(
+        w,
+        described["reason"] == pending["reason"],
+        "`verge describe workload web` explains the pending instance as status does: {described}"
+    );
     let unplaced = w
         .events()
         .await
@@ -1003,14 +1020,23 @@ async fn a_broken_image_fails_with_image_pull_and_cancel_returns_to_the_old_rele
         .then_some(())
     })
     .await;
-    let good = w
-        .deploy(&web(
-            &image,
-            2,
-            &[SMALL, HEALTHY, "restart = \"on-failure\""],
-        ))
-        .await;
-    let good_number = good["release"]["number"].as_i64().unwrap();
+    // Without a terminal, `--wait` prints the env's events as lines.
+    let path = w.manifest_file(&web(
+        &image,
+        2,
+        &[SMALL, HEALTHY, "restart = \"on-failure\""],
+    ));
+    let run = w.cli.run(&["deploy", "-f", &path, "--wait"]).await;
+    ensure!(
+        w,
+        run.success()
+            && run.stderr().contains(" instance.placed ")
+            && run.stderr().contains(" rollout.completed "),
+        "`verge deploy --wait` without a terminal succeeds and prints the events \
+         (instance.placed, rollout.completed) as lines; stderr: {}",
+        run.stderr()
+    );
+    let good_number = w.status().await["release"]["number"].as_i64().unwrap();
     let (s, _) = w.converged(2, Some(good_number)).await;
     ensure!(
         w,
@@ -1036,6 +1062,20 @@ async fn a_broken_image_fails_with_image_pull_and_cancel_returns_to_the_old_rele
                 .unwrap_or_default()
                 .contains(&format!("superseded by v{good_number}")),
         "the rollout in progress ends canceled, superseded by v{good_number}: {superseded:#}"
+    );
+
+    // On a terminal, `--wait` draws a progress bar (done of total) instead.
+    let path = w.manifest_file(&web(&image, 2, &[SMALL, HEALTHY]));
+    let run = w
+        .cli
+        .run_on_terminal(&["deploy", "-f", &path, "--wait"])
+        .await;
+    let shown = run.stdout();
+    ensure!(
+        w,
+        run.success() && shown.contains("/2 done") && !shown.contains(" instance.placed "),
+        "`verge deploy --wait` on a terminal succeeds with a progress bar (\"N/2 done\") and \
+         no event lines; it showed: {shown}"
     );
 }
 

@@ -294,6 +294,7 @@ async fn apply(
                 memory,
                 node,
             } => {
+                let release = release.as_deref().unwrap_or(&env.release.id);
                 let new = NewInstance {
                     env_id: &scope.env_id,
                     release_id: release,

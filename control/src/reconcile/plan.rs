@@ -77,12 +77,13 @@ impl StopWhy {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     /// A new instance in `slot`: on a node, or pending with why not. Its
-    /// release is the env's, or, in a held env, that of the instance a lost
-    /// node or a drain took away (refilled as it was, resources included).
+    /// release is the env's (`None`), or, in a held env, that of the
+    /// instance a lost node or a drain took away (refilled as it was,
+    /// resources included).
     Create {
         workload: String,
         slot: i64,
-        release: String,
+        release: Option<String>,
         cpu_millis: i64,
         memory: i64,
         node: Result<String, String>,
@@ -421,7 +422,7 @@ fn plan_workload(
         actions.push(Action::Create {
             workload: name.to_string(),
             slot,
-            release: input.release_id.to_string(),
+            release: None,
             cpu_millis: ask.cpu_millis,
             memory: ask.memory,
             node: placed.next().expect("one result per slot"),
@@ -444,7 +445,7 @@ fn plan_workload(
         actions.push(Action::Create {
             workload: name.to_string(),
             slot: i.slot,
-            release: i.release_id.clone(),
+            release: Some(i.release_id.clone()),
             cpu_millis: i.cpu_millis,
             memory: i.memory,
             node: Ok(node),

@@ -122,7 +122,7 @@ fn creates(actions: &[Action]) -> Vec<(i64, String)> {
                 release,
                 node,
                 ..
-            } if release == "r2" => Some((*slot, node.clone().unwrap())),
+            } if release.is_none() => Some((*slot, node.clone().unwrap())),
             _ => None,
         })
         .collect()
@@ -242,7 +242,9 @@ fn refills(actions: &[Action]) -> Vec<(i64, String, String)> {
                 release,
                 node: Ok(node),
                 ..
-            } if release != "r2" => Some((*slot, release.clone(), node.clone())),
+            } => release
+                .clone()
+                .map(|release| (*slot, release, node.clone())),
             _ => None,
         })
         .collect()

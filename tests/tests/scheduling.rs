@@ -152,8 +152,8 @@ impl World {
     }
 
     /// Joins node `name` (namespace `index`) with a fresh token and `extra`
-    /// arguments (labels, capacity), routes its instance prefix and forwards
-    /// the registries into its namespace.
+    /// arguments (labels, capacity), routes its instance prefix, forwards
+    /// the registries into its namespace, and waits until it is online.
     async fn add_node(&mut self, index: u8, name: &str, extra: &[&str]) {
         let mut node = NodeHost::create(self.tag, index, name);
         let token = self.admin_json(&["nodes", "join-token"]).await["token"]
@@ -169,6 +169,8 @@ impl World {
         node.route_instances(d["instance_prefix"].as_str().expect("instance prefix"));
         self.nodes
             .push((node, extra.iter().map(|s| s.to_string()).collect()));
+        // Its daemon printed its line once joined; placement needs its session.
+        self.wait_node_state(name, "online").await;
     }
 
     fn node_mut(&mut self, name: &str) -> &mut NodeHost {

@@ -349,15 +349,20 @@ async fn an_offline_node_returns_to_what_is_desired_now() {
         greet(&addr).await.is_none().then_some(())
     })
     .await;
-    let stopped = w
-        .events()
-        .await
-        .into_iter()
-        .any(|e| e["kind"] == "instance.stopped" && e["instance"] == gone[0]["id"]);
-    assert!(
-        stopped,
-        "an instance.stopped event for the removed instance"
-    );
+    // The node reports the stop after the process is gone, so the event can
+    // trail the address going quiet by a report round trip.
+    eventually(
+        DEADLINE,
+        "an instance.stopped event for the removed instance",
+        || async {
+            w.events()
+                .await
+                .into_iter()
+                .any(|e| e["kind"] == "instance.stopped" && e["instance"] == gone[0]["id"])
+                .then_some(())
+        },
+    )
+    .await;
     // Its cgroups (in every hierarchy), network namespace and host veth are gone too.
     let id = gone[0]["id"].as_str().unwrap().to_string();
     eventually(DEADLINE, "cleanup of the removed instance", || async {

@@ -8,6 +8,8 @@
 #   - PostgreSQL (Debian's package; the machine's cluster is started and a
 #     `verge` superuser role created), exported as VERGE_TEST_POSTGRES;
 #   - Debian's docker-registry binary (the tests start their own instances);
+#   - HAProxy (Debian's package; the ingress interop tests start their own,
+#     the package's service is stopped and disabled);
 #   - cargo-nextest when available, else plain `cargo test`.
 # Set VERGE_TEST_POSTGRES yourself to use another PostgreSQL server (then
 # neither PostgreSQL nor psql is needed here).
@@ -61,6 +63,8 @@ command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 [ -x /bin/busybox ] || missing+=(busybox-static)
 command -v gcc >/dev/null 2>&1 || missing+=(gcc)
 [ -e /usr/lib/x86_64-linux-gnu/libc.a ] || [ -n "$(find /usr/lib -name libc.a -print -quit 2>/dev/null)" ] || missing+=(libc6-dev)
+# The ingress's PROXY protocol interop test (ingress/tests/haproxy.rs).
+command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
 if [ -z "${VERGE_TEST_POSTGRES:-}" ]; then
     if [ -z "$(pg_version)" ] || ! command -v pg_ctlcluster >/dev/null 2>&1 ||
         ! command -v psql >/dev/null 2>&1; then
@@ -74,6 +78,11 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt=(apt-get -q -y -o DPkg::Lock::Timeout=600)
     as_root env DEBIAN_FRONTEND=noninteractive "${apt[@]}" update >/dev/null
     as_root env DEBIAN_FRONTEND=noninteractive "${apt[@]}" install "${missing[@]}" >/dev/null
+    if [[ " ${missing[*]} " == *" haproxy "* ]]; then
+        # The package may start a system-wide HAProxy; the tests run their own.
+        as_root systemctl disable --now haproxy >/dev/null 2>&1 ||
+            as_root service haproxy stop >/dev/null 2>&1 || true
+    fi
 fi
 [ -x /usr/bin/docker-registry ] || die "/usr/bin/docker-registry is still missing"
 

@@ -172,6 +172,7 @@ fn node_rows(n: usize, now: i64) -> Vec<NodeRow> {
             drain_deadline: None,
             used_cpu_millis: 0,
             used_memory: 0,
+            behind_nat: 0,
         })
         .collect()
 }
@@ -744,6 +745,7 @@ async fn through_store(nodes: usize, instances: usize) -> anyhow::Result<Value> 
             isolation: &r.isolation,
             version: &r.version,
             applied_version: 0,
+            behind_nat: false,
         };
         tx.node_online(&row, &hello).await?;
     }
@@ -759,6 +761,7 @@ async fn through_store(nodes: usize, instances: usize) -> anyhow::Result<Value> 
         let env = store.create_env(&app, "prod").await?;
         tx_envs.push((env.id, e));
     }
+    let pools = verge_control::Config::default().addressing()?;
     let mut tx = store.mutation().await?;
     for (env_id, e) in &tx_envs {
         let manifest = verge_api::manifest::parse("verge.toml", &e.text).expect("valid");
@@ -776,8 +779,15 @@ async fn through_store(nodes: usize, instances: usize) -> anyhow::Result<Value> 
             created_by: "bench".into(),
         })
         .await?;
-        tx.make_current(env_id, &e.release_id, None, &manifest, &Default::default())
-            .await?;
+        tx.make_current(
+            env_id,
+            &e.release_id,
+            None,
+            &manifest,
+            &Default::default(),
+            &pools,
+        )
+        .await?;
     }
     tx.commit().await?;
     let setup = t.elapsed();
@@ -793,6 +803,7 @@ async fn through_store(nodes: usize, instances: usize) -> anyhow::Result<Value> 
 
     let settings = Settings {
         reschedule_after_ms: RESCHEDULE_AFTER_MS,
+        addressing: pools,
     };
     let t = Instant::now();
     let out = reconcile::reconcile_all(&store, settings).await?;

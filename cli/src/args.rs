@@ -66,6 +66,8 @@ pub enum Command {
     Control(ControlArgs),
     /// Run a node daemon: join the cluster (first start) and run the instances placed on it
     Node(NodeArgs),
+    /// Run an ingress daemon: serve the cluster's endpoints (needs an admin --token)
+    Ingress(IngressArgs),
     /// Nodes of the cluster (admin): join tokens, list, describe, drain, undrain
     #[command(subcommand)]
     Nodes(NodesCmd),
@@ -116,7 +118,9 @@ pub enum Command {
     Rollout(RolloutCmd),
     /// Desired vs running instances of the env (release, node, state and health, address) and its rollout
     Status,
-    /// Show a release, an env or a workload in full
+    /// Everything the org exposes to the internet (--app/--env narrow it): endpoint, IPv6 address and ports, IPv4 if any, proxy protocol, target
+    Endpoints,
+    /// Show a release, an env, a workload or an endpoint in full
     #[command(subcommand)]
     Describe(DescribeCmd),
     /// Events of the env (with --all: everything the token sees, or one org's with --org); --follow streams them
@@ -144,6 +148,27 @@ pub struct DevArgs {
     /// Reach this registry (HOST:PORT) over plain HTTP although it is not on loopback (repeatable)
     #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
     pub insecure_registries: Vec<String>,
+    /// Where the dev ingress serves Prometheus metrics (/metrics); port 0 picks a free one
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
+    pub ingress_metrics_listen: SocketAddr,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct IngressArgs {
+    /// This ingress's name in reports [default: the hostname]
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Node ID of the node on this machine: its instances get connections first
+    #[arg(long, value_name = "NODE_ID")]
+    pub node: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9070")]
+    pub metrics_listen: SocketAddr,
+    /// How long open connections may go on after SIGTERM
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: std::time::Duration,
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -195,6 +220,12 @@ pub struct ControlArgs {
     /// IPv6 prefix instance addresses come from; each node gets a /64 [default: fd76:6572:6765::/48]
     #[arg(long)]
     pub instance_prefix: Option<String>,
+    /// IPv6 prefix endpoint addresses come from, one per endpoint; ::1/128 shares loopback [default: fd65:6e64:7074::/64]
+    #[arg(long)]
+    pub endpoint_prefix: Option<String>,
+    /// IPv4 addresses of endpoints with ipv4 = true; a /32 is one shared address [default: 127.0.0.1/32]
+    #[arg(long)]
+    pub endpoint_ipv4_pool: Option<String>,
     /// Mark a node offline after this long without a heartbeat [default: 6s]
     #[arg(long, value_parser = humantime::parse_duration)]
     pub node_offline_after: Option<std::time::Duration>,
@@ -250,6 +281,9 @@ pub struct NodeArgs {
     /// Private IPv4 range for instances' IPv4 addresses (reachable from this node only)
     #[arg(long, default_value = "10.89.0.0/16")]
     pub ipv4_range: ipnet::Ipv4Net,
+    /// This node cannot be dialled (NAT, edge gateway): ingresses reach its instances through its connection to the control plane
+    #[arg(long)]
+    pub behind_nat: bool,
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -473,6 +507,8 @@ pub enum DescribeCmd {
     Env { name: Option<String> },
     /// A workload of the env's current release: effective spec, endpoints, instances and why pending
     Workload { name: String },
+    /// An endpoint of the env: addresses, limits, backends and their health, ingress listeners
+    Endpoint { name: String },
 }
 
 #[derive(Debug, Args)]

@@ -191,6 +191,11 @@ impl Context {
         self.target.app.clone()
     }
 
+    /// `--env` (or `VERGE_ENV`) only.
+    pub fn explicit_env(&self) -> Option<String> {
+        self.target.env.clone()
+    }
+
     /// `--env` (or `VERGE_ENV`). Without one, the error lists the app's envs
     /// when they can be read.
     pub async fn env(&self) -> Result<String, Failure> {

@@ -49,6 +49,14 @@ pub struct Config {
     /// The IPv6 prefix instance addresses come from; each node gets the
     /// next /64 of it at join. At most /56.
     pub instance_prefix: String,
+    /// The IPv6 prefix endpoint addresses come from (one per endpoint);
+    /// ingresses add a `local` route for it. A /128 is one address shared
+    /// by every endpoint (then ports must differ): `::1/128` keeps
+    /// endpoints on loopback, for a `verge dev` without root.
+    pub endpoint_prefix: String,
+    /// IPv4 addresses of endpoints with `ipv4 = true`: each takes the
+    /// first address where its ports are free; a /32 is one shared address.
+    pub endpoint_ipv4_pool: String,
     /// How often nodes send heartbeats.
     pub heartbeat_secs: u64,
     /// A node without a heartbeat for this long is marked offline.
@@ -88,6 +96,8 @@ impl Default for Config {
             cluster_listen: None,
             cluster_advertise: None,
             instance_prefix: "fd76:6572:6765::/48".into(),
+            endpoint_prefix: "fd65:6e64:7074::/64".into(),
+            endpoint_ipv4_pool: "127.0.0.1/32".into(),
             heartbeat_secs: 2,
             node_offline_after_secs: 6,
             reschedule_after_secs: 30,
@@ -129,6 +139,8 @@ pub enum ConfigError {
     HeartbeatTooSlow { heartbeat: u64, offline_after: u64 },
     #[error("{field} must be greater than 0")]
     Zero { field: &'static str },
+    #[error(transparent)]
+    Addressing(#[from] crate::endpoints::AddressingError),
 }
 
 impl Config {
@@ -206,7 +218,7 @@ impl Config {
                 return Err(ConfigError::Zero { field });
             }
         }
-        self.instance_prefix()?;
+        self.addressing()?;
         if self.heartbeat_secs >= self.node_offline_after_secs {
             return Err(ConfigError::HeartbeatTooSlow {
                 heartbeat: self.heartbeat_secs,
@@ -223,6 +235,15 @@ impl Config {
             .ok()
             .filter(|p| p.prefix_len() <= 56)
             .ok_or_else(|| ConfigError::BadInstancePrefix(self.instance_prefix.clone()))
+    }
+
+    /// The parsed endpoint address pools.
+    pub fn addressing(&self) -> Result<crate::endpoints::Addressing, ConfigError> {
+        Ok(crate::endpoints::Addressing::parse(
+            &self.endpoint_prefix,
+            &self.endpoint_ipv4_pool,
+            self.instance_prefix()?,
+        )?)
     }
 
     /// Where the cluster endpoint binds.

@@ -44,6 +44,8 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Conflict => ApiError::conflict("the resource already exists"),
+            StoreError::Endpoint(message) => ApiError::conflict(message)
+                .next("verge endpoints  (what is exposed, with addresses and ports)"),
             StoreError::Unavailable(e) => {
                 tracing::error!(error = %e, "store unreachable");
                 ApiError::new(

@@ -141,6 +141,7 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Start
         heartbeat: Duration::from_secs(config.heartbeat_secs),
         offline_after: Duration::from_secs(config.node_offline_after_secs),
         reschedule_after: Duration::from_secs(config.reschedule_after_secs),
+        addressing: config.addressing()?,
     };
     let (cluster, cluster_tasks) =
         Cluster::start(store.clone(), &keyring, cluster_config, shutdown.clone()).await?;

@@ -3,7 +3,9 @@
 //!
 //! A session sends `Hello` with every instance's current state, then
 //! heartbeats and instance reports; it receives desired sets and hands them
-//! to the reconciler. When the connection drops, the agent reconnects with
+//! to the reconciler. Alongside, the control plane may open a stream per
+//! client connection of an ingress ([`crate::tunnel`]), served while the
+//! session lasts. When the connection drops, the agent reconnects with
 //! exponential backoff and full jitter (0.5 s doubling up to 30 s, reset
 //! after a session that lasted 30 s). Instances keep running meanwhile: the
 //! reconciler works from the last desired set it received.
@@ -11,11 +13,14 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::Rng as _;
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use verge_api::wire::io::{Reader, Writer};
 use verge_api::wire::{
     Capacity, ControlMsg, InstanceReport, Isolation, JoinRequest, JoinResponse, JoinToken, NodeMsg,
@@ -24,7 +29,11 @@ use verge_api::wire::{
 use crate::host::Host;
 use crate::identity::{Assigned, Identity, IdentityError};
 use crate::reconcile::Reconciler;
-use crate::tls;
+use crate::{tls, tunnel};
+
+/// Streams the control plane may open at once on a session: one per
+/// client connection tunnelled to an instance here.
+const MAX_TUNNELS: u32 = 10_000;
 
 /// Why the node could not join or connect.
 #[derive(Debug, thiserror::Error)]
@@ -208,6 +217,22 @@ impl Backoff {
     }
 }
 
+/// The QUIC transport of a session: the keep-alive and idle timeout of
+/// every node connection (as in `tls`), and room for the streams the
+/// control plane opens for tunnels.
+fn session_transport() -> quinn::TransportConfig {
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .keep_alive_interval(Some(Duration::from_secs(2)))
+        .max_idle_timeout(Some(
+            Duration::from_secs(10)
+                .try_into()
+                .expect("10s is a valid idle timeout"),
+        ))
+        .max_concurrent_bidi_streams(MAX_TUNNELS.into());
+    transport
+}
+
 /// The long-lived session loop.
 #[derive(Debug)]
 pub struct Agent {
@@ -217,6 +242,8 @@ pub struct Agent {
     pub labels: BTreeMap<String, String>,
     pub capacity: Capacity,
     pub isolation: Isolation,
+    /// Sent in `Hello`: ingresses reach this node's instances through the session.
+    pub behind_nat: bool,
     pub reconciler: Reconciler,
     pub reports: mpsc::Receiver<InstanceReport>,
 }
@@ -252,7 +279,8 @@ impl Agent {
     ) -> Result<(), String> {
         let addr = resolve(&self.server).await.map_err(|e| e.to_string())?;
         let endpoint = client_endpoint(addr).map_err(|e| e.to_string())?;
-        let config = tls::session_config(&self.identity)?;
+        let mut config = tls::session_config(&self.identity)?;
+        config.transport_config(Arc::new(session_transport()));
         let conn = tokio::time::timeout(
             Duration::from_secs(10),
             endpoint.connect_with(config, addr, tls::SERVER_NAME).map_err(|e| e.to_string())?,
@@ -267,6 +295,17 @@ impl Agent {
             ),
             e => e.to_string(),
         })?;
+        // Tunnel streams, for as long as this session lasts (dropping the
+        // set ends them).
+        let mut tunnels = JoinSet::new();
+        tunnels.spawn(
+            tunnel::serve(
+                conn.clone(),
+                self.reconciler.clone(),
+                self.identity.assigned.name.clone(),
+            )
+            .instrument(tracing::info_span!("tunnels")),
+        );
         let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
         let (mut reader, mut writer) = (Reader::new(recv), Writer::new(send));
         // Reports queued while disconnected are older than the snapshot below.
@@ -279,6 +318,7 @@ impl Agent {
                 isolation: self.isolation,
                 applied_version: self.reconciler.applied_version(),
                 instances: self.reconciler.snapshot(),
+                behind_nat: self.behind_nat,
             })
             .await
             .map_err(|e| e.to_string())?;

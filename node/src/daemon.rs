@@ -25,6 +25,9 @@ pub struct NodeConfig {
     pub name: Option<String>,
     pub labels: BTreeMap<String, String>,
     pub isolation: Isolation,
+    /// The node cannot be dialled (NAT): ingresses reach its instances
+    /// through its session with the control plane (`--behind-nat`).
+    pub behind_nat: bool,
     /// Registries reached over plain HTTP although not on loopback.
     pub insecure_registries: Vec<String>,
     /// Credentials by registry `host[:port]`.
@@ -164,6 +167,7 @@ pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> Result<Start
         labels: cfg.labels.clone(),
         capacity,
         isolation: cfg.isolation,
+        behind_nat: cfg.behind_nat,
         reconciler,
         reports,
     };

@@ -6,7 +6,8 @@
 //! sends (`reconcile`), pulling digest-pinned OCI images into a
 //! content-addressed store (`pull`), running instances as namespaced
 //! processes in cgroups (`runtime`), their networking (`net`) and
-//! their TCP health checks (`health`).
+//! their TCP health checks (`health`), and the streams ingresses reach
+//! instances through, via the control plane (`tunnel`).
 //! [`daemon`] puts these together for `verge node` (and `verge dev`);
 //! [`identity`] keeps what the node got at join, [`host`] reads the
 //! machine's capacity and usage for heartbeats.
@@ -25,3 +26,4 @@ pub mod pull;
 pub mod reconcile;
 pub mod runtime;
 mod tls;
+pub mod tunnel;

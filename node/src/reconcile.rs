@@ -337,6 +337,35 @@ impl Reconciler {
             tracing::warn!(error = %e, "image garbage collection failed");
         }
     }
+
+    /// Where a tunnel to `port` of instance `id` connects: the running
+    /// instance's address, and only for its own port (the spec's `port`;
+    /// on loopback the node's port stands in for it). `Err` says why not,
+    /// after "instance ID ", e.g. `is pulling, not running`.
+    pub async fn tunnel_target(&self, id: &str, port: u16) -> Result<SocketAddr, String> {
+        let report = {
+            let st = self.inner.state.lock().expect("not poisoned");
+            let slot = st.slots.get(id).ok_or("does not run on this node")?;
+            slot.report.clone()
+        };
+        if report.state != InstanceState::Running {
+            return Err(format!("is {}, not running", report.state));
+        }
+        let saved = load_saved(&self.inner.parts.data_dir).await;
+        match saved.set.instances.iter().find(|s| s.id == id) {
+            None => return Err("is leaving this node".into()),
+            Some(spec) => match spec.port {
+                Some(p) if p == port => {}
+                Some(p) => return Err(format!("serves port {p}, not {port}")),
+                None => return Err(format!("serves no port (asked for {port})")),
+            },
+        }
+        // `[v6]:port` with networking, `127.0.0.1:<node's port>` without.
+        report
+            .address
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| "has no known address".to_string())
+    }
 }
 
 /// One instance's lifecycle.
@@ -660,9 +689,21 @@ impl Supervisor {
     }
 
     /// Stops the instance (when running), cleans up, reports `stopped`.
+    /// Behind an endpoint, a running instance first drains: the routing
+    /// table dropped it when it left the desired set, so the ingress sends
+    /// it nothing new, and its open connections get the endpoint's drain
+    /// timeout (`spec.drain_ms`) to finish. A daemon shutdown cuts it short.
     async fn finish(&self, inst: Option<Instance>) {
         self.report(InstanceState::Stopping, None, None);
         if let Some(inst) = inst {
+            let shutdown = &self.r.inner.shutdown;
+            if self.spec.drain_ms > 0 && !shutdown.is_cancelled() {
+                tracing::info!(drain_ms = self.spec.drain_ms, "draining before the stop");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(self.spec.drain_ms)) => {}
+                    () = shutdown.cancelled() => {}
+                }
+            }
             inst.stop(self.r.inner.parts.stop_grace).await;
         }
         self.r.cleanup(&self.spec.id).await;

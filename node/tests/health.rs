@@ -238,6 +238,7 @@ impl Node {
                 interval_ms: 100,
                 timeout_ms: 1_000,
             }),
+            drain_ms: 0,
         }
     }
 

@@ -329,7 +329,17 @@ impl ControlPlane {
 /// Its stderr is discarded; use [`ControlPlane`] when the log matters.
 pub async fn spawn_daemon(args: &[&str], env: &[(&str, &str)]) -> (Child, Banner) {
     let mut cmd = crate::verge_command();
-    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::null());
+    // VERGE_TEST_DAEMON_LOG=FILE keeps the daemon's log (appended), for debugging.
+    let stderr = match std::env::var_os("VERGE_TEST_DAEMON_LOG") {
+        Some(path) => std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map(Stdio::from)
+            .unwrap_or_else(|_| Stdio::null()),
+        None => Stdio::null(),
+    };
+    cmd.args(args).stdout(Stdio::piped()).stderr(stderr);
     for (k, v) in env {
         cmd.env(k, v);
     }

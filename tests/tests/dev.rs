@@ -104,9 +104,22 @@ async fn dev_serves_hello(isolation: &str, command: &str) {
     let cli = cli
         .with_env("VERGE_APP", "hello")
         .with_env("VERGE_ENV", "prod");
-    cli.run(&["deploy", "-f", manifest.to_str().unwrap()])
+    let receipt = cli
+        .run(&["deploy", "-f", manifest.to_str().unwrap()])
         .await
         .ok();
+    // The receipt says what to try: `endpoint public: nc ADDR 80  (IPv6)`.
+    let try_line = receipt
+        .lines()
+        .find(|l| l.contains("endpoint public: nc "))
+        .unwrap_or_else(|| panic!("the receipt names the endpoint's address\n{receipt}"));
+    let mut words = try_line.split("nc ").nth(1).unwrap().split_whitespace();
+    let (ip, port) = (words.next().unwrap(), words.next().unwrap());
+    assert!(
+        ip.starts_with("fd65:"),
+        "a ULA endpoint address as root: {try_line}"
+    );
+    let endpoint = format!("[{ip}]:{port}");
     let deadline = std::time::Duration::from_secs(60);
     let (id, address) = verge_tests::eventually(deadline, "a running instance", || async {
         let s = cli.run(&["status", "-o", "json"]).await.json();
@@ -129,6 +142,17 @@ async fn dev_serves_hello(isolation: &str, command: &str) {
         greeting.contains(&format!("hello from instance {id}")),
         "{greeting}"
     );
+    // And through the dev ingress, at the endpoint's own address.
+    let through = verge_tests::eventually(deadline, "the greeting through the ingress", || async {
+        greet(&endpoint)
+            .await
+            .filter(|g| g.contains(&format!("hello from instance {id}")))
+    })
+    .await;
+    assert!(through.contains("VERGE_ENV=prod"), "{through}");
+    let listed = cli.run(&["endpoints", "-o", "json"]).await.json();
+    assert_eq!(listed[0]["ipv6"], ip, "{listed}");
+    assert_eq!(listed[0]["ports"][0], 80, "{listed}");
     if isolation == "none" {
         assert!(address.starts_with("127.0.0.1:"), "{address}");
         let node = cli.run(&["nodes", "describe", "dev"]).await.ok();

@@ -178,6 +178,12 @@ pub async fn control(args: ControlArgs, out: &Output) -> Result {
     if let Some(v) = args.instance_prefix {
         config.instance_prefix = v;
     }
+    if let Some(v) = args.endpoint_prefix {
+        config.endpoint_prefix = v;
+    }
+    if let Some(v) = args.endpoint_ipv4_pool {
+        config.endpoint_ipv4_pool = v;
+    }
     if let Some(v) = args.node_offline_after {
         config.node_offline_after_secs = v.as_secs().max(1);
     }
@@ -286,6 +292,13 @@ pub async fn dev(args: DevArgs, out: &Output) -> Result {
         data_dir: data_dir.clone(),
         insecure_registries: args.insecure_registries.clone(),
         instance_prefix: dev_prefix(&data_dir),
+        // Without root the ingress cannot add the route that makes a
+        // prefix bindable: endpoints then share loopback.
+        endpoint_prefix: if nix_is_root() {
+            dev_endpoint_prefix(&data_dir)
+        } else {
+            "::1/128".into()
+        },
         ..Config::default()
     };
     let shutdown = CancellationToken::new();
@@ -323,12 +336,32 @@ pub async fn dev(args: DevArgs, out: &Output) -> Result {
             return Err(e);
         }
     };
+    let ingress = verge_ingress::daemon::IngressConfig {
+        server: started.url.clone(),
+        token: token.clone(),
+        ca_cert_pem: None,
+        name: "dev".into(),
+        node: Some(node.node_id.clone()),
+        metrics_listen: Some(args.ingress_metrics_listen),
+        shutdown_grace: std::time::Duration::from_secs(5),
+    };
+    let ingress = match verge_ingress::daemon::start(ingress, shutdown.clone()).await {
+        Ok(i) => i,
+        Err(e) => {
+            shutdown.cancel();
+            started.wait().await;
+            return Err(ingress_failed(e));
+        }
+    };
     print_banner(
         out,
         &started.url,
         Some(&token),
         &started.cluster.advertise(),
     );
+    if let Some(m) = ingress.metrics_addr {
+        tracing::info!("dev ingress metrics at http://{m}/metrics");
+    }
     tracing::info!(
         url = %started.url,
         data_dir = %data_dir.display(),
@@ -337,7 +370,95 @@ pub async fn dev(args: DevArgs, out: &Output) -> Result {
          try `verge apps create hello` in another shell; Ctrl-C stops"
     );
     let _ = node.task.await;
+    let _ = ingress.task.await;
     started.wait().await;
+    Ok(())
+}
+
+/// A per-data-dir /64 for endpoint addresses, like [`dev_prefix`].
+fn dev_endpoint_prefix(data_dir: &Path) -> String {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    ("endpoints", data_dir).hash(&mut h);
+    format!("fd65:6e64:{:x}::/64", h.finish() as u16)
+}
+
+fn ingress_failed(e: verge_ingress::daemon::IngressError) -> Failure {
+    use verge_ingress::daemon::IngressError;
+    let next: &[&str] = match &e {
+        IngressError::Refused(_) => {
+            &["pass a cluster admin token with --token (org tokens cannot watch the routing table)"]
+        }
+        IngressError::Metrics { .. } => &["pick another address with --metrics-listen"],
+        IngressError::Client(_) => &["check --server (the control plane's URL) and --ca-cert"],
+    };
+    let kind = match &e {
+        IngressError::Refused(_) => ErrorKind::Forbidden,
+        IngressError::Metrics { .. } => ErrorKind::Conflict,
+        IngressError::Client(_) => ErrorKind::BadRequest,
+    };
+    let mut detail = ErrorDetail::new(kind, format!("ingress did not start: {e}"));
+    detail.next.extend(next.iter().map(|n| n.to_string()));
+    Failure(detail)
+}
+
+/// `verge ingress`: serves the cluster's endpoints until SIGINT/SIGTERM.
+pub async fn ingress(
+    target: &crate::args::Target,
+    args: crate::args::IngressArgs,
+    out: &Output,
+) -> Result {
+    init_logging(&args.log);
+    let (Some(server), Some(token)) = (target.server.clone(), target.token.clone()) else {
+        return Err(super::bad_request(
+            "verge ingress needs --server URL and --token TOKEN (a cluster admin token), \
+             or VERGE_SERVER and VERGE_TOKEN"
+                .to_string(),
+        ));
+    };
+    let ca_cert_pem = target
+        .ca_cert
+        .as_deref()
+        .map(crate::context::read_ca_cert)
+        .transpose()?;
+    let name = match args.name {
+        Some(n) => n,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_ascii_lowercase().replace(['.', '_'], "-"))
+            .filter(|h| verge_api::names::validate("ingress", h).is_ok())
+            .unwrap_or_else(|| "ingress".into()),
+    };
+    let shutdown = CancellationToken::new();
+    cancel_on_signal(shutdown.clone())?;
+    let started = verge_ingress::daemon::start(
+        verge_ingress::daemon::IngressConfig {
+            server,
+            token,
+            ca_cert_pem,
+            name: name.clone(),
+            node: args.node,
+            metrics_listen: Some(args.metrics_listen),
+            shutdown_grace: args.shutdown_grace,
+        },
+        shutdown,
+    )
+    .await
+    .map_err(ingress_failed)?;
+    let metrics = started
+        .metrics_addr
+        .map(|a| format!("http://{a}/metrics"))
+        .unwrap_or_default();
+    if out.is_json() {
+        println!(
+            "{}",
+            serde_json::json!({ "ingress": name, "metrics": metrics })
+        );
+    } else {
+        println!("VERGE_INGRESS={name}");
+        println!("VERGE_INGRESS_METRICS={metrics}");
+    }
+    let _ = started.task.await;
     Ok(())
 }
 
@@ -390,6 +511,7 @@ async fn dev_node(
         cpu: None,
         memory: None,
         ipv4_range: "10.89.0.0/16".parse().expect("valid"),
+        behind_nat: false,
         log: LogArgs {
             log_format: args.log.log_format,
         },
@@ -508,6 +630,7 @@ fn node_config(args: &crate::args::NodeArgs) -> Result<verge_node::daemon::NodeC
         cpu: args.cpu,
         memory: args.memory,
         ipv4_range: args.ipv4_range,
+        behind_nat: args.behind_nat,
         netns_dir: PathBuf::from(verge_node::net::DEFAULT_NETNS_DIR),
         cgroup_parent: "verge".into(),
         forwarding: true,

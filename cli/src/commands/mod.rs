@@ -4,6 +4,7 @@ mod account;
 mod config;
 mod daemons;
 mod deploy;
+mod endpoints;
 mod manifest;
 mod nodes;
 mod nouns;
@@ -75,6 +76,8 @@ pub async fn run(cli: Cli, out: &Output) -> Result {
         Command::Dev(args) => daemons::dev(args, out).await,
         Command::Control(args) => daemons::control(args, out).await,
         Command::Node(args) => daemons::node(args, out).await,
+        Command::Ingress(args) => daemons::ingress(target, args, out).await,
+        Command::Endpoints => endpoints::list(&Context::new(target)?, out).await,
         Command::Nodes(cmd) => nodes::run(&Context::new(target)?, cmd, out).await,
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();

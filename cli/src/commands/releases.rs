@@ -82,6 +82,7 @@ pub async fn describe(ctx: &Context, cmd: DescribeCmd, out: &Output) -> Result {
             let workload = ctx.client.describe_workload(names.scope(), &name).await?;
             out.one(&workload, workload_text);
         }
+        DescribeCmd::Endpoint { name } => super::endpoints::describe(ctx, &name, out).await?,
     }
     Ok(())
 }

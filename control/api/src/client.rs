@@ -552,41 +552,134 @@ impl Client {
     ) -> Result<EventStream, ClientError> {
         let url = self.events_url(scope, query, true);
         let resp = self.send(Method::GET, &url, None::<&()>).await?;
-        Ok(EventStream {
+        Ok(self.lines(resp, &url))
+    }
+
+    fn lines<T>(&self, resp: reqwest::Response, url: &Url) -> LineStream<T> {
+        LineStream {
             resp,
             buf: Vec::new(),
             server: self.server().to_string(),
             url: url.to_string(),
-        })
+            item: std::marker::PhantomData,
+        }
+    }
+
+    /// What is exposed in `org` (SPEC §4 `verge endpoints`), optionally of
+    /// one app or one env only.
+    pub async fn list_endpoints(
+        &self,
+        org: &str,
+        app: Option<&str>,
+        env: Option<&str>,
+    ) -> Result<Vec<crate::routing::ExposedEndpoint>, ClientError> {
+        let mut url = self.url(&["orgs", org, "endpoints"]);
+        {
+            let mut q = url.query_pairs_mut();
+            if let Some(app) = app {
+                q.append_pair("app", app);
+            }
+            if let Some(env) = env {
+                q.append_pair("env", env);
+            }
+        }
+        url.set_query(
+            url.query()
+                .filter(|q| !q.is_empty())
+                .map(str::to_owned)
+                .as_deref(),
+        );
+        self.get(url).await
+    }
+
+    /// One endpoint with its backends and listeners.
+    pub async fn describe_endpoint(
+        &self,
+        scope: EnvScope<'_>,
+        name: &str,
+    ) -> Result<crate::routing::ExposedEndpoint, ClientError> {
+        self.get(self.url(&[
+            "orgs",
+            scope.org,
+            "apps",
+            scope.app,
+            "envs",
+            scope.env,
+            "endpoints",
+            name,
+        ]))
+        .await
+    }
+
+    /// The routing table (ingresses; needs a cluster admin token).
+    pub async fn routing_table(&self) -> Result<crate::routing::RoutingTable, ClientError> {
+        self.get(self.url(&["ingress", "routes"])).await
+    }
+
+    /// The routing table now and each time it changes.
+    pub async fn watch_routing_table(
+        &self,
+    ) -> Result<LineStream<crate::routing::RoutingTable>, ClientError> {
+        let mut url = self.url(&["ingress", "routes"]);
+        url.set_query(Some("watch=true"));
+        let resp = self.send(Method::GET, &url, None::<&()>).await?;
+        Ok(self.lines(resp, &url))
+    }
+
+    /// Reports what an ingress listens on.
+    pub async fn report_ingress(
+        &self,
+        report: &crate::routing::IngressReport,
+    ) -> Result<(), ClientError> {
+        self.post(self.url(&["ingress", "status"]), report).await
+    }
+
+    /// Where an ingress's QUIC path connects.
+    pub async fn ingress_cluster(&self) -> Result<crate::routing::ClusterInfo, ClientError> {
+        self.get(self.url(&["ingress", "cluster"])).await
     }
 }
 
-/// Events arriving as NDJSON, one per line; blank lines are keep-alives.
+/// Events arriving as NDJSON, one per line.
+pub type EventStream = LineStream<Event>;
+
+/// A long-lived answer of NDJSON, one `T` per line; blank lines are
+/// keep-alives.
 #[derive(Debug)]
-pub struct EventStream {
+pub struct LineStream<T> {
     resp: reqwest::Response,
     buf: Vec<u8>,
     server: String,
     url: String,
+    item: std::marker::PhantomData<fn() -> T>,
 }
 
-impl EventStream {
-    /// The next event; `None` when the server ended the stream.
-    pub async fn next(&mut self) -> Option<Result<Event, ClientError>> {
+impl<T: DeserializeOwned> LineStream<T> {
+    /// The next item, past keep-alives; `None` when the server ended the stream.
+    pub async fn next(&mut self) -> Option<Result<T, ClientError>> {
+        loop {
+            match self.next_line().await? {
+                Ok(line) if line.is_empty() => continue,
+                Ok(line) => {
+                    return Some(
+                        serde_json::from_slice(&line).map_err(|e| ClientError::Decode {
+                            url: self.url.clone(),
+                            status: 200,
+                            detail: e.to_string(),
+                        }),
+                    );
+                }
+                Err(e) => return Some(Err(e)),
+            }
+        }
+    }
+
+    /// The next line, keep-alives included (empty); `None` at the end.
+    pub async fn next_line(&mut self) -> Option<Result<Vec<u8>, ClientError>> {
         loop {
             if let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = self.buf.drain(..=pos).collect();
-                let line = line.trim_ascii();
-                if line.is_empty() {
-                    continue;
-                }
-                return Some(
-                    serde_json::from_slice(line).map_err(|e| ClientError::Decode {
-                        url: self.url.clone(),
-                        status: 200,
-                        detail: e.to_string(),
-                    }),
-                );
+                return Some(Ok(line.trim_ascii().to_vec()));
             }
             match self.resp.chunk().await {
                 Ok(Some(chunk)) => self.buf.extend_from_slice(&chunk),

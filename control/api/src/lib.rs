@@ -7,7 +7,8 @@
 //! ([`status`]), the error body every failure carries ([`error`]), the
 //! naming rules both sides check ([`names`]), nodes ([`nodes`]), registry
 //! credentials files ([`registry_auth`]), the
-//! manifest (`verge.toml`) and its validation ([`manifest`]), and the
+//! manifest (`verge.toml`) and its validation ([`manifest`]), the routing
+//! table ingresses watch ([`routing`]), and the
 //! control ⇄ node protocol carried over QUIC ([`wire`]). Behind features:
 //! the typed HTTP client the CLI uses (`client`: [`client`]) and framed
 //! reading and writing of wire messages on async streams (`wire-io`:
@@ -27,6 +28,7 @@ pub mod registry_auth;
 pub mod release;
 pub mod requests;
 pub mod resources;
+pub mod routing;
 pub mod status;
 pub mod wire;
 

@@ -3,7 +3,8 @@
 //! and the loops that watch liveness and keep placements converged.
 //!
 //! Long-lived tasks, each named and stopped by the shutdown token:
-//! - `cluster_endpoint`: accepts QUIC connections, one task per connection;
+//! - `cluster_endpoint`: accepts QUIC connections, one task per connection:
+//!   joins, node sessions, and ingresses' tunnels ([`tunnel`]);
 //! - `node_liveness`: marks nodes offline after the grace period;
 //! - `reconciler`: runs [`crate::reconcile`] over every env when poked
 //!   (deploy, rollback, scale, drain, node online/offline) and every
@@ -16,6 +17,7 @@
 pub mod ca;
 mod join;
 mod session;
+mod tunnel;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -28,7 +30,7 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-use verge_api::wire::{ALPN_JOIN, ALPN_NODE};
+use verge_api::wire::{ALPN_INGRESS, ALPN_JOIN, ALPN_NODE};
 
 use crate::secrets::Keyring;
 use crate::store::Store;
@@ -46,6 +48,8 @@ pub struct ClusterConfig {
     pub offline_after: Duration,
     /// How long a node stays offline before its instances are replaced.
     pub reschedule_after: Duration,
+    /// Where endpoint addresses come from.
+    pub addressing: crate::endpoints::Addressing,
 }
 
 /// Why the cluster endpoint did not start.
@@ -63,6 +67,9 @@ pub enum ClusterError {
         source: std::io::Error,
     },
 }
+
+/// Streams an ingress may have open at once (one per client connection).
+const MAX_TUNNELS: u32 = 10_000;
 
 /// How often the reconciler looks at envs with an active rollout.
 pub const TICK: Duration = Duration::from_secs(1);
@@ -89,6 +96,9 @@ struct Inner {
     dirty: Mutex<BTreeSet<String>>,
     /// Bumped after the reconciler changed some node's desired set.
     desired: watch::Sender<u64>,
+    /// The live session of each node connected to this replica, where
+    /// ingresses' tunnels go.
+    sessions: tunnel::Sessions,
 }
 
 impl Cluster {
@@ -116,6 +126,7 @@ impl Cluster {
                 full: AtomicBool::new(true),
                 dirty: Mutex::new(BTreeSet::new()),
                 desired: watch::Sender::new(0),
+                sessions: tunnel::Sessions::default(),
             }),
         };
         tracing::info!(addr = %local_addr, ca = cluster.ca_sha256(), "cluster endpoint listening");
@@ -163,6 +174,15 @@ impl Cluster {
             .unwrap_or_else(|| self.inner.local_addr.to_string())
     }
 
+    /// Where and how an ingress reaches the cluster endpoint for tunnels
+    /// (`GET /v1/ingress/cluster`).
+    pub fn quic_info(&self) -> verge_api::routing::ClusterInfo {
+        verge_api::routing::ClusterInfo {
+            quic: self.advertise(),
+            ca_pem: self.inner.ca.cert_pem().to_string(),
+        }
+    }
+
     pub fn local_addr(&self) -> SocketAddr {
         self.inner.local_addr
     }
@@ -192,7 +212,13 @@ impl Cluster {
     pub fn settings(&self) -> crate::reconcile::Settings {
         crate::reconcile::Settings {
             reschedule_after_ms: self.inner.config.reschedule_after.as_millis() as i64,
+            addressing: self.inner.config.addressing,
         }
+    }
+
+    /// Where endpoint addresses come from.
+    pub fn addressing(&self) -> crate::endpoints::Addressing {
+        self.inner.config.addressing
     }
 
     async fn accept_loop(self, endpoint: quinn::Endpoint, shutdown: CancellationToken) {
@@ -220,6 +246,7 @@ impl Cluster {
                     match alpn(&conn).as_deref() {
                         Some(ALPN_JOIN) => cluster.join(conn).await,
                         Some(ALPN_NODE) => cluster.session(conn, stop).await,
+                        Some(ALPN_INGRESS) => cluster.ingress(conn, stop).await,
                         other => {
                             tracing::info!(alpn = ?other, "unknown protocol; closing");
                             conn.close(1u32.into(), b"unknown protocol");
@@ -308,7 +335,8 @@ fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
 
 /// The QUIC endpoint: TLS 1.3 with the CA-signed server certificate; client
 /// certificates are verified against the CA when presented (joined nodes)
-/// and optional (joining nodes, told apart by ALPN and checked by the session).
+/// and optional (joining nodes and ingresses, told apart by ALPN and checked
+/// by the session, or by the ingress's admin token).
 fn endpoint(ca: &ClusterCa, listen: SocketAddr) -> Result<quinn::Endpoint, ClusterError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
@@ -326,7 +354,11 @@ fn endpoint(ca: &ClusterCa, listen: SocketAddr) -> Result<quinn::Endpoint, Clust
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs, key)
         .map_err(|e| ClusterError::Tls(e.to_string()))?;
-    tls.alpn_protocols = vec![ALPN_JOIN.to_vec(), ALPN_NODE.to_vec()];
+    tls.alpn_protocols = vec![
+        ALPN_JOIN.to_vec(),
+        ALPN_NODE.to_vec(),
+        ALPN_INGRESS.to_vec(),
+    ];
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| ClusterError::Tls(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
@@ -337,7 +369,9 @@ fn endpoint(ca: &ClusterCa, listen: SocketAddr) -> Result<quinn::Endpoint, Clust
                 .try_into()
                 .expect("30s is a valid idle timeout"),
         ))
-        .keep_alive_interval(Some(Duration::from_secs(5)));
+        .keep_alive_interval(Some(Duration::from_secs(5)))
+        // An ingress opens one stream per client connection.
+        .max_concurrent_bidi_streams(MAX_TUNNELS.into());
     server.transport_config(Arc::new(transport));
     quinn::Endpoint::server(server, listen).map_err(|source| ClusterError::Bind {
         addr: listen,

@@ -1,6 +1,8 @@
 //! A joined node's session: mutual TLS identifies the node, then one
 //! bidirectional stream carries its heartbeats and instance reports in, and
 //! its desired sets out (whenever its version moves past the last one sent).
+//! While it lasts, the connection is in the registry of sessions, where
+//! ingresses' tunnels find it ([`super::tunnel`]).
 
 use std::time::Duration;
 
@@ -65,6 +67,7 @@ impl Cluster {
             isolation,
             applied_version,
             instances,
+            behind_nat,
         }) = reader.next().await.map_err(|e| e.to_string())?
         else {
             return Err("the node's first message was not hello".into());
@@ -82,6 +85,7 @@ impl Cluster {
                     isolation: &isolation.to_string(),
                     version: &version,
                     applied_version: applied_version as i64,
+                    behind_nat,
                 },
             )
             .await
@@ -105,6 +109,8 @@ impl Cluster {
             })
             .await
             .map_err(|e| e.to_string())?;
+        // Ingresses' tunnels to this node go through this connection now.
+        let _registered = self.register_session(&node.id, conn);
 
         let mut desired = self.inner.desired.subscribe();
         let mut sent: Option<i64> = None;

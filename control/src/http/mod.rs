@@ -5,7 +5,9 @@
 //! of `verge_api::resources`) or an [`ApiError`].
 
 mod config;
+mod endpoints;
 mod health;
+mod ingress;
 mod nodes;
 mod nouns;
 mod observe;
@@ -58,7 +60,9 @@ pub fn router(state: AppState) -> Router {
         .merge(rollouts::routes())
         .merge(observe::routes())
         .merge(tokens::routes())
-        .merge(nodes::routes());
+        .merge(nodes::routes())
+        .merge(endpoints::routes())
+        .merge(ingress::routes());
     Router::new()
         .route("/healthz", get(health::healthz))
         .route("/metrics", get(health::metrics))

@@ -277,7 +277,14 @@ async fn deploy(
     }
     let from = current.as_ref().map(manifest_of).transpose()?;
     let scale = tx
-        .make_current(&cx.env.id, &row.id, from.as_ref(), &m, &scale)
+        .make_current(
+            &cx.env.id,
+            &row.id,
+            from.as_ref(),
+            &m,
+            &scale,
+            &st.cluster.addressing(),
+        )
         .await?;
     super::rollouts::begin(&mut tx, &cx, &row, current.as_ref(), "deploy").await?;
     let was = current
@@ -294,15 +301,30 @@ async fn deploy(
     tracing::info!(env = %cx.env.id, release = %row.id, number = row.number, "deployed");
     let now = Effective::of(&row, &scale)?;
     let d = diff(old.as_ref(), &now);
-    Ok(axum::Json(receipt(
-        &cx,
-        Action::Deploy,
-        false,
-        &row,
-        current.as_ref(),
-        d,
-        &now,
-    )))
+    let mut r = receipt(&cx, Action::Deploy, false, &row, current.as_ref(), d, &now);
+    r.follow_ups.extend(try_endpoints(&st, &cx, &m).await?);
+    Ok(axum::Json(r))
+}
+
+/// `endpoint public: nc fd65:6e64:7074::1 80`: what to try once the
+/// release runs, one line per endpoint address.
+async fn try_endpoints(st: &AppState, cx: &EnvCx, m: &Manifest) -> Result<Vec<String>, ApiError> {
+    let rows = st.store.endpoint_addresses(&cx.env.id).await?;
+    let mut out = Vec::new();
+    for e in &m.endpoints {
+        let Some(row) = rows.iter().find(|r| r.name == e.name) else {
+            continue;
+        };
+        let port = e.ports[0];
+        out.push(format!(
+            "endpoint {}: nc {} {port}  (IPv6)",
+            e.name, row.ipv6
+        ));
+        if let Some(v4) = &row.ipv4 {
+            out.push(format!("endpoint {}: nc {v4} {port}  (IPv4)", e.name));
+        }
+    }
+    Ok(out)
 }
 
 /// `web=127.0.0.1:5000/hello:1.0@sha256:0123456789ab…`, for event messages.
@@ -412,6 +434,7 @@ async fn rollback(
             from.as_ref(),
             &manifest_of(&target)?,
             &scale,
+            &st.cluster.addressing(),
         )
         .await?;
     super::rollouts::begin(&mut tx, &cx, &target, current.as_ref(), "rollback").await?;

@@ -220,6 +220,7 @@ async fn cancel(
             Some(&manifest_of(release)?),
             &manifest_of(from)?,
             &scale,
+            &st.cluster.addressing(),
         )
         .await?;
         begin(&mut tx, &cx, from, Some(release), "cancel").await?;

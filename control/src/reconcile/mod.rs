@@ -40,6 +40,8 @@ pub use spec::desired_set;
 pub struct Settings {
     /// Instances of a node offline this long are replaced elsewhere.
     pub reschedule_after_ms: i64,
+    /// Where endpoint addresses come from (an automatic rollback moves them).
+    pub addressing: crate::endpoints::Addressing,
 }
 
 /// The cluster as one reconcile pass sees it.
@@ -212,7 +214,17 @@ pub async fn reconcile_env(
                 active: seen.own_rollout().is_some_and(RolloutRow::is_active),
             });
         }
-        match locked(store, env_id, &seen, actions, view, clock).await {
+        match locked(
+            store,
+            env_id,
+            &seen,
+            actions,
+            view,
+            clock,
+            &settings.addressing,
+        )
+        .await
+        {
             Err(StoreError::Conflict) if attempts < 2 => {
                 attempts += 1;
                 tracing::debug!(
@@ -235,6 +247,7 @@ async fn locked(
     planned: Vec<Action>,
     view: &mut ClusterView,
     clock: Clock,
+    pools: &crate::endpoints::Addressing,
 ) -> Result<EnvOutcome> {
     let mut tx = store.mutation().await?;
     let Some(env) = read_env_locked(&mut tx, env_id).await? else {
@@ -259,7 +272,7 @@ async fn locked(
             active = next.is_active();
             if next.holds() && rollout::auto_rollback(&env.manifest) && rollout::goes_back(&next) {
                 // The rollback's own rollout needs the next passes.
-                active = roll_back(&mut tx, &scope, &env, &mut next).await?;
+                active = roll_back(&mut tx, &scope, &env, &mut next, pools).await?;
                 tx.update_rollout(&next).await?;
             }
         } else {
@@ -391,6 +404,7 @@ async fn roll_back(
     scope: &EnvScope,
     env: &EnvState,
     failed: &mut RolloutRow,
+    pools: &crate::endpoints::Addressing,
 ) -> Result<bool> {
     let Some(from_id) = failed
         .from_release_id
@@ -406,14 +420,30 @@ async fn roll_back(
         return Ok(false);
     };
     let scale = tx.scale_overrides(&scope.env_id).await?;
-    tx.make_current(
-        &scope.env_id,
-        &target.id,
-        Some(&env.snapshot),
-        &target_manifest,
-        &scale,
-    )
-    .await?;
+    match tx
+        .make_current(
+            &scope.env_id,
+            &target.id,
+            Some(&env.snapshot),
+            &target_manifest,
+            &scale,
+            pools,
+        )
+        .await
+    {
+        Ok(_) => {}
+        // Its endpoints' ports were taken since: it cannot go back
+        // (nothing was changed), and says why.
+        Err(StoreError::Endpoint(why)) => {
+            let reason = failed.reason.clone().unwrap_or_default();
+            failed.reason = Some(format!(
+                "{reason}; cannot roll back automatically to v{}: {why}",
+                target.number
+            ));
+            return Ok(false);
+        }
+        Err(e) => return Err(e),
+    }
     let why = failed.reason.clone().unwrap_or_default();
     failed.reason = Some(format!(
         "{why}; rolled back automatically to v{} (auto_rollback)",

@@ -69,13 +69,21 @@ pub async fn desired_set(store: &Store, node: &NodeRow) -> Result<DesiredSet> {
 /// What a node needs to run instance `i`.
 fn instance_spec(i: &InstanceRow, r: &ReleaseParts, scope: &EnvScope) -> Option<InstanceSpec> {
     let w = r.manifest.workloads.get(&i.workload)?;
-    let port = r
-        .manifest
-        .endpoints
-        .iter()
-        .find(|e| e.workload == i.workload)
+    let fronts = || {
+        r.manifest
+            .endpoints
+            .iter()
+            .filter(|e| e.workload == i.workload)
+    };
+    let port = fronts()
+        .next()
         .map(|e| e.internal_port)
         .or(w.health.map(|h| h.tcp));
+    let drain_ms = fronts()
+        .map(|e| e.limits.drain_timeout_ms)
+        .max()
+        .unwrap_or(0);
+    let proxy_protocol = fronts().any(|e| e.proxy_protocol.is_some());
     // The manifest's env, then the env's own vars (operators override), then Verge's.
     let mut env_vars = r.manifest.env.clone();
     env_vars.extend(r.vars.clone());
@@ -87,6 +95,10 @@ fn instance_spec(i: &InstanceRow, r: &ReleaseParts, scope: &EnvScope) -> Option<
         ("VERGE_RELEASE", &i.release_id),
     ] {
         env_vars.insert(k.to_string(), v.clone());
+    }
+    if proxy_protocol {
+        // Connections from the ingress start with a PROXY v2 header.
+        env_vars.insert("VERGE_PROXY_PROTOCOL".into(), "v2".into());
     }
     Some(InstanceSpec {
         id: i.id.clone(),
@@ -107,5 +119,6 @@ fn instance_spec(i: &InstanceRow, r: &ReleaseParts, scope: &EnvScope) -> Option<
         restart: w.restart,
         port,
         health: w.health,
+        drain_ms,
     })
 }

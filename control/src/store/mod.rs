@@ -15,6 +15,7 @@
 //! SQL, not only in the HTTP layer.
 
 mod config;
+mod endpoints;
 mod events;
 mod instances;
 mod nodes;
@@ -30,6 +31,7 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Connection as _, Executor};
 
 pub use config::{ConfigVersion, SecretVersionRow};
+pub use endpoints::{EndpointAddressRow, IngressRow};
 pub use events::{EventFilter, EventRow, Mutation, NewEvent};
 pub use instances::{EnvScope, InstanceRow, NewInstance, Reported};
 pub use nodes::{Hello, JoinTokenRow, NewNode, NodeRow};
@@ -82,6 +84,9 @@ pub enum StoreError {
     Database(sqlx::Error),
     #[error("unsupported database URL {0:?}: use sqlite://PATH or postgres://...")]
     UnsupportedUrl(String),
+    /// An endpoint cannot have the address or port it needs; says which and why.
+    #[error("{0}")]
+    Endpoint(String),
 }
 
 impl From<sqlx::Error> for StoreError {

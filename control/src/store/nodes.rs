@@ -46,11 +46,14 @@ pub struct NodeRow {
     /// Reserved by its instances with goal `run`.
     pub used_cpu_millis: i64,
     pub used_memory: i64,
+    /// 1 when the node said it is behind NAT (ingresses use its session).
+    pub behind_nat: i64,
 }
 
 const NODE_COLUMNS: &str = "id, name, labels, cpu_millis, memory, usage, isolation, version, \
     state, state_since, last_seen, prefix_index, instance_prefix, cert_sha256, joined_at, \
-    desired_version, applied_version, drain, drain_deadline, used_cpu_millis, used_memory";
+    desired_version, applied_version, drain, drain_deadline, used_cpu_millis, used_memory, \
+    behind_nat";
 
 /// What a joining node becomes.
 #[derive(Debug, Clone)]
@@ -75,6 +78,7 @@ pub struct Hello<'a> {
     pub isolation: &'a str,
     pub version: &'a str,
     pub applied_version: i64,
+    pub behind_nat: bool,
 }
 
 impl Store {
@@ -310,7 +314,7 @@ impl Mutation<'_> {
         let was_offline = self.mark_online(node).await?;
         sqlx::query(
             "UPDATE nodes SET labels = $2, cpu_millis = $3, memory = $4, isolation = $5, \
-             version = $6, applied_version = $7, last_seen = $8 WHERE id = $1",
+             version = $6, applied_version = $7, last_seen = $8, behind_nat = $9 WHERE id = $1",
         )
         .bind(&node.id)
         .bind(hello.labels)
@@ -320,6 +324,7 @@ impl Mutation<'_> {
         .bind(hello.version)
         .bind(hello.applied_version)
         .bind(now)
+        .bind(i64::from(hello.behind_nat))
         .execute(self.conn())
         .await?;
         Ok(was_offline)

@@ -186,7 +186,8 @@ impl Mutation<'_> {
     /// Points the env at `release_id` (manifest `to`), keeping those of
     /// its scale overrides `scale` that still apply after moving from
     /// manifest `from` (`desired::carry_scale`; none without a `from`);
-    /// returns the overrides kept.
+    /// returns the overrides kept. Gives `to`'s endpoints their addresses
+    /// from `pools` ([`super::StoreError::Endpoint`] when a port is taken).
     pub async fn make_current(
         &mut self,
         env_id: &str,
@@ -194,7 +195,9 @@ impl Mutation<'_> {
         from: Option<&Manifest>,
         to: &Manifest,
         scale: &BTreeMap<String, ScaleRow>,
+        pools: &crate::endpoints::Addressing,
     ) -> Result<BTreeMap<String, ScaleRow>> {
+        self.assign_endpoints(env_id, to, pools).await?;
         let kept = from
             .map(|f| crate::desired::carry_scale(f, to, scale))
             .unwrap_or_default();

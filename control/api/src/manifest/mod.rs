@@ -137,6 +137,38 @@ pub struct Endpoint {
     pub internal_port: u16,
     pub ipv4: bool,
     pub proxy_protocol: Option<ProxyProtocol>,
+    /// What the ingress enforces per connection and per endpoint. Absent
+    /// from releases made before it existed: those get the defaults.
+    #[serde(default)]
+    pub limits: EndpointLimits,
+}
+
+/// An endpoint's connection limits and timeouts (`idle_timeout`,
+/// `max_connections`, `rate_limit`, `drain_timeout` in `[[endpoints]]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointLimits {
+    /// A connection with no bytes either way for this long is closed.
+    pub idle_timeout_ms: u64,
+    /// Connections open at once through one ingress; more are closed on accept.
+    pub max_connections: u32,
+    /// New connections per second from one source address (bursts of as
+    /// many are allowed); more are closed on accept.
+    pub rate_limit: u32,
+    /// How long connections to an instance that left the routing table
+    /// (rollout, scale-down, stop) may go on before they are closed; the
+    /// node waits as long before it stops the instance.
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for EndpointLimits {
+    fn default() -> Self {
+        EndpointLimits {
+            idle_timeout_ms: defaults::IDLE_TIMEOUT_MS,
+            max_connections: defaults::MAX_CONNECTIONS,
+            rate_limit: defaults::RATE_LIMIT,
+            drain_timeout_ms: defaults::DRAIN_TIMEOUT_MS,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -157,6 +189,11 @@ pub mod defaults {
     pub const ROLLOUT_DEADLINE_MS: u64 = 5 * 60 * 1000;
     /// Consecutive failed health checks that make an instance unhealthy.
     pub const HEALTH_FAILURES: u32 = 3;
+    /// Endpoint limits (see [`super::EndpointLimits`]).
+    pub const IDLE_TIMEOUT_MS: u64 = 10 * 60 * 1000;
+    pub const MAX_CONNECTIONS: u32 = 10_000;
+    pub const RATE_LIMIT: u32 = 100;
+    pub const DRAIN_TIMEOUT_MS: u64 = 30 * 1000;
 
     pub(crate) fn rollout_deadline_ms() -> u64 {
         ROLLOUT_DEADLINE_MS

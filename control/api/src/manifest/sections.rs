@@ -9,8 +9,8 @@ use toml::de::{DeTable, DeValue};
 use super::check::{Cx, Value, default_rollout, env_var_name, join, no_check, opt};
 use super::units::parse_size;
 use super::{
-    Endpoint, Health, Manifest, Mode, ProxyProtocol, Require, Restart, Rollout, Runtime,
-    SecretMount, VolumeMount, Workload, defaults,
+    Endpoint, EndpointLimits, Health, Manifest, Mode, ProxyProtocol, Require, Restart, Rollout,
+    Runtime, SecretMount, VolumeMount, Workload, defaults,
 };
 
 impl Cx<'_> {
@@ -378,6 +378,10 @@ impl Cx<'_> {
             "internal_port",
             "ipv4",
             "proxy_protocol",
+            "idle_timeout",
+            "max_connections",
+            "rate_limit",
+            "drain_timeout",
         ];
         let t = self.table(path, v)?;
         self.known_keys(path, t, KEYS);
@@ -440,6 +444,30 @@ impl Cx<'_> {
                 )
                 .map(Some),
         };
+        let idle_timeout = opt(t.get("idle_timeout"), defaults::IDLE_TIMEOUT_MS, |v| {
+            self.duration_ms(&join(path, "idle_timeout"), v)
+        });
+        let drain_timeout = opt(t.get("drain_timeout"), defaults::DRAIN_TIMEOUT_MS, |v| {
+            self.duration_ms(&join(path, "drain_timeout"), v)
+        });
+        let max_connections = opt(t.get("max_connections"), defaults::MAX_CONNECTIONS, |v| {
+            self.integer(
+                &join(path, "max_connections"),
+                v,
+                1..1_000_001,
+                "a number of connections from 1 to 1000000",
+            )
+            .map(|n| n as u32)
+        });
+        let rate_limit = opt(t.get("rate_limit"), defaults::RATE_LIMIT, |v| {
+            self.integer(
+                &join(path, "rate_limit"),
+                v,
+                1..1_000_001,
+                "new connections per second per source address, from 1 to 1000000",
+            )
+            .map(|n| n as u32)
+        });
         Some(Endpoint {
             name: name?,
             workload: workload?,
@@ -447,6 +475,12 @@ impl Cx<'_> {
             internal_port: internal_port?,
             ipv4: ipv4?,
             proxy_protocol: proxy_protocol?,
+            limits: EndpointLimits {
+                idle_timeout_ms: idle_timeout?,
+                max_connections: max_connections?,
+                rate_limit: rate_limit?,
+                drain_timeout_ms: drain_timeout?,
+            },
         })
     }
 }

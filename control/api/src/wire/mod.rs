@@ -34,6 +34,9 @@ pub mod io;
 pub const ALPN_JOIN: &[u8] = b"verge-join/1";
 /// ALPN of a joined node's session (client certificate required).
 pub const ALPN_NODE: &[u8] = b"verge-node/1";
+/// ALPN of an ingress's connection: it carries client connections to
+/// instances on nodes behind NAT (see [`TunnelOpen`]).
+pub const ALPN_INGRESS: &[u8] = b"verge-ingress/1";
 /// The largest frame either side accepts.
 pub const MAX_FRAME: usize = 16 * 1024 * 1024;
 
@@ -192,6 +195,11 @@ pub enum NodeMsg {
         /// The desired-set version the node last applied (0: none).
         applied_version: u64,
         instances: Vec<InstanceReport>,
+        /// The node cannot be dialled (behind NAT, like most edge gateways):
+        /// ingresses reach its instances through this session (see
+        /// [`TunnelOpen`]), never by their addresses.
+        #[serde(default)]
+        behind_nat: bool,
     },
     Heartbeat {
         capacity: Capacity,
@@ -250,6 +258,56 @@ pub struct InstanceSpec {
     /// instance's address; `None` when it has none (then running is ready).
     #[serde(default)]
     pub health: Option<crate::manifest::Health>,
+    /// Milliseconds the node waits, once the instance left its desired set,
+    /// before it stops it: the longest drain timeout of the endpoints in
+    /// front of the workload, so that connections the ingress no longer
+    /// adds to can finish. 0 without endpoints.
+    #[serde(default)]
+    pub drain_ms: u64,
+}
+
+/// The first frame of an ingress connection's first stream: the ingress
+/// proves it holds a cluster admin token; the control plane answers with
+/// a [`TunnelReply`] and accepts tunnel streams only after `Connected`.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct IngressHello {
+    pub token: String,
+    /// The ingress's name, for logs.
+    pub name: String,
+}
+
+impl fmt::Debug for IngressHello {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IngressHello")
+            .field("token", &"<redacted>")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+/// The first frame of a tunnel stream: one client connection to one
+/// instance. The ingress sends it to the control plane, which sends it on
+/// to the instance's node on a stream of the node's session; the node
+/// connects to the instance's address on `port` and answers with a
+/// [`TunnelReply`]. After `Connected`, the stream carries the connection's
+/// raw bytes both ways (PROXY v2 header first when the endpoint has one),
+/// and finishing a side of the stream half-closes that side of the TCP
+/// connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TunnelOpen {
+    pub instance: String,
+    /// The node that runs it (the control plane looks up its session).
+    pub node: String,
+    /// The instance port (the endpoint's `internal_port`).
+    pub port: u16,
+}
+
+/// The answer to an [`IngressHello`] or a [`TunnelOpen`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum TunnelReply {
+    Connected,
+    Refused { message: String },
 }
 
 /// An instance's state (SPEC §5): `pending → pulling → starting → running → stopping → stopped | failed`.

@@ -1,0 +1,189 @@
+//! Tunnel streams: the control plane opens a bidirectional stream on the
+//! node's session for each client connection an ingress sends this way
+//! (the QUIC path, for nodes behind NAT; it works for every node). The
+//! stream starts with a [`TunnelOpen`]; the node checks that it runs the
+//! instance and that the port is the instance's, connects to the instance
+//! (at most [`CONNECT_TIMEOUT`]), answers a [`TunnelReply`], then copies
+//! bytes both ways without looking at them (a PROXY v2 header, when the
+//! endpoint has one, is just the first bytes). A finished stream side
+//! half-closes the TCP connection and the other way round; a reset or stop
+//! on either side resets both.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use quinn::{RecvStream, SendStream, VarInt};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::task::JoinSet;
+use tracing::Instrument;
+use verge_api::wire::io::Writer;
+use verge_api::wire::{TunnelOpen, TunnelReply};
+
+use crate::reconcile::Reconciler;
+
+/// How long connecting to an instance may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the control plane may take to send a stream's `TunnelOpen`.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest `TunnelOpen` frame taken.
+const MAX_OPEN_FRAME: usize = 64 * 1024;
+/// Bytes read from the instance at a time.
+const BUFFER: usize = 64 * 1024;
+
+/// Accepts the control plane's tunnel streams on `conn`, one task each,
+/// until the connection ends; dropping the future ends them all. `node`
+/// is this node's name, for refusals.
+pub async fn serve(conn: quinn::Connection, reconciler: Reconciler, node: String) {
+    let mut streams = JoinSet::new();
+    loop {
+        tokio::select! {
+            s = conn.accept_bi() => match s {
+                Ok((send, recv)) => {
+                    let (reconciler, node) = (reconciler.clone(), node.clone());
+                    streams.spawn(
+                        async move { stream(send, recv, &reconciler, &node).await }
+                            .instrument(tracing::info_span!("tunnel")),
+                    );
+                }
+                Err(_) => return,
+            },
+            Some(_) = streams.join_next() => {}
+        }
+    }
+}
+
+/// One tunnel stream: the instance's connection, then bytes both ways.
+async fn stream(mut send: SendStream, mut recv: RecvStream, reconciler: &Reconciler, node: &str) {
+    let open = match tokio::time::timeout(OPEN_TIMEOUT, read_open(&mut recv)).await {
+        Ok(Ok(o)) => o,
+        Ok(Err(why)) => {
+            tracing::info!(error = %why, "tunnel stream without a valid open");
+            let _ = send.reset(VarInt::from_u32(0));
+            return;
+        }
+        Err(_) => {
+            tracing::info!("tunnel stream without an open within {OPEN_TIMEOUT:?}");
+            let _ = send.reset(VarInt::from_u32(0));
+            return;
+        }
+    };
+    let tcp = match connect(&open, reconciler, node).await {
+        Ok(tcp) => tcp,
+        Err(message) => {
+            tracing::info!(instance = %open.instance, port = open.port, %message, "tunnel refused");
+            let _ = Writer::new(&mut send)
+                .send(&TunnelReply::Refused { message })
+                .await;
+            let _ = send.finish();
+            return;
+        }
+    };
+    if Writer::new(&mut send)
+        .send(&TunnelReply::Connected)
+        .await
+        .is_err()
+    {
+        return;
+    }
+    tracing::debug!(instance = %open.instance, port = open.port, "tunnel open");
+    relay(tcp, send, recv).await;
+}
+
+/// The instance's TCP connection, or the refusal's message.
+async fn connect(
+    open: &TunnelOpen,
+    reconciler: &Reconciler,
+    node: &str,
+) -> Result<TcpStream, String> {
+    let id = &open.instance;
+    let addr: SocketAddr = reconciler
+        .tunnel_target(id, open.port)
+        .await
+        .map_err(|why| format!("instance {id} {why} (node {node})"))?;
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| {
+            format!("instance {id} on node {node}: connecting to {addr} timed out after {CONNECT_TIMEOUT:?}")
+        })?
+        .map_err(|e| format!("instance {id} on node {node}: cannot connect to {addr}: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
+}
+
+/// Copies both ways until both directions ended; an abnormal end of
+/// either (reset, stop, TCP error) resets everything.
+async fn relay(tcp: TcpStream, mut send: SendStream, mut recv: RecvStream) {
+    let (mut r, mut w) = tcp.into_split();
+    let clean = {
+        let up = to_instance(&mut recv, &mut w);
+        let down = from_instance(&mut r, &mut send);
+        tokio::pin!(up, down);
+        let (mut up_done, mut down_done) = (false, false);
+        loop {
+            tokio::select! {
+                ok = &mut up, if !up_done => if ok { up_done = true } else { break false },
+                ok = &mut down, if !down_done => if ok { down_done = true } else { break false },
+            }
+            if up_done && down_done {
+                break true;
+            }
+        }
+    };
+    if !clean {
+        let _ = send.reset(VarInt::from_u32(0));
+        let _ = recv.stop(VarInt::from_u32(0));
+        if let Ok(tcp) = r.reunite(w) {
+            // Dropped with SO_LINGER 0: the instance sees a reset, not an end.
+            let _ = tcp.set_zero_linger();
+        }
+    }
+}
+
+/// Stream → instance; `true` when the stream finished and the TCP write
+/// side was shut down.
+async fn to_instance(recv: &mut RecvStream, w: &mut OwnedWriteHalf) -> bool {
+    loop {
+        match recv.read_chunk(usize::MAX, true).await {
+            Ok(Some(chunk)) => {
+                if w.write_all(&chunk.bytes).await.is_err() {
+                    return false;
+                }
+            }
+            Ok(None) => return w.shutdown().await.is_ok(),
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Instance → stream; `true` when the instance ended its side and the
+/// stream was finished.
+async fn from_instance(r: &mut OwnedReadHalf, send: &mut SendStream) -> bool {
+    let mut buf = vec![0u8; BUFFER];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) => return send.finish().is_ok(),
+            Ok(n) => {
+                if send.write_all(&buf[..n]).await.is_err() {
+                    return false;
+                }
+            }
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Reads exactly the `TunnelOpen` frame (a big-endian `u32` length, then
+/// JSON) and nothing after it: the bytes that follow belong to the
+/// instance, and a buffering reader ([`verge_api::wire::io::Reader`])
+/// would swallow them.
+async fn read_open(recv: &mut RecvStream) -> Result<TunnelOpen, String> {
+    let len = recv.read_u32().await.map_err(|e| e.to_string())? as usize;
+    if len > MAX_OPEN_FRAME {
+        return Err(format!("frame of {len} bytes is too large"));
+    }
+    let mut buf = vec![0u8; len];
+    recv.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+    serde_json::from_slice(&buf).map_err(|e| format!("not understood: {e}"))
+}

@@ -302,7 +302,8 @@ async fn quic_path(
             i = client.ingress_cluster() => i,
             () = shutdown.cancelled() => return,
         };
-        match info.map_err(|e| e.to_string()).and_then(|info| {
+        match info.map_err(|e| e.to_string()).and_then(|mut info| {
+            info.quic = reachable(&info.quic, &config.server);
             Tunnel::new(info, config.token.clone(), config.name.clone()).map_err(|e| e.to_string())
         }) {
             Ok(t) => {
@@ -317,6 +318,38 @@ async fn quic_path(
                 }
             }
         }
+    }
+}
+
+/// The QUIC endpoint's address as this ingress can dial it: a control
+/// plane that listens on every address (`[::]:7070`, no `--cluster-advertise`)
+/// is dialled at the host of its HTTP URL instead.
+fn reachable(quic: &str, server: &str) -> String {
+    let Ok(addr) = quic.parse::<SocketAddr>() else {
+        return quic.to_string();
+    };
+    if !addr.ip().is_unspecified() {
+        return quic.to_string();
+    }
+    let host = reqwest::Url::parse(server)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_string));
+    match host {
+        Some(h) if h.contains(':') && !h.starts_with('[') => format!("[{h}]:{}", addr.port()),
+        Some(h) => format!("{h}:{}", addr.port()),
+        None => quic.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_unspecified_quic_address_takes_the_server_host() {
+        use super::reachable;
+        assert_eq!(reachable("[::]:7000", "http://127.0.0.1:7070"), "127.0.0.1:7000");
+        assert_eq!(reachable("0.0.0.0:7000", "https://[fd00::1]:443/"), "[fd00::1]:7000");
+        assert_eq!(reachable("10.0.0.5:7000", "http://127.0.0.1:7070"), "10.0.0.5:7000");
+        assert_eq!(reachable("cp.example:7000", "http://127.0.0.1:7070"), "cp.example:7000");
     }
 }
 

@@ -7,6 +7,7 @@
 //! never with a fixed sleep.
 
 pub mod cli;
+pub mod cluster;
 pub mod control;
 pub mod nodes;
 pub mod postgres;

@@ -118,7 +118,7 @@ impl World {
             &path,
             format!(
                 "app = \"hello\"\n[workloads.web]\nimage = \"{image}\"\ncount = {count}\ncpu = 0.1\nmemory = \"64Mi\"\n{extra}\n\
-                 [[endpoints]]\nname = \"public\"\nworkload = \"web\"\nport = 80\ninternal_port = 8080\n"
+                 [[endpoints]]\nname = \"public\"\nworkload = \"web\"\nport = 80\ninternal_port = 8080\ndrain_timeout = \"1s\"\n"
             ),
         )
         .unwrap();

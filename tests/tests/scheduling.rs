@@ -412,7 +412,7 @@ async fn private_hello_image() -> verge_images::Image {
 fn web(image: &str, count: u32, lines: &[&str]) -> String {
     format!(
         "app = \"hello\"\n\n[workloads.web]\nimage = \"{image}\"\ncount = {count}\ncpu = 0.1\n{}\n\n\
-         [[endpoints]]\nname = \"public\"\nworkload = \"web\"\nport = 80\ninternal_port = 8080\n",
+         [[endpoints]]\nname = \"public\"\nworkload = \"web\"\nport = 80\ninternal_port = 8080\ndrain_timeout = \"1s\"\n",
         lines.join("\n")
     )
 }

@@ -237,12 +237,14 @@ impl Mutation<'_> {
         claimed: &BTreeSet<(String, u16)>,
     ) -> Result<String> {
         let mut first_clash = None;
+        let mut ours = None;
         let candidates = keep
             .into_iter()
             .chain(pools.ipv4_candidates().map(|a| a.to_string()));
         'address: for address in candidates {
             for &port in &e.ports {
                 if claimed.contains(&(address.clone(), port)) {
+                    ours.get_or_insert(address.clone());
                     continue 'address;
                 }
                 if let Some(h) = self.holder(&address, port).await?
@@ -252,6 +254,11 @@ impl Mutation<'_> {
                     continue 'address;
                 }
             }
+            return Ok(address);
+        }
+        // Only this release's own endpoints are in the way: the caller
+        // names both of them.
+        if let (Some(address), None) = (ours, &first_clash) {
             return Ok(address);
         }
         Err(match first_clash {

@@ -65,6 +65,8 @@ command -v gcc >/dev/null 2>&1 || missing+=(gcc)
 [ -e /usr/lib/x86_64-linux-gnu/libc.a ] || [ -n "$(find /usr/lib -name libc.a -print -quit 2>/dev/null)" ] || missing+=(libc6-dev)
 # The ingress's PROXY protocol interop test (ingress/tests/haproxy.rs).
 command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
+# The ingress balancing tests make an instance refuse or fail (ingress_balance.rs).
+command -v ip6tables >/dev/null 2>&1 || [ -x /usr/sbin/ip6tables ] || missing+=(iptables)
 if [ -z "${VERGE_TEST_POSTGRES:-}" ]; then
     if [ -z "$(pg_version)" ] || ! command -v pg_ctlcluster >/dev/null 2>&1 ||
         ! command -v psql >/dev/null 2>&1; then

@@ -6,7 +6,8 @@
 //! - **bulk**: 1 GiB client → backend on one connection, until the
 //!   backend acknowledged the last byte (GB/s, 10⁹ bytes);
 //! - **connections**: 8 concurrent clients, each connect, one 64-byte
-//!   request and its response, close, for a fixed time (conn/s);
+//!   request and its response, the backend closes, for a fixed time
+//!   (conn/s);
 //! - **latency**: one kept connection, 20,000 round trips of 64 bytes
 //!   (p50 and p99 of the round trip, and what the path adds to direct's).
 //!
@@ -57,8 +58,11 @@ const CONN_CLIENTS: usize = 8;
 const CONN_TIME: Duration = Duration::from_millis(1500);
 const ROUND_TRIPS: usize = 20_000;
 const ROUNDS: usize = 5;
-/// The first byte of a bulk transfer (anything else: echo).
+/// The first byte of a connection says what the backend does: count the
+/// bytes to the end and answer the count, answer one message and close,
+/// or answer every message.
 const BULK: u8 = b'B';
+const ONCE: u8 = b'C';
 const ECHO: u8 = b'E';
 /// The names of the ingress runtime's threads and of the backend's, to
 /// find their CPU time.
@@ -384,7 +388,10 @@ async fn bulk(addr: SocketAddr, bytes: u64) -> anyhow::Result<Duration> {
 }
 
 /// `CONN_CLIENTS` clients connecting, exchanging one message and closing,
-/// until `time` passed: how many connections, in how long.
+/// until `time` passed: how many connections, in how long. The backend
+/// closes first (as an HTTP/1.0 server would): a client closing first
+/// would leave a TIME_WAIT per connection on the 28k ephemeral ports
+/// toward one address, and later connects would pay for finding a port.
 async fn connections(addr: SocketAddr, time: Duration) -> anyhow::Result<(u64, Duration)> {
     let started = Instant::now();
     let until = started + time;
@@ -392,7 +399,7 @@ async fn connections(addr: SocketAddr, time: Duration) -> anyhow::Result<(u64, D
     for _ in 0..CONN_CLIENTS {
         clients.spawn(async move {
             let mut msg = [0x5a; MSG];
-            msg[0] = ECHO;
+            msg[0] = ONCE;
             let mut n = 0u64;
             while Instant::now() < until {
                 let mut s = connect(addr).await?;
@@ -400,6 +407,9 @@ async fn connections(addr: SocketAddr, time: Duration) -> anyhow::Result<(u64, D
                 let mut back = [0; MSG];
                 s.read_exact(&mut back).await.context("reading the echo")?;
                 ensure!(back == msg, "the echo differs");
+                // The server closes first, so that TIME_WAIT is on its
+                // side and the client's ports are free again at once.
+                ensure!(s.read(&mut back).await? == 0, "more than the echo");
                 drop(s);
                 n += 1;
             }
@@ -485,7 +495,8 @@ async fn accept(listener: TcpListener, proxy_header: bool) {
 }
 
 /// A connection's first message says what it is: bulk (count every byte
-/// to the end, answer the count) or echo (every message sent back).
+/// to the end, answer the count), once (send it back and close) or echo
+/// (every message sent back).
 async fn serve(mut s: TcpStream, proxy_header: bool) -> anyhow::Result<()> {
     s.set_nodelay(true)?;
     if proxy_header {
@@ -508,6 +519,11 @@ async fn serve(mut s: TcpStream, proxy_header: bool) -> anyhow::Result<()> {
             total += n as u64;
         }
         s.write_u64(total).await?;
+        s.shutdown().await?;
+        return Ok(());
+    }
+    if msg[0] == ONCE {
+        s.write_all(&msg).await?;
         s.shutdown().await?;
         return Ok(());
     }

@@ -28,7 +28,7 @@ use quinn::{RecvStream, SendStream, VarInt};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject as _;
 use serde::de::DeserializeOwned;
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 use verge_api::routing::ClusterInfo;
 use verge_api::wire::io::Writer;
@@ -327,16 +327,14 @@ fn client_config(ca_pem: &str) -> Result<quinn::ClientConfig, TunnelError> {
 /// nothing after it: the instance's bytes follow a `Connected`, and a
 /// buffering reader ([`verge_api::wire::io::Reader`]) would swallow them.
 async fn read_frame<T: DeserializeOwned>(recv: &mut RecvStream) -> Result<T, String> {
-    let len = recv.read_u32().await.map_err(|e| match e.kind() {
-        io::ErrorKind::UnexpectedEof => "the stream ended without an answer".to_string(),
-        _ => e.to_string(),
-    })? as usize;
-    if len > MAX_FRAME {
-        return Err(format!("answer of {len} bytes is too large"));
-    }
-    let mut buf = vec![0u8; len];
-    recv.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
-    serde_json::from_slice(&buf).map_err(|e| format!("answer not understood: {e}"))
+    verge_api::wire::io::read_one(recv, MAX_FRAME)
+        .await
+        .map_err(|e| match e {
+            verge_api::wire::io::FrameError::Io(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                "the stream ended without an answer".to_string()
+            }
+            e => e.to_string(),
+        })
 }
 
 /// One tunnelled connection: the instance's bytes in, the client's out.

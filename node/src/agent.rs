@@ -202,7 +202,7 @@ struct Backoff {
 
 impl Backoff {
     const BASE: Duration = Duration::from_millis(500);
-    const MAX: Duration = Duration::from_secs(30);
+    const MAX: Duration = Duration::from_millis(verge_api::wire::RECONNECT_MAX_MS);
 
     fn next(&mut self) -> Duration {
         let cap = Self::BASE

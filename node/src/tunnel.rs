@@ -179,11 +179,7 @@ async fn from_instance(r: &mut OwnedReadHalf, send: &mut SendStream) -> bool {
 /// instance, and a buffering reader ([`verge_api::wire::io::Reader`])
 /// would swallow them.
 async fn read_open(recv: &mut RecvStream) -> Result<TunnelOpen, String> {
-    let len = recv.read_u32().await.map_err(|e| e.to_string())? as usize;
-    if len > MAX_OPEN_FRAME {
-        return Err(format!("frame of {len} bytes is too large"));
-    }
-    let mut buf = vec![0u8; len];
-    recv.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
-    serde_json::from_slice(&buf).map_err(|e| format!("not understood: {e}"))
+    verge_api::wire::io::read_one(recv, MAX_OPEN_FRAME)
+        .await
+        .map_err(|e| e.to_string())
 }

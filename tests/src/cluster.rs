@@ -45,7 +45,12 @@ impl Cluster {
         let prefix = format!("fd76:{tag:x}:{:x}::/48", tag.rotate_left(7));
         let endpoint_prefix = format!("fd65:{tag:x}:{:x}::/64", tag.rotate_left(5));
         // 127.0.0.0/8 is all local: any of it binds without a route.
-        let endpoint_ipv4 = Ipv4Addr::new(127, 100 + (tag >> 12) as u8, (tag >> 4) as u8, 1 + (tag & 0xf) as u8);
+        let endpoint_ipv4 = Ipv4Addr::new(
+            127,
+            100 + (tag >> 12) as u8,
+            (tag >> 4) as u8,
+            1 + (tag & 0xf) as u8,
+        );
         let pool = format!("{endpoint_ipv4}/32");
         let mut args = vec![
             "--cluster-listen",
@@ -162,7 +167,12 @@ impl Cluster {
     /// Starts `verge ingress` with the admin token; waits until it serves
     /// endpoint `name` with `backends` instances in rotation.
     pub async fn ingress(&self) -> Ingress {
-        Ingress::start(&self.cp.url, &self.cp.admin_token, &format!("ing{:x}", self.tag)).await
+        Ingress::start(
+            &self.cp.url,
+            &self.cp.admin_token,
+            &format!("ing{:x}", self.tag),
+        )
+        .await
     }
 }
 

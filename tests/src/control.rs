@@ -141,6 +141,15 @@ impl ControlPlane {
         };
         self.url = banner.server.clone();
         self.cluster = banner.cluster.clone().unwrap_or_default();
+        // Restarts keep the cluster port too, so that nodes reconnect.
+        if let (Some(at), Some(port)) = (
+            self.extra.iter().position(|a| a == "--cluster-listen"),
+            self.cluster.rsplit(':').next(),
+        ) && let Some(listen) = self.extra.get_mut(at + 1)
+            && let Some(host) = listen.strip_suffix(":0")
+        {
+            *listen = format!("{host}:{port}");
+        }
         if let Some(addr) = banner.server.split("://").nth(1) {
             self.listen = addr.trim_end_matches('/').to_string();
         }

@@ -37,11 +37,15 @@ async fn greeting(addr: SocketAddr) -> Option<(String, SocketAddr)> {
 
 /// Waits for a greeting from instance `id` at `addr`.
 async fn greeted_by(addr: SocketAddr, id: &str) -> (String, SocketAddr) {
-    eventually(DEADLINE, &format!("a greeting from {id} at {addr}"), || async {
-        greeting(addr)
-            .await
-            .filter(|(g, _)| g.contains(&format!("hello from instance {id}")))
-    })
+    eventually(
+        DEADLINE,
+        &format!("a greeting from {id} at {addr}"),
+        || async {
+            greeting(addr)
+                .await
+                .filter(|(g, _)| g.contains(&format!("hello from instance {id}")))
+        },
+    )
     .await
 }
 
@@ -69,7 +73,12 @@ async fn endpoints_serve_ipv6_on_every_port_ipv4_only_when_asked_with_proxy_v2()
     let e = &listed[0];
     assert_eq!(
         (&e["name"], &e["app"], &e["env"], &e["workload"]),
-        (&"public".into(), &"hello".into(), &"prod".into(), &"web".into()),
+        (
+            &"public".into(),
+            &"hello".into(),
+            &"prod".into(),
+            &"web".into()
+        ),
         "{listed}"
     );
     assert_eq!(e["ports"], serde_json::json!([80, 8443]), "{listed}");
@@ -94,7 +103,9 @@ async fn endpoints_serve_ipv6_on_every_port_ipv4_only_when_asked_with_proxy_v2()
     }
     let human = c.cli.run(&["endpoints"]).await.ok();
     assert!(
-        human.contains(&format!("[{ipv6}]")) && human.contains("80,8443") && human.contains("web:8080"),
+        human.contains(&format!("[{ipv6}]"))
+            && human.contains("80,8443")
+            && human.contains("web:8080"),
         "{human}"
     );
 
@@ -126,14 +137,22 @@ async fn endpoints_serve_ipv6_on_every_port_ipv4_only_when_asked_with_proxy_v2()
     let b = &e["backends"][0];
     assert_eq!(
         (&b["instance"], &b["in_rotation"], &b["reach"]),
-        (&Value::from(id.as_str()), &Value::from(true), &Value::from("direct")),
+        (
+            &Value::from(id.as_str()),
+            &Value::from(true),
+            &Value::from("direct")
+        ),
         "{e}"
     );
-    let listeners = eventually(DEADLINE, "the ingress to report its four sockets", || async {
-        let e = c.endpoint("public").await;
-        let l = e["listeners"].as_array().cloned().unwrap_or_default();
-        (l.len() == 4 && l.iter().all(|l| l["error"].is_null())).then_some(l)
-    })
+    let listeners = eventually(
+        DEADLINE,
+        "the ingress to report its four sockets",
+        || async {
+            let e = c.endpoint("public").await;
+            let l = e["listeners"].as_array().cloned().unwrap_or_default();
+            (l.len() == 4 && l.iter().all(|l| l["error"].is_null())).then_some(l)
+        },
+    )
     .await;
     assert!(
         listeners
@@ -176,8 +195,13 @@ async fn a_node_behind_nat_is_reached_through_its_quic_connection_with_proxy_v2(
     let _edge = c.node(1, "edge1", &["--behind-nat"], false).await;
     let image = c.push_hello().await;
     let _ingress = c.ingress().await;
-    c.deploy(&image, 1, "", "proxy_protocol = \"v2\"\ndrain_timeout = \"1s\"")
-        .await;
+    c.deploy(
+        &image,
+        1,
+        "",
+        "proxy_protocol = \"v2\"\ndrain_timeout = \"1s\"",
+    )
+    .await;
     let inst = &c.running(1).await[0];
     let id = inst["id"].as_str().unwrap().to_string();
     let direct = inst["address"].as_str().unwrap().to_string();
@@ -211,7 +235,12 @@ async fn a_node_behind_nat_is_reached_through_its_quic_connection_with_proxy_v2(
         .expect("the echo ends after the half-close")
         .unwrap();
     writer.await.unwrap();
-    assert!(back == payload, "{} bytes echoed of {}", back.len(), payload.len());
+    assert!(
+        back == payload,
+        "{} bytes echoed of {}",
+        back.len(),
+        payload.len()
+    );
 }
 
 verge_tests::on_both_backends!(port_conflicts_are_refused_at_deploy_and_change_nothing);
@@ -231,7 +260,10 @@ async fn port_conflicts_are_refused_at_deploy_and_change_nothing(backend: Backen
     let v4 = c.endpoint_ipv4;
 
     // Another env wants port 80 on the shared IPv4 address.
-    c.cli.run(&["envs", "create", "staging", "--app", "hello"]).await.ok();
+    c.cli
+        .run(&["envs", "create", "staging", "--app", "hello"])
+        .await
+        .ok();
     let staging = c.cli.with_env("VERGE_ENV", "staging");
     let path = c.dir.path().join("staging.toml");
     std::fs::write(
@@ -243,13 +275,18 @@ async fn port_conflicts_are_refused_at_deploy_and_change_nothing(backend: Backen
     assert!(!run.success(), "a taken port is refused");
     let err = run.stderr();
     assert!(
-        err.contains(&format!("port 80 is taken on the shared address ({v4}:80 is endpoint public of hello/prod)"))
-            && err.contains("verge endpoints"),
+        err.contains(&format!(
+            "port 80 is taken on the shared address ({v4}:80 is endpoint public of hello/prod)"
+        )) && err.contains("verge endpoints"),
         "{err}"
     );
     let releases = staging.run(&["releases", "-o", "json"]).await.json();
     assert!(
-        releases.as_array().unwrap().iter().all(|r| r["current"] == false),
+        releases
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["current"] == false),
         "nothing became current in staging: {releases}"
     );
     // IPv6 addresses are the endpoint's own: the same port is fine there.
@@ -258,14 +295,16 @@ async fn port_conflicts_are_refused_at_deploy_and_change_nothing(backend: Backen
         format!("app = \"hello\"\n{web}{}", endpoint("public", 80, false)),
     )
     .unwrap();
-    staging.run(&["deploy", "-f", path.to_str().unwrap()]).await.ok();
-    // The whole org (the acme CLI is scoped to prod: ask as the admin).
-    let all = c
-        .cp
-        .cli()
-        .run(&["endpoints", "--org", "acme", "-o", "json"])
+    staging
+        .run(&["deploy", "-f", path.to_str().unwrap()])
         .await
-        .json();
+        .ok();
+    // The whole org (the acme CLI is scoped to prod: ask as the admin).
+    let all =
+        c.cp.cli()
+            .run(&["endpoints", "--org", "acme", "-o", "json"])
+            .await
+            .json();
     let addrs: Vec<&str> = all
         .as_array()
         .unwrap()

@@ -25,6 +25,11 @@ use verge_tests::control::Backend;
 use verge_tests::eventually;
 use verge_tests::nodes::{NodeHost, greet, instance_netns};
 
+/// For the tests not about rate limits: every test connection comes from
+/// one source address, and the default (100 new connections a second)
+/// would refuse some of a test's own bursts.
+const NO_RATE_LIMIT: &str = "rate_limit = 1000000";
+
 /// How long a refused connection may take to be closed (it must not hang).
 const PROMPT: Duration = Duration::from_secs(2);
 
@@ -53,14 +58,14 @@ struct World {
 
 impl World {
     async fn new(count: u32, web: &str, endpoint: &str) -> World {
+        World::build(count, web, endpoint).await
+    }
+
+    async fn build(count: u32, web: &str, endpoint: &str) -> World {
         require_ip6tables();
-        let t0 = Instant::now();
         let c = Cluster::new(Backend::Sqlite, &[]).await;
-        eprintln!("T cluster {:?}", t0.elapsed());
         let node = c.node(1, "n1", &[], true).await;
-        eprintln!("T node {:?}", t0.elapsed());
         let image = c.push_hello().await;
-        eprintln!("T push {:?}", t0.elapsed());
         c.deploy_raw(&manifest(&image, count, "1", web, endpoint))
             .await
             .json();
@@ -70,7 +75,6 @@ impl World {
             .iter()
             .map(|i| i["id"].as_str().expect("id").to_string())
             .collect();
-        eprintln!("T running {:?}", t0.elapsed());
         let ep = c.endpoint("public").await;
         let addr = v6(ep["ipv6"].as_str().expect("ipv6"), 80).to_string();
         let ingress = c.ingress().await;
@@ -83,9 +87,7 @@ impl World {
             ids,
         };
         let ids = w.ids.clone();
-        eprintln!("T ingress {:?}", t0.elapsed());
         w.serves(&ids).await;
-        eprintln!("T serves {:?}", t0.elapsed());
         w
     }
 
@@ -143,27 +145,24 @@ impl World {
         )
     }
 
-    /// Waits until the table lists exactly `n` backends and the ingress
-    /// applied that version; returns them.
+    /// Waits until the control plane's table has backends that satisfy
+    /// `ok` and it is the table the ingress serves (the last one it
+    /// applied); returns those backends.
     async fn ingress_has(&self, what: &str, ok: impl Fn(&[String]) -> bool) -> Vec<String> {
-        let (version, backends) = eventually(DEADLINE, what, || async {
-            let (v, b) = self.table().await;
-            ok(&b).then_some((v, b))
-        })
-        .await;
         eventually(
             DEADLINE,
-            &format!("the ingress to apply table {version}"),
+            &format!("{what}, served by the ingress"),
             || async {
-                self.ingress
-                    .log()
+                let (version, backends) = self.table().await;
+                let log = self.ingress.log();
+                let serving = log
                     .lines()
-                    .any(|l| l.contains("routing table applied") && l.contains(&version))
-                    .then_some(())
+                    .rfind(|l| l.contains("routing table applied"))
+                    .is_some_and(|l| l.contains(&format!("version=\"{version}\"")));
+                (ok(&backends) && serving).then_some(backends)
             },
         )
-        .await;
-        backends
+        .await
     }
 
     /// Endpoint `public`'s backend `id` as `verge describe endpoint` shows it.
@@ -232,7 +231,7 @@ async fn refused(address: &str) -> bool {
 #[tokio::test]
 async fn instances_that_stop_or_fail_health_get_no_new_connections() {
     let health = "[workloads.web.health]\ntcp = 8080\ninterval = \"200ms\"\ntimeout = \"500ms\"";
-    let w = World::new(2, health, "").await;
+    let w = World::new(2, health, NO_RATE_LIMIT).await;
     let (x, y) = (w.ids[0].clone(), w.ids[1].clone());
 
     // X fails its health check: the table drops it, with a reason.
@@ -243,15 +242,14 @@ async fn instances_that_stop_or_fail_health_get_no_new_connections() {
     })
     .await;
     let reason = out["reason"].as_str().unwrap_or_default();
-    eprintln!("D reason {reason:?}");
     assert!(
         !reason.is_empty(),
         "out of rotation without a reason: {out}"
     );
     let left = w
-        .ingress_has("a table with only Y", |b| b == [y.clone()])
+        .ingress_has("a table with only Y", |b| b == std::slice::from_ref(&y))
         .await;
-    assert_eq!(left, [y.clone()]);
+    assert_eq!(left, std::slice::from_ref(&y));
     // The ingress does not even try X: no failed connect, all reach Y.
     let errors = w.metric("verge_ingress_connect_errors_total", None).await;
     let got = w.greetings(50).await;
@@ -269,7 +267,6 @@ async fn instances_that_stop_or_fail_health_get_no_new_connections() {
     reject_8080(&x, false);
     let both = w.ingress_has("two backends again", |b| b.len() == 2).await;
     w.serves(&both).await;
-    eprintln!("D both {both:?} was {:?}", w.ids);
 
     // Scaled to one: the leaving instance drains (it still answers on its
     // own address) but gets no new connection through the ingress.
@@ -291,7 +288,6 @@ async fn instances_that_stop_or_fail_health_get_no_new_connections() {
         kept[0]
     );
     let direct = greet(&gone_at).await.unwrap_or_default();
-    eprintln!("D kept {kept:?} gone {gone} direct {direct:?} state {}", w.described(&gone).await);
     assert!(
         direct.contains(&format!("hello from instance {gone}")),
         "the leaving instance drains, still serving its own address: {direct:?}"
@@ -349,7 +345,7 @@ impl Echo {
 #[tokio::test]
 async fn a_long_lived_connection_survives_a_rollout_until_the_drain_timeout() {
     let drain = Duration::from_secs(8);
-    let endpoint = "drain_timeout = \"8s\"";
+    let endpoint = &format!("drain_timeout = \"8s\"\n{NO_RATE_LIMIT}");
     let w = World::new(1, "", endpoint).await;
     let a = w.ids[0].clone();
     let (mut conn, on) = Echo::open(&w.addr).await;
@@ -377,7 +373,11 @@ async fn a_long_lived_connection_survives_a_rollout_until_the_drain_timeout() {
     let left = loop {
         assert_eq!(conn.exchange().await, Exchanged::Echoed);
         let d = w.described(&a).await;
-        if d["in_rotation"] == false || d.is_null() {
+        assert!(
+            !d.is_null(),
+            "A is gone from the endpoint before it drained"
+        );
+        if d["in_rotation"] == false {
             let reason = d["reason"].as_str().unwrap_or_default();
             assert!(reason.starts_with("leaving"), "{d}");
             break Instant::now();
@@ -399,7 +399,6 @@ async fn a_long_lived_connection_survives_a_rollout_until_the_drain_timeout() {
         }
     };
     let open_for = closed.0 - left;
-    eprintln!("D open_for {open_for:?} why {:?} sent {}", closed.1, conn.sent);
     assert!(
         open_for >= drain - Duration::from_secs(1),
         "closed ({}) only {open_for:?} after A left the table, before its drain timeout of {drain:?}",
@@ -410,7 +409,7 @@ async fn a_long_lived_connection_survives_a_rollout_until_the_drain_timeout() {
 
 #[tokio::test]
 async fn a_backend_refusing_connections_is_retried_with_zero_client_failures() {
-    let w = World::new(2, "", "").await;
+    let w = World::new(2, "", NO_RATE_LIMIT).await;
     let (x, y) = (w.ids[0].clone(), w.ids[1].clone());
     let x_at = w.described(&x).await["address"]
         .as_str()
@@ -424,9 +423,7 @@ async fn a_backend_refusing_connections_is_retried_with_zero_client_failures() {
     assert!(w.table().await.1.contains(&x));
 
     let errors = w.metric("verge_ingress_connect_errors_total", None).await;
-    let t1 = Instant::now();
     let got = w.greetings(100).await;
-    eprintln!("T 100 greetings {:?}", t1.elapsed());
     let failed = got.iter().filter(|g| g.is_none()).count();
     assert_eq!(failed, 0, "client connections without a greeting: {got:?}");
     assert!(
@@ -434,7 +431,6 @@ async fn a_backend_refusing_connections_is_retried_with_zero_client_failures() {
         "all reach {y}: {got:?}"
     );
     let after = w.metric("verge_ingress_connect_errors_total", None).await;
-    eprintln!("D errors {errors} -> {after}");
     assert!(
         after > errors,
         "the refused connects were counted: {errors} → {after}\n{}",
@@ -518,7 +514,6 @@ async fn rate_limit_and_max_connections_close_excess_cleanly() {
         held.push(s);
     }
     let elapsed = started.elapsed();
-    eprintln!("D greeted {greeted:?} in {elapsed:?}");
     let (max_d, rate_d) = (max().await - max0 - 1.0, rate().await - rate0);
     assert_eq!(
         greeted,
@@ -527,7 +522,6 @@ async fn rate_limit_and_max_connections_close_excess_cleanly() {
         ],
         "which connections got a greeting"
     );
-    eprintln!("D max_d {max_d} rate_d {rate_d}");
     assert_eq!(max_d + rate_d, 7.0, "each refusal has one reason");
     assert!(max_d >= 2.0, "{max_d} refused for max_connections");
     // At 5 per second, a token comes back every 200 ms.
@@ -551,7 +545,7 @@ async fn rate_limit_and_max_connections_close_excess_cleanly() {
 
 #[tokio::test]
 async fn routing_keeps_working_while_the_control_plane_is_stopped() {
-    let mut w = World::new(2, "", "").await;
+    let mut w = World::build(2, "", NO_RATE_LIMIT).await;
     let ids: BTreeSet<String> = w.ids.iter().cloned().collect();
     let watching = |w: &World| {
         w.ingress
@@ -591,25 +585,80 @@ async fn routing_keeps_working_while_the_control_plane_is_stopped() {
         w.ingress.log()
     );
 
-    eprintln!("D cp down, restarting");
+    let online = |w: &World| {
+        w.c.cp
+            .log()
+            .matches("cluster::session: node online")
+            .count()
+    };
+    let online0 = online(&w);
     w.c.cp.restart_after_exit().await;
-    eprintln!("D restarted");
     let got = w.greetings(20).await;
     assert!(
         got.iter()
             .all(|g| g.as_ref().is_some_and(|g| ids.contains(g))),
-        "served after the control plane restarted: {got:?}\n{}",
+        "served right after the control plane restarted: {got:?}\n{}",
         w.ingress.log()
     );
+    eventually(DEADLINE, "the node back in session", || async {
+        (online(&w) > online0).then_some(())
+    })
+    .await;
     eventually(DEADLINE, "the ingress to watch again", || async {
         (watching(&w) > before).then_some(())
     })
     .await;
+    w.ingress_has("both instances in the new table", |b| b.len() == 2)
+        .await;
     let got = w.greetings(20).await;
     assert!(
         got.iter()
             .all(|g| g.as_ref().is_some_and(|g| ids.contains(g))),
-        "served once watching again: {got:?}\n{}",
+        "served once the control plane is back: {got:?}\n{}",
         w.ingress.log()
     );
+}
+
+/// A control plane that was down longer than `--node-offline-after` comes
+/// back and, at its first liveness check, marks the node offline before the
+/// node's reconnect backoff brought its session back: the routing table
+/// drops instances that never stopped serving, and an ingress that watches
+/// again in that window closes new connections (`no_backend`).
+#[tokio::test]
+async fn a_long_control_plane_outage_keeps_serving_instances_in_the_table() {
+    let mut w = World::build(2, "", NO_RATE_LIMIT).await;
+    let online = |w: &World| {
+        w.c.cp
+            .log()
+            .matches("cluster::session: node online")
+            .count()
+    };
+    let online0 = online(&w);
+    let status = w.c.cp.stop().await;
+    assert!(status.success(), "control plane stop: {status}");
+    // The outage outlasts --node-offline-after (3 s) and a heartbeat (2 s);
+    // the ingress serves throughout.
+    let down = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    while down.elapsed() < Duration::from_secs(6) {
+        tick.tick().await;
+        let got = w.greetings(5).await;
+        assert!(
+            got.iter().all(Option::is_some),
+            "during the outage: {got:?}"
+        );
+    }
+    w.c.cp.restart_after_exit().await;
+    // Until the node's session is back, its instances stay in the table.
+    let until = Instant::now() + DEADLINE;
+    while online(&w) == online0 {
+        let (_, backends) = w.table().await;
+        assert_eq!(
+            backends.len(),
+            2,
+            "the restarted control plane dropped serving instances from the table\n{}",
+            w.c.cp.log()
+        );
+        assert!(Instant::now() < until, "the node never came back");
+    }
 }

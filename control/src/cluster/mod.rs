@@ -265,10 +265,23 @@ impl Cluster {
 
     async fn liveness_loop(self, shutdown: CancellationToken) {
         let tick = (self.inner.config.offline_after / 6).max(Duration::from_millis(200));
+        // After a restart every `last_seen` is as old as the outage: give
+        // nodes the time their reconnect backoff may take (and the grace)
+        // before any is called offline, or a restart would empty the
+        // routing table of instances that never stopped serving.
+        let started = tokio::time::Instant::now();
+        let settle = self
+            .inner
+            .config
+            .offline_after
+            .max(Duration::from_millis(verge_api::wire::RECONNECT_MAX_MS));
         loop {
             tokio::select! {
                 () = tokio::time::sleep(tick) => {}
                 () = shutdown.cancelled() => return,
+            }
+            if started.elapsed() < settle {
+                continue;
             }
             let cutoff = now_ms() - self.inner.config.offline_after.as_millis() as i64;
             match self.inner.store.mark_lost_nodes(cutoff).await {

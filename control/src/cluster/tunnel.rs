@@ -16,7 +16,6 @@ use std::time::Duration;
 
 use quinn::{ReadError, RecvStream, SendStream, VarInt, WriteError};
 use serde::de::DeserializeOwned;
-use tokio::io::AsyncReadExt as _;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -305,13 +304,9 @@ async fn pipe(from: &mut RecvStream, to: &mut SendStream) -> u64 {
 /// would swallow.
 async fn first_frame<T: DeserializeOwned>(recv: &mut RecvStream) -> Result<T, String> {
     let read = async {
-        let len = recv.read_u32().await.map_err(|e| e.to_string())? as usize;
-        if len > MAX_OPEN_FRAME {
-            return Err(format!("frame of {len} bytes is too large"));
-        }
-        let mut buf = vec![0u8; len];
-        recv.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
-        serde_json::from_slice(&buf).map_err(|e| format!("not understood: {e}"))
+        verge_api::wire::io::read_one(recv, MAX_OPEN_FRAME)
+            .await
+            .map_err(|e| e.to_string())
     };
     tokio::time::timeout(FIRST_FRAME, read)
         .await

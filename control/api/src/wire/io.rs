@@ -18,6 +18,26 @@ pub enum FrameError {
     Io(#[from] std::io::Error),
     #[error("peer sent a message this side does not understand: {0}")]
     Decode(#[from] serde_json::Error),
+    #[error("peer sent a frame of {0} bytes, more than this side accepts")]
+    TooLarge(usize),
+}
+
+/// Reads exactly one message of at most `max` bytes, and nothing past it
+/// (a [`Reader`] buffers ahead): for the first frame of a stream whose
+/// remaining bytes are not frames, like a tunnel stream. The end of the
+/// stream before a whole frame is an `UnexpectedEof` I/O error.
+pub async fn read_one<T: DeserializeOwned, R: AsyncRead + Unpin>(
+    stream: &mut R,
+    max: usize,
+) -> Result<T, FrameError> {
+    use tokio::io::AsyncReadExt as _;
+    let len = stream.read_u32().await? as usize;
+    if len > max.min(MAX_FRAME) {
+        return Err(FrameError::TooLarge(len));
+    }
+    let mut buf = vec![0u8; len];
+    stream.read_exact(&mut buf).await?;
+    Ok(serde_json::from_slice(&buf)?)
 }
 
 fn codec() -> LengthDelimitedCodec {
@@ -71,5 +91,33 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
     /// The underlying stream (to finish it).
     pub fn get_mut(&mut self) -> &mut W {
         self.inner.get_mut()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn read_one_takes_one_frame_and_leaves_the_rest() {
+        use tokio::io::AsyncReadExt as _;
+        let (a, mut b) = tokio::io::duplex(1024);
+        let mut w = Writer::new(a);
+        w.send(&serde_json::json!({"x": 1})).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(w.get_mut(), b"raw bytes")
+            .await
+            .unwrap();
+        drop(w);
+        let v: serde_json::Value = read_one(&mut b, 64).await.unwrap();
+        assert_eq!(v["x"], 1);
+        let mut rest = Vec::new();
+        b.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"raw bytes");
+
+        let (a, mut b) = tokio::io::duplex(1024);
+        let mut w = Writer::new(a);
+        w.send(&"x".repeat(100)).await.unwrap();
+        let err = read_one::<String, _>(&mut b, 10).await.unwrap_err();
+        assert!(matches!(err, FrameError::TooLarge(102)), "{err}");
     }
 }

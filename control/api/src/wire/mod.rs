@@ -37,6 +37,10 @@ pub const ALPN_NODE: &[u8] = b"verge-node/1";
 /// ALPN of an ingress's connection: it carries client connections to
 /// instances on nodes behind NAT (see [`TunnelOpen`]).
 pub const ALPN_INGRESS: &[u8] = b"verge-ingress/1";
+/// The longest a node waits between attempts to reconnect to the control
+/// plane (its backoff's cap). A control plane that just started gives
+/// nodes this long to come back before it marks any of them offline.
+pub const RECONNECT_MAX_MS: u64 = 30_000;
 /// The largest frame either side accepts.
 pub const MAX_FRAME: usize = 16 * 1024 * 1024;
 

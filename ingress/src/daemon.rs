@@ -341,30 +341,6 @@ fn reachable(quic: &str, server: &str) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn an_unspecified_quic_address_takes_the_server_host() {
-        use super::reachable;
-        assert_eq!(
-            reachable("[::]:7000", "http://127.0.0.1:7070"),
-            "127.0.0.1:7000"
-        );
-        assert_eq!(
-            reachable("0.0.0.0:7000", "https://[fd00::1]:443/"),
-            "[fd00::1]:7000"
-        );
-        assert_eq!(
-            reachable("10.0.0.5:7000", "http://127.0.0.1:7070"),
-            "10.0.0.5:7000"
-        );
-        assert_eq!(
-            reachable("cp.example:7000", "http://127.0.0.1:7070"),
-            "cp.example:7000"
-        );
-    }
-}
-
 async fn serve_metrics(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
@@ -390,5 +366,29 @@ async fn serve_metrics(
         .await
     {
         tracing::warn!(error = %e, "the metrics server failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_unspecified_quic_address_takes_the_server_host() {
+        use super::reachable;
+        assert_eq!(
+            reachable("[::]:7000", "http://127.0.0.1:7070"),
+            "127.0.0.1:7000"
+        );
+        assert_eq!(
+            reachable("0.0.0.0:7000", "https://[fd00::1]:443/"),
+            "[fd00::1]:7000"
+        );
+        assert_eq!(
+            reachable("10.0.0.5:7000", "http://127.0.0.1:7070"),
+            "10.0.0.5:7000"
+        );
+        assert_eq!(
+            reachable("cp.example:7000", "http://127.0.0.1:7070"),
+            "cp.example:7000"
+        );
     }
 }

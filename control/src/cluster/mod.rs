@@ -265,11 +265,13 @@ impl Cluster {
 
     async fn liveness_loop(self, shutdown: CancellationToken) {
         let tick = (self.inner.config.offline_after / 6).max(Duration::from_millis(200));
-        // After a restart every `last_seen` is as old as the outage: give
-        // nodes the time their reconnect backoff may take (and the grace)
-        // before any is called offline, or a restart would empty the
-        // routing table of instances that never stopped serving.
+        // After a restart, nodes last seen before it are as silent as the
+        // outage was long: give them the time their reconnect backoff may
+        // take (and the grace) before calling them offline, or a restart
+        // would empty the routing table of instances that never stopped
+        // serving. Nodes seen since the start get the usual grace.
         let started = tokio::time::Instant::now();
+        let started_ms = now_ms();
         let settle = self
             .inner
             .config
@@ -280,11 +282,13 @@ impl Cluster {
                 () = tokio::time::sleep(tick) => {}
                 () = shutdown.cancelled() => return,
             }
-            if started.elapsed() < settle {
-                continue;
-            }
+            let seen_since = if started.elapsed() < settle {
+                started_ms
+            } else {
+                i64::MIN
+            };
             let cutoff = now_ms() - self.inner.config.offline_after.as_millis() as i64;
-            match self.inner.store.mark_lost_nodes(cutoff).await {
+            match self.inner.store.mark_lost_nodes(cutoff, seen_since).await {
                 Ok(lost) if !lost.is_empty() => {
                     for n in &lost {
                         tracing::warn!(node = %n.id, name = %n.name, "node offline");

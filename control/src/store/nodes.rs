@@ -178,16 +178,22 @@ impl Store {
         Ok(back)
     }
 
-    /// Marks `offline` every online node not seen since `cutoff_ms`, with an
-    /// event each; returns them. Safe to run on every replica at once: the
-    /// conditional update lets exactly one of them win per node.
-    pub async fn mark_lost_nodes(&self, cutoff_ms: i64) -> Result<Vec<NodeRow>> {
+    /// Marks `offline` every online node last seen before `cutoff_ms` (and
+    /// not before `seen_since_ms`), with an event each; returns them. Safe
+    /// to run on every replica at once: the conditional update lets exactly
+    /// one of them win per node.
+    pub async fn mark_lost_nodes(
+        &self,
+        cutoff_ms: i64,
+        seen_since_ms: i64,
+    ) -> Result<Vec<NodeRow>> {
         let sql = format!(
             "SELECT {NODE_COLUMNS} FROM nodes WHERE state = 'online' \
-             AND COALESCE(last_seen, 0) < $1"
+             AND COALESCE(last_seen, 0) < $1 AND COALESCE(last_seen, 0) >= $2"
         );
         let candidates: Vec<NodeRow> = sqlx::query_as(&sql)
             .bind(cutoff_ms)
+            .bind(seen_since_ms)
             .fetch_all(&self.pool)
             .await?;
         let mut lost = Vec::new();

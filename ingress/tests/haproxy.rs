@@ -1,5 +1,6 @@
 //! PROXY protocol v2 interop: a real HAProxy (`accept-proxy`) reads the
-//! headers [`v2_header`] writes, as a backend behind the ingress would.
+//! headers [`v2_header`] writes, as a backend behind the ingress would,
+//! and behind the ingress's own `Server`.
 //!
 //! Each test starts its own `haproxy -db` in TCP mode, with a frontend on
 //! 127.0.0.1 and [::1] that takes a PROXY header on every connection, logs
@@ -41,6 +42,85 @@ async fn haproxy_takes_the_client_address_from_an_ipv6_header() -> anyhow::Resul
         "client=2001:db8::7:40000 dst=2001:db8::1:443",
     )
     .await
+}
+
+/// The whole ingress in front of HAProxy: a client connects to Verge's
+/// `Server` (an endpoint with `proxy_protocol = "v2"` on `[::1]` and
+/// `127.0.0.1`, HAProxy's `accept-proxy` bind its only backend), and
+/// HAProxy logs the client's own source address and the endpoint's
+/// address, for both families.
+#[tokio::test]
+async fn haproxy_behind_the_ingress_logs_the_real_client_address() -> anyhow::Result<()> {
+    use verge_api::manifest::{EndpointLimits, ProxyProtocol};
+    use verge_api::routing::{Backend, Reach, Route, RoutingTable};
+
+    let echo = echo_server().await?;
+    let mut haproxy = Haproxy::start(echo).await?;
+    haproxy.connect(haproxy.v6).await?; // up; this connection logs no header
+    let port = free_port(Ipv6Addr::LOCALHOST.into())?;
+    let route = Route {
+        id: "ep_1".into(),
+        name: "public".into(),
+        org: "acme".into(),
+        app: "hello".into(),
+        env: "prod".into(),
+        workload: "web".into(),
+        ipv6: Ipv6Addr::LOCALHOST,
+        ipv4: Some(Ipv4Addr::LOCALHOST),
+        ports: vec![port],
+        internal_port: haproxy.v6.port(),
+        proxy_protocol: Some(ProxyProtocol::V2),
+        limits: EndpointLimits::default(),
+        backends: vec![Backend {
+            instance: "i_1".into(),
+            node: "n_1".into(),
+            node_name: "n1".into(),
+            address: haproxy.v6,
+            reach: Reach::Direct,
+        }],
+    };
+    let table = RoutingTable {
+        version: "1".into(),
+        ipv6_prefix: None,
+        ipv4_pool: None,
+        endpoints: vec![route],
+    };
+    let server = verge_ingress::server::Server::new(None, Default::default());
+    server.apply(&table).await;
+    for endpoint in [
+        SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port),
+        SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port),
+    ] {
+        let mut conn = TcpStream::connect(endpoint).await?;
+        let client = conn.local_addr()?;
+        conn.write_all(b"ping").await?;
+        let mut echoed = [0u8; 4];
+        tokio::time::timeout(DEADLINE, conn.read_exact(&mut echoed))
+            .await
+            .context("waiting for the echo through the ingress and HAProxy")??;
+        assert_eq!(&echoed, b"ping");
+        let want = format!(
+            "client={}:{} dst={}:{}",
+            client.ip(),
+            client.port(),
+            endpoint.ip(),
+            endpoint.port()
+        );
+        let logs = haproxy.logs.clone();
+        eventually(DEADLINE, &format!("HAProxy to log {want:?}"), || {
+            let (logs, want) = (logs.clone(), want.clone());
+            async move {
+                logs.lock()
+                    .unwrap()
+                    .iter()
+                    .any(|l| l.trim() == want)
+                    .then_some(())
+            }
+        })
+        .await;
+    }
+    server.shutdown(Duration::from_secs(1)).await;
+    Ok(())
 }
 
 /// Connects to HAProxy's bind of `client`'s family as the ingress would

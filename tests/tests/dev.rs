@@ -180,3 +180,98 @@ async fn dev_runs_the_hello_image_without_isolation_on_a_loopback_port() {
     // hello listens on $PORT when not given --port.
     dev_serves_hello("none", "command = [\"/hello\"]").await;
 }
+
+/// `verge dev` without root (here as `nobody`, through setpriv(1)): no
+/// namespaces and no route for an endpoint prefix, so endpoints share the
+/// loopback address, `verge endpoints` says so, and a connection to `[::1]`
+/// on the endpoint's port reaches the instance through the dev ingress.
+#[tokio::test]
+async fn an_unprivileged_dev_serves_endpoints_on_loopback_and_says_so() {
+    use std::os::unix::fs::chown;
+    use std::process::Stdio;
+    verge_tests::nodes::require_root(); // to become nobody
+    let registry = verge_tests::registry::Registry::start().await.unwrap();
+    let bin = verge_tests::hello_binary().await;
+    let image = format!("{}/hello:1", registry.host());
+    verge_images::push(&verge_images::hello_image(&bin).unwrap(), &image)
+        .await
+        .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let config = tempfile::tempdir().unwrap();
+    for dir in [data.path(), config.path()] {
+        chown(dir, Some(65534), Some(65534)).unwrap();
+    }
+    let mut cmd = tokio::process::Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(verge_tests::verge_bin())
+        .args(["dev", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data.path())
+        .env("VERGE_CONFIG_DIR", config.path())
+        .env("HOME", data.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    verge_tests::isolate_env(cmd.as_std_mut());
+    cmd.env("VERGE_CONFIG_DIR", config.path());
+    let mut child = cmd
+        .spawn()
+        .expect("setpriv (util-linux) runs verge dev as nobody");
+    verge_tests::control::read_banner_within(
+        child.stdout.take().unwrap(),
+        verge_tests::control::BANNER_TIMEOUT,
+    )
+    .await;
+    let cli = Cli::new(config.path());
+    cli.run(&["apps", "create", "hello"]).await.ok();
+    cli.run(&["envs", "create", "prod", "--app", "hello"])
+        .await
+        .ok();
+    let manifest = config.path().join("verge.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "app = \"hello\"\n[workloads.web]\nimage = \"{image}\"\ncommand = [\"/hello\"]\ncount = 1\n\
+             [[endpoints]]\nname = \"public\"\nworkload = \"web\"\nport = 18080\ninternal_port = 8080\n"
+        ),
+    )
+    .unwrap();
+    let cli = cli
+        .with_env("VERGE_APP", "hello")
+        .with_env("VERGE_ENV", "prod");
+    let receipt = cli
+        .run(&["deploy", "-f", manifest.to_str().unwrap()])
+        .await
+        .ok();
+    assert!(
+        receipt.contains("endpoint public: nc ::1 18080"),
+        "the receipt names the loopback address: {receipt}"
+    );
+    let deadline = std::time::Duration::from_secs(60);
+    let id = verge_tests::eventually(deadline, "a running instance", || async {
+        let s = cli.run(&["status", "-o", "json"]).await.json();
+        let i = &s["workloads"][0]["instances"][0];
+        (i["state"] == "running").then(|| i["id"].as_str().unwrap().to_string())
+    })
+    .await;
+    let listed = cli.run(&["endpoints", "-o", "json"]).await.json();
+    assert_eq!(
+        (&listed[0]["ipv6"], &listed[0]["loopback"]),
+        (&"::1".into(), &true.into()),
+        "{listed}"
+    );
+    let human = cli.run(&["endpoints"]).await.ok();
+    assert!(
+        human.contains("[::1]") && human.contains("note: endpoints listen on loopback"),
+        "{human}"
+    );
+    let greeting =
+        verge_tests::eventually(deadline, "the greeting through the ingress", || async {
+            greet("[::1]:18080")
+                .await
+                .filter(|g| g.contains(&format!("hello from instance {id}")))
+        })
+        .await;
+    assert!(greeting.contains("VERGE_ENV=prod"), "{greeting}");
+    assert!(interrupt(child).await.success());
+}

@@ -64,7 +64,7 @@ async fn endpoints_serve_ipv6_on_every_port_ipv4_only_when_asked_with_proxy_v2()
         &image,
         1,
         "",
-        "ports = [80, 8443]\nproxy_protocol = \"v2\"\ndrain_timeout = \"1s\"",
+        "ports = [80, 8443]\nproxy_protocol = \"v2\"\ndrain_timeout = \"1s\"\nidle_timeout = \"2s\"",
     )
     .await;
     let id = c.running(1).await[0]["id"].as_str().unwrap().to_string();
@@ -101,6 +101,21 @@ async fn endpoints_serve_ipv6_on_every_port_ipv4_only_when_asked_with_proxy_v2()
             "the header names the real client {local} and [{ipv6}]:{port}: {g}"
         );
     }
+    // hello never closes a connection: the ingress does, once it has been
+    // quiet for the endpoint's idle_timeout.
+    let mut quiet = tokio::net::TcpStream::connect(v6(&ipv6, 80)).await.unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = quiet.read(&mut buf).await.unwrap();
+    assert!(n > 0, "a greeting first");
+    let opened = std::time::Instant::now();
+    let end = tokio::time::timeout(Duration::from_secs(30), quiet.read(&mut buf))
+        .await
+        .expect("the ingress closes a quiet connection at its idle timeout");
+    assert!(
+        matches!(end, Ok(0)) && opened.elapsed() >= Duration::from_secs(1),
+        "closed after the 2s idle timeout: {end:?} after {:?}",
+        opened.elapsed()
+    );
     let human = c.cli.run(&["endpoints"]).await.ok();
     assert!(
         human.contains(&format!("[{ipv6}]"))
@@ -120,7 +135,7 @@ async fn endpoints_serve_ipv6_on_every_port_ipv4_only_when_asked_with_proxy_v2()
         &image,
         1,
         "",
-        "ports = [80, 8443]\nproxy_protocol = \"v2\"\nipv4 = true\ndrain_timeout = \"1s\"",
+        "ports = [80, 8443]\nproxy_protocol = \"v2\"\nipv4 = true\ndrain_timeout = \"1s\"\nidle_timeout = \"2s\"",
     )
     .await;
     let e = c.endpoint("public").await;
@@ -333,4 +348,62 @@ async fn port_conflicts_are_refused_at_deploy_and_change_nothing(backend: Backen
     let prod = c.json(&["endpoints", "--env", "prod"]).await;
     assert_eq!(prod.as_array().unwrap().len(), 1, "{prod}");
     assert_eq!(prod[0]["ipv4"], v4.to_string(), "{prod}");
+}
+
+/// The routing table and the ingress are for cluster admins: an org token
+/// is refused by the API and by `verge ingress` at its start.
+#[tokio::test]
+async fn an_ingress_needs_a_cluster_admin_token() {
+    let cp = verge_tests::control::ControlPlane::start(Backend::Sqlite).await;
+    cp.acme_hello_prod().await;
+    let org = cp
+        .cli()
+        .run(&["tokens", "create", "--org", "acme", "-o", "json"])
+        .await
+        .json();
+    let token = org["token"].as_str().expect("org token");
+    let answer = cp
+        .http()
+        .get(cp.endpoint("/v1/ingress/routes"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 403);
+    let body = answer.text().await.unwrap();
+    assert!(body.contains("needs a cluster admin token"), "{body}");
+    let run = cp
+        .cli()
+        .run(&[
+            "ingress",
+            "--server",
+            &cp.url,
+            "--token",
+            token,
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .await;
+    assert!(
+        !run.success(),
+        "verge ingress starts only with an admin token"
+    );
+    assert!(
+        run.stderr()
+            .contains("ingress did not start: the control plane refused this ingress: watching the routing table needs a cluster admin token"),
+        "{}",
+        run.stderr()
+    );
+    // With the admin token the table is there (empty: nothing deployed).
+    let table: Value = cp
+        .http()
+        .get(cp.endpoint("/v1/ingress/routes"))
+        .bearer_auth(&cp.admin_token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(table["endpoints"], serde_json::json!([]), "{table}");
 }

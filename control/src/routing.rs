@@ -10,7 +10,7 @@
 //! It reads the store and must not change it.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use sha2::{Digest, Sha256};
 use verge_api::manifest::{Endpoint, Manifest};
@@ -25,17 +25,20 @@ use crate::store::{EndpointAddressRow, EnvScope, InstanceRow, NodeRow, Result, S
 /// One endpoint with everything needed to route to it.
 struct Facts {
     row: EndpointAddressRow,
+    ipv6: Ipv6Addr,
+    ipv4: Option<Ipv4Addr>,
     scope: EnvScope,
     endpoint: Endpoint,
     /// The workload has a health check: its instances take connections
     /// only once a check passed.
     has_check: bool,
-    /// The env's instances of the endpoint's workload.
+    /// The env's instances of the endpoint's workload (when asked for).
     instances: Vec<InstanceRow>,
 }
 
-/// Reads the endpoints of `envs` (every env when `None`).
-async fn facts(store: &Store, envs: Option<&[String]>) -> Result<Vec<Facts>> {
+/// Reads the endpoints of `envs` (every env when `None`), with their
+/// instances when `with_instances`.
+async fn facts(store: &Store, envs: Option<&[String]>, with_instances: bool) -> Result<Vec<Facts>> {
     let mut rows = store.all_endpoint_addresses().await?;
     if let Some(envs) = envs {
         rows.retain(|r| envs.contains(&r.env_id));
@@ -60,12 +63,26 @@ async fn facts(store: &Store, envs: Option<&[String]>) -> Result<Vec<Facts>> {
             );
             continue;
         };
-        let instances = store.env_instances(&env_id).await?;
+        let instances = if with_instances {
+            store.env_instances(&env_id).await?
+        } else {
+            Vec::new()
+        };
         for row in rows {
             let Some(endpoint) = manifest.endpoints.iter().find(|e| e.name == row.name) else {
                 continue;
             };
+            let ipv4 = row.ipv4.as_deref().map(str::parse).transpose();
+            let (Ok(ipv6), Ok(ipv4)) = (row.ipv6.parse(), ipv4) else {
+                tracing::error!(
+                    endpoint = row.id,
+                    "a stored endpoint address does not parse"
+                );
+                continue;
+            };
             out.push(Facts {
+                ipv6,
+                ipv4,
                 has_check: manifest
                     .workloads
                     .get(&endpoint.workload)
@@ -133,7 +150,7 @@ pub async fn table(store: &Store, pools: &Addressing) -> Result<RoutingTable> {
         .map(|n| (n.id.clone(), n))
         .collect();
     let mut endpoints = Vec::new();
-    for f in facts(store, None).await? {
+    for f in facts(store, None, true).await? {
         let backends = f
             .instances
             .iter()
@@ -159,8 +176,8 @@ pub async fn table(store: &Store, pools: &Addressing) -> Result<RoutingTable> {
             app: f.scope.app.clone(),
             env: f.scope.env.clone(),
             workload: f.endpoint.workload.clone(),
-            ipv6: f.row.ipv6.parse().unwrap_or(std::net::Ipv6Addr::LOCALHOST),
-            ipv4: f.row.ipv4.as_deref().and_then(|a| a.parse().ok()),
+            ipv6: f.ipv6,
+            ipv4: f.ipv4,
             ports: f.endpoint.ports.clone(),
             internal_port: f.endpoint.internal_port,
             proxy_protocol: f.endpoint.proxy_protocol,
@@ -219,7 +236,8 @@ pub async fn exposed(
         Vec::new()
     };
     let mut out = Vec::new();
-    for f in facts(store, Some(envs)).await? {
+    for f in facts(store, Some(envs), detail).await? {
+        // Empty without `detail`: no instances were read.
         let backends = f
             .instances
             .iter()
@@ -263,14 +281,14 @@ pub async fn exposed(
             app: f.scope.app.clone(),
             env: f.scope.env.clone(),
             workload: f.endpoint.workload.clone(),
-            ipv6: f.row.ipv6.parse().unwrap_or(std::net::Ipv6Addr::LOCALHOST),
-            ipv4: f.row.ipv4.as_deref().and_then(|a| a.parse().ok()),
+            ipv6: f.ipv6,
+            ipv4: f.ipv4,
             ports: f.endpoint.ports.clone(),
             internal_port: f.endpoint.internal_port,
             proxy_protocol: f.endpoint.proxy_protocol,
             limits: f.endpoint.limits,
             loopback: pools.loopback(),
-            backends: if detail { backends } else { Vec::new() },
+            backends,
             listeners,
         });
     }

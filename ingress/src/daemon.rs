@@ -17,7 +17,7 @@
 //! [`IngressConfig::shutdown_grace`] to finish.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng as _;
@@ -109,15 +109,13 @@ pub async fn start(
         }
         None => None,
     };
-    let state = Arc::new(Mutex::new(Applied::default()));
-    let (changed, _) = tokio::sync::watch::channel(());
-    let changed = Arc::new(changed);
+    let (applied, _) = tokio::sync::watch::channel(Applied::default());
+    let applied = Arc::new(applied);
     tasks.spawn(
         watch_routes(
             client.clone(),
             server.clone(),
-            state.clone(),
-            changed.clone(),
+            applied.clone(),
             shutdown.clone(),
         )
         .instrument(tracing::info_span!("routing_watch")),
@@ -127,8 +125,7 @@ pub async fn start(
             client.clone(),
             config.name.clone(),
             server.clone(),
-            state,
-            changed,
+            applied,
             shutdown.clone(),
         )
         .instrument(tracing::info_span!("ingress_report")),
@@ -175,8 +172,7 @@ struct Applied {
 async fn watch_routes(
     client: Client,
     server: Server,
-    state: Arc<Mutex<Applied>>,
-    changed: Arc<tokio::sync::watch::Sender<()>>,
+    applied: Arc<tokio::sync::watch::Sender<Applied>>,
     shutdown: CancellationToken,
 ) {
     let silence = Duration::from_millis(3 * KEEPALIVE_MS);
@@ -228,7 +224,7 @@ async fn watch_routes(
                     continue;
                 }
             };
-            if state.lock().expect("not poisoned").version == table.version {
+            if applied.borrow().version == table.version {
                 continue;
             }
             let mode = server.apply(&table).await;
@@ -237,11 +233,10 @@ async fn watch_routes(
                 endpoints = table.endpoints.len(),
                 "routing table applied"
             );
-            *state.lock().expect("not poisoned") = Applied {
+            applied.send_replace(Applied {
                 version: table.version.clone(),
                 mode: Some(mode),
-            };
-            changed.send_replace(());
+            });
         }
         if !pause(&mut backoff, &shutdown).await {
             return;
@@ -263,18 +258,17 @@ async fn report(
     client: Client,
     name: String,
     server: Server,
-    state: Arc<Mutex<Applied>>,
-    changed: Arc<tokio::sync::watch::Sender<()>>,
+    applied: Arc<tokio::sync::watch::Sender<Applied>>,
     shutdown: CancellationToken,
 ) {
-    let mut changes = changed.subscribe();
+    let mut changes = applied.subscribe();
     loop {
         tokio::select! {
             _ = changes.changed() => {}
             () = tokio::time::sleep(Duration::from_millis(KEEPALIVE_MS)) => {}
             () = shutdown.cancelled() => return,
         }
-        let applied = state.lock().expect("not poisoned").clone();
+        let applied = changes.borrow_and_update().clone();
         let Some(mode) = applied.mode else {
             continue;
         };

@@ -18,7 +18,7 @@
 //! both ways: zero-copy between TCP sockets, buffered through a QUIC
 //! stream for nodes behind NAT.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -128,8 +128,7 @@ impl Server {
     /// Applies `table`: routes, endpoints, listeners. Returns how endpoint
     /// addresses are bound.
     pub async fn apply(&self, table: &RoutingTable) -> BindMode {
-        let mode = self.apply_routes(table).await;
-        let route_error = self.inner.routes.lock().await.error.clone();
+        let (mode, route_error) = self.apply_routes(table).await;
         let mut wanted: HashMap<SocketAddr, String> = HashMap::new();
         {
             let mut endpoints = self.inner.endpoints.lock().expect("not poisoned");
@@ -157,8 +156,9 @@ impl Server {
                 }
             }
             // Endpoints gone from the table: their open connections drain.
+            let listed: HashSet<&str> = table.endpoints.iter().map(|r| r.id.as_str()).collect();
             endpoints.retain(|id, ep| {
-                let keep = table.endpoints.iter().any(|r| r.id == *id);
+                let keep = listed.contains(id.as_str());
                 if !keep {
                     let drain = ep
                         .route
@@ -219,8 +219,9 @@ impl Server {
         mode
     }
 
-    /// Adds `local` routes for the table's prefixes when they changed.
-    async fn apply_routes(&self, table: &RoutingTable) -> BindMode {
+    /// Adds `local` routes for the table's prefixes when they changed;
+    /// returns the bind mode, and why the routes are missing if they are.
+    async fn apply_routes(&self, table: &RoutingTable) -> (BindMode, Option<String>) {
         let prefixes = (table.ipv6_prefix, table.ipv4_pool);
         let mode = if prefixes == (None, None) {
             BindMode::Loopback
@@ -229,7 +230,7 @@ impl Server {
         };
         let mut routes = self.inner.routes.lock().await;
         if routes.prefixes == Some(prefixes) {
-            return mode;
+            return (mode, routes.error.clone());
         }
         if let Some(old) = routes.added.take()
             && let Err(e) = old.remove().await
@@ -250,7 +251,7 @@ impl Server {
                 }
             }
         }
-        mode
+        (mode, routes.error.clone())
     }
 
     /// Every listener and why it is not listening, for reports.

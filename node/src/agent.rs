@@ -13,7 +13,6 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::Rng as _;
@@ -30,10 +29,6 @@ use crate::host::Host;
 use crate::identity::{Assigned, Identity, IdentityError};
 use crate::reconcile::Reconciler;
 use crate::{tls, tunnel};
-
-/// Streams the control plane may open at once on a session: one per
-/// client connection tunnelled to an instance here.
-const MAX_TUNNELS: u32 = 10_000;
 
 /// Why the node could not join or connect.
 #[derive(Debug, thiserror::Error)]
@@ -217,22 +212,6 @@ impl Backoff {
     }
 }
 
-/// The QUIC transport of a session: the keep-alive and idle timeout of
-/// every node connection (as in `tls`), and room for the streams the
-/// control plane opens for tunnels.
-fn session_transport() -> quinn::TransportConfig {
-    let mut transport = quinn::TransportConfig::default();
-    transport
-        .keep_alive_interval(Some(Duration::from_secs(2)))
-        .max_idle_timeout(Some(
-            Duration::from_secs(10)
-                .try_into()
-                .expect("10s is a valid idle timeout"),
-        ))
-        .max_concurrent_bidi_streams(MAX_TUNNELS.into());
-    transport
-}
-
 /// The long-lived session loop.
 #[derive(Debug)]
 pub struct Agent {
@@ -279,8 +258,7 @@ impl Agent {
     ) -> Result<(), String> {
         let addr = resolve(&self.server).await.map_err(|e| e.to_string())?;
         let endpoint = client_endpoint(addr).map_err(|e| e.to_string())?;
-        let mut config = tls::session_config(&self.identity)?;
-        config.transport_config(Arc::new(session_transport()));
+        let config = tls::session_config(&self.identity)?;
         let conn = tokio::time::timeout(
             Duration::from_secs(10),
             endpoint.connect_with(config, addr, tls::SERVER_NAME).map_err(|e| e.to_string())?,

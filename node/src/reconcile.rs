@@ -87,6 +87,8 @@ struct State {
 #[derive(Debug)]
 struct Slot {
     report: InstanceReport,
+    /// The port its spec serves (what a tunnel may connect to).
+    port: Option<u16>,
     /// Fires when the instance left the desired set.
     stop: CancellationToken,
 }
@@ -223,6 +225,7 @@ impl Reconciler {
             spec.id.clone(),
             Slot {
                 report,
+                port: spec.port,
                 stop: stop.clone(),
             },
         );
@@ -342,23 +345,22 @@ impl Reconciler {
     /// instance's address, and only for its own port (the spec's `port`;
     /// on loopback the node's port stands in for it). `Err` says why not,
     /// after "instance ID ", e.g. `is pulling, not running`.
-    pub async fn tunnel_target(&self, id: &str, port: u16) -> Result<SocketAddr, String> {
-        let report = {
+    pub fn tunnel_target(&self, id: &str, port: u16) -> Result<SocketAddr, String> {
+        let (report, serves) = {
             let st = self.inner.state.lock().expect("not poisoned");
             let slot = st.slots.get(id).ok_or("does not run on this node")?;
-            slot.report.clone()
+            if slot.stop.is_cancelled() {
+                return Err("is leaving this node".into());
+            }
+            (slot.report.clone(), slot.port)
         };
         if report.state != InstanceState::Running {
             return Err(format!("is {}, not running", report.state));
         }
-        let saved = load_saved(&self.inner.parts.data_dir).await;
-        match saved.set.instances.iter().find(|s| s.id == id) {
-            None => return Err("is leaving this node".into()),
-            Some(spec) => match spec.port {
-                Some(p) if p == port => {}
-                Some(p) => return Err(format!("serves port {p}, not {port}")),
-                None => return Err(format!("serves no port (asked for {port})")),
-            },
+        match serves {
+            Some(p) if p == port => {}
+            Some(p) => return Err(format!("serves port {p}, not {port}")),
+            None => return Err(format!("serves no port (asked for {port})")),
         }
         // `[v6]:port` with networking, `127.0.0.1:<node's port>` without.
         report

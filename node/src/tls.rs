@@ -150,6 +150,9 @@ pub fn session_config(id: &Identity) -> Result<quinn::ClientConfig, String> {
     quic_client(tls)
 }
 
+/// Streams the control plane may open at once on a session.
+const MAX_TUNNELS: u32 = 10_000;
+
 fn quic_client(tls: rustls::ClientConfig) -> Result<quinn::ClientConfig, String> {
     let crypto =
         quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
@@ -161,7 +164,10 @@ fn quic_client(tls: rustls::ClientConfig) -> Result<quinn::ClientConfig, String>
             std::time::Duration::from_secs(10)
                 .try_into()
                 .expect("10s is a valid idle timeout"),
-        ));
+        ))
+        // The control plane opens a stream on a session per client
+        // connection it tunnels to an instance here (`crate::tunnel`).
+        .max_concurrent_bidi_streams(MAX_TUNNELS.into());
     config.transport_config(Arc::new(transport));
     Ok(config)
 }

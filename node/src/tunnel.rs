@@ -100,7 +100,6 @@ async fn connect(
     let id = &open.instance;
     let addr: SocketAddr = reconciler
         .tunnel_target(id, open.port)
-        .await
         .map_err(|why| format!("instance {id} {why} (node {node})"))?;
     let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
         .await

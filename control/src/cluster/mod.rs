@@ -270,24 +270,21 @@ impl Cluster {
         // take (and the grace) before calling them offline, or a restart
         // would empty the routing table of instances that never stopped
         // serving. Nodes seen since the start get the usual grace.
-        let started = tokio::time::Instant::now();
         let started_ms = now_ms();
-        let settle = self
-            .inner
-            .config
-            .offline_after
-            .max(Duration::from_millis(verge_api::wire::RECONNECT_MAX_MS));
+        let settle_ms = (self.inner.config.offline_after.as_millis() as i64)
+            .max(verge_api::wire::RECONNECT_MAX_MS as i64);
         loop {
             tokio::select! {
                 () = tokio::time::sleep(tick) => {}
                 () = shutdown.cancelled() => return,
             }
-            let seen_since = if started.elapsed() < settle {
+            let now = now_ms();
+            let seen_since = if now - started_ms < settle_ms {
                 started_ms
             } else {
                 i64::MIN
             };
-            let cutoff = now_ms() - self.inner.config.offline_after.as_millis() as i64;
+            let cutoff = now - self.inner.config.offline_after.as_millis() as i64;
             match self.inner.store.mark_lost_nodes(cutoff, seen_since).await {
                 Ok(lost) if !lost.is_empty() => {
                     for n in &lost {

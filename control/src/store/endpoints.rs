@@ -84,6 +84,17 @@ impl Store {
     }
 }
 
+/// An endpoint's addresses as a release will have them.
+struct Wanted<'m> {
+    id: String,
+    ipv6: String,
+    ipv4: Option<String>,
+    endpoint: &'m verge_api::manifest::Endpoint,
+}
+
+/// The addresses and ports a release's endpoints take, and which takes each.
+type Claims<'m> = std::collections::BTreeMap<(String, u16), &'m str>;
+
 /// Who holds an address and port.
 #[derive(Debug, FromRow)]
 struct Holder {
@@ -109,38 +120,44 @@ impl Mutation<'_> {
         let org = self.env_scope(env_id).await?.map(|s| s.org_id);
         let org_id = org.as_deref().unwrap_or_default();
         let existing = env_endpoints(self.conn(), env_id).await?;
-        let mut taken_v6: BTreeSet<String> =
-            sqlx::query_scalar::<_, String>("SELECT ipv6 FROM endpoint_addresses")
-                .fetch_all(self.conn())
-                .await?
-                .into_iter()
-                .collect();
+        // Addresses of every endpoint, read once and only when a new
+        // endpoint needs one of its own.
+        let mut taken_v6: Option<BTreeSet<String>> = None;
         // First decide everything (reads only); the env's own ports do not
         // count as taken: its endpoints may trade ports between releases.
-        let mut wanted: Vec<(
-            String,
-            String,
-            Option<String>,
-            &verge_api::manifest::Endpoint,
-        )> = Vec::new();
-        let mut claimed: BTreeSet<(String, u16)> = BTreeSet::new();
+        let mut wanted: Vec<Wanted<'_>> = Vec::new();
+        let mut claimed = Claims::new();
         for e in &manifest.endpoints {
             let old = existing.iter().find(|r| r.name == e.name);
             let ipv6 = match old {
                 Some(r) => r.ipv6.clone(),
-                None => pools
-                    .ipv6_candidates()
-                    .map(|a| a.to_string())
-                    .find(|a| pools.shared_ipv6() || !taken_v6.contains(a))
-                    .ok_or_else(|| {
-                        StoreError::Endpoint(format!(
-                            "endpoint {}: every address of endpoint_prefix {} is taken; \
-                             remove unused endpoints or configure a larger prefix",
-                            e.name, pools.ipv6
-                        ))
-                    })?,
+                None if pools.shared_ipv6() => pools.ipv6.addr().to_string(),
+                None => {
+                    let taken = match &mut taken_v6 {
+                        Some(t) => t,
+                        none => none.insert(
+                            sqlx::query_scalar::<_, String>("SELECT ipv6 FROM endpoint_addresses")
+                                .fetch_all(self.conn())
+                                .await?
+                                .into_iter()
+                                .collect(),
+                        ),
+                    };
+                    let free = pools
+                        .ipv6_candidates()
+                        .map(|a| a.to_string())
+                        .find(|a| !taken.contains(a))
+                        .ok_or_else(|| {
+                            StoreError::Endpoint(format!(
+                                "endpoint {}: every address of endpoint_prefix {} is taken; \
+                                 remove unused endpoints or configure a larger prefix",
+                                e.name, pools.ipv6
+                            ))
+                        })?;
+                    taken.insert(free.clone());
+                    free
+                }
             };
-            taken_v6.insert(ipv6.clone());
             let ipv4 = if e.ipv4 {
                 let keep = old.and_then(|r| r.ipv4.clone());
                 Some(
@@ -152,14 +169,10 @@ impl Mutation<'_> {
             };
             for address in std::iter::once(&ipv6).chain(ipv4.as_ref()) {
                 for &port in &e.ports {
-                    if let Some(other) = wanted.iter().find(|w| {
-                        (w.1 == *address || w.2.as_deref() == Some(address.as_str()))
-                            && w.3.ports.contains(&port)
-                    }) {
+                    if let Some(other) = claimed.get(&(address.clone(), port)) {
                         return Err(StoreError::Endpoint(format!(
-                            "endpoints {} and {} both want port {port} on the shared address {}; \
+                            "endpoints {other} and {} both want port {port} on the shared address {}; \
                              give one of them another port in verge.toml",
-                            other.3.name,
                             e.name,
                             shown(address, port)
                         )));
@@ -169,11 +182,15 @@ impl Mutation<'_> {
                     {
                         return Err(taken(&e.name, address, port, &h, org_id));
                     }
-                    claimed.insert((address.clone(), port));
+                    claimed.insert((address.clone(), port), &e.name);
                 }
             }
-            let id = old.map_or_else(|| new_id("ep"), |r| r.id.clone());
-            wanted.push((id, ipv6, ipv4, e));
+            wanted.push(Wanted {
+                id: old.map_or_else(|| new_id("ep"), |r| r.id.clone()),
+                ipv6,
+                ipv4,
+                endpoint: e,
+            });
         }
         // Then write.
         for row in &existing {
@@ -181,14 +198,20 @@ impl Mutation<'_> {
                 .bind(&row.id)
                 .execute(self.conn())
                 .await?;
-            if !wanted.iter().any(|w| w.0 == row.id) {
+            if !wanted.iter().any(|w| w.id == row.id) {
                 sqlx::query("DELETE FROM endpoint_addresses WHERE id = $1")
                     .bind(&row.id)
                     .execute(self.conn())
                     .await?;
             }
         }
-        for (id, ipv6, ipv4, e) in &wanted {
+        for Wanted {
+            id,
+            ipv6,
+            ipv4,
+            endpoint: e,
+        } in &wanted
+        {
             if existing.iter().any(|r| r.id == *id) {
                 sqlx::query("UPDATE endpoint_addresses SET ipv4 = $2 WHERE id = $1")
                     .bind(id)
@@ -234,7 +257,7 @@ impl Mutation<'_> {
         e: &verge_api::manifest::Endpoint,
         keep: Option<String>,
         pools: &Addressing,
-        claimed: &BTreeSet<(String, u16)>,
+        claimed: &Claims<'_>,
     ) -> Result<String> {
         let mut first_clash = None;
         let mut ours = None;
@@ -243,7 +266,7 @@ impl Mutation<'_> {
             .chain(pools.ipv4_candidates().map(|a| a.to_string()));
         'address: for address in candidates {
             for &port in &e.ports {
-                if claimed.contains(&(address.clone(), port)) {
+                if claimed.contains_key(&(address.clone(), port)) {
                     ours.get_or_insert(address.clone());
                     continue 'address;
                 }

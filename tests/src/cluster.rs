@@ -30,6 +30,8 @@ pub struct Cluster {
     pub registry: Registry,
     pub cli: Cli,
     pub tag: u16,
+    /// The cluster's instance prefix.
+    pub prefix: String,
     /// Where endpoint IPv6 addresses come from.
     pub endpoint_prefix: String,
     /// The one (shared) IPv4 endpoint address.
@@ -56,7 +58,7 @@ impl Cluster {
             "--cluster-listen",
             "[::]:0",
             "--instance-prefix",
-            &prefix,
+            prefix.as_str(),
             "--endpoint-prefix",
             &endpoint_prefix,
             "--endpoint-ipv4-pool",
@@ -73,6 +75,7 @@ impl Cluster {
             registry,
             cli,
             tag,
+            prefix,
             endpoint_prefix,
             endpoint_ipv4,
             dir: tempfile::tempdir().expect("temp dir"),
@@ -92,8 +95,7 @@ impl Cluster {
     /// node's session (a node behind NAT).
     pub async fn node(&self, index: u8, name: &str, extra: &[&str], routed: bool) -> NodeHost {
         let mut node = NodeHost::create(self.tag, index, name);
-        let t = self.json(&["nodes", "join-token"]).await;
-        let token = t["token"].as_str().expect("token").to_string();
+        let token = self.join_token().await;
         node.forward_loopback(self.registry.port());
         node.start(&node.server_for(&self.cp.cluster), Some(&token), extra)
             .await;
@@ -102,6 +104,12 @@ impl Cluster {
             node.route_instances(d["instance_prefix"].as_str().expect("prefix"));
         }
         node
+    }
+
+    /// A fresh join token.
+    pub async fn join_token(&self) -> String {
+        let t = self.json(&["nodes", "join-token"]).await;
+        t["token"].as_str().expect("token").to_string()
     }
 
     /// Pushes the hello image; returns its reference.

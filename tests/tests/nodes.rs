@@ -14,80 +14,43 @@ use std::time::Duration;
 
 use serde_json::Value;
 use verge_images::{File, Image, ImageConfig, Layer};
-use verge_tests::cli::Cli;
-use verge_tests::control::{Backend, ControlPlane};
+use verge_tests::cluster::Cluster;
+use verge_tests::control::Backend;
 use verge_tests::eventually;
-use verge_tests::nodes::{NodeHost, greet, require_root, test_tag};
-use verge_tests::registry::Registry;
+use verge_tests::nodes::{NodeHost, greet};
 
 /// How long anything node-related may take before a test gives up.
-const DEADLINE: Duration = Duration::from_secs(90);
+const DEADLINE: Duration = verge_tests::cluster::DEADLINE;
 
-struct World {
-    cp: ControlPlane,
-    registry: Registry,
-    /// Scoped to org acme, app hello, env prod.
-    cli: Cli,
-    tag: u16,
-    /// The cluster's instance prefix.
-    prefix: String,
-    dir: tempfile::TempDir,
+/// The shared cluster harness, with this file's defaults: nodes routed,
+/// `web` behind endpoint `public` with a 1 s drain.
+struct World(Cluster);
+
+impl std::ops::Deref for World {
+    type Target = Cluster;
+    fn deref(&self) -> &Cluster {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for World {
+    fn deref_mut(&mut self) -> &mut Cluster {
+        &mut self.0
+    }
 }
 
 impl World {
     async fn new(backend: Backend) -> World {
-        require_root();
-        let tag = test_tag();
-        let prefix = format!("fd76:{tag:x}:{:x}::/48", tag.rotate_left(7));
-        let cp = ControlPlane::start_with(
-            backend,
-            &[
-                "--cluster-listen",
-                "[::]:0",
-                "--instance-prefix",
-                &prefix,
-                "--node-offline-after",
-                "3s",
-            ],
-        )
-        .await;
-        let registry = Registry::start().await.expect("registry starts");
-        let cli = cp.acme_hello_prod().await;
-        World {
-            cp,
-            registry,
-            cli,
-            tag,
-            prefix,
-            dir: tempfile::tempdir().expect("temp dir"),
-        }
+        World(Cluster::new(backend, &[]).await)
     }
 
-    async fn json(&self, args: &[&str]) -> Value {
-        let mut args = args.to_vec();
-        args.extend(["-o", "json"]);
-        self.cli.run(&args).await.json()
-    }
-
-    async fn join_token(&self) -> String {
-        let t = self.json(&["nodes", "join-token"]).await;
-        t["token"].as_str().expect("token").to_string()
-    }
-
-    /// A node joined with a fresh token, its instance prefix routed.
+    /// A node joined with a fresh token and `labels`, its instance prefix routed.
     async fn node(&self, index: u8, name: &str, labels: &[&str]) -> NodeHost {
-        let mut node = NodeHost::create(self.tag, index, name);
-        let token = self.join_token().await;
-        node.forward_loopback(self.registry.port());
         let mut extra = Vec::new();
         for l in labels {
             extra.extend(["--label", l]);
         }
-        node.start(&node.server_for(&self.cp.cluster), Some(&token), &extra)
-            .await;
-        let d = self.node_json(name).await;
-        node.route_instances(d["instance_prefix"].as_str().expect("prefix"));
-        node
+        self.0.node(index, name, &extra, true).await
     }
 
     async fn node_json(&self, name: &str) -> Value {
@@ -113,36 +76,13 @@ impl World {
 
     /// Deploys `web` with `extra` manifest lines; returns the receipt.
     async fn deploy(&self, image: &str, count: u32, extra: &str) -> Value {
-        let path = self.dir.path().join("verge.toml");
-        std::fs::write(
-            &path,
-            format!(
-                "app = \"hello\"\n[workloads.web]\nimage = \"{image}\"\ncount = {count}\ncpu = 0.1\nmemory = \"64Mi\"\n{extra}\n\
-                 [[endpoints]]\nname = \"public\"\nworkload = \"web\"\nport = 80\ninternal_port = 8080\ndrain_timeout = \"1s\"\n"
-            ),
-        )
-        .unwrap();
-        self.json(&["deploy", "-f", path.to_str().unwrap()]).await
+        self.0
+            .deploy(image, count, extra, "drain_timeout = \"1s\"")
+            .await
     }
 
     async fn status(&self) -> Value {
         self.json(&["status"]).await
-    }
-
-    /// Waits until `n` instances of web run; returns them.
-    async fn running(&self, n: usize) -> Vec<Value> {
-        eventually(DEADLINE, &format!("{n} running instances"), || async {
-            let s = self.status().await;
-            let inst: Vec<Value> = s["workloads"][0]["instances"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|i| i["state"] == "running")
-                .collect();
-            (inst.len() == n && s["rollout"]["state"] == "completed").then_some(inst)
-        })
-        .await
     }
 
     async fn events(&self) -> Vec<Value> {

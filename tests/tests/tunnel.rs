@@ -11,96 +11,41 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use verge_api::routing::ClusterInfo;
 use verge_api::wire::TunnelOpen;
 use verge_ingress::tunnel::{Tunnel, TunnelError, TunnelStream};
-use verge_tests::control::{Backend, ControlPlane};
-use verge_tests::eventually;
-use verge_tests::nodes::{NodeHost, require_root, test_tag};
-use verge_tests::registry::Registry;
-
-/// How long anything node-related may take before the test gives up.
-const DEADLINE: Duration = Duration::from_secs(90);
+use verge_tests::cluster::Cluster;
+use verge_tests::control::Backend;
+use verge_tests::nodes::{NodeHost, test_tag};
 
 /// The control plane, the registry and one node running one `hello`
 /// instance behind an endpoint with `internal_port = 8080`.
 struct World {
-    cp: ControlPlane,
-    _registry: Registry,
+    c: Cluster,
     node: NodeHost,
     /// The running instance's ID and its node's ID.
     instance: String,
     node_id: String,
-    _dir: tempfile::TempDir,
 }
 
 impl World {
     async fn new() -> World {
-        require_root();
-        let tag = test_tag();
-        let prefix = format!("fd76:{tag:x}:{:x}::/48", tag.rotate_left(7));
-        let cp = ControlPlane::start_with(
-            Backend::Sqlite,
-            &["--cluster-listen", "[::]:0", "--instance-prefix", &prefix],
-        )
-        .await;
-        let registry = Registry::start().await.expect("registry starts");
-        let cli = cp.acme_hello_prod().await;
-        let token = cli.run(&["nodes", "join-token", "-o", "json"]).await.json()["token"]
-            .as_str()
-            .expect("token")
-            .to_string();
+        let c = Cluster::new(Backend::Sqlite, &[]).await;
         // Behind NAT: its instance prefix stays unrouted, only the tunnel
         // reaches them.
-        let mut node = NodeHost::create(tag, 1, "edge1");
-        node.forward_loopback(registry.port());
-        node.start(
-            &node.server_for(&cp.cluster),
-            Some(&token),
-            &["--behind-nat"],
-        )
-        .await;
-
-        let bin = verge_tests::hello_binary().await;
-        let image = verge_images::hello_image(&bin).expect("hello image");
-        let reference = format!("{}/hello:1", registry.host());
-        verge_images::push(&image, &reference)
-            .await
-            .expect("push hello");
-        let dir = tempfile::tempdir().expect("temp dir");
-        let manifest = dir.path().join("verge.toml");
-        std::fs::write(
-            &manifest,
-            format!(
-                "app = \"hello\"\n[workloads.web]\nimage = \"{reference}\"\ncount = 1\ncpu = 0.1\nmemory = \"64Mi\"\n\
-                 [[endpoints]]\nname = \"public\"\nworkload = \"web\"\nport = 80\ninternal_port = 8080\n"
-            ),
-        )
-        .unwrap();
-        cli.run(&["deploy", "-f", manifest.to_str().unwrap(), "-o", "json"])
-            .await
-            .json();
-        let instance = eventually(DEADLINE, "a running instance", || async {
-            let s = cli.run(&["status", "-o", "json"]).await.json();
-            let running: Vec<Value> = s["workloads"][0]["instances"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|i| i["state"] == "running")
-                .collect();
-            (running.len() == 1 && s["rollout"]["state"] == "completed")
-                .then(|| running[0]["id"].as_str().expect("id").to_string())
-        })
-        .await;
+        let node = c.node(1, "edge1", &["--behind-nat"], false).await;
+        let image = c.push_hello().await;
+        c.deploy(&image, 1, "", "").await;
+        let instance = c.running(1).await[0]["id"]
+            .as_str()
+            .expect("id")
+            .to_string();
         let identity = std::fs::read_to_string(node.data_dir.path().join("identity/node.json"))
             .expect("the node's identity");
         let identity: Value = serde_json::from_str(&identity).unwrap();
         let node_id = identity["node_id"].as_str().expect("node id").to_string();
         World {
-            cp,
-            _registry: registry,
+            c,
             node,
             instance,
             node_id,
-            _dir: dir,
         }
     }
 
@@ -108,7 +53,7 @@ impl World {
     /// loopback, as it listens on `[::]`) and the cluster CA (as the node
     /// saved it at join).
     fn cluster_info(&self) -> ClusterInfo {
-        let port = self.cp.cluster.rsplit(':').next().expect("host:port");
+        let port = self.c.cp.cluster.rsplit(':').next().expect("host:port");
         let ca_pem = std::fs::read_to_string(self.node.data_dir.path().join("identity/ca.crt"))
             .expect("the cluster CA the node saved");
         ClusterInfo {
@@ -167,13 +112,13 @@ fn noise(len: usize, mut seed: u64) -> Vec<u8> {
 #[tokio::test]
 async fn an_ingress_reaches_an_instance_through_the_control_plane_and_the_node_session() {
     let w = World::new().await;
-    let tunnel = w.tunnel(&w.cp.admin_token);
+    let tunnel = w.tunnel(&w.c.cp.admin_token);
 
     // The greeting, 1 MiB echoed exactly, then a half-close seen through.
     let mut stream = tunnel.open(&w.open(8080)).await.unwrap_or_else(|e| {
         panic!(
             "open: {e}\n--- control log ---\n{}\n--- node log ---\n{}",
-            w.cp.log(),
+            w.c.cp.log(),
             w.node.log()
         )
     });
@@ -255,7 +200,8 @@ async fn an_ingress_reaches_an_instance_through_the_control_plane_and_the_node_s
 
     // An org token is not enough; nor is a made-up one.
     let org =
-        w.cp.cli()
+        w.c.cp
+            .cli()
             .run(&["tokens", "create", "--org", "acme", "-o", "json"])
             .await
             .json();

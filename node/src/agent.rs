@@ -28,7 +28,7 @@ use verge_api::wire::{
 use crate::host::Host;
 use crate::identity::{Assigned, Identity, IdentityError};
 use crate::reconcile::Reconciler;
-use crate::{tls, tunnel};
+use crate::{streams, tls};
 
 /// Why the node could not join or connect.
 #[derive(Debug, thiserror::Error)]
@@ -225,6 +225,8 @@ pub struct Agent {
     pub behind_nat: bool,
     pub reconciler: Reconciler,
     pub reports: mpsc::Receiver<InstanceReport>,
+    /// What serves the streams the control plane opens on the session.
+    pub streams: streams::Streams,
 }
 
 impl Agent {
@@ -273,16 +275,12 @@ impl Agent {
             ),
             e => e.to_string(),
         })?;
-        // Tunnel streams, for as long as this session lasts (dropping the
-        // set ends them).
-        let mut tunnels = JoinSet::new();
-        tunnels.spawn(
-            tunnel::serve(
-                conn.clone(),
-                self.reconciler.clone(),
-                self.identity.assigned.name.clone(),
-            )
-            .instrument(tracing::info_span!("tunnels")),
+        // Streams the control plane opens (tunnels, logs, exec), for as
+        // long as this session lasts (dropping the set ends them).
+        let mut streams = JoinSet::new();
+        streams.spawn(
+            streams::serve(conn.clone(), self.streams.clone())
+                .instrument(tracing::info_span!("streams")),
         );
         let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
         let (mut reader, mut writer) = (Reader::new(recv), Writer::new(send));

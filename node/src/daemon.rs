@@ -168,6 +168,12 @@ pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> Result<Start
         capacity,
         isolation: cfg.isolation,
         behind_nat: cfg.behind_nat,
+        streams: crate::streams::Streams {
+            reconciler: reconciler.clone(),
+            node: assigned.name.clone(),
+            logs: crate::logs::Logs::default(),
+            exec: crate::exec::Exec::default(),
+        },
         reconciler,
         reports,
     };

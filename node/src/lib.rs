@@ -18,12 +18,15 @@
 
 pub mod agent;
 pub mod daemon;
+pub mod exec;
 pub mod health;
 pub mod host;
 pub mod identity;
+pub mod logs;
 pub mod net;
 pub mod pull;
 pub mod reconcile;
 pub mod runtime;
+pub mod streams;
 mod tls;
 pub mod tunnel;

@@ -16,8 +16,6 @@ use quinn::{RecvStream, SendStream, VarInt};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::task::JoinSet;
-use tracing::Instrument;
 use verge_api::wire::io::Writer;
 use verge_api::wire::{TunnelOpen, TunnelReply};
 
@@ -25,50 +23,18 @@ use crate::reconcile::Reconciler;
 
 /// How long connecting to an instance may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long the control plane may take to send a stream's `TunnelOpen`.
-const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
-/// The largest `TunnelOpen` frame taken.
-const MAX_OPEN_FRAME: usize = 64 * 1024;
 /// Bytes read from the instance at a time.
 const BUFFER: usize = 64 * 1024;
 
-/// Accepts the control plane's tunnel streams on `conn`, one task each,
-/// until the connection ends; dropping the future ends them all. `node`
-/// is this node's name, for refusals.
-pub async fn serve(conn: quinn::Connection, reconciler: Reconciler, node: String) {
-    let mut streams = JoinSet::new();
-    loop {
-        tokio::select! {
-            s = conn.accept_bi() => match s {
-                Ok((send, recv)) => {
-                    let (reconciler, node) = (reconciler.clone(), node.clone());
-                    streams.spawn(
-                        async move { stream(send, recv, &reconciler, &node).await }
-                            .instrument(tracing::info_span!("tunnel")),
-                    );
-                }
-                Err(_) => return,
-            },
-            Some(_) = streams.join_next() => {}
-        }
-    }
-}
-
-/// One tunnel stream: the instance's connection, then bytes both ways.
-async fn stream(mut send: SendStream, mut recv: RecvStream, reconciler: &Reconciler, node: &str) {
-    let open = match tokio::time::timeout(OPEN_TIMEOUT, read_open(&mut recv)).await {
-        Ok(Ok(o)) => o,
-        Ok(Err(why)) => {
-            tracing::info!(error = %why, "tunnel stream without a valid open");
-            let _ = send.reset(VarInt::from_u32(0));
-            return;
-        }
-        Err(_) => {
-            tracing::info!("tunnel stream without an open within {OPEN_TIMEOUT:?}");
-            let _ = send.reset(VarInt::from_u32(0));
-            return;
-        }
-    };
+/// One tunnel stream, its [`TunnelOpen`] read: the instance's connection,
+/// then bytes both ways.
+pub async fn stream(
+    open: TunnelOpen,
+    mut send: SendStream,
+    recv: RecvStream,
+    reconciler: &Reconciler,
+    node: &str,
+) {
     let tcp = match connect(&open, reconciler, node).await {
         Ok(tcp) => tcp,
         Err(message) => {
@@ -171,14 +137,4 @@ async fn from_instance(r: &mut OwnedReadHalf, send: &mut SendStream) -> bool {
             Err(_) => return false,
         }
     }
-}
-
-/// Reads exactly the `TunnelOpen` frame (a big-endian `u32` length, then
-/// JSON) and nothing after it: the bytes that follow belong to the
-/// instance, and a buffering reader ([`verge_api::wire::io::Reader`])
-/// would swallow them.
-async fn read_open(recv: &mut RecvStream) -> Result<TunnelOpen, String> {
-    verge_api::wire::io::read_one(recv, MAX_OPEN_FRAME)
-        .await
-        .map_err(|e| e.to_string())
 }

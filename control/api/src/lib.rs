@@ -8,7 +8,8 @@
 //! naming rules both sides check ([`names`]), nodes ([`nodes`]), registry
 //! credentials files ([`registry_auth`]), the
 //! manifest (`verge.toml`) and its validation ([`manifest`]), the routing
-//! table ingresses watch ([`routing`]), and the
+//! table ingresses watch ([`routing`]), logs ([`logs`]) and exec sessions
+//! ([`exec`]), and the
 //! control ⇄ node protocol carried over QUIC ([`wire`]). Behind features:
 //! the typed HTTP client the CLI uses (`client`: [`client`]) and framed
 //! reading and writing of wire messages on async streams (`wire-io`:
@@ -21,6 +22,8 @@
 
 pub mod config;
 pub mod error;
+pub mod exec;
+pub mod logs;
 pub mod manifest;
 pub mod names;
 pub mod nodes;

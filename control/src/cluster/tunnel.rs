@@ -20,7 +20,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use verge_api::wire::io::Writer;
-use verge_api::wire::{IngressHello, TunnelOpen, TunnelReply};
+use verge_api::wire::{IngressHello, NodeStream, TunnelOpen, TunnelReply};
 
 use super::Cluster;
 use crate::auth::hash_token;
@@ -234,19 +234,30 @@ impl Cluster {
 
     /// A stream on the node's session with `open` sent on it; `Err` is the refusal.
     async fn to_node(&self, open: &TunnelOpen) -> Result<(SendStream, RecvStream), String> {
-        let Some(node) = self.node_session(&open.node) else {
-            let who = match self.inner.store.node(&open.node).await {
+        self.open_node_stream(&open.node, &NodeStream::Tunnel(open.clone()))
+            .await
+    }
+
+    /// Opens a stream on the session of node `node_id` (connected to this
+    /// replica) and sends `open` on it; `Err` says why not, naming the node.
+    pub(crate) async fn open_node_stream(
+        &self,
+        node_id: &str,
+        open: &NodeStream,
+    ) -> Result<(SendStream, RecvStream), String> {
+        let Some(node) = self.node_session(node_id) else {
+            let who = match self.inner.store.node(node_id).await {
                 Ok(Some(n)) => n.name,
-                _ => open.node.clone(),
+                _ => node_id.to_string(),
             };
             return Err(format!(
                 "node {who} has no session with this control plane (offline?)"
             ));
         };
-        let lost = |e: &dyn std::fmt::Display| format!("node {}: session lost: {e}", open.node);
+        let lost = |e: &dyn std::fmt::Display| format!("node {node_id}: session lost: {e}");
         let (mut send, recv) = tokio::time::timeout(FIRST_FRAME, node.open_bi())
             .await
-            .map_err(|_| format!("node {}: too many tunnels open at once", open.node))?
+            .map_err(|_| format!("node {node_id}: too many streams open at once"))?
             .map_err(|e| lost(&e))?;
         Writer::new(&mut send)
             .send(open)

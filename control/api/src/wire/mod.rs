@@ -306,6 +306,90 @@ pub struct TunnelOpen {
     pub port: u16,
 }
 
+/// The first frame of every stream the control plane opens on a node's
+/// session: what the stream is for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "open", rename_all = "snake_case")]
+pub enum NodeStream {
+    /// A client connection to an instance (the QUIC path of an ingress).
+    Tunnel(TunnelOpen),
+    /// Log records of some instances of this node.
+    Logs(LogsOpen),
+    /// A command run in an instance.
+    Exec(ExecOpen),
+}
+
+/// Which log records a node should send on a logs stream. The node answers
+/// with [`LogsFrame`]s: the stored records that match, oldest first and
+/// merged across the instances, then [`LogsFrame::HistoryEnd`], then (with
+/// `follow`) new records as they are written, until the stream is stopped.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogsOpen {
+    /// Instance IDs; those the node keeps no logs of are answered with
+    /// [`LogsFrame::Missing`].
+    pub instances: Vec<String>,
+    #[serde(default)]
+    pub source: Option<crate::logs::LogSource>,
+    /// The least severity sent.
+    #[serde(default)]
+    pub min_severity: Option<crate::logs::Severity>,
+    /// Microseconds since the epoch, inclusive.
+    #[serde(default)]
+    pub since_us: Option<u64>,
+    /// Microseconds since the epoch, exclusive.
+    #[serde(default)]
+    pub until_us: Option<u64>,
+    #[serde(default)]
+    pub follow: bool,
+}
+
+/// A node's frames on a logs stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum LogsFrame {
+    /// Records in time order (within the history, across frames too).
+    Records {
+        records: Vec<crate::logs::InstanceRecord>,
+    },
+    /// The stored history is complete; what follows is live.
+    HistoryEnd,
+    /// The node has no logs of this instance (never ran here, or pruned).
+    Missing { instance: String, reason: String },
+}
+
+/// The first frame of an exec stream: run `command` in `instance`. The
+/// node answers with an [`ExecReply`]; after `Started`, the stream carries
+/// [`crate::exec::Frame`]s both ways, and ends with `Exit` or `Error`. A
+/// stream that ends or is reset before that ends the command (and every
+/// process it started).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecOpen {
+    pub instance: String,
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub stdin: bool,
+    #[serde(default)]
+    pub tty: bool,
+    #[serde(default)]
+    pub size: Option<crate::exec::WinSize>,
+    #[serde(default)]
+    pub term: Option<String>,
+}
+
+/// The node's answer to an [`ExecOpen`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum ExecReply {
+    Started,
+    /// Not started; `busy` when the instance's concurrent session limit
+    /// is reached.
+    Refused {
+        message: String,
+        #[serde(default)]
+        busy: bool,
+    },
+}
+
 /// The answer to an [`IngressHello`] or a [`TunnelOpen`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]

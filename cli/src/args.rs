@@ -127,6 +127,10 @@ pub enum Command {
     Events(EventsArgs),
     /// Block until the env converged on a release, or its rollout failed
     Wait(WaitArgs),
+    /// Logs of the env's instances, app and system, merged in time order; --follow keeps streaming
+    Logs(LogsArgs),
+    /// Run a command in a running instance of the env; its exit code becomes verge's
+    Exec(ExecArgs),
     /// Print a shell completion script
     Completions {
         #[arg(value_enum)]
@@ -151,6 +155,11 @@ pub struct DevArgs {
     /// Where the dev ingress serves Prometheus metrics (/metrics); port 0 picks a free one
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
     pub ingress_metrics_listen: SocketAddr,
+    /// The most `verge exec` sessions one instance has at once; more are refused
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    pub exec_max_sessions: u32,
+    #[command(flatten)]
+    pub log_retention: LogRetentionArgs,
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -284,6 +293,11 @@ pub struct NodeArgs {
     /// This node cannot be dialled (NAT, edge gateway): ingresses reach its instances through its connection to the control plane
     #[arg(long)]
     pub behind_nat: bool,
+    /// The most `verge exec` sessions one instance has at once; more are refused
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    pub exec_max_sessions: u32,
+    #[command(flatten)]
+    pub log_retention: LogRetentionArgs,
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -352,6 +366,30 @@ pub struct LogArgs {
     /// Log format on stderr (filter with RUST_LOG)
     #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "VERGE_LOG_FORMAT")]
     pub log_format: LogFormat,
+}
+
+/// How much instance log a node keeps (`<data-dir>/logs`).
+#[derive(Debug, Clone, Args)]
+pub struct LogRetentionArgs {
+    /// Size of one instance log file before it rotates
+    #[arg(long, default_value = "8Mi", value_parser = parse_log_file_size)]
+    pub log_file_size: u64,
+    /// Log files kept per instance and source (app, system), the current one included
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
+    pub log_files: u32,
+    /// Rotated instance log files older than this are deleted
+    #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+    pub log_max_age: Duration,
+    /// Logs of ended instances kept per workload and env (for `verge logs --previous`)
+    #[arg(long, default_value_t = 5)]
+    pub log_keep_instances: u32,
+}
+
+fn parse_log_file_size(s: &str) -> Result<u64, String> {
+    match parse_size(s)? {
+        0 => Err("a log file size must be more than 0".into()),
+        n => Ok(n),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -525,6 +563,63 @@ pub struct EventsArgs {
     /// Not one env's: everything the token may see (the whole cluster for an admin), or one org's with --org
     #[arg(long)]
     pub all: bool,
+}
+
+impl Command {
+    /// `dev`, `control`, `node`, `ingress`: long-running daemons.
+    pub fn is_daemon(&self) -> bool {
+        matches!(
+            self,
+            Command::Dev(_) | Command::Control(_) | Command::Node(_) | Command::Ingress(_)
+        )
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// After the history, keep streaming new lines (reconnects by itself)
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+    /// Only this workload's instances
+    #[arg(long, value_name = "W")]
+    pub workload: Option<String>,
+    /// Only this instance (current or earlier)
+    #[arg(long, value_name = "ID")]
+    pub instance: Option<String>,
+    /// Only app output (stdout/stderr) or only Verge's system lines
+    #[arg(long, value_name = "SOURCE", value_parser = ["app", "system"])]
+    pub source: Option<String>,
+    /// Only lines at least this severe: debug, info, warn or error
+    #[arg(long, value_name = "S", value_parser = ["debug", "info", "warn", "error"])]
+    pub severity: Option<String>,
+    /// Only lines at or after T: an RFC 3339 UTC time (2025-01-31T12:00:00Z) or an age (10m, 2h)
+    #[arg(long, value_name = "T", value_parser = since)]
+    pub since: Option<String>,
+    /// Only lines before T: an RFC 3339 UTC time or an age (not with --follow)
+    #[arg(long, value_name = "T", value_parser = since, conflicts_with = "follow")]
+    pub until: Option<String>,
+    /// Also earlier instances of the env (crashed or replaced), as far as their nodes keep them
+    #[arg(long)]
+    pub previous: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// Run in an instance of this workload
+    #[arg(long, value_name = "W")]
+    pub workload: Option<String>,
+    /// Run in this instance (see verge status); required without a terminal when several run
+    #[arg(long, value_name = "ID")]
+    pub instance: Option<String>,
+    /// Keep stdin open and stream it to the command
+    #[arg(long, short = 'i')]
+    pub interactive: bool,
+    /// Give the command a terminal (with -i: an interactive shell)
+    #[arg(long, short = 't')]
+    pub tty: bool,
+    /// The command and its arguments, after --
+    #[arg(required = true, last = true, value_name = "CMD")]
+    pub command: Vec<String>,
 }
 
 #[derive(Debug, Args)]

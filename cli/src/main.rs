@@ -20,29 +20,39 @@ use crate::args::Cli;
 use crate::output::Output;
 
 fn main() -> std::process::ExitCode {
-    // An instance's shim: this binary re-executed by the node daemon
-    // (`/proc/self/exe __verge-shim DIR`); it must not start a runtime.
+    // An instance's shim, or an exec session's helper: this binary
+    // re-executed by the node daemon (`/proc/self/exe __verge-shim DIR`,
+    // `/proc/self/exe __verge-exec DIR ...`); it must not start a runtime.
     let mut argv = std::env::args_os();
-    if argv
-        .nth(1)
-        .is_some_and(|a| a == verge_node::runtime::SHIM_ARG)
-    {
-        let dir = argv
-            .next()
-            .map(std::path::PathBuf::from)
-            .unwrap_or_default();
-        verge_node::runtime::shim_main(&dir);
-    }
-    // SAFETY: called first thing, before any thread exists; restores the
-    // default action so that `verge ... | head` ends quietly instead of
-    // panicking on EPIPE.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    match argv.nth(1) {
+        Some(a) if a == verge_node::runtime::SHIM_ARG => {
+            let dir = argv
+                .next()
+                .map(std::path::PathBuf::from)
+                .unwrap_or_default();
+            verge_node::runtime::shim_main(&dir);
+        }
+        Some(a) if a == verge_node::exec::EXEC_ARG => {
+            let rest: Vec<std::ffi::OsString> = argv.collect();
+            verge_node::exec::exec_main(&rest);
+        }
+        _ => {}
     }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
     };
+    // Client commands get the default action back, so that `verge ... |
+    // head` ends quietly instead of panicking on EPIPE. Daemons keep it
+    // ignored (Rust's default): a peer that closes a socket mid-write
+    // (splice(2) in the ingress has no MSG_NOSIGNAL) must cost one
+    // connection, not the process.
+    if !cli.command.is_daemon() {
+        // SAFETY: before any thread exists (the runtime starts below).
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     // One TLS implementation for every HTTPS and QUIC connection of the process.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let out = Output::new(cli.output);

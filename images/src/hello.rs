@@ -31,3 +31,52 @@ pub fn hello_image(binary: &Path) -> Result<Image> {
     };
     Image::build(&run, vec![layer])
 }
+
+/// Busybox applets linked in [`debug_image`]'s `/bin`.
+const APPLETS: &[&str] = &[
+    "sh",
+    "cat",
+    "echo",
+    "ls",
+    "ps",
+    "sleep",
+    "kill",
+    "id",
+    "env",
+    "hostname",
+    "stty",
+    "tty",
+    "head",
+    "dd",
+    "wc",
+    "true",
+    "false",
+    "grep",
+    "sha256sum",
+    "pwd",
+];
+
+/// The `hello` image with a shell: `/hello` as in [`hello_image`], plus a
+/// static busybox at `/bin/busybox` and its common applets linked in `/bin`
+/// (`sh`, `cat`, `ps`, `sleep`, …), so that `verge exec` has tools to run.
+pub fn debug_image(hello: &Path, busybox: &Path) -> Result<Image> {
+    ensure_static(hello)?;
+    ensure_static(busybox)?;
+    let read = |p: &Path| std::fs::read(p).map_err(Error::io(format!("reading {}", p.display())));
+    let mut files = vec![
+        File::new(format!("/{HELLO_BIN}"), read(hello)?, 0o755),
+        File::new("/bin/busybox", read(busybox)?, 0o755),
+    ];
+    files.extend(
+        APPLETS
+            .iter()
+            .map(|a| File::symlink(format!("/bin/{a}"), "busybox")),
+    );
+    let run = ImageConfig {
+        entrypoint: vec![format!("/{HELLO_BIN}")],
+        cmd: vec!["--port".into(), HELLO_PORT.to_string()],
+        env: vec!["PATH=/bin".into()],
+        exposed_ports: vec![format!("{HELLO_PORT}/tcp")],
+    };
+    Image::build(&run, vec![Layer::from_files(&files)?])
+}

@@ -23,6 +23,8 @@ pub struct File {
     pub contents: Vec<u8>,
     /// Unix permission bits, e.g. `0o755`.
     pub mode: u32,
+    /// A symbolic link to this target instead of a regular file.
+    pub symlink: Option<String>,
 }
 
 impl File {
@@ -31,6 +33,17 @@ impl File {
             path: path.into(),
             contents: contents.into(),
             mode,
+            symlink: None,
+        }
+    }
+
+    /// A symbolic link at `path` to `target`.
+    pub fn symlink(path: impl Into<String>, target: impl Into<String>) -> File {
+        File {
+            path: path.into(),
+            contents: Vec::new(),
+            mode: 0o777,
+            symlink: Some(target.into()),
         }
     }
 }
@@ -92,8 +105,18 @@ impl Layer {
             };
             header.set_mode(mode);
             header.set_size(contents.len() as u64);
-            tar.append_data(&mut header, &name, contents)
-                .map_err(Error::io(format!("adding {path} to the layer")))?;
+            let added = match entry {
+                Entry::File(File {
+                    symlink: Some(target),
+                    ..
+                }) => {
+                    header.set_entry_type(tar::EntryType::Symlink);
+                    header.set_size(0);
+                    tar.append_link(&mut header, &name, target)
+                }
+                _ => tar.append_data(&mut header, &name, contents),
+            };
+            added.map_err(Error::io(format!("adding {path} to the layer")))?;
         }
         let uncompressed = tar
             .into_inner()

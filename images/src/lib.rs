@@ -24,7 +24,7 @@ mod push;
 
 pub use build::{build_static, host_triple};
 pub use elf::ensure_static;
-pub use hello::{HELLO_BIN, HELLO_PACKAGE, HELLO_PORT, build_hello, hello_image};
+pub use hello::{HELLO_BIN, HELLO_PACKAGE, HELLO_PORT, build_hello, debug_image, hello_image};
 pub use layer::{File, Layer, diff_id, unpack_layer};
 pub use oci::{Image, ImageConfig};
 pub use push::{client_for, install_crypto_provider, is_loopback_registry, push, push_with_auth};

@@ -52,8 +52,13 @@ pub struct NodeConfig {
     pub forwarding: bool,
     /// Stop instances when the daemon stops (`verge dev`).
     pub stop_on_shutdown: bool,
-    /// The program that re-executes as an instance's shim (this binary).
+    /// The program that re-executes as an instance's shim (this binary),
+    /// and as the helper of exec sessions.
     pub shim_exe: PathBuf,
+    /// The most exec sessions an instance has at once (`--exec-max-sessions`).
+    pub exec_max_sessions: usize,
+    /// How much instance log is kept (`<data_dir>/logs`, see [`crate::logs`]).
+    pub log_limits: crate::logs::LogLimits,
 }
 
 /// Why the node daemon did not start.
@@ -125,7 +130,13 @@ pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> Result<Start
         cgroup_parent: cfg.cgroup_parent.clone(),
         isolation: cfg.isolation,
         shim_exe: cfg.shim_exe.clone(),
-    })?;
+    })?
+    .with_log_limits(cfg.log_limits);
+    let logs = crate::logs::Logs::new(
+        cfg.data_dir.join("logs"),
+        cfg.log_limits,
+        identity.assigned.name.clone(),
+    );
     let net = match cfg.isolation {
         Isolation::Namespaces => {
             if cfg.forwarding {
@@ -152,12 +163,20 @@ pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> Result<Start
             isolation: cfg.isolation,
             stop_grace: cfg.stop_grace,
             stop_on_shutdown: cfg.stop_on_shutdown,
+            logs: logs.clone(),
         },
         shutdown.clone(),
     )
     .await;
     let assigned = identity.assigned.clone();
     let supervisors = reconciler.clone();
+    let exec = crate::exec::Exec::new(
+        crate::exec::ExecConfig {
+            max_sessions: cfg.exec_max_sessions,
+            helper_exe: cfg.shim_exe.clone(),
+        },
+        shutdown.clone(),
+    );
     let agent = Agent {
         server: cfg
             .server
@@ -171,17 +190,26 @@ pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> Result<Start
         streams: crate::streams::Streams {
             reconciler: reconciler.clone(),
             node: assigned.name.clone(),
-            logs: crate::logs::Logs::default(),
-            exec: crate::exec::Exec::default(),
+            logs: logs.clone(),
+            exec: exec.clone(),
         },
         reconciler,
         reports,
     };
     let span = tracing::info_span!("node", node = %assigned.node_id, name = %assigned.name);
+    // Log retention at start (after the reconciler marked the instances
+    // that left while no daemon ran), then hourly.
+    tokio::spawn(tracing::Instrument::instrument(
+        logs.clone().housekeeping(shutdown.clone()),
+        tracing::info_span!(parent: &span, "logs_housekeeping"),
+    ));
     let task = tokio::spawn(tracing::Instrument::instrument(
         async move {
             agent.run(shutdown).await;
+            exec.stopped().await;
             supervisors.stopped().await;
+            // The last system records (`stopped`) are on disk.
+            logs.sync().await;
             tracing::info!("node stopped");
         },
         span,

@@ -6,8 +6,10 @@
 //! sends (`reconcile`), pulling digest-pinned OCI images into a
 //! content-addressed store (`pull`), running instances as namespaced
 //! processes in cgroups (`runtime`), their networking (`net`) and
-//! their TCP health checks (`health`), and the streams ingresses reach
-//! instances through, via the control plane (`tunnel`).
+//! their TCP health checks (`health`), the streams ingresses reach
+//! instances through, via the control plane (`tunnel`), and instances'
+//! logs: captured by each instance's shim, kept on disk with bounded
+//! retention, read back for `verge logs` (`logs`).
 //! [`daemon`] puts these together for `verge node` (and `verge dev`);
 //! [`identity`] keeps what the node got at join, [`host`] reads the
 //! machine's capacity and usage for heartbeats.

@@ -11,7 +11,8 @@
 //! the first pass makes it healthy; three failures in a row make it
 //! unhealthy, and then it is stopped and handled as a failed exit (category
 //! `health`). Every state change, and every change of health, is sent to
-//! the agent as an [`InstanceReport`].
+//! the agent as an [`InstanceReport`], and written as a system record in
+//! the instance's logs ([`crate::logs`]), with its exits and restarts.
 //!
 //! On start, instances the previous daemon left running are re-adopted, not
 //! restarted (with the address they had: the network's allocation, or the
@@ -28,12 +29,14 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
+use verge_api::logs::Severity;
 use verge_api::manifest::{Restart, format_size};
 use verge_api::wire::{
     DesiredSet, ErrorCategory, InstanceReport, InstanceSpec, InstanceState, Isolation,
 };
 
 use crate::health::{Check, Checker, Verdict};
+use crate::logs::{Logs, Meta};
 use crate::net::Network;
 use crate::pull::{ImageStore, PulledImage};
 use crate::runtime::state::now_ms;
@@ -59,6 +62,9 @@ pub struct Parts {
     /// Stop every instance when the daemon shuts down (`verge dev`); a
     /// `verge node` leaves them running for its successor to re-adopt.
     pub stop_on_shutdown: bool,
+    /// Instance logs: each instance's `meta.json` and system records
+    /// (every state change, see [`Supervisor::report`]).
+    pub logs: Logs,
 }
 
 /// A handle on the reconciler; cheap to clone.
@@ -128,6 +134,15 @@ impl Reconciler {
             .into_iter()
             .map(|a| (a.spec.instance_id.clone(), a))
             .collect();
+        // Logs of instances that left while no daemon ran count as ended.
+        r.inner.parts.logs.ended_except(
+            saved
+                .set
+                .instances
+                .iter()
+                .map(|s| s.id.clone())
+                .chain(adopted.keys().cloned()),
+        );
         tracing::info!(
             adopted = adopted.len(),
             desired = saved.set.instances.len(),
@@ -147,8 +162,16 @@ impl Reconciler {
             let r2 = r.clone();
             r.inner.supervisors.spawn(async move {
                 tracing::info!(instance = %id, "stopping a leftover instance no longer desired");
+                let logs = &r2.inner.parts.logs;
+                logs.system(
+                    &id,
+                    Severity::Info,
+                    "stopping: no longer desired on this node (found after a daemon restart)",
+                );
                 leftover.instance.stop(r2.inner.parts.stop_grace).await;
                 r2.cleanup(&id).await;
+                logs.system(&id, Severity::Info, "stopped");
+                logs.instance_ended(&id);
             });
         }
         (r, rx)
@@ -229,6 +252,7 @@ impl Reconciler {
                 stop: stop.clone(),
             },
         );
+        self.inner.parts.logs.instance_started(Meta::of(&spec));
         let span = tracing::info_span!(
             "instance",
             org = %spec.org, app = %spec.app, env = %spec.env,
@@ -241,6 +265,7 @@ impl Reconciler {
             restarts: 0,
             reach,
             healthy: None,
+            readopted: false,
         };
         self.inner
             .supervisors
@@ -341,6 +366,21 @@ impl Reconciler {
         }
     }
 
+    /// The directory of instance `id` while it runs on this node, for an
+    /// exec session in it. `Err` says why not, after "instance ID ", e.g.
+    /// `is pulling, not running`.
+    pub fn exec_dir(&self, id: &str) -> Result<PathBuf, String> {
+        let st = self.inner.state.lock().expect("not poisoned");
+        let slot = st.slots.get(id).ok_or("does not run on this node")?;
+        if slot.stop.is_cancelled() {
+            return Err("is leaving this node".into());
+        }
+        if slot.report.state != InstanceState::Running {
+            return Err(format!("is {}, not running", slot.report.state));
+        }
+        Ok(self.inner.parts.runtime.instance_dir(id))
+    }
+
     /// Where a tunnel to `port` of instance `id` connects: the running
     /// instance's address, and only for its own port (the spec's `port`;
     /// on loopback the node's port stands in for it). `Err` says why not,
@@ -380,6 +420,8 @@ struct Supervisor {
     reach: Option<Reach>,
     /// The health verdict of the current run (see [`InstanceReport::healthy`]).
     healthy: Option<bool>,
+    /// The instance being reported running was re-adopted, not started.
+    readopted: bool,
 }
 
 /// Where an instance is reached.
@@ -444,6 +486,9 @@ impl Supervisor {
         } else {
             tracing::info!(%state, "instance state");
         }
+        if let Some((severity, text)) = self.state_record(state, category, message.as_deref()) {
+            self.system(severity, text);
+        }
         self.r.report(InstanceReport {
             id: self.spec.id.clone(),
             state,
@@ -459,6 +504,47 @@ impl Supervisor {
                 None
             },
         });
+    }
+
+    /// The system record of a state change, if it makes one. Exits,
+    /// failed starts and restarts are recorded where they happen (the
+    /// `pending` report that follows them says it all at once).
+    fn state_record(
+        &self,
+        state: InstanceState,
+        category: Option<ErrorCategory>,
+        message: Option<&str>,
+    ) -> Option<(Severity, String)> {
+        let with = |what: &str| match message {
+            Some(m) => format!("{what}: {m}"),
+            None => what.to_owned(),
+        };
+        Some(match state {
+            InstanceState::Pulling => (Severity::Info, format!("pulling {}", self.spec.image)),
+            InstanceState::Starting => (Severity::Info, "starting".into()),
+            InstanceState::Running => match (category, self.healthy) {
+                (Some(ErrorCategory::Health), _) => (Severity::Warn, with("unhealthy")),
+                (_, Some(true)) => (Severity::Info, "healthy".into()),
+                _ if self.readopted => (
+                    Severity::Info,
+                    "re-adopted by a restarted node daemon".into(),
+                ),
+                _ => (Severity::Info, "started".into()),
+            },
+            InstanceState::Pending => return None,
+            InstanceState::Stopping => (Severity::Info, "stopping".into()),
+            InstanceState::Stopped => (Severity::Info, with("stopped")),
+            InstanceState::Failed => (Severity::Error, with("failed")),
+        })
+    }
+
+    /// Writes a system record of the instance.
+    fn system(&self, severity: Severity, message: impl Into<String>) {
+        self.r
+            .inner
+            .parts
+            .logs
+            .system(&self.spec.id, severity, message);
     }
 
     /// The instance's health check, when it has one and its address is known.
@@ -479,6 +565,7 @@ impl Supervisor {
     async fn run(mut self, mut running: Option<Instance>) {
         let mut failures: u32 = 0;
         loop {
+            self.readopted = running.is_some();
             let inst = match running.take() {
                 Some(i) => i,
                 None => match self.launch().await {
@@ -487,6 +574,11 @@ impl Supervisor {
                     }
                     Woke::Done(Ok(i)) => i,
                     Woke::Done(Err((category, message))) => {
+                        let what = match category {
+                            ErrorCategory::ImagePull => "pulling the image failed",
+                            _ => "starting failed",
+                        };
+                        self.system(Severity::Error, format!("{what}: {message}"));
                         failures += 1;
                         if !self.back_off(failures, Some(category), message).await {
                             return;
@@ -499,6 +591,7 @@ impl Supervisor {
             };
             self.healthy = None;
             self.report(InstanceState::Running, None, None);
+            self.readopted = false;
             let started = Instant::now();
             let ended = match self.watch(&inst).await {
                 Woke::Done(ended) => ended,
@@ -515,7 +608,11 @@ impl Supervisor {
                 failures = 0;
             }
             let (category, message) = match ended {
-                Ended::Exited(exit) => classify(&exit, self.spec.memory),
+                Ended::Exited(exit) => {
+                    let (category, message) = classify(&exit, self.spec.memory);
+                    self.system(exit_severity(category), message.clone());
+                    (category, message)
+                }
                 Ended::Unhealthy(message) => {
                     self.healthy = Some(false);
                     self.report(
@@ -524,7 +621,11 @@ impl Supervisor {
                         Some(message.clone()),
                     );
                     tracing::info!("stopping the unhealthy instance");
-                    inst.stop(self.r.inner.parts.stop_grace).await;
+                    let exit = inst.stop(self.r.inner.parts.stop_grace).await;
+                    self.system(
+                        Severity::Warn,
+                        format!("stopped for failing its health check ({})", exit.describe()),
+                    );
                     (Some(ErrorCategory::Health), message)
                 }
             };
@@ -630,6 +731,14 @@ impl Supervisor {
             .saturating_mul(1 << failures.min(6))
             .min(Duration::from_secs(30));
         self.restarts += 1;
+        let streak = match category {
+            Some(_) => format!(" (failure {failures} in a row)"),
+            None => String::new(),
+        };
+        self.system(
+            Severity::Warn,
+            format!("restarting in {}{streak}", humantime_short(delay)),
+        );
         self.report(
             InstanceState::Pending,
             category,
@@ -710,6 +819,7 @@ impl Supervisor {
         }
         self.r.cleanup(&self.spec.id).await;
         self.report(InstanceState::Stopped, None, None);
+        self.r.inner.parts.logs.instance_ended(&self.spec.id);
         self.r.forget(&self.spec.id);
         self.r.collect_images().await;
     }
@@ -779,6 +889,16 @@ fn launch_spec(
         pids: PIDS_LIMIT,
         netns,
     })
+}
+
+/// How serious an exit of `category` is in the system log: a clean exit
+/// is `info`, a failed health check `warn`, any other failure `error`.
+fn exit_severity(category: Option<ErrorCategory>) -> Severity {
+    match category {
+        None => Severity::Info,
+        Some(ErrorCategory::Health) => Severity::Warn,
+        Some(_) => Severity::Error,
+    }
 }
 
 /// The category and message of an exit: `None` category for a clean exit.

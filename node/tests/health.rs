@@ -316,6 +316,11 @@ async fn daemon(
         isolation: Isolation::None,
         stop_grace: Duration::from_secs(5),
         stop_on_shutdown,
+        logs: verge_node::logs::Logs::new(
+            dir.join("logs"),
+            verge_node::logs::LogLimits::default(),
+            "test",
+        ),
     };
     Reconciler::start(parts, shutdown.clone()).await
 }

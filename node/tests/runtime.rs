@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use verge_api::logs::{LogRecord, LogStream};
 use verge_api::wire::{ErrorCategory, Isolation};
 use verge_node::runtime::{Exit, Instance, LaunchSpec, ProcessRuntime, RuntimeConfig};
 
@@ -114,16 +115,23 @@ impl Fixture {
         (exit, self.stdout(id))
     }
 
+    /// The workload's stdout so far: the messages of its app records
+    /// from stdout, a line each (the shim writes them in its logs dir).
     fn stdout(&self, id: &str) -> String {
-        let live = self.rt.instance_dir(id).join("stdout.log");
-        let kept = self.rt.logs_dir(id).join("stdout.log");
-        fs::read_to_string(live)
-            .or_else(|_| fs::read_to_string(kept))
-            .unwrap_or_default()
+        self.output(id, LogStream::Stdout)
     }
 
     fn stderr(&self, id: &str) -> String {
-        fs::read_to_string(self.rt.instance_dir(id).join("stderr.log")).unwrap_or_default()
+        self.output(id, LogStream::Stderr)
+    }
+
+    fn output(&self, id: &str, stream: LogStream) -> String {
+        let app = fs::read_to_string(self.rt.logs_dir(id).join("app.log")).unwrap_or_default();
+        app.lines()
+            .filter_map(|l| serde_json::from_str::<LogRecord>(l).ok())
+            .filter(|r| r.stream == Some(stream))
+            .map(|r| r.message + "\n")
+            .collect()
     }
 
     /// Every hierarchy's directory of the cgroup parent.
@@ -351,8 +359,9 @@ async fn cgroup_limits_are_applied() {
 async fn stop_and_exit_codes() {
     let f = Fixture::new(Isolation::Namespaces);
     let ready = |id: &str| {
-        let path = f.rt.instance_dir(id).join("stdout.log");
-        move || fs::read_to_string(&path).is_ok_and(|s| s.contains("ready"))
+        let id = id.to_owned();
+        let f = &f;
+        move || f.stdout(&id).contains("ready")
     };
 
     // Handles SIGTERM by exiting 0.
@@ -549,9 +558,8 @@ async fn no_leaks_after_many_cycles() {
             .await;
         pids.push(shim_pid(&f, &id));
         pids.push(inst.pid());
-        let out = f.rt.instance_dir(&id).join("stdout.log");
         eventually("the workload's output", Duration::from_secs(10), || {
-            fs::read_to_string(&out).is_ok_and(|s| s.contains("started"))
+            f.stdout(&id).contains("started")
         })
         .await;
         inst.stop(Duration::from_secs(1)).await;

@@ -92,9 +92,59 @@ impl Cli {
         self.run_command(cmd, args).await
     }
 
+    /// `verge ARGS...` in this CLI's environment, not started, stdio
+    /// inherited: for runs a test drives itself (long-lived, or fed stdin).
+    pub fn command(&self, args: &[&str]) -> tokio::process::Command {
+        let mut cmd = crate::verge_command();
+        cmd.args(args).env("VERGE_CONFIG_DIR", &self.config_dir);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    /// The variables a `verge` run gets (`VERGE_CONFIG_DIR` and those set
+    /// with [`target`](Self::target) or [`with_env`](Self::with_env)), for
+    /// runs started by another program (a terminal multiplexer).
+    pub fn env_vars(&self) -> Vec<(String, String)> {
+        let mut vars = vec![(
+            "VERGE_CONFIG_DIR".to_string(),
+            self.config_dir.display().to_string(),
+        )];
+        vars.extend(self.env.iter().cloned());
+        vars
+    }
+
+    /// Runs `verge ARGS...` like [`run`](Self::run) with `input` on its stdin.
+    pub async fn run_with_stdin(&self, args: &[&str], input: Vec<u8>) -> Run {
+        use tokio::io::AsyncWriteExt as _;
+        let mut cmd = crate::verge_command();
+        cmd.args(args).stdin(Stdio::piped());
+        let (tx, rx) = tokio::sync::oneshot::channel::<tokio::process::ChildStdin>();
+        let feeder = tokio::spawn(async move {
+            if let Ok(mut stdin) = rx.await {
+                let _ = stdin.write_all(&input).await;
+                let _ = stdin.shutdown().await;
+            }
+        });
+        let run = self.run_command_fed(cmd, args, Some(tx)).await;
+        let _ = feeder.await;
+        run
+    }
+
     /// Runs `cmd` (a `verge` run with `args`) to completion, at most
     /// [`RUN_TIMEOUT`], in this CLI's environment.
-    async fn run_command(&self, mut cmd: tokio::process::Command, args: &[&str]) -> Run {
+    async fn run_command(&self, cmd: tokio::process::Command, args: &[&str]) -> Run {
+        self.run_command_fed(cmd, args, None).await
+    }
+
+    /// [`run_command`](Self::run_command), handing its stdin to `stdin` when given.
+    async fn run_command_fed(
+        &self,
+        mut cmd: tokio::process::Command,
+        args: &[&str],
+        stdin: Option<tokio::sync::oneshot::Sender<tokio::process::ChildStdin>>,
+    ) -> Run {
         cmd.env("VERGE_CONFIG_DIR", &self.config_dir)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -104,6 +154,9 @@ impl Cli {
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot run verge {args:?}: {e}"));
+        if let (Some(tx), Some(input)) = (stdin, child.stdin.take()) {
+            let _ = tx.send(input);
+        }
         let mut stdout = child.stdout.take().expect("piped stdout");
         let mut stderr = child.stderr.take().expect("piped stderr");
         let (mut out, mut err) = (Vec::new(), Vec::new());

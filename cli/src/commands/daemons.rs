@@ -512,6 +512,8 @@ async fn dev_node(
         memory: None,
         ipv4_range: "10.89.0.0/16".parse().expect("valid"),
         behind_nat: false,
+        exec_max_sessions: args.exec_max_sessions,
+        log_retention: args.log_retention.clone(),
         log: LogArgs {
             log_format: args.log.log_format,
         },
@@ -636,6 +638,13 @@ fn node_config(args: &crate::args::NodeArgs) -> Result<verge_node::daemon::NodeC
         forwarding: true,
         stop_on_shutdown: false,
         shim_exe: PathBuf::from("/proc/self/exe"),
+        exec_max_sessions: args.exec_max_sessions as usize,
+        log_limits: verge_node::logs::LogLimits {
+            file_size: args.log_retention.log_file_size,
+            files: args.log_retention.log_files,
+            max_age: args.log_retention.log_max_age,
+            keep_instances: args.log_retention.log_keep_instances,
+        },
     })
 }
 

@@ -5,6 +5,8 @@ mod config;
 mod daemons;
 mod deploy;
 mod endpoints;
+mod exec;
+mod logs;
 mod manifest;
 mod nodes;
 mod nouns;
@@ -104,6 +106,8 @@ pub async fn run(cli: Cli, out: &Output) -> Result {
         Command::Describe(cmd) => releases::describe(&Context::new(target)?, cmd, out).await,
         Command::Events(args) => observe::events(&Context::new(target)?, args, out).await,
         Command::Wait(args) => wait::wait(&Context::new(target)?, args, out).await,
+        Command::Logs(args) => logs::logs(&Context::new(target)?, args, out).await,
+        Command::Exec(args) => exec::exec(&Context::new(target)?, args, out).await,
     }
 }
 

@@ -135,6 +135,8 @@ pub struct Client {
     http: reqwest::Client,
     base: Url,
     token: Option<String>,
+    /// The CA trusted instead of the platform's, for the exec client.
+    ca_cert_pem: Option<Vec<u8>>,
 }
 
 impl Client {
@@ -156,26 +158,15 @@ impl Client {
         if base.cannot_be_a_base() || base.host().is_none() {
             return Err(bad("it needs a host, like http://127.0.0.1:7070"));
         }
-        let mut builder = reqwest::Client::builder()
-            .user_agent(concat!("verge/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(std::time::Duration::from_secs(10))
+        let builder = reqwest::Client::builder()
             // A server that accepts but never answers must not hang the CLI.
             .read_timeout(std::time::Duration::from_secs(60));
-        if let Some(pem) = ca_cert_pem {
-            let certs = reqwest::Certificate::from_pem_bundle(pem)
-                .map_err(|e| ClientError::BadCaCert(e.to_string()))?;
-            if certs.is_empty() {
-                return Err(ClientError::BadCaCert("no PEM certificate found".into()));
-            }
-            builder = builder.tls_certs_only(certs);
-        }
-        let http = builder
-            .build()
-            .map_err(|e| ClientError::BadCaCert(e.to_string()))?;
+        let http = http_client(builder, ca_cert_pem)?;
         Ok(Client {
             http,
             base,
             token: token.map(str::to_string),
+            ca_cert_pem: ca_cert_pem.map(<[u8]>::to_vec),
         })
     }
 
@@ -200,6 +191,23 @@ impl Client {
         }
     }
 
+    /// The [`ClientError`] a non-2xx answer stands for.
+    async fn error_of(&self, resp: reqwest::Response, url: &Url) -> ClientError {
+        let status = resp.status();
+        let bytes = match resp.bytes().await {
+            Ok(b) => b,
+            Err(e) => return self.connect_error(e),
+        };
+        match serde_json::from_slice::<ErrorBody>(&bytes) {
+            Ok(body) => ClientError::Api(body.error),
+            Err(_) => ClientError::Decode {
+                url: url.to_string(),
+                status: status.as_u16(),
+                detail: String::from_utf8_lossy(&bytes).chars().take(200).collect(),
+            },
+        }
+    }
+
     /// Sends a request; a non-2xx answer becomes its [`ClientError`].
     async fn send(
         &self,
@@ -215,19 +223,10 @@ impl Client {
             req = req.json(body);
         }
         let resp = req.send().await.map_err(|e| self.connect_error(e))?;
-        let status = resp.status();
-        if status.is_success() {
+        if resp.status().is_success() {
             return Ok(resp);
         }
-        let bytes = resp.bytes().await.map_err(|e| self.connect_error(e))?;
-        match serde_json::from_slice::<ErrorBody>(&bytes) {
-            Ok(body) => Err(ClientError::Api(body.error)),
-            Err(_) => Err(ClientError::Decode {
-                url: url.to_string(),
-                status: status.as_u16(),
-                detail: String::from_utf8_lossy(&bytes).chars().take(200).collect(),
-            }),
-        }
+        Err(self.error_of(resp, url).await)
     }
 
     async fn call<T: DeserializeOwned>(
@@ -565,6 +564,84 @@ impl Client {
         }
     }
 
+    /// The env's logs (SPEC §4 `verge logs`): history merged in time order,
+    /// then with `follow` new lines as they are written; notices say what
+    /// could not be read.
+    pub async fn logs(
+        &self,
+        scope: EnvScope<'_>,
+        query: &crate::logs::LogQuery,
+    ) -> Result<LineStream<crate::logs::LogItem>, ClientError> {
+        let mut url = self.env_url(scope, &["logs"]);
+        {
+            let mut q = url.query_pairs_mut();
+            let mut pair = |k: &str, v: Option<&str>| {
+                if let Some(v) = v {
+                    q.append_pair(k, v);
+                }
+            };
+            pair("workload", query.workload.as_deref());
+            pair("instance", query.instance.as_deref());
+            pair("source", query.source.map(|s| s.as_str()));
+            pair("severity", query.severity.map(|s| s.as_str()));
+            pair("since", query.since.as_deref());
+            pair("until", query.until.as_deref());
+            pair("previous", query.previous.then_some("true"));
+            pair("follow", query.follow.then_some("true"));
+        }
+        let url = Url::parse(url.as_str().trim_end_matches('?')).unwrap_or(url);
+        let resp = self.send(Method::GET, &url, None::<&()>).await?;
+        Ok(self.lines(resp, &url))
+    }
+
+    /// Starts an exec session (SPEC §4 `verge exec`): on success the
+    /// connection carries [`crate::exec::Frame`]s both ways.
+    pub async fn exec(
+        &self,
+        scope: EnvScope<'_>,
+        request: &crate::exec::ExecRequest,
+    ) -> Result<ExecSession, ClientError> {
+        // HTTP/1.1 only (an upgrade), and no read timeout: a session may
+        // be quiet for as long as its user is.
+        let http = http_client(
+            reqwest::Client::builder().http1_only(),
+            self.ca_cert_pem.as_deref(),
+        )?;
+        let url = self.env_url(scope, &["exec"]);
+        let mut req = http
+            .post(url.clone())
+            .header(reqwest::header::CONNECTION, "upgrade")
+            .header(reqwest::header::UPGRADE, crate::exec::UPGRADE)
+            .json(request);
+        if let Some(token) = &self.token {
+            req = req.bearer_auth(token);
+        }
+        let resp = req.send().await.map_err(|e| self.connect_error(e))?;
+        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            if resp.status().is_success() {
+                return Err(ClientError::Decode {
+                    url: url.to_string(),
+                    status: resp.status().as_u16(),
+                    detail:
+                        "the server did not switch to the exec protocol (is a proxy in between?)"
+                            .into(),
+                });
+            }
+            return Err(self.error_of(resp, &url).await);
+        }
+        let started = resp
+            .headers()
+            .get(crate::exec::STARTED_HEADER)
+            .and_then(|v| serde_json::from_slice(v.as_bytes()).ok())
+            .ok_or_else(|| ClientError::Decode {
+                url: url.to_string(),
+                status: 101,
+                detail: format!("no valid {} header", crate::exec::STARTED_HEADER),
+            })?;
+        let io = resp.upgrade().await.map_err(|e| self.connect_error(e))?;
+        Ok(ExecSession { started, io })
+    }
+
     /// What is exposed in `org` (SPEC §4 `verge endpoints`), optionally of
     /// one app or one env only.
     pub async fn list_endpoints(
@@ -638,6 +715,36 @@ impl Client {
     pub async fn ingress_cluster(&self) -> Result<crate::routing::ClusterInfo, ClientError> {
         self.get(self.url(&["ingress", "cluster"])).await
     }
+}
+
+/// A started exec session: where it runs, and the connection that
+/// carries its frames.
+#[derive(Debug)]
+pub struct ExecSession {
+    pub started: crate::exec::ExecStarted,
+    pub io: reqwest::Upgraded,
+}
+
+/// A reqwest client with Verge's user agent and connect timeout, trusting
+/// only `ca_cert_pem` when given.
+fn http_client(
+    builder: reqwest::ClientBuilder,
+    ca_cert_pem: Option<&[u8]>,
+) -> Result<reqwest::Client, ClientError> {
+    let mut builder = builder
+        .user_agent(concat!("verge/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(std::time::Duration::from_secs(10));
+    if let Some(pem) = ca_cert_pem {
+        let certs = reqwest::Certificate::from_pem_bundle(pem)
+            .map_err(|e| ClientError::BadCaCert(e.to_string()))?;
+        if certs.is_empty() {
+            return Err(ClientError::BadCaCert("no PEM certificate found".into()));
+        }
+        builder = builder.tls_certs_only(certs);
+    }
+    builder
+        .build()
+        .map_err(|e| ClientError::BadCaCert(e.to_string()))
 }
 
 /// Events arriving as NDJSON, one per line.

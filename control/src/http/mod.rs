@@ -6,8 +6,10 @@
 
 mod config;
 mod endpoints;
+mod exec;
 mod health;
 mod ingress;
+mod logs;
 mod nodes;
 mod nouns;
 mod observe;
@@ -62,7 +64,9 @@ pub fn router(state: AppState) -> Router {
         .merge(tokens::routes())
         .merge(nodes::routes())
         .merge(endpoints::routes())
-        .merge(ingress::routes());
+        .merge(ingress::routes())
+        .merge(logs::routes())
+        .merge(exec::routes());
     Router::new()
         .route("/healthz", get(health::healthz))
         .route("/metrics", get(health::metrics))

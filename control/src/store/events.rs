@@ -57,6 +57,14 @@ pub struct EventRow {
     pub actor: Option<String>,
 }
 
+/// An instance placed on a node, from its `instance.placed` event.
+#[derive(Debug, Clone, PartialEq, Eq, FromRow)]
+pub struct Placed {
+    pub instance_id: String,
+    pub node_id: String,
+    pub placed_at: i64,
+}
+
 /// Which events to read: all (cluster-wide), one org's, or one env's,
 /// after a cursor.
 #[derive(Debug, Clone)]
@@ -108,6 +116,23 @@ impl Store {
         .bind(filter.after)
         .bind(filter.since_ms)
         .bind(filter.limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
+    }
+
+    /// The instances of an env placed on a node, as recorded by their
+    /// `instance.placed` events, with the node (ID) and when; newest first,
+    /// at most `limit`. Earlier instances' logs are found through it.
+    pub async fn placed_history(&self, env_id: &str, limit: i64) -> Result<Vec<Placed>> {
+        let rows = sqlx::query_as(
+            "SELECT instance_id, node_id, MAX(created_at) AS placed_at FROM events \
+             WHERE env_id = $1 AND kind = 'instance.placed' \
+             AND instance_id IS NOT NULL AND node_id IS NOT NULL \
+             GROUP BY instance_id, node_id ORDER BY placed_at DESC LIMIT $2",
+        )
+        .bind(env_id)
+        .bind(limit)
         .fetch_all(&self.pool)
         .await?;
         Ok(rows)

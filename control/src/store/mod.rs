@@ -32,7 +32,7 @@ use sqlx::{AnyPool, Connection as _, Executor};
 
 pub use config::{ConfigVersion, SecretVersionRow};
 pub use endpoints::{EndpointAddressRow, IngressRow};
-pub use events::{EventFilter, EventRow, Mutation, NewEvent};
+pub use events::{EventFilter, EventRow, Mutation, NewEvent, Placed};
 pub use instances::{EnvScope, InstanceRow, NewInstance, Reported};
 pub use nodes::{Hello, JoinTokenRow, NewNode, NodeRow};
 pub use nouns::{AppRow, EnvRow, OrgRow, ProjectRow};

@@ -1,7 +1,8 @@
 //! `verge-images`: build Verge's example workloads into OCI images and push them.
 //!
 //! ```text
-//! verge-images push hello REF     # e.g. REF = 127.0.0.1:5000/hello:1.0
+//! verge-images push hello REF         # e.g. REF = 127.0.0.1:5000/hello:1.0
+//! verge-images push hello-debug REF   # hello plus /bin/busybox and its applets
 //! ```
 //!
 //! Prints the manifest digest, then the pinned reference `REF@sha256:...`.
@@ -12,7 +13,10 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 
-const USAGE: &str = "usage: verge-images push hello REF   (e.g. 127.0.0.1:5000/hello:1.0)";
+const USAGE: &str =
+    "usage: verge-images push hello|hello-debug REF   (e.g. 127.0.0.1:5000/hello:1.0)";
+/// The static busybox `hello-debug` carries (Debian's `busybox-static`).
+const BUSYBOX: &str = "/bin/busybox";
 
 /// The workspace this binary was built from: where `hello` is built.
 fn workspace_root() -> PathBuf {
@@ -49,7 +53,8 @@ async fn run() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     match args.as_slice() {
-        ["push", "hello", reference] => push_hello(reference).await,
+        ["push", "hello", reference] => push_hello(reference, false).await,
+        ["push", "hello-debug", reference] => push_hello(reference, true).await,
         ["-h" | "--help" | "help"] => {
             println!("{USAGE}");
             Ok(())
@@ -58,7 +63,8 @@ async fn run() -> anyhow::Result<()> {
     }
 }
 
-async fn push_hello(reference: &str) -> anyhow::Result<()> {
+/// Builds hello and pushes its image (with `debug`, `hello-debug`).
+async fn push_hello(reference: &str, debug: bool) -> anyhow::Result<()> {
     // Fail on a bad reference before spending time on the build.
     reference
         .parse::<oci_client::Reference>()
@@ -68,7 +74,16 @@ async fn push_hello(reference: &str) -> anyhow::Result<()> {
     let binary = tokio::task::spawn_blocking(move || verge_images::build_hello(&root))
         .await
         .context("build task panicked")??;
-    let image = verge_images::hello_image(&binary)?;
+    let image = if debug {
+        if !Path::new(BUSYBOX).exists() {
+            bail!(
+                "{BUSYBOX} is missing: install a static busybox (apt-get install busybox-static)"
+            );
+        }
+        verge_images::debug_image(&binary, Path::new(BUSYBOX))?
+    } else {
+        verge_images::hello_image(&binary)?
+    };
     eprintln!("pushing {} to {reference}...", binary.display());
     let digest = verge_images::push(&image, reference).await?;
     println!("{digest}");

@@ -5,6 +5,9 @@
 //! process exits with 127.
 //!
 //! This runs in a child of the single-threaded shim, so allocating is safe.
+//! The pieces after the namespaces are set up (environment, user, working
+//! dir, program lookup, capabilities, `execve`) are shared with exec
+//! sessions (`crate::exec`), whose commands run like the workload.
 
 use std::ffi::CString;
 use std::fs;
@@ -91,18 +94,11 @@ fn setup_and_exec(c: &Child<'_>) -> Result<std::convert::Infallible, String> {
     }
 
     let spec = c.spec;
-    let mut env: Vec<(String, String)> = spec.env.clone();
-    if !env.iter().any(|(k, _)| k == "PATH") {
-        env.push(("PATH".into(), DEFAULT_PATH.into()));
-    }
-    let path_var = env
-        .iter()
-        .find(|(k, _)| k == "PATH")
-        .map(|(_, v)| v.clone())
-        .unwrap_or_default();
+    let env = environment(&spec.env);
+    let path_var = path_of(&env);
     let argv0 = spec.argv.first().ok_or("the command is empty")?;
 
-    let (program, user) = match c.isolation {
+    let prepared = match c.isolation {
         Isolation::Namespaces => {
             if let Some(netns) = &spec.netns {
                 let file = fs::File::open(netns)
@@ -116,54 +112,130 @@ fn setup_and_exec(c: &Child<'_>) -> Result<std::convert::Infallible, String> {
                 | CloneFlags::CLONE_NEWIPC
                 | CloneFlags::CLONE_NEWCGROUP;
             unshare(flags).map_err(|e| format!("unshare: {e}"))?;
-            rootfs::enter(c.dir, &spec.layers)?;
+            rootfs::enter(c.dir, &spec.layers, &spec.hostname)?;
             sethostname(&spec.hostname)
                 .map_err(|e| format!("sethostname {:?}: {e}", spec.hostname))?;
-            let user = user::resolve(
-                spec.user.as_deref(),
-                fs::read_to_string("/etc/passwd").ok().as_deref(),
-                fs::read_to_string("/etc/group").ok().as_deref(),
-            )?;
-            let cwd = spec
-                .working_dir
-                .as_deref()
-                .filter(|d| !d.is_empty())
-                .unwrap_or("/");
-            fs::create_dir_all(cwd).map_err(|e| format!("creating working dir {cwd}: {e}"))?;
-            chdir(cwd).map_err(|e| format!("chdir {cwd}: {e}"))?;
-            let program = find_in_root(argv0, &path_var)?;
-            drop_capabilities()?;
-            (program, Some(user))
+            prepare_in_root(spec, argv0, &path_var)?
         }
-        Isolation::None => {
-            let read =
-                |p: &str| layers::lookup(&spec.layers, p).and_then(|p| fs::read_to_string(p).ok());
-            let user = match spec.user.as_deref() {
-                // Without root the user cannot be switched: run as the daemon's.
-                Some(u) if !nix::unistd::geteuid().is_root() => {
-                    eprintln!(
-                        "verge: isolation none without root: running as uid {} instead of the image user {u:?}",
-                        nix::unistd::geteuid()
-                    );
-                    None
-                }
-                Some(u) => Some(user::resolve(
-                    Some(u),
-                    read("/etc/passwd").as_deref(),
-                    read("/etc/group").as_deref(),
-                )?),
-                None => None,
-            };
-            let cwd = c.dir.join(state::CWD);
-            fs::create_dir_all(&cwd).map_err(|e| format!("creating {}: {e}", cwd.display()))?;
-            chdir(&cwd).map_err(|e| format!("chdir {}: {e}", cwd.display()))?;
-            let program = layers::find_command(&spec.layers, argv0, &path_var)
-                .ok_or_else(|| not_found(argv0, &path_var))?;
-            (program, user)
-        }
+        Isolation::None => prepare_on_host(spec, c.dir, argv0, &path_var)?,
     };
+    Err(exec_as(&prepared, &spec.argv, env, c.isolation))
+}
 
-    if let Some(user) = &user {
+/// The environment of a process of the instance: the spec's, with
+/// [`DEFAULT_PATH`] when it has no `PATH`.
+pub(crate) fn environment(spec_env: &[(String, String)]) -> Vec<(String, String)> {
+    let mut env = spec_env.to_vec();
+    if !env.iter().any(|(k, _)| k == "PATH") {
+        env.push(("PATH".into(), DEFAULT_PATH.into()));
+    }
+    env
+}
+
+/// `PATH` of `env` (empty when unset).
+pub(crate) fn path_of(env: &[(String, String)]) -> String {
+    env.iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default()
+}
+
+/// What a process of the instance runs, and as whom, once prepared.
+pub(crate) struct Prepared {
+    /// The program's path, in the current root.
+    pub program: PathBuf,
+    /// `None`: stay the current user (isolation `none` without root).
+    pub user: Option<user::User>,
+}
+
+/// Isolation `namespaces`, in the instance's root (the current one): the
+/// image user from the image's `/etc/passwd` and `/etc/group`, the working
+/// dir (created when missing) entered, `argv0` looked up in `path_var`,
+/// and the capability bounding set reduced.
+pub(crate) fn prepare_in_root(
+    spec: &LaunchSpec,
+    argv0: &str,
+    path_var: &str,
+) -> Result<Prepared, String> {
+    let user = user::resolve(
+        spec.user.as_deref(),
+        fs::read_to_string("/etc/passwd").ok().as_deref(),
+        fs::read_to_string("/etc/group").ok().as_deref(),
+    )?;
+    let cwd = spec
+        .working_dir
+        .as_deref()
+        .filter(|d| !d.is_empty())
+        .unwrap_or("/");
+    fs::create_dir_all(cwd).map_err(|e| format!("creating working dir {cwd}: {e}"))?;
+    chdir(cwd).map_err(|e| format!("chdir {cwd}: {e}"))?;
+    let program = find_in_root(argv0, path_var)?;
+    drop_capabilities()?;
+    Ok(Prepared {
+        program,
+        user: Some(user),
+    })
+}
+
+/// Isolation `none`, on the host: the image user (only as root), the
+/// working dir `<dir>/cwd`, `argv0` looked up in the image layers.
+pub(crate) fn prepare_on_host(
+    spec: &LaunchSpec,
+    dir: &Path,
+    argv0: &str,
+    path_var: &str,
+) -> Result<Prepared, String> {
+    let read = |p: &str| layers::lookup(&spec.layers, p).and_then(|p| fs::read_to_string(p).ok());
+    let user = match spec.user.as_deref() {
+        // Without root the user cannot be switched: run as the daemon's.
+        Some(u) if !nix::unistd::geteuid().is_root() => {
+            eprintln!(
+                "verge: isolation none without root: running as uid {} instead of the image user {u:?}",
+                nix::unistd::geteuid()
+            );
+            None
+        }
+        Some(u) => Some(user::resolve(
+            Some(u),
+            read("/etc/passwd").as_deref(),
+            read("/etc/group").as_deref(),
+        )?),
+        None => None,
+    };
+    let cwd = dir.join(state::CWD);
+    fs::create_dir_all(&cwd).map_err(|e| format!("creating {}: {e}", cwd.display()))?;
+    chdir(&cwd).map_err(|e| format!("chdir {}: {e}", cwd.display()))?;
+    let program = layers::find_command(&spec.layers, argv0, path_var)
+        .ok_or_else(|| not_found(argv0, path_var))?;
+    Ok(Prepared { program, user })
+}
+
+/// Becomes the prepared user (with `HOME` from its passwd entry unless
+/// `env` has one), marks every other fd close-on-exec and executes
+/// `argv` with `env`. Returns only on failure, with the message for
+/// people. The parent-death signal (SIGKILL), which a change of user
+/// clears, is set again just before.
+pub(crate) fn exec_as(
+    prepared: &Prepared,
+    argv: &[String],
+    mut env: Vec<(String, String)>,
+    isolation: Isolation,
+) -> String {
+    match become_and_exec(prepared, argv, &mut env, isolation) {
+        Ok(never) => match never {},
+        Err(message) => message,
+    }
+}
+
+fn become_and_exec(
+    prepared: &Prepared,
+    argv: &[String],
+    env: &mut Vec<(String, String)>,
+    isolation: Isolation,
+) -> Result<std::convert::Infallible, String> {
+    let Prepared { program, user } = prepared;
+    let argv0 = argv.first().ok_or("the command is empty")?;
+    if let Some(user) = user {
         if !env.iter().any(|(k, _)| k == "HOME") {
             env.push(("HOME".into(), user.home.clone()));
         }
@@ -171,12 +243,12 @@ fn setup_and_exec(c: &Child<'_>) -> Result<std::convert::Infallible, String> {
         setgroups(&groups).map_err(|e| format!("setgroups {:?}: {e}", user.groups))?;
         setgid(Gid::from_raw(user.gid)).map_err(|e| format!("setgid {}: {e}", user.gid))?;
         setuid(Uid::from_raw(user.uid)).map_err(|e| format!("setuid {}: {e}", user.uid))?;
+        nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(|e| format!("prctl: {e}"))?;
     }
     close_other_fds();
 
     let cstr = |s: &str| CString::new(s).map_err(|_| format!("{s:?} has a NUL byte"));
-    let argv = spec
-        .argv
+    let argv = argv
         .iter()
         .map(|a| cstr(a))
         .collect::<Result<Vec<_>, _>>()?;
@@ -190,14 +262,14 @@ fn setup_and_exec(c: &Child<'_>) -> Result<std::convert::Infallible, String> {
         Ok(never) => match never {},
         Err(e) => e,
     };
-    let shown = if c.isolation == Isolation::None {
+    let shown = if isolation == Isolation::None {
         format!("{} ({})", argv0, program.display())
     } else {
         program.display().to_string()
     };
     Err(exec_error(
         &shown,
-        &program,
+        program,
         errno,
         user.as_ref().map_or(0, |u| u.uid),
     ))
@@ -205,7 +277,7 @@ fn setup_and_exec(c: &Child<'_>) -> Result<std::convert::Infallible, String> {
 
 /// Default dispositions and an empty mask: the shim (and Rust's runtime)
 /// ignore SIGPIPE, and ignored signals survive `execve`.
-fn reset_signals() {
+pub(crate) fn reset_signals() {
     for signal in Signal::iterator() {
         if matches!(signal, Signal::SIGKILL | Signal::SIGSTOP) {
             continue;

@@ -15,13 +15,17 @@
 //! process (see [`RuntimeConfig::isolation`]).
 //!
 //! Each instance has a directory `<root>/<id>/`: `spec.json`,
-//! `launch.json`, `shim.pid`, `pid`, `stdout.log`, `stderr.log`,
-//! `shim.log`, `exit.json`, and the overlay's `upper/`, `work/`, `rootfs/`.
-//! [`ProcessRuntime::remove`] keeps the logs and the exit record in
-//! `<root>/../logs/<id>/` and removes the rest.
+//! `launch.json`, `shim.pid`, `pid`, `shim.log`, `exit.json`, and the
+//! overlay's `upper/`, `work/`, `rootfs/`. Its logs dir is
+//! `<root>/../logs/<id>/` ([`ProcessRuntime::logs_dir`]): the shim reads
+//! the workload's stdout and stderr from pipes and writes them there as
+//! app records in `app.log`, rotated by size ([`crate::logs`]), from the
+//! start and whether or not the daemon runs. [`ProcessRuntime::remove`]
+//! keeps the last `exit.json` and `shim.log` there too and removes the
+//! instance dir.
 
-mod cgroup;
-mod child;
+pub(crate) mod cgroup;
+pub(crate) mod child;
 mod instance;
 mod layers;
 mod rootfs;
@@ -39,6 +43,8 @@ use std::time::Duration;
 use tokio::io::AsyncReadExt;
 
 use verge_api::wire::Isolation;
+
+use crate::logs::LogLimits;
 
 pub use cgroup::CPU_PERIOD_US;
 pub use instance::Instance;
@@ -61,8 +67,8 @@ const ADOPT_PID_WAIT: Duration = Duration::from_secs(2);
 /// Where and how instances run.
 #[derive(Debug, Clone)]
 pub struct RuntimeConfig {
-    /// The instances dir: one subdirectory per instance. Logs of removed
-    /// instances go to its sibling `logs/`.
+    /// The instances dir: one subdirectory per instance. Instance logs
+    /// live in its sibling `logs/`.
     pub root: PathBuf,
     /// Cgroup under which each instance gets `<cgroup_parent>/<id>`,
     /// relative to the hierarchy roots (`verge`).
@@ -140,6 +146,7 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> RuntimeError {
 #[derive(Debug, Clone)]
 pub struct ProcessRuntime {
     cfg: std::sync::Arc<RuntimeConfig>,
+    log_limits: LogLimits,
 }
 
 impl ProcessRuntime {
@@ -151,7 +158,15 @@ impl ProcessRuntime {
             .map_err(io_err(format!("creating {}", cfg.root.display())))?;
         Ok(ProcessRuntime {
             cfg: std::sync::Arc::new(cfg),
+            log_limits: LogLimits::default(),
         })
+    }
+
+    /// The limits the shims of instances started from now on rotate
+    /// `app.log` with (default [`LogLimits::default`]).
+    pub fn with_log_limits(mut self, limits: LogLimits) -> ProcessRuntime {
+        self.log_limits = limits;
+        self
     }
 
     pub fn config(&self) -> &RuntimeConfig {
@@ -163,8 +178,9 @@ impl ProcessRuntime {
         self.cfg.root.join(id)
     }
 
-    /// Where [`remove`](Self::remove) keeps an instance's logs and exit
-    /// record: `<root>/../logs/<id>`.
+    /// The instance's logs dir, `<root>/../logs/<id>`: its shim writes
+    /// `app.log` there from the start, and [`remove`](Self::remove) keeps
+    /// the last `exit.json` and `shim.log` there.
     pub fn logs_dir(&self, id: &str) -> PathBuf {
         let parent = self.cfg.root.parent().unwrap_or(Path::new("/"));
         parent.join("logs").join(id)
@@ -222,9 +238,18 @@ impl ProcessRuntime {
                 });
             }
         };
+        let logs = self.logs_dir(id);
+        if let Err(e) = fs::create_dir_all(&logs) {
+            if let Some(path) = &cgroup {
+                InstanceCgroup::load(path).delete();
+            }
+            return Err(io_err(format!("creating {}", logs.display()))(e));
+        }
         let launch = Launch {
             isolation: self.cfg.isolation,
             cgroup,
+            logs: Some(logs),
+            log_limits: self.log_limits,
         };
         state::write_json(&dir.join(state::LAUNCH), &launch)
             .map_err(io_err(format!("writing {id}'s launch")))?;
@@ -356,9 +381,9 @@ impl ProcessRuntime {
     }
 
     /// Removes an exited instance: its cgroup (if still there), its dir.
-    /// Its `stdout.log`, `stderr.log`, `shim.log` and `exit.json` are kept
-    /// in [`logs_dir`](Self::logs_dir). Removing an unknown instance is not
-    /// an error.
+    /// Its `shim.log` and `exit.json` are kept in
+    /// [`logs_dir`](Self::logs_dir), beside the logs its shim wrote there.
+    /// Removing an unknown instance is not an error.
     pub async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
         let dir = self.instance_dir(id);
         if !dir.exists() {
@@ -407,7 +432,7 @@ impl ProcessRuntime {
         if keep_logs {
             let logs = self.logs_dir(id);
             fs::create_dir_all(&logs).map_err(io_err(format!("creating {}", logs.display())))?;
-            for name in [state::STDOUT, state::STDERR, state::SHIM_LOG, state::EXIT] {
+            for name in [state::SHIM_LOG, state::EXIT] {
                 let from = dir.join(name);
                 if from.exists() {
                     move_file(&from, &logs.join(name))

@@ -67,9 +67,10 @@ fn mount_fs(fstype: &str, target: &Path, flags: MsFlags, data: &str) -> Result<(
 }
 
 /// Builds the rootfs of the instance in `dir` from `layers` (bottom first)
-/// and makes it the root. Must run in a fresh mount namespace, in the new
-/// PID namespace (for `/proc`).
-pub fn enter(dir: &Path, layers: &[PathBuf]) -> Result<(), String> {
+/// and makes it the root, with `/etc/hostname` saying `hostname` (and an
+/// `/etc/hosts` naming it when the image has none). Must run in a fresh
+/// mount namespace, in the new PID namespace (for `/proc`).
+pub fn enter(dir: &Path, layers: &[PathBuf], hostname: &str) -> Result<(), String> {
     mount(
         None::<&str>,
         "/",
@@ -80,6 +81,7 @@ pub fn enter(dir: &Path, layers: &[PathBuf]) -> Result<(), String> {
     .map_err(|e| err("making the mounts private", e))?;
     let root = dir.join(state::ROOTFS);
     mount_overlay(dir, layers, &root)?;
+    write_identity(&root, hostname)?;
 
     let dev = root.join("dev");
     mount_fs(
@@ -136,6 +138,26 @@ pub fn enter(dir: &Path, layers: &[PathBuf]) -> Result<(), String> {
     umount2(".", MntFlags::MNT_DETACH).map_err(|e| err("detaching the host's root", e))?;
     chdir("/").map_err(|e| err("chdir /", e))?;
     protect_proc()
+}
+
+/// `/etc/hostname` (the instance's, whatever the image had) and, when the
+/// image has none, an `/etc/hosts` with localhost and the hostname; in the
+/// overlay's upper dir, so the image's layers are untouched.
+fn write_identity(root: &Path, hostname: &str) -> Result<(), String> {
+    let etc = root.join("etc");
+    fs::create_dir_all(&etc).map_err(|e| err("creating /etc", e))?;
+    let file = etc.join("hostname");
+    if fs::symlink_metadata(&file).is_ok_and(|m| !m.is_file()) {
+        return Ok(());
+    }
+    fs::write(&file, format!("{hostname}\n")).map_err(|e| err("writing /etc/hostname", e))?;
+    let hosts = etc.join("hosts");
+    if fs::symlink_metadata(&hosts).is_err() {
+        let text =
+            format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n127.0.1.1\t{hostname}\n");
+        fs::write(&hosts, text).map_err(|e| err("writing /etc/hosts", e))?;
+    }
+    Ok(())
 }
 
 fn mount_overlay(dir: &Path, layers: &[PathBuf], root: &Path) -> Result<(), String> {

@@ -26,8 +26,6 @@ pub const PID: &str = "pid";
 pub const EXIT: &str = "exit.json";
 /// The shim's own diagnostics (its stderr).
 pub const SHIM_LOG: &str = "shim.log";
-pub const STDOUT: &str = "stdout.log";
-pub const STDERR: &str = "stderr.log";
 /// overlayfs upper and work dirs, and the mount point of the rootfs.
 pub const UPPER: &str = "upper";
 pub const WORK: &str = "work";
@@ -42,6 +40,30 @@ pub struct Launch {
     /// The instance's cgroup, relative to the hierarchy roots; `None` when
     /// it could not be created (isolation `none` only).
     pub cgroup: Option<String>,
+    /// The instance's logs dir, where the shim writes `app.log`; `None`
+    /// (a launch of an older daemon): `<instance dir>/../../logs/<id>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logs: Option<PathBuf>,
+    /// How the shim rotates `app.log`.
+    #[serde(default)]
+    pub log_limits: crate::logs::LogLimits,
+}
+
+impl Launch {
+    /// Where the shim of the instance in `dir` writes its logs.
+    pub fn logs_dir(&self, dir: &Path) -> PathBuf {
+        match &self.logs {
+            Some(logs) => logs.clone(),
+            None => {
+                let id = dir.file_name().unwrap_or_default();
+                let root = dir
+                    .parent()
+                    .and_then(Path::parent)
+                    .unwrap_or(Path::new("/"));
+                root.join("logs").join(id)
+            }
+        }
+    }
 }
 
 /// A process, named so that a recycled PID is not mistaken for it: its PID

@@ -1,0 +1,94 @@
+//! `verge logs`: an env's logs, history then (with `--follow`) new lines.
+
+use std::time::{Duration, Instant};
+
+use verge_api::logs::{LogItem, LogNotice, LogQuery};
+
+use super::Result;
+use crate::args::LogsArgs;
+use crate::context::Context;
+use crate::output::Output;
+
+pub async fn logs(ctx: &Context, args: LogsArgs, out: &Output) -> Result {
+    let names = ctx.env_names().await?;
+    let mut query = LogQuery {
+        workload: args.workload,
+        instance: args.instance,
+        source: parse(args.source)?,
+        severity: parse(args.severity)?,
+        since: args.since,
+        until: args.until,
+        previous: args.previous,
+        follow: args.follow,
+    };
+    // A first request that fails is an error: wrong server, token, env, filter.
+    let mut stream = ctx.client.logs(names.scope(), &query).await?;
+    let mut last: Option<String> = None;
+    const FIRST: Duration = Duration::from_millis(500);
+    const MAX: Duration = Duration::from_secs(10);
+    let mut backoff = FIRST;
+    loop {
+        let connected = Instant::now();
+        let why = loop {
+            match stream.next().await {
+                Some(Ok(LogItem::Line(line))) => {
+                    // After a reconnect, the history repeats up to the last line printed.
+                    if last.as_ref().is_some_and(|t| line.time <= *t) && query.follow {
+                        continue;
+                    }
+                    last = Some(line.time.clone());
+                    out.stream_item(&line, ToString::to_string);
+                }
+                Some(Ok(LogItem::Notice(n))) => notice(out, &n),
+                Some(Err(e)) if !query.follow => return Err(e.into()),
+                Some(Err(e)) => break e.to_string(),
+                None if !query.follow => return Ok(()),
+                None => break "the server ended the log stream".to_string(),
+            }
+        };
+        if connected.elapsed() >= MAX {
+            backoff = FIRST;
+        }
+        // Resume where the last line was; lines at that same microsecond
+        // are skipped above.
+        if let Some(t) = &last {
+            query.since = Some(t.clone());
+        }
+        stream = loop {
+            if !out.is_json() {
+                eprintln!(
+                    "{why}; reconnecting in {}...",
+                    humantime::format_duration(backoff)
+                );
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX);
+            match ctx.client.logs(names.scope(), &query).await {
+                Ok(stream) => break stream,
+                Err(e) => {
+                    let retry = matches!(e, verge_api::client::ClientError::Connect { .. })
+                        || matches!(&e, verge_api::client::ClientError::Api(d)
+                            if d.kind == verge_api::ErrorKind::Unavailable);
+                    if !retry {
+                        return Err(e.into());
+                    }
+                }
+            }
+        };
+    }
+}
+
+/// What could not be read goes to stderr: a JSON line under `-o json`
+/// (stdout stays lines only), `verge: …` otherwise.
+fn notice(out: &Output, n: &LogNotice) {
+    if out.is_json() {
+        eprintln!("{}", serde_json::to_string(n).expect("notices serialise"));
+    } else {
+        eprintln!("verge: {}", n.notice);
+    }
+}
+
+fn parse<T: std::str::FromStr<Err = String>>(text: Option<String>) -> Result<Option<T>> {
+    text.map(|t| t.parse().map_err(super::bad_request))
+        .transpose()
+}

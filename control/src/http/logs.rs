@@ -1,0 +1,425 @@
+//! `GET /v1/orgs/{org}/apps/{app}/envs/{env}/logs`: the env's logs as NDJSON
+//! of [`LogItem`]s (SPEC §4 `verge logs`).
+//!
+//! The control plane keeps no logs: it finds which instances the query is
+//! about (the env's instances, and with `previous` the earlier ones its
+//! `instance.placed` events name), asks each of their nodes over a QUIC
+//! stream of the node's session ([`LogsOpen`]), and merges what the nodes
+//! send in time order. A node it cannot ask (offline, or connected to
+//! another replica) is named in a [`LogNotice`], never left out silently.
+//! With `follow`, the history is followed by new records as nodes write
+//! them, with a blank line every [`KEEPALIVE`] of silence.
+//!
+//! Memory stays bounded: each node's records wait in a small channel, the
+//! answer's body is a bounded channel too, and a node's stream is read only
+//! as fast as the client reads the answer (QUIC flow control does the rest).
+
+use std::collections::{BTreeMap, VecDeque};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use tokio::sync::mpsc;
+use tracing::Instrument;
+use verge_api::logs::{InstanceRecord, LogItem, LogLine, LogNotice, LogQuery, rfc3339_micros};
+use verge_api::wire::io::Reader;
+use verge_api::wire::{LogsFrame, LogsOpen, NodeStream};
+
+use super::observe::{KEEPALIVE, tokio_stream_from};
+use super::scope::{EnvCx, manifest_of};
+use super::{AppState, Path, Query};
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::time::rfc3339;
+
+/// How many earlier instances of an env `previous` looks for.
+const HISTORY: i64 = 500;
+/// Record batches buffered per node.
+const PER_NODE: usize = 4;
+/// Bytes of lines gathered before they are handed to the answer.
+const FLUSH_AT: usize = 32 * 1024;
+
+pub fn routes() -> Router<AppState> {
+    Router::new().route("/orgs/{org}/apps/{app}/envs/{env}/logs", get(logs))
+}
+
+async fn logs(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(path): Path<(String, String, String)>,
+    Query(q): Query<LogQuery>,
+) -> Result<Response, ApiError> {
+    let cx = EnvCx::resolve(&st, &caller, &path).await?;
+    let plan = plan(&st, &cx, &q).await?;
+    let (tx, rx) = mpsc::channel::<Result<Vec<u8>, std::io::Error>>(16);
+    let span = tracing::info_span!("logs", org = %cx.org.id, app = %cx.app.id, env = %cx.env.id);
+    tokio::spawn(stream(st, plan, tx).instrument(span));
+    let body = Body::from_stream(tokio_stream_from(rx));
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
+}
+
+/// The nodes to ask, and what is known to be unavailable already.
+struct Plan {
+    open: LogsOpen,
+    /// Only records of this workload (earlier instances' workloads are
+    /// known only from their records).
+    workload: Option<String>,
+    nodes: Vec<Target>,
+    notices: Vec<LogNotice>,
+}
+
+/// One node and the instances it is asked about.
+struct Target {
+    id: String,
+    name: String,
+    instances: Vec<String>,
+}
+
+fn micros(what: &str, t: Option<&String>) -> Result<Option<u64>, ApiError> {
+    let Some(t) = t else { return Ok(None) };
+    let at = humantime::parse_rfc3339_weak(t).map_err(|e| {
+        ApiError::bad_request(format!("{what}={t:?} is not an RFC 3339 time: {e}"))
+            .next(format!("pass {what} like 2026-01-31T12:00:00Z"))
+    })?;
+    Ok(Some(
+        at.duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64),
+    ))
+}
+
+async fn plan(st: &AppState, cx: &EnvCx, q: &LogQuery) -> Result<Plan, ApiError> {
+    let since_us = micros("since", q.since.as_ref())?;
+    let until_us = micros("until", q.until.as_ref())?;
+    if q.follow && until_us.is_some() {
+        return Err(ApiError::bad_request(
+            "until ends a history, and follow never ends: use one of them",
+        ));
+    }
+    if let (Some(s), Some(u)) = (since_us, until_us)
+        && u <= s
+    {
+        return Err(ApiError::bad_request(format!(
+            "until ({}) is not after since ({})",
+            q.until.as_deref().unwrap_or_default(),
+            q.since.as_deref().unwrap_or_default()
+        )));
+    }
+    let rows = st.store.env_instances(&cx.env.id).await?;
+    if let Some(w) = &q.workload {
+        let current = match st.store.current_release(&cx.env.id).await? {
+            Some(row) => manifest_of(&row)?.workloads.contains_key(w),
+            None => false,
+        };
+        if !current && !rows.iter().any(|i| &i.workload == w) {
+            return Err(ApiError::not_found("workload", w).next(format!(
+                "verge status {}  (the workloads of the env)",
+                cx.flags()
+            )));
+        }
+    }
+    // instance → node, current instances first.
+    let mut wanted: BTreeMap<String, String> = rows
+        .iter()
+        .filter(|i| q.workload.as_ref().is_none_or(|w| &i.workload == w))
+        .filter(|i| q.instance.as_ref().is_none_or(|id| &i.id == id))
+        .filter_map(|i| Some((i.id.clone(), i.node_id.clone()?)))
+        .collect();
+    let known = rows
+        .iter()
+        .any(|i| q.instance.as_ref().is_some_and(|id| &i.id == id));
+    if q.previous || (q.instance.is_some() && !known) {
+        for p in st.store.placed_history(&cx.env.id, HISTORY).await? {
+            let current = rows.iter().any(|i| i.id == p.instance_id);
+            let chosen = q.instance.as_ref().is_none_or(|id| id == &p.instance_id);
+            if !current && chosen {
+                wanted.entry(p.instance_id).or_insert(p.node_id);
+            }
+        }
+    }
+    if let Some(id) = &q.instance
+        && !wanted.contains_key(id)
+        && !known
+    {
+        return Err(ApiError::not_found("instance", id).next(format!(
+            "verge status {}  (instances of the env; add --previous for earlier ones)",
+            cx.flags()
+        )));
+    }
+    let mut by_node: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (instance, node) in wanted {
+        by_node.entry(node).or_default().push(instance);
+    }
+    let nodes = st.store.nodes().await?;
+    let mut plan = Plan {
+        open: LogsOpen {
+            instances: Vec::new(),
+            source: q.source,
+            min_severity: q.severity,
+            since_us,
+            until_us,
+            follow: q.follow,
+        },
+        workload: q.workload.clone(),
+        nodes: Vec::new(),
+        notices: Vec::new(),
+    };
+    for (node_id, instances) in by_node {
+        let row = nodes.iter().find(|n| n.id == node_id);
+        let name = row.map_or_else(|| node_id.clone(), |n| n.name.clone());
+        match row {
+            Some(n) if n.state != "offline" => plan.nodes.push(Target {
+                id: node_id,
+                name,
+                instances,
+            }),
+            _ => {
+                let why = match row {
+                    Some(n) => format!("offline since {}", rfc3339(n.state_since)),
+                    None => "the node was removed".to_string(),
+                };
+                plan.notices.push(LogNotice {
+                    notice: format!("logs of instances on node {name} unavailable: {why}"),
+                    node: Some(name),
+                    instances,
+                });
+            }
+        }
+    }
+    Ok(plan)
+}
+
+/// What a node's reader task passes on.
+enum FromNode {
+    Frame(LogsFrame),
+    /// The node could not be asked, or its stream broke.
+    Failed(String),
+}
+
+/// Asks one node and passes its frames on until the stream ends or the
+/// merge stops listening (which drops the stream: the node stops too).
+async fn ask(st: AppState, target: Target, mut open: LogsOpen, tx: mpsc::Sender<FromNode>) {
+    open.instances = target.instances;
+    let opened = st
+        .cluster
+        .open_node_stream(&target.id, &NodeStream::Logs(open))
+        .await;
+    let (_send, recv) = match opened {
+        Ok(streams) => streams,
+        Err(why) => {
+            let _ = tx.send(FromNode::Failed(why)).await;
+            return;
+        }
+    };
+    let mut reader = Reader::new(recv);
+    loop {
+        tokio::select! {
+            frame = reader.next::<LogsFrame>() => {
+                let item = match frame {
+                    Ok(Some(frame)) => FromNode::Frame(frame),
+                    Ok(None) => return,
+                    Err(e) => FromNode::Failed(format!("node {}: logs stream broke: {e}", target.name)),
+                };
+                let last = matches!(item, FromNode::Failed(_));
+                if tx.send(item).await.is_err() || last {
+                    return;
+                }
+            }
+            () = tx.closed() => return,
+        }
+    }
+}
+
+/// One node as the merge sees it.
+struct Source {
+    name: String,
+    rx: mpsc::Receiver<FromNode>,
+    buffered: VecDeque<InstanceRecord>,
+    /// Its history is complete (or it failed).
+    done: bool,
+}
+
+/// Lines on their way to the answer.
+struct Out {
+    tx: mpsc::Sender<Result<Vec<u8>, std::io::Error>>,
+    buf: Vec<u8>,
+    workload: Option<String>,
+}
+
+impl Out {
+    fn line(&mut self, node: &str, r: InstanceRecord) {
+        if self.workload.as_ref().is_some_and(|w| w != &r.workload) {
+            return;
+        }
+        let line = LogItem::Line(LogLine {
+            time: rfc3339_micros(r.record.time_us),
+            source: r.record.source,
+            workload: r.workload,
+            instance: r.instance,
+            severity: r.record.severity,
+            message: r.record.message,
+            stream: r.record.stream,
+            node: node.to_string(),
+        });
+        serde_json::to_writer(&mut self.buf, &line).expect("log lines serialise");
+        self.buf.push(b'\n');
+    }
+
+    fn notice(&mut self, notice: LogNotice) {
+        serde_json::to_writer(&mut self.buf, &LogItem::Notice(notice)).expect("notices serialise");
+        self.buf.push(b'\n');
+    }
+
+    /// Hands what is gathered to the answer; `false` once the client left.
+    async fn flush(&mut self) -> bool {
+        if self.buf.is_empty() {
+            return !self.tx.is_closed();
+        }
+        self.tx
+            .send(Ok(std::mem::take(&mut self.buf)))
+            .await
+            .is_ok()
+    }
+
+    async fn maybe_flush(&mut self) -> bool {
+        self.buf.len() < FLUSH_AT || self.flush().await
+    }
+}
+
+async fn stream(st: AppState, plan: Plan, tx: mpsc::Sender<Result<Vec<u8>, std::io::Error>>) {
+    let mut out = Out {
+        tx,
+        buf: Vec::new(),
+        workload: plan.workload,
+    };
+    for n in plan.notices {
+        out.notice(n);
+    }
+    let mut sources = Vec::new();
+    for target in plan.nodes {
+        let (ntx, rx) = mpsc::channel(PER_NODE);
+        sources.push(Source {
+            name: target.name.clone(),
+            rx,
+            buffered: VecDeque::new(),
+            done: false,
+        });
+        tokio::spawn(ask(st.clone(), target, plan.open.clone(), ntx).in_current_span());
+    }
+    if !out.flush().await || !history(&mut sources, &mut out).await || !out.flush().await {
+        return;
+    }
+    if plan.open.follow {
+        follow(&st, sources, out).await;
+    }
+}
+
+/// Merges the nodes' histories in time order: a record is written only
+/// once every node still sending history has one buffered to compare.
+async fn history(sources: &mut [Source], out: &mut Out) -> bool {
+    loop {
+        for s in sources.iter_mut() {
+            while !s.done && s.buffered.is_empty() {
+                match s.rx.recv().await {
+                    Some(FromNode::Frame(LogsFrame::Records { records })) => {
+                        s.buffered.extend(records);
+                    }
+                    Some(FromNode::Frame(LogsFrame::HistoryEnd)) => s.done = true,
+                    Some(FromNode::Frame(LogsFrame::Missing { instance, reason })) => {
+                        out.notice(LogNotice {
+                            notice: reason,
+                            node: Some(s.name.clone()),
+                            instances: vec![instance],
+                        });
+                    }
+                    Some(FromNode::Failed(why)) => {
+                        out.notice(failed(&s.name, why));
+                        s.done = true;
+                    }
+                    None => s.done = true,
+                }
+            }
+        }
+        let next = sources
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.buffered.front().map(|r| (r.record.time_us, i)))
+            .min();
+        let Some((_, i)) = next else { return true };
+        let s = &mut sources[i];
+        let record = s.buffered.pop_front().expect("has a front");
+        out.line(&s.name, record);
+        if !out.maybe_flush().await {
+            return false;
+        }
+    }
+}
+
+fn failed(node: &str, why: String) -> LogNotice {
+    LogNotice {
+        notice: format!("logs of instances on node {node} unavailable: {why}"),
+        node: Some(node.to_string()),
+        instances: Vec::new(),
+    }
+}
+
+/// New records as the nodes send them, until the client leaves, the
+/// server shuts down, or every node's stream ended.
+async fn follow(st: &AppState, sources: Vec<Source>, mut out: Out) {
+    let (live_tx, mut live) = mpsc::channel::<(String, FromNode)>(PER_NODE * 4);
+    for mut s in sources {
+        let tx = live_tx.clone();
+        tokio::spawn(async move {
+            while let Some(item) = s.rx.recv().await {
+                if tx.send((s.name.clone(), item)).await.is_err() {
+                    return;
+                }
+            }
+            let _ = tx
+                .send((
+                    s.name.clone(),
+                    FromNode::Failed("its logs stream ended".into()),
+                ))
+                .await;
+        });
+    }
+    drop(live_tx);
+    loop {
+        let item = tokio::select! {
+            item = live.recv() => item,
+            () = out.tx.closed() => return,
+            () = st.shutdown.cancelled() => return,
+            () = tokio::time::sleep(KEEPALIVE) => {
+                if out.tx.send(Ok(b"\n".to_vec())).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        match item {
+            Some((node, FromNode::Frame(LogsFrame::Records { records }))) => {
+                for r in records {
+                    out.line(&node, r);
+                }
+            }
+            Some((node, FromNode::Frame(LogsFrame::Missing { instance, reason }))) => {
+                out.notice(LogNotice {
+                    notice: reason,
+                    node: Some(node),
+                    instances: vec![instance],
+                });
+            }
+            Some((_, FromNode::Frame(LogsFrame::HistoryEnd))) => {}
+            Some((node, FromNode::Failed(why))) => out.notice(failed(&node, why)),
+            None => {
+                out.flush().await;
+                return;
+            }
+        }
+        if !out.flush().await {
+            return;
+        }
+    }
+}

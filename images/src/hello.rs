@@ -54,6 +54,8 @@ const APPLETS: &[&str] = &[
     "grep",
     "sha256sum",
     "pwd",
+    "yes",
+    "seq",
 ];
 
 /// The `hello` image with a shell: `/hello` as in [`hello_image`], plus a

@@ -187,12 +187,12 @@ pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> Result<Start
         capacity,
         isolation: cfg.isolation,
         behind_nat: cfg.behind_nat,
-        streams: crate::streams::Streams {
-            reconciler: reconciler.clone(),
-            node: assigned.name.clone(),
-            logs: logs.clone(),
-            exec: exec.clone(),
-        },
+        streams: crate::streams::Streams::new(
+            reconciler.clone(),
+            assigned.name.clone(),
+            logs.clone(),
+            exec.clone(),
+        ),
         reconciler,
         reports,
     };

@@ -19,6 +19,9 @@ use crate::reconcile::Reconciler;
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest first frame taken (an exec's command line is the largest).
 const MAX_OPEN_FRAME: usize = 256 * 1024;
+/// Logs streams served at once (each reads files on a thread of its own):
+/// beyond it, a stream is answered that the node is busy.
+pub const MAX_LOGS_STREAMS: usize = 64;
 
 /// What serving streams needs.
 #[derive(Debug, Clone)]
@@ -28,6 +31,25 @@ pub struct Streams {
     pub node: String,
     pub logs: crate::logs::Logs,
     pub exec: crate::exec::Exec,
+    /// Places for logs streams ([`MAX_LOGS_STREAMS`]).
+    pub logs_streams: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+impl Streams {
+    pub fn new(
+        reconciler: Reconciler,
+        node: String,
+        logs: crate::logs::Logs,
+        exec: crate::exec::Exec,
+    ) -> Streams {
+        Streams {
+            reconciler,
+            node,
+            logs,
+            exec,
+            logs_streams: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_LOGS_STREAMS)),
+        }
+    }
 }
 
 /// Accepts the control plane's streams on `conn`, one task each, until the
@@ -73,6 +95,10 @@ async fn stream(mut send: SendStream, mut recv: RecvStream, ctx: &Streams) {
         }
         NodeStream::Logs(open) => {
             let span = tracing::info_span!("logs", instances = open.instances.len());
+            let Ok(_place) = ctx.logs_streams.clone().try_acquire_owned() else {
+                busy(open, send, &ctx.node).instrument(span).await;
+                return;
+            };
             ctx.logs
                 .serve(open, send, recv, &ctx.reconciler)
                 .instrument(span)
@@ -86,4 +112,22 @@ async fn stream(mut send: SendStream, mut recv: RecvStream, ctx: &Streams) {
                 .await;
         }
     }
+}
+
+/// Answers a logs stream the node has no place for: each instance missing,
+/// saying why.
+async fn busy(open: verge_api::wire::LogsOpen, mut send: SendStream, node: &str) {
+    tracing::warn!("refusing a logs stream: {MAX_LOGS_STREAMS} already open");
+    let mut writer = verge_api::wire::io::Writer::new(&mut send);
+    for instance in open.instances {
+        let reason = format!(
+            "logs of instance {instance} unavailable: node {node} serves {MAX_LOGS_STREAMS} log streams already; try again shortly"
+        );
+        let frame = verge_api::wire::LogsFrame::Missing { instance, reason };
+        if writer.send(&frame).await.is_err() {
+            return;
+        }
+    }
+    let _ = writer.send(&verge_api::wire::LogsFrame::HistoryEnd).await;
+    let _ = send.finish();
 }

@@ -69,7 +69,9 @@ impl Cli {
     pub async fn run(&self, args: &[&str]) -> Run {
         let mut cmd = crate::verge_command();
         cmd.args(args);
-        self.run_command(cmd, args).await
+        // Boxed: callers await many runs in one test, and each inlined
+        // state machine would add to the test thread's stack.
+        Box::pin(self.run_command(cmd, args)).await
     }
 
     /// Runs `verge ARGS...` like [`run`](Self::run) but on a terminal: under
@@ -89,7 +91,7 @@ impl Cli {
             .env("TERM", "xterm")
             .stdin(std::process::Stdio::null())
             .kill_on_drop(true);
-        self.run_command(cmd, args).await
+        Box::pin(self.run_command(cmd, args)).await
     }
 
     /// `verge ARGS...` in this CLI's environment, not started, stdio
@@ -127,7 +129,7 @@ impl Cli {
                 let _ = stdin.shutdown().await;
             }
         });
-        let run = self.run_command_fed(cmd, args, Some(tx)).await;
+        let run = Box::pin(self.run_command_fed(cmd, args, Some(tx))).await;
         let _ = feeder.await;
         run
     }

@@ -157,6 +157,20 @@ impl ControlPlane {
         banner
     }
 
+    /// The resident memory of the running control plane, in bytes
+    /// (`VmRSS` of `/proc/<pid>/status`).
+    pub fn rss(&self) -> u64 {
+        let child = self.child.as_ref().expect("control plane is running");
+        let pid = child.id().expect("child pid");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .expect("VmRSS in /proc/<pid>/status")
+            * 1024
+    }
+
     /// Sends `signal` (e.g. `libc::SIGTERM`) to the running control plane.
     pub fn signal(&self, signal: libc::c_int) {
         let child = self.child.as_ref().expect("control plane is running");

@@ -192,22 +192,20 @@ async fn a_killed_cli_leaves_no_process_and_sessions_are_bounded() {
     };
     let sleeping = |ps: &str| ps.lines().filter(|l| l.contains("sleep 100")).count();
     // Both sessions run (each a shell with two sleeps).
-    let third = tokio::time::timeout(DEADLINE, async {
-        loop {
-            let run = w.exec(&["--instance", a, "--", "true"]).await;
-            if !run.success() && run.stderr().contains("exec sessions") {
-                return run.stderr();
-            }
+    // Both run once the host sees their two `sleep 1001` (looking from the
+    // host: an exec to look would take a session itself).
+    let sessions = || sleepers_on_host("sleep 1001", a);
+    tokio::time::timeout(DEADLINE, async {
+        while sessions() < 2 {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     })
     .await
-    .unwrap_or_else(|_| {
-        panic!(
-            "a third session was never refused; the two sessions said:\n{}",
-            said()
-        )
-    });
+    .unwrap_or_else(|_| panic!("the two sessions never both ran; they said:\n{}", said()));
+    let run = w.exec(&["--instance", a, "--", "true"]).await;
+    assert!(!run.success(), "a third session at once was not refused");
+    let third = run.stderr();
+    assert!(third.contains("exec sessions"), "{third}");
     assert!(third.contains(a), "{third}");
 
     // Killing the CLIs (SIGKILL: no goodbye) ends their commands and
@@ -230,15 +228,27 @@ async fn a_killed_cli_leaves_no_process_and_sessions_are_bounded() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_interactive_session_through_tmux_runs_commands_and_restores_the_terminal() {
     let w = World::new().await;
-    let a = w.ids[0].as_str();
     let session = format!("verge-exec-{}", w.c.tag);
     let tmux = Tmux::start(&session, &w.c.cli.env_vars()).await;
     // The pane's shell in a known state: canonical mode with echo.
     tmux.keys(&["stty sane; PS1='outer$ '", "Enter"]).await;
     tmux.screen_has("outer$", "the outer shell's prompt").await;
     let verge = verge_tests::verge_bin().display().to_string();
-    tmux.keys(&[&format!("{verge} exec -it --instance {a} -- sh"), "Enter"])
+    // No --instance, two running: verge lists them and asks.
+    tmux.keys(&[&format!("{verge} exec -it -- sh"), "Enter"])
         .await;
+    let screen = tmux
+        .screen_has("instance [1-2]:", "the choice of instance")
+        .await;
+    let first = screen
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("1) "))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no numbered list of instances:\n{screen}"))
+        .to_string();
+    assert!(w.ids.contains(&first), "{first} is not one of {:?}", w.ids);
+    let a = first.as_str();
+    tmux.keys(&["1", "Enter"]).await;
     // busybox sh prompts with `/ #` (root in /).
     tmux.screen_has("/ #", "the remote shell's prompt").await;
 
@@ -376,4 +386,20 @@ impl Drop for Tmux {
             .args(["kill-session", "-t", &self.session])
             .status();
     }
+}
+
+/// Host processes whose command line is `cmdline` (spaces for NULs) and
+/// whose cgroup names the instance `id`.
+fn sleepers_on_host(cmdline: &str, id: &str) -> usize {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+            cmd.trim() == cmdline && cgroup.contains(id)
+        })
+        .count()
 }

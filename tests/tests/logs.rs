@@ -264,7 +264,15 @@ async fn history_filters_follow_crashes_restarts_and_offline_nodes() {
     say(&c, &worker, "marker-3").await;
     let live = until(&mut out, "marker-3").await;
     assert_eq!(live["instance"], worker.as_str());
-    drop(follow);
+    // Lines written in one write share their capture time: all of them come.
+    let burst = r"printf 'burst-1\nburst-2\nburst-3\n' > /proc/1/fd/1";
+    c.cli
+        .run(&["exec", "--instance", &worker, "--", "sh", "-c", burst])
+        .await
+        .ok();
+    for marker in ["burst-1", "burst-2", "burst-3"] {
+        until(&mut out, marker).await;
+    }
 
     // A crash: v2's worker exits 3 and is not restarted; v3 replaces it.
     let crash = "echo crashing $VERGE_INSTANCE_ID; exit 3";
@@ -280,6 +288,10 @@ async fn history_filters_follow_crashes_restarts_and_offline_nodes() {
             .map(|i| i["id"].as_str().unwrap().to_string())
     })
     .await;
+    // The follow started before v2 picks up its new instance.
+    let seen = until(&mut out, &format!("crashing {crashed}")).await;
+    assert_eq!(seen["instance"], crashed.as_str());
+    drop(follow);
     let fixed = WORKER_UP.replace("up;", "fixed;");
     let run = c.deploy_raw(&manifest(&image, &fixed, "on-failure")).await;
     assert!(run.success(), "{}", run.stderr());
@@ -370,4 +382,83 @@ async fn until(
     })
     .await;
     found.unwrap_or_else(|_| panic!("{marker} never came through verge logs --follow"))
+}
+
+/// Lines the backpressure test's workload writes before it says so.
+const FLOOD: usize = 400_000;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_reader_slows_the_stream_and_memory_stays_bounded() {
+    let c = Cluster::new(Backend::Sqlite, &[]).await;
+    let _n1 = c.node(1, "n1", &["--log-file-size", "512Mi"], true).await;
+    let image = c.push_debug().await;
+    // ~100-byte lines as fast as the shell can, then a last line.
+    let line = "x".repeat(96);
+    let flood = format!("yes {line} | head -n {FLOOD}; echo flood-done; exec sleep 3600");
+    let run = c
+        .deploy_raw(&format!(
+            "[workloads.flood]\nimage = \"{image}\"\ncount = 1\ncpu = 0.5\nmemory = \"64Mi\"\n\
+             command = [\"/bin/sh\", \"-c\", \"{flood}\"]\n"
+        ))
+        .await;
+    assert!(run.success(), "{}", run.stderr());
+    all_running(&c, 1).await;
+    let vars: std::collections::HashMap<String, String> = c.cli.env_vars().into_iter().collect();
+    let url = format!(
+        "{}/v1/orgs/acme/apps/hello/envs/prod/logs?source=app",
+        vars["VERGE_SERVER"].trim_end_matches('/')
+    );
+    let http = reqwest::Client::new();
+    let get = || http.get(&url).bearer_auth(&vars["VERGE_TOKEN"]).send();
+    // Every line captured: the last one is there.
+    eventually(DEADLINE, "the flood captured", || async {
+        let text = get().await.ok()?.text().await.ok()?;
+        text.contains("flood-done").then_some(())
+    })
+    .await;
+
+    // A reader that takes one chunk, then stops reading for a while.
+    let before = c.cp.rss();
+    let mut resp = get().await.expect("logs request");
+    assert!(resp.status().is_success());
+    let first = resp
+        .chunk()
+        .await
+        .expect("a first chunk")
+        .expect("not empty");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let held = c.cp.rss();
+    // The history is ~80 MB of NDJSON; a control plane that buffered it
+    // for the stalled reader would grow by that much.
+    assert!(
+        held.saturating_sub(before) < 24 << 20,
+        "the control plane grew by {} MiB while the reader stalled",
+        held.saturating_sub(before) >> 20
+    );
+    // Then everything arrives, in order, nothing lost.
+    let mut buf = first.to_vec();
+    let mut lines = 0usize;
+    let mut bytes = buf.len();
+    let mut done = false;
+    loop {
+        while let Some(at) = buf.iter().position(|b| *b == b'\n') {
+            let l: Vec<u8> = buf.drain(..=at).collect();
+            let v: Value = serde_json::from_slice(&l).expect("an NDJSON line");
+            match v["message"].as_str() {
+                Some(m) if m == line => lines += 1,
+                Some("flood-done") => done = true,
+                other => panic!("unexpected line {other:?}"),
+            }
+        }
+        match resp.chunk().await.expect("reading the stream") {
+            Some(chunk) => {
+                bytes += chunk.len();
+                buf.extend_from_slice(&chunk);
+            }
+            None => break,
+        }
+    }
+    assert_eq!(lines, FLOOD);
+    assert!(done, "the last line came last");
+    assert!(bytes > 64 << 20, "the history was {} MiB", bytes >> 20);
 }

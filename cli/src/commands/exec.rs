@@ -59,12 +59,17 @@ pub async fn exec(ctx: &Context, args: ExecArgs, _out: &Output) -> Result {
             s.instance, s.workload, s.node
         );
     }
-    let raw = if args.tty {
+    // Raw only when keys go to the remote terminal (-it): with -t alone,
+    // Ctrl-C stays a signal here and is passed on as one.
+    let raw = if args.tty && args.interactive {
         Some(RawMode::enter()?)
     } else {
         None
     };
-    let code = run(session.io, args.interactive, args.tty).await;
+    if let Some(raw) = &raw {
+        restore_on_signals(raw.saved.clone());
+    }
+    let code = run(session.io, args.interactive, raw.is_some()).await;
     drop(raw);
     let _ = std::io::stdout().flush();
     std::process::exit(code)
@@ -122,8 +127,9 @@ async fn pick(ctx: &Context, names: &EnvNames, workload: Option<&str>) -> Result
     Ok(Some(choice))
 }
 
-/// Pumps the session until it ends; the exit code to leave with.
-async fn run<IO>(io: IO, interactive: bool, tty: bool) -> i32
+/// Pumps the session until it ends; the exit code to leave with. `raw`:
+/// our terminal is raw, its keys (Ctrl-C too) go to the remote terminal.
+async fn run<IO>(io: IO, interactive: bool, raw: bool) -> i32
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
 {
@@ -141,9 +147,8 @@ where
     if interactive {
         tokio::spawn(stdin(tx.clone()));
     }
-    if tty {
-        tokio::spawn(resizes(tx.clone()));
-    } else {
+    tokio::spawn(resizes(tx.clone()));
+    if !raw {
         tokio::spawn(interrupts(tx.clone()));
     }
     let mut stdout = tokio::io::stdout();
@@ -221,8 +226,9 @@ async fn resizes(tx: mpsc::Sender<Frame>) {
     }
 }
 
-/// Without a terminal, Ctrl-C (SIGINT) and SIGTERM are passed on to the
-/// remote command, which decides how to end.
+/// Without a raw terminal, Ctrl-C (SIGINT) and SIGTERM are passed on to
+/// the remote command, which decides how to end; a second one ends `verge`
+/// (closing the session, which stops the command and its processes).
 async fn interrupts(tx: mpsc::Sender<Frame>) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut int), Ok(mut term)) = (
@@ -231,15 +237,57 @@ async fn interrupts(tx: mpsc::Sender<Frame>) {
     ) else {
         return;
     };
+    let mut passed = false;
     loop {
         let sig = tokio::select! {
             _ = int.recv() => libc::SIGINT,
             _ = term.recv() => libc::SIGTERM,
         };
+        if passed {
+            eprintln!("verge: {} again: ending the session", signal_name(sig));
+            std::process::exit(128 + sig);
+        }
+        passed = true;
         if tx.send(Frame::Signal(sig)).await.is_err() {
             return;
         }
     }
+}
+
+fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGINT => "interrupted",
+        libc::SIGTERM => "terminated",
+        libc::SIGHUP => "hung up",
+        _ => "signalled",
+    }
+}
+
+/// In raw mode, SIGTERM, SIGHUP and SIGQUIT (which keys no longer send)
+/// end `verge` with the terminal restored.
+fn restore_on_signals(saved: nix::sys::termios::Termios) {
+    use tokio::signal::unix::{SignalKind, signal};
+    tokio::spawn(async move {
+        let (Ok(mut term), Ok(mut hup), Ok(mut quit)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+            signal(SignalKind::quit()),
+        ) else {
+            return;
+        };
+        let sig = tokio::select! {
+            _ = term.recv() => libc::SIGTERM,
+            _ = hup.recv() => libc::SIGHUP,
+            _ = quit.recv() => libc::SIGQUIT,
+        };
+        let _ = nix::sys::termios::tcsetattr(
+            std::io::stdin(),
+            nix::sys::termios::SetArg::TCSANOW,
+            &saved,
+        );
+        eprintln!("\r\nverge: {}: ending the session", signal_name(sig));
+        std::process::exit(128 + sig);
+    });
 }
 
 /// The size of the terminal on stdout (or stdin).

@@ -1,5 +1,7 @@
 //! `verge logs`: an env's logs, history then (with `--follow`) new lines.
 
+use std::cmp::Ordering;
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use verge_api::logs::{LogItem, LogNotice, LogQuery};
@@ -23,7 +25,11 @@ pub async fn logs(ctx: &Context, args: LogsArgs, out: &Output) -> Result {
     };
     // A first request that fails is an error: wrong server, token, env, filter.
     let mut stream = ctx.client.logs(names.scope(), &query).await?;
+    // The newest time printed, and the lines printed at that very
+    // microsecond: after a reconnect the history repeats up to there.
     let mut last: Option<String> = None;
+    let mut at_last: HashSet<(String, String)> = HashSet::new();
+    let mut resumed = false;
     const FIRST: Duration = Duration::from_millis(500);
     const MAX: Duration = Duration::from_secs(10);
     let mut backoff = FIRST;
@@ -32,11 +38,29 @@ pub async fn logs(ctx: &Context, args: LogsArgs, out: &Output) -> Result {
         let why = loop {
             match stream.next().await {
                 Some(Ok(LogItem::Line(line))) => {
-                    // After a reconnect, the history repeats up to the last line printed.
-                    if last.as_ref().is_some_and(|t| line.time <= *t) && query.follow {
-                        continue;
+                    if resumed {
+                        match last.as_ref().map(|t| line.time.cmp(t)) {
+                            Some(Ordering::Less) => continue,
+                            Some(Ordering::Equal)
+                                if at_last
+                                    .contains(&(line.instance.clone(), line.message.clone())) =>
+                            {
+                                continue;
+                            }
+                            _ => {}
+                        }
                     }
-                    last = Some(line.time.clone());
+                    match last.as_ref().map(|t| line.time.cmp(t)) {
+                        Some(Ordering::Equal) => {}
+                        Some(Ordering::Less) => {}
+                        _ => {
+                            last = Some(line.time.clone());
+                            at_last.clear();
+                        }
+                    }
+                    if last.as_ref() == Some(&line.time) {
+                        at_last.insert((line.instance.clone(), line.message.clone()));
+                    }
                     out.stream_item(&line, ToString::to_string);
                 }
                 Some(Ok(LogItem::Notice(n))) => notice(out, &n),
@@ -49,10 +73,11 @@ pub async fn logs(ctx: &Context, args: LogsArgs, out: &Output) -> Result {
         if connected.elapsed() >= MAX {
             backoff = FIRST;
         }
-        // Resume where the last line was; lines at that same microsecond
-        // are skipped above.
+        // Resume at the newest line printed: older lines of the repeated
+        // history, and those printed at that same microsecond, are skipped.
         if let Some(t) = &last {
             query.since = Some(t.clone());
+            resumed = true;
         }
         stream = loop {
             if !out.is_json() {

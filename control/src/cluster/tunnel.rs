@@ -251,7 +251,8 @@ impl Cluster {
                 _ => node_id.to_string(),
             };
             return Err(format!(
-                "node {who} has no session with this control plane (offline?)"
+                "node {who} is not connected to this control-plane replica: it is offline, \
+                 or its session is with another replica (retry shortly)"
             ));
         };
         let lost = |e: &dyn std::fmt::Display| format!("node {node_id}: session lost: {e}");

@@ -401,7 +401,12 @@ async fn down(
             Ok(Some(n)) => {
                 scan.feed(&buf[..n]);
                 if to_client.write_all(&buf[..n]).await.is_err() {
-                    break;
+                    // The client left; its side of the relay resets the node's stream.
+                    let code = match scan.last {
+                        Some(Ended::Exit(code)) => Some(code),
+                        _ => None,
+                    };
+                    return Ended::Gone(code);
                 }
             }
             Ok(None) => break,
@@ -474,10 +479,17 @@ impl Scanner {
     }
 }
 
-/// The command as a shell would show it: words with spaces or quotes quoted.
+/// The longest command line an event shows.
+const SHOWN_COMMAND: usize = 300;
+
+/// The command as a shell would show it (words with spaces or quotes
+/// quoted), with passwords in URLs (`scheme://user:secret@host`) masked
+/// and cut at [`SHOWN_COMMAND`] characters: events keep who ran what, not
+/// credentials typed on a command line.
 fn shell_words(command: &[String]) -> String {
-    command
+    let text = command
         .iter()
+        .map(|w| mask_url_password(w))
         .map(|w| {
             let plain = !w.is_empty()
                 && w.chars()
@@ -489,7 +501,38 @@ fn shell_words(command: &[String]) -> String {
             }
         })
         .collect::<Vec<_>>()
-        .join(" ")
+        .join(" ");
+    if text.chars().count() <= SHOWN_COMMAND {
+        return text;
+    }
+    let cut: String = text.chars().take(SHOWN_COMMAND).collect();
+    format!("{cut}… ({} characters)", text.chars().count())
+}
+
+/// `postgres://app:s3cret@db/x` → `postgres://app:***@db/x`; other text as is.
+fn mask_url_password(word: &str) -> String {
+    let mut out = String::new();
+    let mut rest = word;
+    while let Some(at) = rest.find("://") {
+        let (head, tail) = rest.split_at(at + 3);
+        out.push_str(head);
+        let end = tail.find(['/', ' ', '?', '#']).unwrap_or(tail.len());
+        let authority = &tail[..end];
+        match authority
+            .rfind('@')
+            .and_then(|a| authority[..a].find(':').map(|c| (c, a)))
+        {
+            Some((colon, at)) => {
+                out.push_str(&authority[..=colon]);
+                out.push_str("***");
+                out.push_str(&authority[at..]);
+            }
+            None => out.push_str(authority),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 #[cfg(test)]
@@ -514,6 +557,17 @@ mod tests {
         Frame::Error("lost".into()).encode(&mut err);
         s.feed(&err);
         assert!(matches!(s.last, Some(Ended::Error(ref m)) if m == "lost"));
+    }
+
+    #[test]
+    fn passwords_in_urls_are_masked_and_long_commands_cut() {
+        let cmd = ["psql", "postgres://app:s3cret@db:5432/x", "http://host/p"].map(String::from);
+        let shown = shell_words(&cmd);
+        assert_eq!(shown, "psql 'postgres://app:***@db:5432/x' http://host/p");
+        assert!(!shown.contains("s3cret"));
+        let long = vec!["x".repeat(1000)];
+        let shown = shell_words(&long);
+        assert!(shown.ends_with("… (1000 characters)") && shown.chars().count() < 330);
     }
 
     #[test]

@@ -15,6 +15,7 @@
 //! as fast as the client reads the answer (QUIC flow control does the rest).
 
 use std::collections::{BTreeMap, VecDeque};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
@@ -33,6 +34,7 @@ use super::scope::{EnvCx, manifest_of};
 use super::{AppState, Path, Query};
 use crate::auth::Caller;
 use crate::error::ApiError;
+use crate::store::InstanceRow;
 use crate::time::rfc3339;
 
 /// How many earlier instances of an env `previous` looks for.
@@ -41,6 +43,10 @@ const HISTORY: i64 = 500;
 const PER_NODE: usize = 4;
 /// Bytes of lines gathered before they are handed to the answer.
 const FLUSH_AT: usize = 32 * 1024;
+/// How long a node may be silent before its history is complete.
+const HISTORY_IDLE: Duration = Duration::from_secs(30);
+/// How often a follow looks for instances that started since.
+const REPLAN: Duration = Duration::from_secs(2);
 
 pub fn routes() -> Router<AppState> {
     Router::new().route("/orgs/{org}/apps/{app}/envs/{env}/logs", get(logs))
@@ -56,7 +62,7 @@ async fn logs(
     let plan = plan(&st, &cx, &q).await?;
     let (tx, rx) = mpsc::channel::<Result<Vec<u8>, std::io::Error>>(16);
     let span = tracing::info_span!("logs", org = %cx.org.id, app = %cx.app.id, env = %cx.env.id);
-    tokio::spawn(stream(st, plan, tx).instrument(span));
+    tokio::spawn(stream(st, plan, cx, q, tx).instrument(span));
     let body = Body::from_stream(tokio_stream_from(rx));
     Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
 }
@@ -69,6 +75,8 @@ struct Plan {
     workload: Option<String>,
     nodes: Vec<Target>,
     notices: Vec<LogNotice>,
+    /// Every instance asked about so far (a follow adds new ones).
+    known: std::collections::BTreeSet<String>,
 }
 
 /// One node and the instances it is asked about.
@@ -120,16 +128,10 @@ async fn plan(st: &AppState, cx: &EnvCx, q: &LogQuery) -> Result<Plan, ApiError>
             )));
         }
     }
-    // instance → node, current instances first.
-    let mut wanted: BTreeMap<String, String> = rows
-        .iter()
-        .filter(|i| q.workload.as_ref().is_none_or(|w| &i.workload == w))
-        .filter(|i| q.instance.as_ref().is_none_or(|id| &i.id == id))
-        .filter_map(|i| Some((i.id.clone(), i.node_id.clone()?)))
-        .collect();
     let known = rows
         .iter()
         .any(|i| q.instance.as_ref().is_some_and(|id| &i.id == id));
+    let mut wanted = started(&rows, q);
     if q.previous || (q.instance.is_some() && !known) {
         for p in st.store.placed_history(&cx.env.id, HISTORY).await? {
             let current = rows.iter().any(|i| i.id == p.instance_id);
@@ -148,11 +150,6 @@ async fn plan(st: &AppState, cx: &EnvCx, q: &LogQuery) -> Result<Plan, ApiError>
             cx.flags()
         )));
     }
-    let mut by_node: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for (instance, node) in wanted {
-        by_node.entry(node).or_default().push(instance);
-    }
-    let nodes = st.store.nodes().await?;
     let mut plan = Plan {
         open: LogsOpen {
             instances: Vec::new(),
@@ -165,7 +162,36 @@ async fn plan(st: &AppState, cx: &EnvCx, q: &LogQuery) -> Result<Plan, ApiError>
         workload: q.workload.clone(),
         nodes: Vec::new(),
         notices: Vec::new(),
+        known: wanted.keys().cloned().collect(),
     };
+    targets(st, wanted, &mut plan).await?;
+    Ok(plan)
+}
+
+/// The env's current instances that match `q` and have started on a node
+/// (an instance still waiting for its first start has no logs yet: a
+/// follow picks it up once it has), by ID, with their node.
+fn started(rows: &[InstanceRow], q: &LogQuery) -> BTreeMap<String, String> {
+    rows.iter()
+        .filter(|i| q.workload.as_ref().is_none_or(|w| &i.workload == w))
+        .filter(|i| q.instance.as_ref().is_none_or(|id| &i.id == id))
+        .filter(|i| i.state != "pending" || i.restarts > 0)
+        .filter_map(|i| Some((i.id.clone(), i.node_id.clone()?)))
+        .collect()
+}
+
+/// Groups `wanted` (instance → node) by node into `plan`: a target per
+/// reachable node, a notice per offline one.
+async fn targets(
+    st: &AppState,
+    wanted: BTreeMap<String, String>,
+    plan: &mut Plan,
+) -> Result<(), ApiError> {
+    let mut by_node: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (instance, node) in wanted {
+        by_node.entry(node).or_default().push(instance);
+    }
+    let nodes = st.store.nodes().await?;
     for (node_id, instances) in by_node {
         let row = nodes.iter().find(|n| n.id == node_id);
         let name = row.map_or_else(|| node_id.clone(), |n| n.name.clone());
@@ -188,7 +214,7 @@ async fn plan(st: &AppState, cx: &EnvCx, q: &LogQuery) -> Result<Plan, ApiError>
             }
         }
     }
-    Ok(plan)
+    Ok(())
 }
 
 /// What a node's reader task passes on.
@@ -201,6 +227,7 @@ enum FromNode {
 /// Asks one node and passes its frames on until the stream ends or the
 /// merge stops listening (which drops the stream: the node stops too).
 async fn ask(st: AppState, target: Target, mut open: LogsOpen, tx: mpsc::Sender<FromNode>) {
+    let follow = open.follow;
     open.instances = target.instances;
     let opened = st
         .cluster
@@ -213,21 +240,36 @@ async fn ask(st: AppState, target: Target, mut open: LogsOpen, tx: mpsc::Sender<
             return;
         }
     };
+    let name = &target.name;
     let mut reader = Reader::new(recv);
+    let mut history_done = false;
     loop {
-        tokio::select! {
-            frame = reader.next::<LogsFrame>() => {
-                let item = match frame {
-                    Ok(Some(frame)) => FromNode::Frame(frame),
-                    Ok(None) => return,
-                    Err(e) => FromNode::Failed(format!("node {}: logs stream broke: {e}", target.name)),
-                };
-                let last = matches!(item, FromNode::Failed(_));
-                if tx.send(item).await.is_err() || last {
-                    return;
-                }
+        // A node that goes quiet before its history is complete would hold
+        // back every node's lines: it is given up on, and said so.
+        let next = async {
+            if history_done {
+                Ok(reader.next::<LogsFrame>().await)
+            } else {
+                tokio::time::timeout(HISTORY_IDLE, reader.next::<LogsFrame>()).await
             }
+        };
+        let item = tokio::select! {
+            frame = next => match frame {
+                Ok(Ok(Some(frame))) => {
+                    history_done |= frame == LogsFrame::HistoryEnd;
+                    FromNode::Frame(frame)
+                }
+                Ok(Ok(None)) if history_done && !follow => return,
+                Ok(Ok(None)) if history_done => FromNode::Failed(format!("node {name} ended its logs stream")),
+                Ok(Ok(None)) => FromNode::Failed(format!("node {name} ended its logs stream before the whole history was sent")),
+                Ok(Err(e)) => FromNode::Failed(format!("node {name}: logs stream broke: {e}")),
+                Err(_) => FromNode::Failed(format!("node {name} sent nothing for {}s", HISTORY_IDLE.as_secs())),
+            },
             () = tx.closed() => return,
+        };
+        let last = matches!(item, FromNode::Failed(_));
+        if tx.send(item).await.is_err() || last {
+            return;
         }
     }
 }
@@ -288,7 +330,13 @@ impl Out {
     }
 }
 
-async fn stream(st: AppState, plan: Plan, tx: mpsc::Sender<Result<Vec<u8>, std::io::Error>>) {
+async fn stream(
+    st: AppState,
+    plan: Plan,
+    cx: EnvCx,
+    query: LogQuery,
+    tx: mpsc::Sender<Result<Vec<u8>, std::io::Error>>,
+) {
     let mut out = Out {
         tx,
         buf: Vec::new(),
@@ -312,7 +360,13 @@ async fn stream(st: AppState, plan: Plan, tx: mpsc::Sender<Result<Vec<u8>, std::
         return;
     }
     if plan.open.follow {
-        follow(&st, sources, out).await;
+        let follow_with = Follow {
+            cx,
+            query,
+            open: plan.open,
+            known: plan.known,
+        };
+        follow(&st, follow_with, sources, out).await;
     }
 }
 
@@ -365,39 +419,71 @@ fn failed(node: &str, why: String) -> LogNotice {
     }
 }
 
-/// New records as the nodes send them, until the client leaves, the
-/// server shuts down, or every node's stream ended.
-async fn follow(st: &AppState, sources: Vec<Source>, mut out: Out) {
+/// New records as the nodes send them, until the client leaves or the
+/// server shuts down. Every [`REPLAN`] it looks for instances that started
+/// since (a deploy, a scale, a replacement) and follows them too.
+async fn follow(st: &AppState, follow: Follow, sources: Vec<Source>, mut out: Out) {
     let (live_tx, mut live) = mpsc::channel::<(String, FromNode)>(PER_NODE * 4);
-    for mut s in sources {
-        let tx = live_tx.clone();
-        tokio::spawn(async move {
-            while let Some(item) = s.rx.recv().await {
-                if tx.send((s.name.clone(), item)).await.is_err() {
-                    return;
-                }
-            }
-            let _ = tx
-                .send((
-                    s.name.clone(),
-                    FromNode::Failed("its logs stream ended".into()),
-                ))
-                .await;
-        });
+    for s in sources {
+        forward(s.name, s.rx, live_tx.clone());
     }
-    drop(live_tx);
+    let Follow {
+        cx,
+        query,
+        mut open,
+        mut known,
+    } = follow;
+    // New instances: their whole history (within `since`), then live.
+    let mut replan = tokio::time::interval(REPLAN);
+    replan.tick().await;
+    let mut quiet = tokio::time::Instant::now();
     loop {
         let item = tokio::select! {
             item = live.recv() => item,
             () = out.tx.closed() => return,
             () = st.shutdown.cancelled() => return,
-            () = tokio::time::sleep(KEEPALIVE) => {
-                if out.tx.send(Ok(b"\n".to_vec())).await.is_err() {
+            _ = replan.tick() => {
+                let Ok(rows) = st.store.env_instances(&cx.env.id).await else { continue };
+                let new: BTreeMap<String, String> = started(&rows, &query)
+                    .into_iter()
+                    .filter(|(id, _)| known.insert(id.clone()))
+                    .collect();
+                if new.is_empty() {
+                    continue;
+                }
+                let mut plan = Plan {
+                    open: open.clone(),
+                    workload: None,
+                    nodes: Vec::new(),
+                    notices: Vec::new(),
+                    known: Default::default(),
+                };
+                if targets(st, new, &mut plan).await.is_err() {
+                    continue;
+                }
+                for n in plan.notices {
+                    out.notice(n);
+                }
+                for target in plan.nodes {
+                    let (ntx, rx) = mpsc::channel(PER_NODE);
+                    forward(target.name.clone(), rx, live_tx.clone());
+                    open.instances.clear();
+                    tokio::spawn(ask(st.clone(), target, open.clone(), ntx).in_current_span());
+                }
+                if !out.flush().await {
                     return;
                 }
                 continue;
             }
+            () = tokio::time::sleep_until(quiet + KEEPALIVE) => {
+                if out.tx.send(Ok(b"\n".to_vec())).await.is_err() {
+                    return;
+                }
+                quiet = tokio::time::Instant::now();
+                continue;
+            }
         };
+        quiet = tokio::time::Instant::now();
         match item {
             Some((node, FromNode::Frame(LogsFrame::Records { records }))) => {
                 for r in records {
@@ -413,13 +499,39 @@ async fn follow(st: &AppState, sources: Vec<Source>, mut out: Out) {
             }
             Some((_, FromNode::Frame(LogsFrame::HistoryEnd))) => {}
             Some((node, FromNode::Failed(why))) => out.notice(failed(&node, why)),
-            None => {
-                out.flush().await;
-                return;
-            }
+            // `live_tx` is held here: the channel never closes.
+            None => return,
         }
         if !out.flush().await {
             return;
         }
     }
+}
+
+/// What a follow needs to find instances that start later.
+struct Follow {
+    cx: EnvCx,
+    query: LogQuery,
+    open: LogsOpen,
+    known: std::collections::BTreeSet<String>,
+}
+
+/// Passes one node's items on to the follow's channel, until either side
+/// is gone (dropping `rx` then ends that node's stream).
+fn forward(name: String, mut rx: mpsc::Receiver<FromNode>, tx: mpsc::Sender<(String, FromNode)>) {
+    tokio::spawn(
+        async move {
+            loop {
+                let item = tokio::select! {
+                    item = rx.recv() => item,
+                    () = tx.closed() => return,
+                };
+                let Some(item) = item else { return };
+                if tx.send((name.clone(), item)).await.is_err() {
+                    return;
+                }
+            }
+        }
+        .in_current_span(),
+    );
 }

@@ -143,21 +143,44 @@ pub fn enter(dir: &Path, layers: &[PathBuf], hostname: &str) -> Result<(), Strin
 /// `/etc/hostname` (the instance's, whatever the image had) and, when the
 /// image has none, an `/etc/hosts` with localhost and the hostname; in the
 /// overlay's upper dir, so the image's layers are untouched.
+///
+/// This runs as host root before `pivot_root`, so nothing of the image may
+/// redirect it: an `/etc` that is not a plain directory, or a name that is
+/// a symbolic link, is left alone (opened with `O_NOFOLLOW`; nothing else
+/// runs in the rootfs yet to swap them).
 fn write_identity(root: &Path, hostname: &str) -> Result<(), String> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
     let etc = root.join("etc");
-    fs::create_dir_all(&etc).map_err(|e| err("creating /etc", e))?;
-    let file = etc.join("hostname");
-    if fs::symlink_metadata(&file).is_ok_and(|m| !m.is_file()) {
-        return Ok(());
+    match fs::symlink_metadata(&etc) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Ok(()),
+        Err(_) => fs::create_dir(&etc).map_err(|e| err("creating /etc", e))?,
     }
-    fs::write(&file, format!("{hostname}\n")).map_err(|e| err("writing /etc/hostname", e))?;
-    let hosts = etc.join("hosts");
-    if fs::symlink_metadata(&hosts).is_err() {
-        let text =
-            format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n127.0.1.1\t{hostname}\n");
-        fs::write(&hosts, text).map_err(|e| err("writing /etc/hosts", e))?;
-    }
-    Ok(())
+    let write = |name: &str, text: &str, replace: bool| -> Result<(), String> {
+        let path = etc.join(name);
+        match fs::symlink_metadata(&path) {
+            Ok(m) if !m.is_file() => return Ok(()),
+            Ok(_) if !replace => return Ok(()),
+            _ => {}
+        }
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(|e| err(format!("writing /etc/{name}"), e))?;
+        file.write_all(text.as_bytes())
+            .map_err(|e| err(format!("writing /etc/{name}"), e))
+    };
+    write("hostname", &format!("{hostname}\n"), true)?;
+    write(
+        "hosts",
+        &format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n127.0.1.1\t{hostname}\n"),
+        false,
+    )
 }
 
 fn mount_overlay(dir: &Path, layers: &[PathBuf], root: &Path) -> Result<(), String> {
@@ -255,4 +278,44 @@ fn protect_proc() -> Result<(), String> {
         res.map_err(|e| err(format!("masking {path}"), e))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_identity_files_never_follow_the_images_links() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (root, elsewhere) = (tmp.path().join("root"), tmp.path().join("host-etc"));
+        fs::create_dir_all(&root).unwrap();
+        fs::create_dir_all(&elsewhere).unwrap();
+
+        // An image whose /etc points out of the rootfs: nothing is written there.
+        symlink(&elsewhere, root.join("etc")).unwrap();
+        write_identity(&root, "i_1").unwrap();
+        assert_eq!(fs::read_dir(&elsewhere).unwrap().count(), 0);
+
+        // A plain /etc: hostname is the instance's; a linked hosts is left alone.
+        fs::remove_file(root.join("etc")).unwrap();
+        fs::create_dir(root.join("etc")).unwrap();
+        fs::write(root.join("etc/hostname"), "from-the-image\n").unwrap();
+        symlink(elsewhere.join("hosts"), root.join("etc/hosts")).unwrap();
+        write_identity(&root, "i_1").unwrap();
+        assert_eq!(
+            fs::read_to_string(root.join("etc/hostname")).unwrap(),
+            "i_1\n"
+        );
+        assert!(!elsewhere.join("hosts").exists());
+
+        // No /etc at all: both are made.
+        let bare = tmp.path().join("bare");
+        fs::create_dir_all(&bare).unwrap();
+        write_identity(&bare, "i_2").unwrap();
+        assert!(
+            fs::read_to_string(bare.join("etc/hosts"))
+                .unwrap()
+                .contains("i_2")
+        );
+    }
 }

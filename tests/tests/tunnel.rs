@@ -191,7 +191,7 @@ async fn an_ingress_reaches_an_instance_through_the_control_plane_and_the_node_s
             .await,
     );
     assert!(
-        m.contains("nd_nosuchnode") && m.contains("has no session"),
+        m.contains("nd_nosuchnode") && m.contains("is not connected to this control-plane replica"),
         "{m}"
     );
     // The tunnel still works after refusals.

@@ -7,12 +7,13 @@
 //! Needs root and a static busybox at `/bin/busybox` (Debian's
 //! `busybox-static`).
 
+mod common;
+
 use std::fs;
-use std::os::unix::fs::symlink;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use common::{is_alive, require_root};
 use futures_util::{SinkExt as _, StreamExt as _};
 use tokio::io::{DuplexStream, ReadHalf, WriteHalf};
 use tokio_util::codec::{FramedRead, FramedWrite};
@@ -21,31 +22,13 @@ use verge_api::exec::codec::ExecCodec;
 use verge_api::exec::{Frame, MAX_PAYLOAD, WinSize};
 use verge_api::wire::{ExecOpen, Isolation};
 use verge_node::exec::{Ended, Exec, ExecConfig, Refusal, Session};
-use verge_node::runtime::{Instance, LaunchSpec, ProcessRuntime, RuntimeConfig};
+use verge_node::runtime::{Instance, LaunchSpec, ProcessRuntime};
 
-const BUSYBOX: &str = "/bin/busybox";
 const MIB: u64 = 1024 * 1024;
-const APPLETS: &[&str] = &[
-    "sh", "cat", "echo", "sleep", "id", "hostname", "ps", "grep", "tty", "stty", "env", "pwd",
-    "kill", "true", "ls", "head", "wc", "tr",
-];
 const HELPER: &str = env!("CARGO_BIN_EXE_verge-shim");
 /// The workload of every test instance.
 const WORKLOAD: &[&str] = &["sleep", "1000000"];
 const TIMEOUT: Duration = Duration::from_secs(30);
-
-fn require_root() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "the exec tests run instances in namespaces and cgroups: run them as root"
-    );
-    assert!(
-        Path::new(BUSYBOX).exists(),
-        "{BUSYBOX} is missing: install Debian's busybox-static (apt-get install busybox-static)"
-    );
-}
-
-static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// A busybox image layer, a runtime whose cgroups live under their own
 /// `verge/test-exec-...` parent (removed on drop), and an [`Exec`].
@@ -66,36 +49,9 @@ impl Fixture {
     fn with_config(isolation: Isolation, cfg: ExecConfig) -> Fixture {
         require_root();
         let tmp = tempfile::tempdir().unwrap();
-        let layer = tmp.path().join("layers/busybox");
-        for d in ["bin", "etc", "home/app"] {
-            fs::create_dir_all(layer.join(d)).unwrap();
-        }
-        fs::copy(BUSYBOX, layer.join("bin/busybox")).unwrap();
-        for applet in APPLETS {
-            symlink("/bin/busybox", layer.join("bin").join(applet)).unwrap();
-        }
-        fs::write(
-            layer.join("etc/passwd"),
-            "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n",
-        )
-        .unwrap();
-        fs::write(
-            layer.join("etc/group"),
-            "root:x:0:\napp:x:1000:\nextra:x:2000:app\n",
-        )
-        .unwrap();
-        let cgroup_parent = format!(
-            "verge/test-exec-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
-        let rt = ProcessRuntime::new(RuntimeConfig {
-            root: tmp.path().join("instances"),
-            cgroup_parent: cgroup_parent.clone(),
-            isolation,
-            shim_exe: HELPER.into(),
-        })
-        .unwrap();
+        let layer = common::busybox_layer(tmp.path());
+        let cgroup_parent = common::cgroup_parent();
+        let rt = common::runtime(&tmp.path().join("instances"), &cgroup_parent, isolation);
         let shutdown = CancellationToken::new();
         Fixture {
             _tmp: tmp,
@@ -171,10 +127,7 @@ impl Fixture {
 
 impl Drop for Fixture {
     fn drop(&mut self) {
-        for entry in fs::read_dir("/sys/fs/cgroup").into_iter().flatten() {
-            let Ok(entry) = entry else { continue };
-            let _ = fs::remove_dir(entry.path().join(&self.cgroup_parent));
-        }
+        common::remove_cgroup_parent(&self.cgroup_parent);
     }
 }
 
@@ -189,22 +142,8 @@ fn open(id: &str, command: &[&str]) -> ExecOpen {
     }
 }
 
-async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn is_alive(pid: i32) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        !s.rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z')
-    })
+async fn eventually(what: &str, check: impl FnMut() -> bool) {
+    common::eventually(what, Duration::from_secs(10), check).await;
 }
 
 /// The client's end of a session, run on a task over a duplex stream.

@@ -6,113 +6,23 @@
 //! Needs root (instances get cgroups) and a static busybox at
 //! `/bin/busybox` (Debian's `busybox-static`), which the image carries.
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use anyhow::Context;
-use oci_client::client::{ClientConfig, ClientProtocol};
-use oci_client::secrets::RegistryAuth as OciAuth;
-use oci_client::{Client, Reference, RegistryOperation};
-use serde_json::json;
-use sha2::{Digest as _, Sha256};
+use common::require_root;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use verge_api::manifest::{Health, Restart};
-use verge_api::wire::{
-    DesiredSet, ErrorCategory, InstanceReport, InstanceSpec, InstanceState, Isolation,
-};
-use verge_node::pull::{ImageStore, PullOptions};
-use verge_node::reconcile::{Parts, Reconciler};
-use verge_node::runtime::{ProcessRuntime, RuntimeConfig};
+use verge_api::wire::{DesiredSet, ErrorCategory, InstanceReport, InstanceSpec, InstanceState};
+use verge_node::reconcile::Reconciler;
 use verge_tests::registry::Registry;
 
-const BUSYBOX: &str = "/bin/busybox";
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-const OCI_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
 /// How long a test waits for one report.
 const REPORT_TIMEOUT: Duration = Duration::from_secs(30);
-
-fn require_root() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "the health tests run instances in cgroups: run them as root"
-    );
-    assert!(
-        Path::new(BUSYBOX).exists(),
-        "{BUSYBOX} is missing: install Debian's busybox-static (apt-get install busybox-static)"
-    );
-    verge_tests::init_tls();
-}
-
-fn sha256(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
-}
-
-fn descriptor(media_type: &str, data: &[u8]) -> serde_json::Value {
-    json!({"mediaType": media_type, "digest": sha256(data), "size": data.len()})
-}
-
-/// Pushes an image of one layer, `/bin/busybox`, and returns its pinned reference.
-async fn push_busybox(registry: &Registry) -> anyhow::Result<String> {
-    let mut tar = tar::Builder::new(Vec::new());
-    let busybox = fs::read(BUSYBOX)?;
-    let mut h = tar::Header::new_gnu();
-    h.set_mode(0o755);
-    h.set_uid(0);
-    h.set_gid(0);
-    h.set_mtime(0);
-    h.set_size(busybox.len() as u64);
-    tar.append_data(&mut h, "bin/busybox", &busybox[..])?;
-    let layer = tar.into_inner()?;
-    let arch = match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        other => other,
-    };
-    let config = serde_json::to_vec(&json!({
-        "architecture": arch,
-        "os": "linux",
-        "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/busybox", "true"]},
-        "rootfs": {"type": "layers", "diff_ids": [sha256(&layer)]},
-    }))?;
-    let manifest = serde_json::to_vec(&json!({
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": descriptor(OCI_CONFIG, &config),
-        "layers": [descriptor(OCI_TAR, &layer)],
-    }))?;
-    let host = registry.host();
-    let target: Reference = format!("{host}/busybox:1").parse()?;
-    let client = Client::new(ClientConfig {
-        protocol: ClientProtocol::HttpsExcept(vec![host.to_string()]),
-        ..Default::default()
-    });
-    client
-        .auth(&target, &OciAuth::Anonymous, RegistryOperation::Push)
-        .await
-        .context("auth for push")?;
-    for blob in [layer, config] {
-        let digest = sha256(&blob);
-        client
-            .push_blob(&target, blob, &digest)
-            .await
-            .with_context(|| format!("pushing {digest}"))?;
-    }
-    let digest = sha256(&manifest);
-    client
-        .push_manifest_raw(
-            &target,
-            manifest,
-            reqwest::header::HeaderValue::from_static(OCI_MANIFEST),
-        )
-        .await
-        .context("pushing the manifest")?;
-    Ok(format!("{host}/busybox:1@{digest}"))
-}
 
 /// A reconciler with isolation `none` and no networking, as `verge dev`
 /// runs it without root, and the registry its image is in.
@@ -164,17 +74,9 @@ impl Node {
     /// `verge dev`'s does) unless `leave_running`.
     async fn start(leave_running: bool) -> Node {
         require_root();
-        let registry = Registry::start().await.expect("start the registry");
-        let image = push_busybox(&registry)
-            .await
-            .unwrap_or_else(|e| panic!("push: {e:#}\nregistry log:\n{}", registry.log_tail()));
+        let (registry, image) = common::busybox_registry().await;
         let tmp = tempfile::tempdir().unwrap();
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let cgroup_parent = format!(
-            "verge/test-health-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
+        let cgroup_parent = common::cgroup_parent();
         let shutdown = CancellationToken::new();
         let (reconciler, reports) =
             daemon(tmp.path(), &cgroup_parent, &shutdown, !leave_running).await;
@@ -283,46 +185,27 @@ impl Node {
     async fn stop(self) {
         self.shutdown.cancel();
         self.reconciler.stopped().await;
-        if let Ok(hierarchies) = fs::read_dir("/sys/fs/cgroup") {
-            for h in hierarchies.flatten() {
-                let _ = fs::remove_dir(h.path().join(&self.cgroup_parent));
-            }
-        }
+        common::remove_cgroup_parent(&self.cgroup_parent);
     }
 }
 
-/// The daemon's reconciler on `dir`, with isolation `none` and no networking.
+/// The daemon's reconciler on `dir`, with isolation `none` and no
+/// networking (stop grace 5 s).
 async fn daemon(
     dir: &Path,
     cgroup_parent: &str,
     shutdown: &CancellationToken,
     stop_on_shutdown: bool,
 ) -> (Reconciler, mpsc::Receiver<InstanceReport>) {
-    let images = ImageStore::open(dir.join("images"), 1 << 30, PullOptions::default())
-        .await
-        .expect("open the image store");
-    let runtime = ProcessRuntime::new(RuntimeConfig {
-        root: dir.join("instances"),
-        cgroup_parent: cgroup_parent.to_owned(),
-        isolation: Isolation::None,
-        shim_exe: env!("CARGO_BIN_EXE_verge-shim").into(),
-    })
-    .expect("the process runtime");
-    let parts = Parts {
-        data_dir: dir.to_path_buf(),
-        images,
-        runtime,
-        net: None,
-        isolation: Isolation::None,
-        stop_grace: Duration::from_secs(5),
+    let (reconciler, reports, _logs) = common::reconciler(
+        dir,
+        cgroup_parent,
+        shutdown,
+        Duration::from_secs(5),
         stop_on_shutdown,
-        logs: verge_node::logs::Logs::new(
-            dir.join("logs"),
-            verge_node::logs::LogLimits::default(),
-            "test",
-        ),
-    };
-    Reconciler::start(parts, shutdown.clone()).await
+    )
+    .await;
+    (reconciler, reports)
 }
 
 fn running(r: &InstanceReport) -> bool {

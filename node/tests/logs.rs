@@ -8,19 +8,14 @@
 //! Needs root (namespaces, mounts, cgroups) and a static busybox at
 //! `/bin/busybox` (Debian's `busybox-static`), which makes the test image.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::fs;
-use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
-use oci_client::client::{ClientConfig, ClientProtocol};
-use oci_client::secrets::RegistryAuth as OciAuth;
-use oci_client::{Client, Reference, RegistryOperation};
-use serde_json::json;
-use sha2::{Digest as _, Sha256};
+use common::{eventually, require_root};
 use tokio_util::sync::CancellationToken;
 use verge_api::logs::{InstanceRecord, LogRecord, LogSource, LogStream, MAX_MESSAGE, Severity};
 use verge_api::manifest::Restart;
@@ -28,29 +23,8 @@ use verge_api::wire::{
     DesiredSet, InstanceReport, InstanceSpec, InstanceState, Isolation, LogsFrame, LogsOpen,
 };
 use verge_node::logs::{LogLimits, Logs, Meta};
-use verge_node::pull::{ImageStore, PullOptions};
-use verge_node::reconcile::{Parts, Reconciler};
-use verge_node::runtime::{Instance, LaunchSpec, ProcessRuntime, RuntimeConfig};
-use verge_tests::registry::Registry;
-
-const BUSYBOX: &str = "/bin/busybox";
-const MIB: u64 = 1024 * 1024;
-const APPLETS: &[&str] = &[
-    "sh", "echo", "printf", "sleep", "head", "tr", "seq", "cat", "true",
-];
-
-fn require_root() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "the logs tests run instances in namespaces and cgroups: run them as root"
-    );
-    assert!(
-        Path::new(BUSYBOX).exists(),
-        "{BUSYBOX} is missing: install Debian's busybox-static (apt-get install busybox-static)"
-    );
-}
-
-static COUNTER: AtomicU32 = AtomicU32::new(0);
+use verge_node::reconcile::Reconciler;
+use verge_node::runtime::{Instance, LaunchSpec, ProcessRuntime};
 
 /// A data dir with `instances/` and `logs/`, a busybox image layer, a
 /// process runtime (isolation `namespaces`, cgroups under their own
@@ -67,24 +41,13 @@ impl Fixture {
     fn new(limits: LogLimits) -> Fixture {
         require_root();
         let tmp = tempfile::tempdir().unwrap();
-        let layer = tmp.path().join("layers/busybox");
-        fs::create_dir_all(layer.join("bin")).unwrap();
-        fs::copy(BUSYBOX, layer.join("bin/busybox")).unwrap();
-        for applet in APPLETS {
-            symlink("/bin/busybox", layer.join("bin").join(applet)).unwrap();
-        }
-        let cgroup_parent = format!(
-            "verge/test-logs-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
-        let rt = ProcessRuntime::new(RuntimeConfig {
-            root: tmp.path().join("instances"),
-            cgroup_parent: cgroup_parent.clone(),
-            isolation: Isolation::Namespaces,
-            shim_exe: env!("CARGO_BIN_EXE_verge-shim").into(),
-        })
-        .unwrap()
+        let layer = common::busybox_layer(tmp.path());
+        let cgroup_parent = common::cgroup_parent();
+        let rt = common::runtime(
+            &tmp.path().join("instances"),
+            &cgroup_parent,
+            Isolation::Namespaces,
+        )
         .with_log_limits(limits);
         let logs = Logs::new(tmp.path().join("logs"), limits, "n1");
         Fixture {
@@ -97,19 +60,8 @@ impl Fixture {
     }
 
     fn spec(&self, id: &str, script: &str) -> LaunchSpec {
-        LaunchSpec {
-            instance_id: id.into(),
-            layers: vec![self.layer.clone()],
-            argv: vec!["sh".into(), "-c".into(), script.into()],
-            env: vec![("PATH".into(), "/bin".into())],
-            working_dir: None,
-            user: None,
-            hostname: id.into(),
-            cpu: 0.5,
-            memory: 64 * MIB,
-            pids: 0,
-            netns: None,
-        }
+        let argv = vec!["sh".into(), "-c".into(), script.into()];
+        common::launch_spec(id, &self.layer, argv)
     }
 
     async fn start(&self, id: &str, script: &str) -> Instance {
@@ -174,11 +126,7 @@ impl Fixture {
 
 impl Drop for Fixture {
     fn drop(&mut self) {
-        if let Ok(hierarchies) = fs::read_dir("/sys/fs/cgroup") {
-            for h in hierarchies.flatten() {
-                let _ = fs::remove_dir(h.path().join(&self.cgroup_parent));
-            }
-        }
+        common::remove_cgroup_parent(&self.cgroup_parent);
     }
 }
 
@@ -211,14 +159,6 @@ fn now_us() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_micros() as u64
-}
-
-async fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// stdout and stderr lines become records with the stream they came from,
@@ -622,77 +562,8 @@ async fn pruning_keeps_the_last_ended_instances() {
 
 // --- System records through the reconciler -------------------------------
 
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-const OCI_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
-
-fn sha256(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
-}
-
-fn descriptor(media_type: &str, data: &[u8]) -> serde_json::Value {
-    json!({"mediaType": media_type, "digest": sha256(data), "size": data.len()})
-}
-
-/// Pushes an image of one layer, `/bin/busybox`, and returns its pinned reference.
-async fn push_busybox(registry: &Registry) -> anyhow::Result<String> {
-    let mut tar = tar::Builder::new(Vec::new());
-    let busybox = fs::read(BUSYBOX)?;
-    let mut h = tar::Header::new_gnu();
-    h.set_mode(0o755);
-    h.set_uid(0);
-    h.set_gid(0);
-    h.set_mtime(0);
-    h.set_size(busybox.len() as u64);
-    tar.append_data(&mut h, "bin/busybox", &busybox[..])?;
-    let layer = tar.into_inner()?;
-    let arch = match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        other => other,
-    };
-    let config = serde_json::to_vec(&json!({
-        "architecture": arch,
-        "os": "linux",
-        "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/busybox", "true"]},
-        "rootfs": {"type": "layers", "diff_ids": [sha256(&layer)]},
-    }))?;
-    let manifest = serde_json::to_vec(&json!({
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": descriptor(OCI_CONFIG, &config),
-        "layers": [descriptor(OCI_TAR, &layer)],
-    }))?;
-    let host = registry.host();
-    let target: Reference = format!("{host}/busybox:1").parse()?;
-    let client = Client::new(ClientConfig {
-        protocol: ClientProtocol::HttpsExcept(vec![host.to_string()]),
-        ..Default::default()
-    });
-    client
-        .auth(&target, &OciAuth::Anonymous, RegistryOperation::Push)
-        .await
-        .context("auth for push")?;
-    for blob in [layer, config] {
-        let digest = sha256(&blob);
-        client
-            .push_blob(&target, blob, &digest)
-            .await
-            .with_context(|| format!("pushing {digest}"))?;
-    }
-    let digest = sha256(&manifest);
-    client
-        .push_manifest_raw(
-            &target,
-            manifest,
-            reqwest::header::HeaderValue::from_static(OCI_MANIFEST),
-        )
-        .await
-        .context("pushing the manifest")?;
-    Ok(format!("{host}/busybox:1@{digest}"))
-}
-
-/// A reconciler with isolation `none` and no networking on `dir`.
+/// A reconciler with isolation `none` and no networking on `dir` (stop
+/// grace 2 s; its instances outlive it).
 async fn reconciler(
     dir: &Path,
     cgroup_parent: &str,
@@ -702,29 +573,7 @@ async fn reconciler(
     tokio::sync::mpsc::Receiver<InstanceReport>,
     Logs,
 ) {
-    let images = ImageStore::open(dir.join("images"), 1 << 30, PullOptions::default())
-        .await
-        .expect("open the image store");
-    let runtime = ProcessRuntime::new(RuntimeConfig {
-        root: dir.join("instances"),
-        cgroup_parent: cgroup_parent.to_owned(),
-        isolation: Isolation::None,
-        shim_exe: env!("CARGO_BIN_EXE_verge-shim").into(),
-    })
-    .expect("the process runtime");
-    let logs = Logs::new(dir.join("logs"), LogLimits::default(), "n1");
-    let parts = Parts {
-        data_dir: dir.to_path_buf(),
-        images,
-        runtime,
-        net: None,
-        isolation: Isolation::None,
-        stop_grace: Duration::from_secs(2),
-        stop_on_shutdown: false,
-        logs: logs.clone(),
-    };
-    let (r, reports) = Reconciler::start(parts, shutdown.clone()).await;
-    (r, reports, logs)
+    common::reconciler(dir, cgroup_parent, shutdown, Duration::from_secs(2), false).await
 }
 
 async fn wait_report(
@@ -748,17 +597,9 @@ async fn wait_report(
 #[tokio::test]
 async fn system_records_of_the_lifecycle() {
     require_root();
-    verge_tests::init_tls();
-    let registry = Registry::start().await.expect("start the registry");
-    let image = push_busybox(&registry)
-        .await
-        .unwrap_or_else(|e| panic!("push: {e:#}\nregistry log:\n{}", registry.log_tail()));
+    let (_registry, image) = common::busybox_registry().await;
     let tmp = tempfile::tempdir().unwrap();
-    let cgroup_parent = format!(
-        "verge/test-logs-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    );
+    let cgroup_parent = common::cgroup_parent();
     // The instance crashes once (a marker file remembers), then runs.
     let marker = tmp.path().join("crashed-once");
     let script = format!(
@@ -890,11 +731,7 @@ async fn system_records_of_the_lifecycle() {
 
     shutdown.cancel();
     r.stopped().await;
-    if let Ok(hierarchies) = fs::read_dir("/sys/fs/cgroup") {
-        for h in hierarchies.flatten() {
-            let _ = fs::remove_dir(h.path().join(&cgroup_parent));
-        }
-    }
+    common::remove_cgroup_parent(&cgroup_parent);
 }
 
 // --- Serving a logs stream over QUIC -------------------------------------
@@ -947,11 +784,7 @@ async fn serve_streams_history_and_follows() {
     require_root();
     verge_tests::init_tls();
     let tmp = tempfile::tempdir().unwrap();
-    let cgroup_parent = format!(
-        "verge/test-logs-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    );
+    let cgroup_parent = common::cgroup_parent();
     let shutdown = CancellationToken::new();
     let (r, _reports, logs) = reconciler(tmp.path(), &cgroup_parent, &shutdown).await;
     logs.instance_started(Meta {

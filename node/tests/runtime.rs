@@ -5,34 +5,20 @@
 //! The shim is the `verge-shim` binary of this package (its `main` calls
 //! `shim_main`, as the `verge` binary's does).
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::fs;
-use std::os::unix::fs::{FileTypeExt, symlink};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use common::{eventually, is_alive, require_root};
 use verge_api::logs::{LogRecord, LogStream};
 use verge_api::wire::{ErrorCategory, Isolation};
-use verge_node::runtime::{Exit, Instance, LaunchSpec, ProcessRuntime, RuntimeConfig};
+use verge_node::runtime::{Exit, Instance, LaunchSpec, ProcessRuntime};
 
-const BUSYBOX: &str = "/bin/busybox";
 const MIB: u64 = 1024 * 1024;
-const APPLETS: &[&str] = &[
-    "sh", "ls", "cat", "echo", "sleep", "id", "hostname", "ps", "grep", "head", "tr", "seq",
-    "test", "true", "wc", "env", "pwd",
-];
-
-fn require_root() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "the runtime tests create namespaces, mounts and cgroups: run them as root"
-    );
-    assert!(
-        Path::new(BUSYBOX).exists(),
-        "{BUSYBOX} is missing: install Debian's busybox-static (apt-get install busybox-static)"
-    );
-}
 
 /// A temp dir with an instances root, a busybox image layer, and a runtime
 /// whose cgroups live under their own `verge/test-...` parent (removed on drop).
@@ -43,42 +29,13 @@ struct Fixture {
     cgroup_parent: String,
 }
 
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-
 impl Fixture {
     fn new(isolation: Isolation) -> Fixture {
         require_root();
         let tmp = tempfile::tempdir().unwrap();
-        let layer = tmp.path().join("layers/busybox");
-        fs::create_dir_all(layer.join("bin")).unwrap();
-        fs::create_dir_all(layer.join("etc")).unwrap();
-        fs::create_dir_all(layer.join("home/app")).unwrap();
-        fs::copy(BUSYBOX, layer.join("bin/busybox")).unwrap();
-        for applet in APPLETS {
-            symlink("/bin/busybox", layer.join("bin").join(applet)).unwrap();
-        }
-        fs::write(
-            layer.join("etc/passwd"),
-            "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n",
-        )
-        .unwrap();
-        fs::write(
-            layer.join("etc/group"),
-            "root:x:0:\napp:x:1000:\nextra:x:2000:app\n",
-        )
-        .unwrap();
-        let cgroup_parent = format!(
-            "verge/test-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
-        let cfg = RuntimeConfig {
-            root: tmp.path().join("instances"),
-            cgroup_parent: cgroup_parent.clone(),
-            isolation,
-            shim_exe: env!("CARGO_BIN_EXE_verge-shim").into(),
-        };
-        let rt = ProcessRuntime::new(cfg).unwrap();
+        let layer = common::busybox_layer(tmp.path());
+        let cgroup_parent = common::cgroup_parent();
+        let rt = common::runtime(&tmp.path().join("instances"), &cgroup_parent, isolation);
         Fixture {
             tmp,
             rt,
@@ -88,19 +45,8 @@ impl Fixture {
     }
 
     fn spec(&self, id: &str, argv: &[&str]) -> LaunchSpec {
-        LaunchSpec {
-            instance_id: id.into(),
-            layers: vec![self.layer.clone()],
-            argv: argv.iter().map(|s| s.to_string()).collect(),
-            env: vec![("PATH".into(), "/bin".into())],
-            working_dir: None,
-            user: None,
-            hostname: id.into(),
-            cpu: 0.5,
-            memory: 64 * MIB,
-            pids: 0,
-            netns: None,
-        }
+        let argv = argv.iter().map(|s| s.to_string()).collect();
+        common::launch_spec(id, &self.layer, argv)
     }
 
     async fn start(&self, spec: LaunchSpec) -> Instance {
@@ -146,21 +92,9 @@ impl Fixture {
 
 impl Drop for Fixture {
     fn drop(&mut self) {
-        for dir in self.cgroup_parent_dirs() {
-            let _ = fs::remove_dir(dir);
-        }
+        common::remove_cgroup_parent(&self.cgroup_parent);
         let _ = &self.tmp;
     }
-}
-
-fn is_alive(pid: i32) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        !s.rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z')
-    })
 }
 
 fn kill9(pid: i32) {
@@ -174,14 +108,6 @@ fn kill9(pid: i32) {
 fn shim_pid(f: &Fixture, id: &str) -> i32 {
     let text = fs::read_to_string(f.rt.instance_dir(id).join("shim.pid")).unwrap();
     text.split_whitespace().next().unwrap().parse().unwrap()
-}
-
-async fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// The workload is PID 1 of its own PID namespace and sees only its own

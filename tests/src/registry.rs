@@ -107,6 +107,30 @@ pub const HTPASSWD: &str = "$2b$04$cihpcESUrrdVHicGS/XJAe.afLH/jHlRC3xMQH/NMpCsr
 
 /// Registries with authentication, and access to what they store.
 impl Registry {
+    /// Pushes `busybox:1`: one layer holding the host's static busybox
+    /// (Debian's `busybox-static`) as `/bin/busybox`, `PATH=/bin`, command
+    /// `/bin/busybox true`. Returns its digest-pinned reference.
+    pub async fn push_busybox(&self) -> anyhow::Result<String> {
+        let busybox = std::fs::read("/bin/busybox").map_err(|e| {
+            anyhow::anyhow!("reading /bin/busybox: {e} (apt-get install busybox-static)")
+        })?;
+        let layer = verge_images::Layer::from_files(&[verge_images::File::new(
+            "/bin/busybox",
+            busybox,
+            0o755,
+        )])?;
+        let config = verge_images::ImageConfig {
+            entrypoint: Vec::new(),
+            cmd: vec!["/bin/busybox".into(), "true".into()],
+            env: vec!["PATH=/bin".into()],
+            exposed_ports: Vec::new(),
+        };
+        let image = verge_images::Image::build(&config, vec![layer])?;
+        let reference = format!("{}/busybox:1", self.host());
+        let digest = verge_images::push(&image, &reference).await?;
+        Ok(format!("{reference}@{digest}"))
+    }
+
     /// A registry that wants HTTP basic auth: [`BASIC_USER`] with
     /// [`BASIC_PASSWORD`].
     pub async fn start_with_basic_auth() -> anyhow::Result<Registry> {

@@ -2,11 +2,12 @@
 
 use std::cmp::Ordering;
 use std::collections::HashSet;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use verge_api::logs::{LogItem, LogNotice, LogQuery};
 
 use super::Result;
+use super::follow::Reconnect;
 use crate::args::LogsArgs;
 use crate::context::Context;
 use crate::output::Output;
@@ -30,11 +31,10 @@ pub async fn logs(ctx: &Context, args: LogsArgs, out: &Output) -> Result {
     let mut last: Option<String> = None;
     let mut at_last: HashSet<(String, String)> = HashSet::new();
     let mut resumed = false;
-    const FIRST: Duration = Duration::from_millis(500);
-    const MAX: Duration = Duration::from_secs(10);
-    let mut backoff = FIRST;
+    let mut reconnect = Reconnect::new();
     loop {
         let connected = Instant::now();
+        let mut received = false;
         let why = loop {
             match stream.next().await {
                 Some(Ok(LogItem::Line(line))) => {
@@ -61,6 +61,7 @@ pub async fn logs(ctx: &Context, args: LogsArgs, out: &Output) -> Result {
                     if last.as_ref() == Some(&line.time) {
                         at_last.insert((line.instance.clone(), line.message.clone()));
                     }
+                    received = true;
                     out.stream_item(&line, ToString::to_string);
                 }
                 Some(Ok(LogItem::Notice(n))) => notice(out, &n),
@@ -70,36 +71,16 @@ pub async fn logs(ctx: &Context, args: LogsArgs, out: &Output) -> Result {
                 None => break "the server ended the log stream".to_string(),
             }
         };
-        if connected.elapsed() >= MAX {
-            backoff = FIRST;
-        }
+        reconnect.ended(connected.elapsed(), received);
         // Resume at the newest line printed: older lines of the repeated
         // history, and those printed at that same microsecond, are skipped.
         if let Some(t) = &last {
             query.since = Some(t.clone());
             resumed = true;
         }
-        stream = loop {
-            if !out.is_json() {
-                eprintln!(
-                    "{why}; reconnecting in {}...",
-                    humantime::format_duration(backoff)
-                );
-            }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(MAX);
-            match ctx.client.logs(names.scope(), &query).await {
-                Ok(stream) => break stream,
-                Err(e) => {
-                    let retry = matches!(e, verge_api::client::ClientError::Connect { .. })
-                        || matches!(&e, verge_api::client::ClientError::Api(d)
-                            if d.kind == verge_api::ErrorKind::Unavailable);
-                    if !retry {
-                        return Err(e.into());
-                    }
-                }
-            }
-        };
+        stream = reconnect
+            .again(out, why, || ctx.client.logs(names.scope(), &query))
+            .await?;
     }
 }
 

@@ -6,6 +6,7 @@ mod daemons;
 mod deploy;
 mod endpoints;
 mod exec;
+mod follow;
 mod logs;
 mod manifest;
 mod nodes;

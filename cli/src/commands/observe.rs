@@ -1,13 +1,11 @@
 //! `verge status`, `verge events [--follow]`: observed state of an env and
 //! its event stream (`verge wait` is in [`super::wait`]).
 
-use std::time::Duration;
-
 use tokio::time::Instant;
-use verge_api::ErrorKind;
-use verge_api::client::{ClientError, EventQuery, EventScope};
+use verge_api::client::{EventQuery, EventScope};
 use verge_api::status::{Event, InstanceStatus, Status, WorkloadStatus};
 
+use super::follow::Reconnect;
 use super::progress::event_line;
 use super::rollouts::rollout_line;
 use super::{Result, or_dash};
@@ -144,16 +142,14 @@ async fn follow(
     all: bool,
     out: &Output,
 ) -> Result {
-    const FIRST: Duration = Duration::from_millis(500);
-    const MAX: Duration = Duration::from_secs(10);
     let line = |e: &Event| event_line(e, all);
     // A first connection that fails is an error: wrong server, token, env.
     let mut stream = ctx.client.follow_events(scope, &query).await?;
-    let mut backoff = FIRST;
+    let mut reconnect = Reconnect::new();
     loop {
         let connected = Instant::now();
         let mut received = false;
-        let mut why = loop {
+        let why = loop {
             match stream.next().await {
                 Some(Ok(event)) => {
                     query.after = Some(event.cursor);
@@ -164,38 +160,10 @@ async fn follow(
                 None => break "the server ended the event stream".to_string(),
             }
         };
-        if received || connected.elapsed() >= MAX {
-            backoff = FIRST;
-        }
-        stream = loop {
-            // Under -o json, stderr is kept for the one JSON error line.
-            if !out.is_json() {
-                eprintln!(
-                    "{why}; reconnecting in {}...",
-                    humantime::format_duration(backoff)
-                );
-            }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(MAX);
-            match ctx.client.follow_events(scope, &query).await {
-                Ok(stream) => break stream,
-                Err(e) if !transient(&e) => return Err(e.into()),
-                Err(e) => why = e.to_string(),
-            }
-        };
-    }
-}
-
-/// Whether retrying may help: the server is down or overloaded, not
-/// refusing this request.
-fn transient(e: &ClientError) -> bool {
-    match e {
-        ClientError::Connect { .. } | ClientError::Decode { .. } => true,
-        ClientError::Api(d) => matches!(
-            d.kind,
-            ErrorKind::Unavailable | ErrorKind::Internal | ErrorKind::Timeout
-        ),
-        ClientError::BadServer { .. } | ClientError::BadCaCert(_) => false,
+        reconnect.ended(connected.elapsed(), received);
+        stream = reconnect
+            .again(out, why, || ctx.client.follow_events(scope, &query))
+            .await?;
     }
 }
 

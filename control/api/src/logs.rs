@@ -87,40 +87,85 @@ impl Severity {
         }
     }
 
-    /// The severity an app line declares, if any (see [`Severity`]).
+    /// The severity an app line declares, if any (see [`Severity`]): a
+    /// `level=`, `"level":`, `severity=`, `"severity":` or `lvl=` key in its
+    /// first 256 bytes, or a first word like `[ERROR]` or `WARN:`. Called
+    /// for every captured line, so it allocates nothing.
     pub fn declared_by(line: &str) -> Option<Severity> {
         let head = &line.as_bytes()[..line.len().min(256)];
-        let head = String::from_utf8_lossy(head).to_ascii_lowercase();
-        let word = |w: &str| -> Option<Severity> {
-            match w.trim_matches(|c: char| !c.is_ascii_alphabetic()) {
-                "debug" | "trace" => Some(Severity::Debug),
-                "info" | "notice" => Some(Severity::Info),
-                "warn" | "warning" => Some(Severity::Warn),
-                "error" | "err" | "fatal" | "critical" | "crit" | "panic" => Some(Severity::Error),
-                _ => None,
-            }
-        };
-        for key in ["level=", "\"level\":", "severity=", "\"severity\":", "lvl="] {
-            if let Some(at) = head.find(key) {
-                let rest = head[at + key.len()..].trim_start_matches([' ', '"']);
-                let value: String = rest
-                    .chars()
-                    .take_while(|c| c.is_ascii_alphabetic())
-                    .collect();
-                if let Some(s) = word(&value) {
+        if head.iter().any(|b| matches!(b, b'=' | b':')) {
+            const KEYS: [&[u8]; 5] = [
+                b"level=",
+                b"\"level\":",
+                b"severity=",
+                b"\"severity\":",
+                b"lvl=",
+            ];
+            for key in KEYS {
+                let Some(at) = find_ignore_case(head, key) else {
+                    continue;
+                };
+                let rest = &head[at + key.len()..];
+                let start = rest
+                    .iter()
+                    .position(|b| !matches!(b, b' ' | b'"'))
+                    .unwrap_or(rest.len());
+                let rest = &rest[start..];
+                let len = rest
+                    .iter()
+                    .position(|b| !b.is_ascii_alphabetic())
+                    .unwrap_or(rest.len());
+                if let Some(s) = Self::named(&rest[..len]) {
                     return Some(s);
                 }
             }
         }
-        // `[ERROR] …`, `WARN: …`, `E0101 …` is too vague and not matched.
-        let first = head.split_whitespace().next()?;
-        let bracketed = first.starts_with('[') && first.ends_with(']');
-        let tagged = first.ends_with(':');
-        if bracketed || tagged {
-            return word(first);
+        // `[ERROR] …`, `WARN: …`; a bare word (`error happened`) is too vague.
+        let first = head
+            .split(u8::is_ascii_whitespace)
+            .find(|w| !w.is_empty())?;
+        let bracketed = first.starts_with(b"[") && first.ends_with(b"]");
+        let tagged = first.ends_with(b":");
+        if !(bracketed || tagged) {
+            return None;
         }
-        None
+        let start = first.iter().position(u8::is_ascii_alphabetic)?;
+        let end = first.iter().rposition(u8::is_ascii_alphabetic)? + 1;
+        Self::named(&first[start..end])
     }
+
+    /// A level's name, in any case.
+    fn named(word: &[u8]) -> Option<Severity> {
+        const NAMES: [(&[u8], Severity); 14] = [
+            (b"debug", Severity::Debug),
+            (b"trace", Severity::Debug),
+            (b"info", Severity::Info),
+            (b"notice", Severity::Info),
+            (b"warn", Severity::Warn),
+            (b"warning", Severity::Warn),
+            (b"error", Severity::Error),
+            (b"err", Severity::Error),
+            (b"fatal", Severity::Error),
+            (b"critical", Severity::Error),
+            (b"crit", Severity::Error),
+            (b"panic", Severity::Error),
+            (b"emerg", Severity::Error),
+            (b"alert", Severity::Error),
+        ];
+        NAMES
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case(word))
+            .map(|(_, s)| *s)
+    }
+}
+
+/// Where `needle` first occurs in `hay`, ignoring ASCII case.
+fn find_ignore_case(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    let first = needle.first()?.to_ascii_lowercase();
+    (0..hay.len().saturating_sub(needle.len() - 1)).find(|&i| {
+        hay[i].to_ascii_lowercase() == first
+            && hay[i..i + needle.len()].eq_ignore_ascii_case(needle)
+    })
 }
 
 impl fmt::Display for Severity {
@@ -270,6 +315,11 @@ mod tests {
             ("WARNING: low disk", Some(Severity::Warn)),
             ("error: cannot open", Some(Severity::Error)),
             ("listening on :8080", None),
+            ("ts=1 LEVEL=Info msg=ok", Some(Severity::Info)),
+            (r#"{"severity": "CRITICAL"}"#, Some(Severity::Error)),
+            ("ERROR: x", Some(Severity::Error)),
+            ("[warn]", Some(Severity::Warn)),
+            ("level= bogus", None),
             ("an error happened", None),
             ("", None),
         ];

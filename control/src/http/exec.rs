@@ -293,7 +293,9 @@ async fn start(
             busy: true,
         } => Err(unavailable(message)
             .next("wait for a session to end, or raise --exec-max-sessions on the node")),
-        ExecReply::Refused { message, .. } => Err(ApiError::bad_request(message)),
+        ExecReply::Refused { message, .. } => Err(ApiError::bad_request(message).next(
+            "verge status  (the instance's state), or check the command's path in the image",
+        )),
     }
 }
 

@@ -200,6 +200,16 @@ async fn history_filters_follow_crashes_restarts_and_offline_nodes() {
             .starts_with("hello listening on")
     );
     assert_eq!(lines[0]["instance"], web[0].as_str());
+    let run = c
+        .cli
+        .run(&["logs", "--instance", &web[0], "--workload", "worker"])
+        .await;
+    assert!(!run.success());
+    assert!(
+        run.stderr().contains("is of workload web, not worker"),
+        "{}",
+        run.stderr()
+    );
     let (lines, _) = logs(&c, &["--workload", "web", "--source", "system"]).await;
     assert!(
         !lines.is_empty()

@@ -150,6 +150,26 @@ async fn plan(st: &AppState, cx: &EnvCx, q: &LogQuery) -> Result<Plan, ApiError>
             cx.flags()
         )));
     }
+    // A current instance the filters leave out says why, not nothing.
+    let mut notices = Vec::new();
+    if let Some(row) = rows.iter().find(|i| Some(&i.id) == q.instance.as_ref()) {
+        if let Some(w) = q.workload.as_ref().filter(|w| **w != row.workload) {
+            return Err(ApiError::bad_request(format!(
+                "instance {} is of workload {}, not {w}",
+                row.id, row.workload
+            )));
+        }
+        if !wanted.contains_key(&row.id) {
+            notices.push(LogNotice {
+                notice: format!(
+                    "instance {} has no logs yet: it is {} and has not started on a node",
+                    row.id, row.state
+                ),
+                node: row.node_name.clone(),
+                instances: vec![row.id.clone()],
+            });
+        }
+    }
     let mut plan = Plan {
         open: LogsOpen {
             instances: Vec::new(),
@@ -161,7 +181,7 @@ async fn plan(st: &AppState, cx: &EnvCx, q: &LogQuery) -> Result<Plan, ApiError>
         },
         workload: q.workload.clone(),
         nodes: Vec::new(),
-        notices: Vec::new(),
+        notices,
         known: wanted.keys().cloned().collect(),
     };
     targets(st, wanted, &mut plan).await?;

@@ -94,7 +94,7 @@ async fn run() -> anyhow::Result<()> {
     let load_start = loadavg();
     let c = Cluster::new(Backend::Sqlite, &[]).await;
     let node = c.node(1, "n1", &[], true).await;
-    let image = c.push_debug().await;
+    let image = c.registry.push_debug().await;
     let run = c
         .deploy_raw(&format!(
             "[workloads.web]\nimage = \"{image}\"\ncount = 1\ncpu = 1.0\nmemory = \"128Mi\"\n"

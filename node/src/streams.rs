@@ -99,10 +99,7 @@ async fn stream(mut send: SendStream, mut recv: RecvStream, ctx: &Streams) {
                 busy(open, send, &ctx.node).instrument(span).await;
                 return;
             };
-            ctx.logs
-                .serve(open, send, recv, &ctx.reconciler)
-                .instrument(span)
-                .await;
+            ctx.logs.serve(open, send, recv).instrument(span).await;
         }
         NodeStream::Exec(open) => {
             let span = tracing::info_span!("exec", instance = %open.instance);

@@ -786,7 +786,7 @@ async fn serve_streams_history_and_follows() {
     let tmp = tempfile::tempdir().unwrap();
     let cgroup_parent = common::cgroup_parent();
     let shutdown = CancellationToken::new();
-    let (r, _reports, logs) = reconciler(tmp.path(), &cgroup_parent, &shutdown).await;
+    let (_r, _reports, logs) = reconciler(tmp.path(), &cgroup_parent, &shutdown).await;
     logs.instance_started(Meta {
         instance: "sv1".into(),
         workload: "web".into(),
@@ -807,8 +807,8 @@ async fn serve_streams_history_and_follows() {
                 let NodeStream::Logs(open) = read_one(&mut recv, 1 << 20).await.unwrap() else {
                     panic!("not a logs stream")
                 };
-                let (logs, r) = (logs.clone(), r.clone());
-                streams.spawn(async move { logs.serve(open, send, recv, &r).await });
+                let logs = logs.clone();
+                streams.spawn(async move { logs.serve(open, send, recv).await });
             }
             while let Some(done) = streams.join_next().await {
                 done.unwrap();

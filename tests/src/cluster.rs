@@ -112,34 +112,6 @@ impl Cluster {
         t["token"].as_str().expect("token").to_string()
     }
 
-    /// Pushes the hello image; returns its reference.
-    pub async fn push_hello(&self) -> String {
-        let bin = crate::hello_binary().await;
-        let image = verge_images::hello_image(&bin).expect("hello image");
-        let reference = format!("{}/hello:1", self.registry.host());
-        verge_images::push(&image, &reference)
-            .await
-            .expect("push hello");
-        reference
-    }
-
-    /// Pushes the hello image with a busybox shell and tools
-    /// ([`verge_images::debug_image`]); returns its reference.
-    pub async fn push_debug(&self) -> String {
-        let bin = crate::hello_binary().await;
-        let busybox = std::path::Path::new("/bin/busybox");
-        assert!(
-            busybox.exists(),
-            "/bin/busybox is missing: install Debian's busybox-static (tests/run.sh does)"
-        );
-        let image = verge_images::debug_image(&bin, busybox).expect("debug image");
-        let reference = format!("{}/hello-debug:1", self.registry.host());
-        verge_images::push(&image, &reference)
-            .await
-            .expect("push hello-debug");
-        reference
-    }
-
     /// Deploys a manifest (`app = "hello"` is prepended); returns the CLI run.
     pub async fn deploy_raw(&self, manifest: &str) -> crate::cli::Run {
         let path = self.dir.path().join("verge.toml");

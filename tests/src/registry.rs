@@ -107,6 +107,34 @@ pub const HTPASSWD: &str = "$2b$04$cihpcESUrrdVHicGS/XJAe.afLH/jHlRC3xMQH/NMpCsr
 
 /// Registries with authentication, and access to what they store.
 impl Registry {
+    /// Builds `hello` and pushes it as `hello:1`; returns the reference.
+    pub async fn push_hello(&self) -> String {
+        let bin = crate::hello_binary().await;
+        let image = verge_images::hello_image(&bin).expect("hello image");
+        self.push_as(&image, "hello:1").await
+    }
+
+    /// Pushes `hello-debug:1`: hello with the host's static busybox and its
+    /// applets ([`verge_images::debug_image`]); returns the reference.
+    pub async fn push_debug(&self) -> String {
+        let bin = crate::hello_binary().await;
+        let busybox = std::path::Path::new("/bin/busybox");
+        assert!(
+            busybox.exists(),
+            "/bin/busybox is missing: install Debian's busybox-static (tests/run.sh does)"
+        );
+        let image = verge_images::debug_image(&bin, busybox).expect("debug image");
+        self.push_as(&image, "hello-debug:1").await
+    }
+
+    async fn push_as(&self, image: &verge_images::Image, name: &str) -> String {
+        let reference = format!("{}/{name}", self.host());
+        verge_images::push(image, &reference)
+            .await
+            .unwrap_or_else(|e| panic!("push {reference}: {e}"));
+        reference
+    }
+
     /// Pushes `busybox:1`: one layer holding the host's static busybox
     /// (Debian's `busybox-static`) as `/bin/busybox`, `PATH=/bin`, command
     /// `/bin/busybox true`. Returns its digest-pinned reference.

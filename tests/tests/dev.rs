@@ -67,11 +67,7 @@ async fn dev_cluster_with_profile_and_clean_restart() {
 async fn dev_serves_hello(isolation: &str, command: &str) {
     verge_tests::nodes::require_root();
     let registry = verge_tests::registry::Registry::start().await.unwrap();
-    let bin = verge_tests::hello_binary().await;
-    let image = format!("{}/hello:1", registry.host());
-    verge_images::push(&verge_images::hello_image(&bin).unwrap(), &image)
-        .await
-        .unwrap();
+    let image = registry.push_hello().await;
     let data = tempfile::tempdir().unwrap();
     let config = tempfile::tempdir().unwrap();
     let (child, _) = spawn_daemon(
@@ -191,11 +187,7 @@ async fn an_unprivileged_dev_serves_endpoints_on_loopback_and_says_so() {
     use std::process::Stdio;
     verge_tests::nodes::require_root(); // to become nobody
     let registry = verge_tests::registry::Registry::start().await.unwrap();
-    let bin = verge_tests::hello_binary().await;
-    let image = format!("{}/hello:1", registry.host());
-    verge_images::push(&verge_images::hello_image(&bin).unwrap(), &image)
-        .await
-        .unwrap();
+    let image = registry.push_hello().await;
     let data = tempfile::tempdir().unwrap();
     let config = tempfile::tempdir().unwrap();
     for dir in [data.path(), config.path()] {

@@ -30,7 +30,7 @@ impl World {
     async fn new() -> World {
         let c = Cluster::new(Backend::Sqlite, &[]).await;
         let node = c.node(1, "n1", &["--exec-max-sessions", "2"], true).await;
-        let image = c.push_debug().await;
+        let image = c.registry.push_debug().await;
         c.deploy(&image, 2, "", "").await;
         let ids = c
             .running(2)

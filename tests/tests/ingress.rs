@@ -58,7 +58,7 @@ fn ip_of(v: &Value) -> String {
 async fn endpoints_serve_ipv6_on_every_port_ipv4_only_when_asked_with_proxy_v2() {
     let c = Cluster::new(Backend::Sqlite, &[]).await;
     let _n1 = c.node(1, "n1", &[], true).await;
-    let image = c.push_hello().await;
+    let image = c.registry.push_hello().await;
     let ingress = c.ingress().await;
     c.deploy(
         &image,
@@ -208,7 +208,7 @@ async fn a_node_behind_nat_is_reached_through_its_quic_connection_with_proxy_v2(
     let c = Cluster::new(Backend::Sqlite, &[]).await;
     // Its instance prefix is not routed: only its session reaches it.
     let _edge = c.node(1, "edge1", &["--behind-nat"], false).await;
-    let image = c.push_hello().await;
+    let image = c.registry.push_hello().await;
     let _ingress = c.ingress().await;
     c.deploy(
         &image,
@@ -262,7 +262,7 @@ verge_tests::on_both_backends!(port_conflicts_are_refused_at_deploy_and_change_n
 
 async fn port_conflicts_are_refused_at_deploy_and_change_nothing(backend: Backend) {
     let c = Cluster::new(backend, &[]).await;
-    let image = c.push_hello().await;
+    let image = c.registry.push_hello().await;
     let web = format!("[workloads.web]\nimage = \"{image}\"\ncount = 0\n");
     let endpoint = |name: &str, port: u16, ipv4: bool| {
         format!(

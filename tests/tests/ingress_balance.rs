@@ -65,7 +65,7 @@ impl World {
         require_ip6tables();
         let c = Cluster::new(Backend::Sqlite, &[]).await;
         let node = c.node(1, "n1", &[], true).await;
-        let image = c.push_hello().await;
+        let image = c.registry.push_hello().await;
         c.deploy_raw(&manifest(&image, count, "1", web, endpoint))
             .await
             .json();

@@ -94,7 +94,7 @@ async fn history_filters_follow_crashes_restarts_and_offline_nodes() {
     let c = Cluster::new(Backend::Sqlite, &[]).await;
     let mut n1 = c.node(1, "n1", &[], true).await;
     let mut n2 = c.node(2, "n2", &[], true).await;
-    let image = c.push_debug().await;
+    let image = c.registry.push_debug().await;
     let run = c
         .deploy_raw(&manifest(&image, WORKER_UP, "on-failure"))
         .await;
@@ -401,7 +401,7 @@ const FLOOD: usize = 400_000;
 async fn a_slow_reader_slows_the_stream_and_memory_stays_bounded() {
     let c = Cluster::new(Backend::Sqlite, &[]).await;
     let _n1 = c.node(1, "n1", &["--log-file-size", "512Mi"], true).await;
-    let image = c.push_debug().await;
+    let image = c.registry.push_debug().await;
     // ~100-byte lines as fast as the shell can, then a last line.
     let line = "x".repeat(96);
     let flood = format!("yes {line} | head -n {FLOOD}; echo flood-done; exec sleep 3600");

@@ -64,16 +64,6 @@ impl World {
         .await;
     }
 
-    async fn push_hello(&self) -> String {
-        let bin = verge_tests::hello_binary().await;
-        let image = verge_images::hello_image(&bin).expect("hello image");
-        let reference = format!("{}/hello:1", self.registry.host());
-        verge_images::push(&image, &reference)
-            .await
-            .expect("push hello");
-        reference
-    }
-
     /// Deploys `web` with `extra` manifest lines; returns the receipt.
     async fn deploy(&self, image: &str, count: u32, extra: &str) -> Value {
         self.0
@@ -130,7 +120,7 @@ async fn two_nodes_join_and_serve_hello_on_private_addresses(backend: Backend) {
         .collect();
     assert_eq!(joined.len(), 2, "{joined:?}");
 
-    let image = w.push_hello().await;
+    let image = w.registry.push_hello().await;
     w.deploy(&image, 2, "").await;
     let running = w.running(2).await;
     let on: std::collections::BTreeSet<&str> = running
@@ -200,7 +190,7 @@ async fn a_killed_daemon_leaves_instances_serving_goes_offline_and_readopts_on_r
 ) {
     let w = World::new(backend).await;
     let mut n1 = w.node(1, "n1", &[]).await;
-    let image = w.push_hello().await;
+    let image = w.registry.push_hello().await;
     w.deploy(&image, 1, "").await;
     let before = w.running(1).await.remove(0);
     let addr = before["address"].as_str().unwrap().to_string();
@@ -273,7 +263,7 @@ async fn a_killed_daemon_leaves_instances_serving_goes_offline_and_readopts_on_r
 async fn an_offline_node_returns_to_what_is_desired_now() {
     let w = World::new(Backend::Sqlite).await;
     let mut n1 = w.node(1, "n1", &[]).await;
-    let image = w.push_hello().await;
+    let image = w.registry.push_hello().await;
     w.deploy(&image, 2, "").await;
     let two = w.running(2).await;
     n1.kill9().await;
@@ -518,7 +508,7 @@ async fn a_crash_loop_is_restarted_with_backoff_then_fails_with_category_crash()
 async fn nodes_reconnect_after_the_control_plane_restarts() {
     let mut w = World::new(Backend::Sqlite).await;
     let n1 = w.node(1, "n1", &[]).await;
-    let image = w.push_hello().await;
+    let image = w.registry.push_hello().await;
     w.deploy(&image, 1, "").await;
     let before = w.running(1).await.remove(0);
     // Same UDP port after the restart: the node dials what it joined through.

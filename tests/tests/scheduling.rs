@@ -210,16 +210,6 @@ impl World {
         .await;
     }
 
-    /// Builds `hello` and pushes it as `hello:1` to the test registry.
-    async fn push_hello(&self) -> String {
-        let image = hello_image().await;
-        let reference = format!("{}/hello:1", self.registry.host());
-        verge_images::push(&image, &reference)
-            .await
-            .expect("push hello");
-        reference
-    }
-
     /// Writes `text` to a manifest file of its own; returns its path.
     fn manifest_file(&self, text: &str) -> String {
         let n = self.manifests.fetch_add(1, Ordering::SeqCst);
@@ -584,7 +574,7 @@ async fn placement_spreads_follows_regions_explains_and_dry_runs(backend: Backen
     w.add_node(2, "n2", &["--label", "region=eu-west", "--memory", "384Mi"])
         .await;
     w.add_node(3, "n3", &["--label", "region=us-east"]).await;
-    let image = w.push_hello().await;
+    let image = w.registry.push_hello().await;
 
     // Spread: three instances, one per node.
     w.deploy(&web(&image, 3, &[SMALL, HEALTHY])).await;
@@ -818,7 +808,7 @@ async fn a_broken_image_fails_with_image_pull_and_cancel_returns_to_the_old_rele
     w.forwarded.push(private.port());
     w.add_node(1, "n1", &["--label", "region=eu-west"]).await;
     w.add_node(2, "n2", &["--label", "region=eu-west"]).await;
-    let image = w.push_hello().await;
+    let image = w.registry.push_hello().await;
     let broken = format!("{}/private/hello:1", private.host());
     let creds = oci_client::secrets::RegistryAuth::Basic(
         verge_tests::registry::BASIC_USER.into(),
@@ -1086,7 +1076,7 @@ async fn unhealthy_new_instances_fail_with_health_and_auto_rollback_restores_the
     let mut w = World::new(Backend::Sqlite, &[]).await;
     w.add_node(1, "n1", &[]).await;
     w.add_node(2, "n2", &[]).await;
-    let image = w.push_hello().await;
+    let image = w.registry.push_hello().await;
     w.deploy(&web(&image, 2, &[SMALL, HEALTHY])).await;
     let (_, v1) = w.converged(2, Some(1)).await;
     for i in &v1 {
@@ -1175,7 +1165,7 @@ async fn a_lost_node_is_replaced_elsewhere_and_its_stale_copies_stop_when_it_ret
     w.add_node(1, "n1", &["--label", "region=eu-west"]).await;
     w.add_node(2, "n2", &["--label", "region=eu-west"]).await;
     w.add_node(3, "n3", &["--label", "region=us-east"]).await;
-    let image = w.push_hello().await;
+    let image = w.registry.push_hello().await;
     w.deploy(&web(&image, 2, &[SMALL, HEALTHY])).await;
     let (_, before) = w.converged(2, Some(1)).await;
     let on: BTreeSet<String> = nodes_of(&before).into_iter().collect();
@@ -1298,7 +1288,7 @@ async fn draining_a_node_moves_everything_off_it_without_a_moment_of_zero_health
     let mut w = World::new(Backend::Sqlite, &[]).await;
     // Both instances land on n1, the only node at deploy time.
     w.add_node(1, "n1", &[]).await;
-    let image = w.push_hello().await;
+    let image = w.registry.push_hello().await;
     w.deploy(&web(&image, 2, &[SMALL, HEALTHY])).await;
     let (_, before) = w.converged(2, Some(1)).await;
     ensure!(

@@ -31,7 +31,7 @@ impl World {
         // Behind NAT: its instance prefix stays unrouted, only the tunnel
         // reaches them.
         let node = c.node(1, "edge1", &["--behind-nat"], false).await;
-        let image = c.push_hello().await;
+        let image = c.registry.push_hello().await;
         c.deploy(&image, 1, "", "").await;
         let instance = c.running(1).await[0]["id"]
             .as_str()

@@ -39,7 +39,6 @@ use verge_api::logs::{LogRecord, LogSource, Severity};
 use verge_api::wire::io::Writer;
 use verge_api::wire::{InstanceSpec, LogsFrame, LogsOpen};
 
-use crate::reconcile::Reconciler;
 use crate::runtime::state;
 
 pub use capture::{Capture, QUIET, now_us};
@@ -298,13 +297,7 @@ impl Logs {
     /// A thread reads the files and hands frames over a channel of two:
     /// a slow reader on the other end (QUIC flow control) slows it down,
     /// and memory stays bounded.
-    pub async fn serve(
-        &self,
-        open: LogsOpen,
-        mut send: SendStream,
-        mut recv: RecvStream,
-        _reconciler: &Reconciler,
-    ) {
+    pub async fn serve(&self, open: LogsOpen, mut send: SendStream, mut recv: RecvStream) {
         // The system records of what happened so far are on disk.
         self.sync().await;
         let follow = open.follow;

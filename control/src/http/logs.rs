@@ -29,7 +29,7 @@ use verge_api::logs::{InstanceRecord, LogItem, LogLine, LogNotice, LogQuery, rfc
 use verge_api::wire::io::Reader;
 use verge_api::wire::{LogsFrame, LogsOpen, NodeStream};
 
-use super::observe::{KEEPALIVE, tokio_stream_from};
+use super::observe::{KEEPALIVE, query_time, tokio_stream_from};
 use super::scope::{EnvCx, manifest_of};
 use super::{AppState, Path, Query};
 use crate::auth::Caller;
@@ -86,21 +86,10 @@ struct Target {
     instances: Vec<String>,
 }
 
-fn micros(what: &str, t: Option<&String>) -> Result<Option<u64>, ApiError> {
-    let Some(t) = t else { return Ok(None) };
-    let at = humantime::parse_rfc3339_weak(t).map_err(|e| {
-        ApiError::bad_request(format!("{what}={t:?} is not an RFC 3339 time: {e}"))
-            .next(format!("pass {what} like 2026-01-31T12:00:00Z"))
-    })?;
-    Ok(Some(
-        at.duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_micros() as u64),
-    ))
-}
-
 async fn plan(st: &AppState, cx: &EnvCx, q: &LogQuery) -> Result<Plan, ApiError> {
-    let since_us = micros("since", q.since.as_ref())?;
-    let until_us = micros("until", q.until.as_ref())?;
+    let micros = |d: Duration| d.as_micros() as u64;
+    let since_us = query_time("since", q.since.as_ref())?.map(micros);
+    let until_us = query_time("until", q.until.as_ref())?.map(micros);
     if q.follow && until_us.is_some() {
         return Err(ApiError::bad_request(
             "until ends a history, and follow never ends: use one of them",

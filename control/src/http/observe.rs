@@ -325,21 +325,25 @@ async fn cluster_events(
     events(st, filter, q.follow).await
 }
 
+/// A time parameter of a query (`since=…`) as time since the epoch;
+/// `None` when absent, 400 naming it when it is not RFC 3339.
+pub(super) fn query_time(what: &str, text: Option<&String>) -> Result<Option<Duration>, ApiError> {
+    let Some(t) = text else { return Ok(None) };
+    let at = humantime::parse_rfc3339_weak(t).map_err(|e| {
+        ApiError::bad_request(format!("{what}={t:?} is not an RFC 3339 time: {e}"))
+            .next(format!("pass {what} like 2026-01-31T12:00:00Z"))
+    })?;
+    Ok(Some(
+        at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default(),
+    ))
+}
+
 fn filter(
     org_id: Option<String>,
     env_id: Option<String>,
     q: &EventParams,
 ) -> Result<EventFilter, ApiError> {
-    let since_ms = match &q.since {
-        None => 0,
-        Some(t) => humantime::parse_rfc3339_weak(t)
-            .map_err(|e| {
-                ApiError::bad_request(format!("since={t:?} is not an RFC 3339 time: {e}"))
-                    .next("pass since like 2026-01-31T12:00:00Z")
-            })?
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64),
-    };
+    let since_ms = query_time("since", q.since.as_ref())?.map_or(0, |d| d.as_millis() as i64);
     Ok(EventFilter {
         org_id,
         env_id,

@@ -200,6 +200,35 @@ async fn history_filters_follow_crashes_restarts_and_offline_nodes() {
             .starts_with("hello listening on")
     );
     assert_eq!(lines[0]["instance"], web[0].as_str());
+    // Bad input is refused, saying what is wrong.
+    let run = c.cli.run(&["logs", "--since", "yesterday-ish"]).await;
+    assert!(
+        !run.success() && run.stderr().contains("RFC 3339"),
+        "{}",
+        run.stderr()
+    );
+    let run = c.cli.run(&["logs", "--follow", "--until", "1m"]).await;
+    assert!(
+        !run.success() && run.stderr().contains("--until"),
+        "{}",
+        run.stderr()
+    );
+    let vars: std::collections::HashMap<String, String> = c.cli.env_vars().into_iter().collect();
+    let bad = reqwest::Client::new()
+        .get(format!(
+            "{}/v1/orgs/acme/apps/hello/envs/prod/logs?since=nope",
+            vars["VERGE_SERVER"].trim_end_matches('/')
+        ))
+        .bearer_auth(&vars["VERGE_TOKEN"])
+        .send()
+        .await
+        .expect("logs request");
+    assert_eq!(bad.status(), 400);
+    let body = bad.text().await.unwrap();
+    assert!(
+        body.contains("since=\\\"nope\\\" is not an RFC 3339 time"),
+        "{body}"
+    );
     let run = c
         .cli
         .run(&["logs", "--instance", &web[0], "--workload", "worker"])

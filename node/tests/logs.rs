@@ -591,6 +591,95 @@ async fn wait_report(
     }
 }
 
+/// An instance killed for memory and one failing its health check leave
+/// `error` and `warn` system records that say so.
+#[tokio::test(flavor = "multi_thread")]
+async fn out_of_memory_and_failing_health_are_system_records() {
+    require_root();
+    let (_registry, image) = common::busybox_registry().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let cgroup_parent = common::cgroup_parent();
+    let spec = |id: &str, script: &str| InstanceSpec {
+        id: id.into(),
+        org: "o".into(),
+        app: "a".into(),
+        env: "e".into(),
+        release: "r1".into(),
+        workload: "web".into(),
+        image: image.clone(),
+        command: Some(vec![
+            "/bin/busybox".into(),
+            "sh".into(),
+            "-c".into(),
+            script.into(),
+        ]),
+        env_vars: BTreeMap::new(),
+        cpu: 0.5,
+        memory: 32 << 20,
+        restart: Restart::Never,
+        port: Some(8080),
+        health: None,
+        drain_ms: 0,
+    };
+    // A string that doubles until the 32 MiB limit kills it.
+    let hog = spec("hog", "x=0123456789abcdef; while :; do x=$x$x; done");
+    // Never listens on the port its check probes.
+    let sick = InstanceSpec {
+        health: Some(verge_api::manifest::Health {
+            tcp: 8080,
+            interval_ms: 100,
+            timeout_ms: 1_000,
+        }),
+        ..spec("sick", "exec /bin/busybox sleep 1000")
+    };
+    let shutdown = CancellationToken::new();
+    let (r, mut reports, logs) = reconciler(tmp.path(), &cgroup_parent, &shutdown).await;
+    r.apply(DesiredSet {
+        version: 1,
+        instances: vec![hog, sick],
+    })
+    .await;
+    let mut failed = std::collections::BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while failed.len() < 2 {
+        match tokio::time::timeout_at(deadline, reports.recv()).await {
+            Ok(Some(r)) if r.state == InstanceState::Failed => {
+                failed.insert(r.id);
+            }
+            Ok(Some(_)) => {}
+            _ => panic!("both instances did not fail within 60 s: {failed:?}"),
+        }
+    }
+    logs.sync().await;
+    let system = |id: &str| -> Vec<(Severity, String)> {
+        fs::read_to_string(tmp.path().join(format!("logs/{id}/system.log")))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str::<LogRecord>(l).unwrap())
+            .map(|r| (r.severity, r.message))
+            .collect()
+    };
+    let hog = system("hog");
+    assert!(
+        hog.contains(&(Severity::Error, "killed: out of memory (limit 32Mi)".into())),
+        "{hog:#?}"
+    );
+    let sick = system("sick");
+    assert!(
+        sick.iter().any(|(sev, m)| *sev == Severity::Warn
+            && m.starts_with("unhealthy: health check failed 3 times in a row")),
+        "{sick:#?}"
+    );
+    assert!(
+        sick.iter()
+            .any(|(sev, m)| *sev == Severity::Error && m.starts_with("failed")),
+        "{sick:#?}"
+    );
+    shutdown.cancel();
+    r.stopped().await;
+    common::remove_cgroup_parent(&cgroup_parent);
+}
+
 /// The system records of an instance's lifecycle: pulled, started, its
 /// crash and the restart, re-adoption by a restarted daemon, stopping and
 /// stopped; with severities; and its logs end when it leaves the node.

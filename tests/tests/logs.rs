@@ -501,3 +501,64 @@ async fn a_slow_reader_slows_the_stream_and_memory_stays_bounded() {
     assert!(done, "the last line came last");
     assert!(bytes > 64 << 20, "the history was {} MiB", bytes >> 20);
 }
+
+/// A followed stream outlives a quiet spell longer than the CLI's 60 s read
+/// timeout (the control plane's keep-alives hold it open), then still
+/// delivers the next line.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_follow_survives_a_long_quiet_spell() {
+    let c = Cluster::new(Backend::Sqlite, &[]).await;
+    let _n1 = c.node(1, "n1", &[], true).await;
+    let image = c.registry.push_debug().await;
+    let run = c
+        .deploy_raw(&manifest(&image, WORKER_UP, "on-failure"))
+        .await;
+    assert!(run.success(), "{}", run.stderr());
+    let worker = all_running(&c, 3)
+        .await
+        .into_iter()
+        .find(|i| i["workload"] == "worker")
+        .map(|i| i["id"].as_str().unwrap().to_string())
+        .unwrap();
+    // Relative times work too: the last hour holds the worker's first lines.
+    eventually(DEADLINE, "the worker's lines in the last hour", || async {
+        let (lines, _) = logs(
+            &c,
+            &["--workload", "worker", "--source", "app", "--since", "1h"],
+        )
+        .await;
+        (lines.len() == 2).then_some(())
+    })
+    .await;
+    let mut follow = c
+        .cli
+        .command(&[
+            "logs",
+            "--follow",
+            "--instance",
+            &worker,
+            "--source",
+            "app",
+            "-o",
+            "json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("verge logs --follow starts");
+    let mut out = BufReader::new(follow.stdout.take().unwrap()).lines();
+    until(&mut out, "WARN: disk low").await;
+    // Quiet for longer than the client's read timeout: this wait is the
+    // behaviour under test, not a synchronisation.
+    tokio::time::sleep(Duration::from_secs(75)).await;
+    say(&c, &worker, "after-the-quiet").await;
+    until(&mut out, "after-the-quiet").await;
+    // It never had to reconnect.
+    follow.start_kill().unwrap();
+    let mut err = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut follow.stderr.take().unwrap(), &mut err)
+        .await
+        .unwrap();
+    assert!(!err.contains("reconnecting"), "{err}");
+}

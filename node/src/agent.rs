@@ -330,7 +330,7 @@ impl Agent {
                 _ = tick.tick() => {
                     let usage = host.usage(self.reconciler.images_usage());
                     writer
-                        .send(&NodeMsg::Heartbeat { capacity: self.capacity, usage })
+                        .send(&NodeMsg::Heartbeat { capacity: self.capacity, usage, volumes: Vec::new() })
                         .await
                         .map_err(|e| e.to_string())?;
                 }

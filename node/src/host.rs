@@ -41,6 +41,7 @@ impl Host {
             cpu,
             memory,
             images,
+            volumes_free: 0,
         }
     }
 }

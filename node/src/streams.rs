@@ -93,6 +93,11 @@ async fn stream(mut send: SendStream, mut recv: RecvStream, ctx: &Streams) {
                 .instrument(span)
                 .await;
         }
+        NodeStream::Volume(op) => {
+            // TODO(volumes): served by crate::volumes.
+            let _ = op;
+            let _ = send.reset(VarInt::from_u32(0));
+        }
         NodeStream::Logs(open) => {
             let span = tracing::info_span!("logs", instances = open.instances.len());
             let Ok(_place) = ctx.logs_streams.clone().try_acquire_owned() else {

@@ -141,6 +141,8 @@ impl Node {
                 timeout_ms: 1_000,
             }),
             drain_ms: 0,
+            volumes: Vec::new(),
+            secrets: Vec::new(),
         }
     }
 

@@ -620,6 +620,8 @@ async fn out_of_memory_and_failing_health_are_system_records() {
         port: Some(8080),
         health: None,
         drain_ms: 0,
+        volumes: Vec::new(),
+        secrets: Vec::new(),
     };
     // A string that doubles until the 32 MiB limit kills it.
     let hog = spec("hog", "x=0123456789abcdef; while :; do x=$x$x; done");
@@ -716,6 +718,8 @@ async fn system_records_of_the_lifecycle() {
         port: None,
         health: None,
         drain_ms: 0,
+        volumes: Vec::new(),
+        secrets: Vec::new(),
     };
     let shutdown = CancellationToken::new();
     let (r, mut reports, logs) = reconciler(tmp.path(), &cgroup_parent, &shutdown).await;

@@ -8,8 +8,8 @@
 //! naming rules both sides check ([`names`]), nodes ([`nodes`]), registry
 //! credentials files ([`registry_auth`]), the
 //! manifest (`verge.toml`) and its validation ([`manifest`]), the routing
-//! table ingresses watch ([`routing`]), logs ([`logs`]) and exec sessions
-//! ([`exec`]), and the
+//! table ingresses watch ([`routing`]), logs ([`logs`]), exec sessions
+//! ([`exec`]) and volumes ([`volumes`]), and the
 //! control ⇄ node protocol carried over QUIC ([`wire`]). Behind features:
 //! the typed HTTP client the CLI uses (`client`: [`client`]) and framed
 //! reading and writing of wire messages on async streams (`wire-io`:
@@ -33,6 +33,7 @@ pub mod requests;
 pub mod resources;
 pub mod routing;
 pub mod status;
+pub mod volumes;
 pub mod wire;
 
 #[cfg(feature = "client")]

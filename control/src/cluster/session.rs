@@ -148,7 +148,7 @@ impl Cluster {
             tokio::select! {
                 msg = reader.next::<NodeMsg>() => match msg.map_err(|e| e.to_string())? {
                     None => return Ok(()),
-                    Some(NodeMsg::Heartbeat { capacity, usage }) => {
+                    Some(NodeMsg::Heartbeat { capacity, usage, volumes: _ }) => {
                         let usage = serde_json::to_string(&usage).expect("usage serialises");
                         let back = store
                             .node_heartbeat(&node, (capacity.cpu * 1000.0).round() as i64, capacity.memory as i64, &usage)

@@ -120,5 +120,7 @@ fn instance_spec(i: &InstanceRow, r: &ReleaseParts, scope: &EnvScope) -> Option<
         port,
         health: w.health,
         drain_ms,
+        volumes: Vec::new(),
+        secrets: Vec::new(),
     })
 }

@@ -112,6 +112,64 @@ pub struct VolumeMount {
 pub struct SecretMount {
     pub bundle: String,
     pub path: String,
+    /// How the file is written; default `env`.
+    #[serde(default)]
+    pub format: SecretFormat,
+}
+
+/// The format of a delivered secret file.
+///
+/// - `env`: one `KEY=value` line per key, sorted by key. A value with a
+///   newline, a backslash or a double quote at either end is written
+///   `KEY="..."` with `\n`, `\\` and `\"` escapes (dotenv style).
+/// - `json`: one JSON object, `{"KEY": "value", ...}`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SecretFormat {
+    #[default]
+    Env,
+    Json,
+}
+
+impl SecretFormat {
+    /// The file's contents for `values` (key → value, sorted).
+    pub fn render(self, values: &std::collections::BTreeMap<String, String>) -> String {
+        match self {
+            SecretFormat::Json => {
+                let mut s = serde_json::to_string_pretty(values).expect("a map serialises");
+                s.push('\n');
+                s
+            }
+            SecretFormat::Env => {
+                let mut s = String::new();
+                for (k, v) in values {
+                    let plain = !v.contains(['\n', '\r'])
+                        && !v.contains('\\')
+                        && !v.starts_with('"')
+                        && !v.ends_with('"');
+                    s.push_str(k);
+                    s.push('=');
+                    if plain {
+                        s.push_str(v);
+                    } else {
+                        s.push('"');
+                        for c in v.chars() {
+                            match c {
+                                '\n' => s.push_str("\\n"),
+                                '\r' => s.push_str("\\r"),
+                                '\\' => s.push_str("\\\\"),
+                                '"' => s.push_str("\\\""),
+                                c => s.push(c),
+                            }
+                        }
+                        s.push('"');
+                    }
+                    s.push('\n');
+                }
+                s
+            }
+        }
+    }
 }
 
 /// How a rollout replaces instances.

@@ -10,7 +10,7 @@ use super::check::{Cx, Value, default_rollout, env_var_name, join, no_check, opt
 use super::units::parse_size;
 use super::{
     Endpoint, EndpointLimits, Health, Manifest, Mode, ProxyProtocol, Require, Restart, Rollout,
-    Runtime, SecretMount, VolumeMount, Workload, defaults,
+    Runtime, SecretFormat, SecretMount, VolumeMount, Workload, defaults,
 };
 
 impl Cx<'_> {
@@ -208,16 +208,31 @@ impl Cx<'_> {
             Some(v) => self.health(&p("health"), v).map(Some),
         };
         let volumes = opt(t.get("volumes"), Vec::new(), |v| {
-            self.mounts(&p("volumes"), v, "name", |name, path| VolumeMount {
-                name,
-                path,
+            self.mounts(&p("volumes"), v, "name", &[], |_, _, _, name, path| {
+                Some(VolumeMount { name, path })
             })
         });
         let secrets = opt(t.get("secrets"), Vec::new(), |v| {
-            self.mounts(&p("secrets"), v, "bundle", |bundle, path| SecretMount {
-                bundle,
-                path,
-            })
+            self.mounts(
+                &p("secrets"),
+                v,
+                "bundle",
+                &["format"],
+                |cx, ipath, t, bundle, path| {
+                    let format = opt(t.get("format"), SecretFormat::Env, |v| {
+                        cx.choice(
+                            &join(ipath, "format"),
+                            v,
+                            &[("env", SecretFormat::Env), ("json", SecretFormat::Json)],
+                        )
+                    })?;
+                    Some(SecretMount {
+                        bundle,
+                        path,
+                        format,
+                    })
+                },
+            )
         });
         let constraints = opt(t.get("constraints"), BTreeMap::new(), |v| {
             self.string_table(&p("constraints"), v, no_check)
@@ -268,13 +283,15 @@ impl Cx<'_> {
         })
     }
 
-    /// `[{ KEY = "...", path = "/abs" }, ...]` (volumes, secrets).
+    /// `[{ KEY = "...", path = "/abs", EXTRA... }, ...]` (volumes, secrets);
+    /// `make` reads the extra keys.
     fn mounts<T>(
         &mut self,
         path: &str,
         v: &Value<'_>,
         key: &str,
-        make: impl Fn(String, String) -> T,
+        extra: &[&str],
+        make: impl Fn(&mut Self, &str, &DeTable<'_>, String, String) -> Option<T>,
     ) -> Option<Vec<T>> {
         let items = self.array(
             path,
@@ -289,7 +306,8 @@ impl Cx<'_> {
                 ok = false;
                 continue;
             };
-            self.known_keys(&ipath, t, &[key, "path"]);
+            let known: Vec<&str> = [key, "path"].iter().chain(extra).copied().collect();
+            self.known_keys(&ipath, t, &known);
             let name = self.required(&ipath, item, t, key, |s| crate::names::validate(key, s));
             let mount = self.required(&ipath, item, t, "path", |s| {
                 if s.starts_with('/') && !s.split('/').any(|c| c == "..") {
@@ -301,7 +319,10 @@ impl Cx<'_> {
                 }
             });
             match (name, mount) {
-                (Some(n), Some(m)) => out.push(make(n, m)),
+                (Some(n), Some(m)) => match make(self, &ipath, t, n, m) {
+                    Some(item) => out.push(item),
+                    None => ok = false,
+                },
                 _ => ok = false,
             }
         }

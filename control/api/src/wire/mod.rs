@@ -149,6 +149,10 @@ pub struct Usage {
     pub memory: u64,
     /// Bytes used by the node's image store.
     pub images: u64,
+    /// Bytes free for new volumes: free space of the volumes' filesystem,
+    /// less what existing volumes may still grow into.
+    #[serde(default)]
+    pub volumes_free: u64,
 }
 
 /// The first and only message of a join connection.
@@ -208,6 +212,9 @@ pub enum NodeMsg {
     Heartbeat {
         capacity: Capacity,
         usage: Usage,
+        /// Every volume the node holds, with its use.
+        #[serde(default)]
+        volumes: Vec<VolumeUsage>,
     },
     /// An instance changed state.
     Report(InstanceReport),
@@ -268,6 +275,151 @@ pub struct InstanceSpec {
     /// adds to can finish. 0 without endpoints.
     #[serde(default)]
     pub drain_ms: u64,
+    /// Volumes to mount, each at its path in the instance.
+    #[serde(default)]
+    pub volumes: Vec<VolumeAttach>,
+    /// Secret files to deliver on a tmpfs in the instance (never to disk).
+    #[serde(default)]
+    pub secrets: Vec<SecretFile>,
+}
+
+/// A volume mounted into an instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeAttach {
+    /// The volume's ID: the node keeps it under `<data>/volumes/<id>/`.
+    pub volume: String,
+    /// Its name, for messages.
+    pub name: String,
+    /// Absolute path in the instance.
+    pub path: String,
+}
+
+/// A secret bundle version rendered as a file (see
+/// [`crate::manifest::SecretFormat`]). Its `Debug` never shows the contents.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretFile {
+    pub bundle: String,
+    pub version: i64,
+    /// Absolute path of the file in the instance.
+    pub path: String,
+    pub contents: String,
+}
+
+impl fmt::Debug for SecretFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SecretFile")
+            .field("bundle", &self.bundle)
+            .field("version", &self.version)
+            .field("path", &self.path)
+            .field(
+                "contents",
+                &format_args!("<{} bytes redacted>", self.contents.len()),
+            )
+            .finish()
+    }
+}
+
+/// One volume a node holds, in its heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeUsage {
+    pub volume: String,
+    /// Bytes.
+    pub size: u64,
+    pub used: u64,
+    /// `loop` or `directory`.
+    pub backend: String,
+}
+
+/// The first frame of a volume stream: one operation on the node's
+/// volumes. The node answers with one [`VolumeReply`], except for
+/// `Export` and `Import`, which carry a snapshot's data (see those).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum VolumeOp {
+    /// A new empty volume of `size` bytes. Idempotent: an existing volume
+    /// of that ID and size is `Done`.
+    Create {
+        volume: String,
+        size: u64,
+    },
+    /// Grow to `size` bytes, online (mounted or not). Never shrinks.
+    Resize {
+        volume: String,
+        size: u64,
+    },
+    /// A point-in-time copy of the volume, consistent even while it is
+    /// written (the filesystem is frozen while it is copied).
+    Snapshot {
+        volume: String,
+        snapshot: String,
+    },
+    /// The volume's data replaced by the snapshot's (the volume grows to
+    /// the snapshot's size if smaller). Refused while an instance of this
+    /// node mounts it.
+    Restore {
+        volume: String,
+        snapshot: String,
+    },
+    /// Refused while an instance of this node mounts it. Snapshots stay.
+    Delete {
+        volume: String,
+    },
+    DeleteSnapshot {
+        snapshot: String,
+    },
+    /// The node answers `Exporting`, then sends the snapshot's data as
+    /// [`volume_data`] chunks and finishes the stream.
+    Export {
+        snapshot: String,
+    },
+    /// The control plane sends the data of an `Export` of a snapshot of
+    /// `size` bytes as [`volume_data`] chunks and finishes its side; the node
+    /// makes volume `volume` of it and answers one [`VolumeReply`].
+    Import {
+        volume: String,
+        size: u64,
+    },
+}
+
+/// The node's answer to a [`VolumeOp`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum VolumeReply {
+    /// Done; the volume (or snapshot) as it is now.
+    Done {
+        usage: VolumeUsage,
+    },
+    /// An `Export` starts: `size` bytes of volume, then data chunks.
+    Exporting {
+        size: u64,
+    },
+    Failed {
+        message: String,
+    },
+}
+
+/// The data of an `Export` / `Import`: chunks, each a 12-byte header
+/// (offset: u64 big-endian, length: u32 big-endian) and `length` bytes,
+/// covering only the snapshot's data regions (holes are skipped); the last
+/// chunk has length 0 and offset = the size.
+pub mod volume_data {
+    /// Header bytes of a chunk.
+    pub const HEADER: usize = 12;
+    /// The largest chunk length.
+    pub const MAX_CHUNK: u32 = 1 << 20;
+
+    pub fn header(offset: u64, len: u32) -> [u8; HEADER] {
+        let mut h = [0u8; HEADER];
+        h[..8].copy_from_slice(&offset.to_be_bytes());
+        h[8..].copy_from_slice(&len.to_be_bytes());
+        h
+    }
+
+    pub fn parse(h: &[u8; HEADER]) -> (u64, u32) {
+        let offset = u64::from_be_bytes(h[..8].try_into().expect("8 bytes"));
+        let len = u32::from_be_bytes(h[8..].try_into().expect("4 bytes"));
+        (offset, len)
+    }
 }
 
 /// The first frame of an ingress connection's first stream: the ingress
@@ -317,6 +469,8 @@ pub enum NodeStream {
     Logs(LogsOpen),
     /// A command run in an instance.
     Exec(ExecOpen),
+    /// An operation on the node's volumes.
+    Volume(VolumeOp),
 }
 
 /// Which log records a node should send on a logs stream. The node answers

@@ -62,6 +62,7 @@ command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 # The runtime tests' rootfs: a static busybox (sh, ps, ls, ...).
 [ -x /bin/busybox ] || missing+=(busybox-static)
 command -v gcc >/dev/null 2>&1 || missing+=(gcc)
+command -v mkfs.ext4 >/dev/null 2>&1 || [ -x /usr/sbin/mkfs.ext4 ] || [ -x /sbin/mkfs.ext4 ] || missing+=(e2fsprogs)
 [ -e /usr/lib/x86_64-linux-gnu/libc.a ] || [ -n "$(find /usr/lib -name libc.a -print -quit 2>/dev/null)" ] || missing+=(libc6-dev)
 # The ingress's PROXY protocol interop test (ingress/tests/haproxy.rs).
 command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)

@@ -354,6 +354,7 @@ fn simulate(n: usize) -> anyhow::Result<Value> {
             instances: &[],
             hold: false,
             since_ms: 0,
+            volumes: &verge_control::reconcile::plan::NO_VOLUMES,
         };
         let t = Instant::now();
         let actions = plan::plan(&input, &mut view.nodes, &view.facts, clock);
@@ -430,6 +431,7 @@ fn simulate(n: usize) -> anyhow::Result<Value> {
             instances,
             hold: false,
             since_ms: 0,
+            volumes: &verge_control::reconcile::plan::NO_VOLUMES,
         };
         let t = Instant::now();
         let actions = plan::plan(&input, &mut view.nodes, &view.facts, clock);
@@ -664,6 +666,7 @@ fn large_env(n: usize) -> anyhow::Result<Value> {
         instances: &[],
         hold: false,
         since_ms: 0,
+        volumes: &verge_control::reconcile::plan::NO_VOLUMES,
     };
     let t = Instant::now();
     let actions = plan::plan(&input, &mut view.nodes, &view.facts, clock);
@@ -678,6 +681,7 @@ fn large_env(n: usize) -> anyhow::Result<Value> {
         instances: &rows,
         hold: false,
         since_ms: 0,
+        volumes: &verge_control::reconcile::plan::NO_VOLUMES,
     };
     let t = Instant::now();
     let actions = plan::plan(&input, &mut view.nodes, &view.facts, clock);

@@ -131,6 +131,9 @@ pub enum Command {
     Logs(LogsArgs),
     /// Run a command in a running instance of the env; its exit code becomes verge's
     Exec(ExecArgs),
+    /// Volumes of the env: persistent storage on one node, with snapshots
+    #[command(subcommand)]
+    Volumes(VolumesCmd),
     /// Print a shell completion script
     Completions {
         #[arg(value_enum)]
@@ -158,6 +161,9 @@ pub struct DevArgs {
     /// The most `verge exec` sessions one instance has at once; more are refused
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
     pub exec_max_sessions: u32,
+    /// How volumes are stored: loop (ext4 on loop devices, sizes enforced), directory (plain directories, sizes NOT enforced), auto (loop when the host can)
+    #[arg(long, value_enum, default_value_t = VolumeBackendArg::Auto)]
+    pub volume_backend: VolumeBackendArg,
     #[command(flatten)]
     pub log_retention: LogRetentionArgs,
     #[command(flatten)]
@@ -296,6 +302,9 @@ pub struct NodeArgs {
     /// The most `verge exec` sessions one instance has at once; more are refused
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
     pub exec_max_sessions: u32,
+    /// How volumes are stored: loop (ext4 on loop devices, sizes enforced), directory (plain directories, sizes NOT enforced), auto (loop when the host can)
+    #[arg(long, value_enum, default_value_t = VolumeBackendArg::Auto)]
+    pub volume_backend: VolumeBackendArg,
     #[command(flatten)]
     pub log_retention: LogRetentionArgs,
     #[command(flatten)]
@@ -311,6 +320,14 @@ fn parse_size(s: &str) -> Result<u64, String> {
 pub enum IsolationArg {
     Namespaces,
     None,
+}
+
+/// `--volume-backend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum VolumeBackendArg {
+    Auto,
+    Loop,
+    Directory,
 }
 
 #[derive(Debug, Subcommand)]
@@ -620,6 +637,62 @@ pub struct ExecArgs {
     /// The command and its arguments, after --
     #[arg(required = true, last = true, value_name = "CMD")]
     pub command: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VolumesCmd {
+    /// Create a volume on a node: --node, or the online node (of --region) with the most free space
+    Create {
+        /// The volume's name (the manifest mounts it by this name)
+        name: String,
+        /// Its size (1Gi, 512Mi; at least 16Mi)
+        #[arg(long, value_name = "SIZE", value_parser = size)]
+        size: u64,
+        /// Only nodes with this `region` label
+        #[arg(long, value_name = "R", conflicts_with = "node")]
+        region: Option<String>,
+        /// This node (name or ID)
+        #[arg(long, value_name = "N")]
+        node: Option<String>,
+    },
+    /// Volumes of the env: size, use, node, attached instance, state
+    List,
+    /// One volume in full: node, size, use, backend, attached instance, snapshots, what to do next
+    Describe { name: String },
+    /// Grow a volume, also while it is mounted (volumes never shrink)
+    Resize {
+        name: String,
+        /// The new size, larger than the current one (2Gi)
+        #[arg(long, value_name = "SIZE", value_parser = size)]
+        size: u64,
+    },
+    /// Take a point-in-time snapshot of a volume (kept on its node)
+    Snapshot { name: String },
+    /// Snapshots of a volume (also of a deleted volume of that name), oldest first
+    Snapshots { name: String },
+    /// Restore a snapshot: over its volume's data (not while attached), or into a new volume with --to
+    Restore {
+        /// The snapshot's ID (see `verge volumes snapshots NAME`)
+        snapshot: String,
+        /// Into a new volume of this name instead
+        #[arg(long, value_name = "NAME")]
+        to: Option<String>,
+        /// Put the new volume on this node (name or ID) [default: the snapshot's]; the data is copied there
+        #[arg(long, value_name = "N", requires = "to")]
+        node: Option<String>,
+    },
+    /// Delete a volume (not while attached); its snapshots stay unless --snapshots
+    Delete {
+        name: String,
+        /// Also delete every snapshot taken of it
+        #[arg(long)]
+        snapshots: bool,
+    },
+    /// Delete one snapshot
+    DeleteSnapshot {
+        /// The snapshot's ID
+        id: String,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -94,6 +94,52 @@ pub fn gate(
     }
 }
 
+/// What stops manifest `m` (scale applied) from mounting its volumes:
+/// a volume missing from the env (`volumes`: name → node name), one
+/// workload's volumes on different nodes, or a count above one for a
+/// workload with volumes (one instance at a time mounts a volume). One
+/// line per problem, each with its fix.
+pub fn volume_problems(m: &Manifest, volumes: &BTreeMap<String, String>) -> Vec<String> {
+    let mut out = Vec::new();
+    for (name, w) in &m.workloads {
+        if w.volumes.is_empty() {
+            continue;
+        }
+        if w.count > 1 {
+            let names: Vec<&str> = w.volumes.iter().map(|v| v.name.as_str()).collect();
+            out.push(format!(
+                "workload {name} mounts volume {}, which one instance at a time can use, but its \
+                 count is {}: set count = 1 (or 0); Verge has no per-instance volume templates",
+                names.join(", "),
+                w.count
+            ));
+        }
+        let mut nodes: BTreeMap<&str, &str> = BTreeMap::new();
+        for v in &w.volumes {
+            match volumes.get(&v.name) {
+                None => out.push(format!(
+                    "workload {name} mounts volume {}, which does not exist in this env: create it \
+                     first with `verge volumes create {} --size SIZE`",
+                    v.name, v.name
+                )),
+                Some(node) => {
+                    nodes.entry(node.as_str()).or_insert(v.name.as_str());
+                }
+            }
+        }
+        if nodes.len() > 1 {
+            let list: Vec<String> = nodes.iter().map(|(n, v)| format!("{v} on {n}")).collect();
+            out.push(format!(
+                "workload {name} mounts volumes on different nodes ({}), and an instance runs on \
+                 one node: restore a snapshot of one onto the other's node \
+                 (`verge volumes restore SNAPSHOT --to NEW --node NODE`) and mount that",
+                list.join(", ")
+            ));
+        }
+    }
+    out
+}
+
 /// Identifies what a release runs: equal for an unchanged deploy.
 pub fn fingerprint(
     snapshot: &Manifest,
@@ -187,6 +233,38 @@ mod tests {
             ("DATABASE_URL".to_string(), "x".to_string()),
         ]);
         assert!(gate(&m, &vars, &all).is_empty());
+    }
+
+    #[test]
+    fn volumes_must_exist_share_a_node_and_have_one_writer() {
+        let text = "app = \"a\"\n[workloads.db]\nimage = \"i\"\ncount = 2\n\
+                    volumes = [{ name = \"data\", path = \"/data\" }, { name = \"logs\", path = \"/logs\" }]\n";
+        let m = parse("verge.toml", text).expect("valid");
+        let p = volume_problems(&m, &BTreeMap::new());
+        assert_eq!(p.len(), 3, "{p:?}");
+        assert!(p[0].contains("its count is 2: set count = 1"), "{p:?}");
+        assert!(p[1].contains("volume data, which does not exist"), "{p:?}");
+        assert!(
+            p[1].contains("`verge volumes create data --size SIZE`"),
+            "{p:?}"
+        );
+        let two = BTreeMap::from([
+            ("data".to_string(), "n1".to_string()),
+            ("logs".to_string(), "n2".to_string()),
+        ]);
+        let mut one = m.clone();
+        one.workloads.get_mut("db").unwrap().count = 1;
+        let p = volume_problems(&one, &two);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].contains("different nodes (data on n1, logs on n2)"),
+            "{p:?}"
+        );
+        let same = BTreeMap::from([
+            ("data".to_string(), "n1".to_string()),
+            ("logs".to_string(), "n1".to_string()),
+        ]);
+        assert!(volume_problems(&one, &same).is_empty());
     }
 
     #[test]

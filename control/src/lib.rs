@@ -7,7 +7,8 @@
 //! ([`secrets`]), image pinning ([`images`]) and the rules of releases and
 //! scale ([`desired`]); the cluster CA, node joins and QUIC sessions
 //! ([`cluster`]), placement ([`scheduler`]) and the reconciler that turns
-//! current releases into instances on nodes ([`reconcile`]).
+//! current releases into instances on nodes ([`reconcile`]), and volumes on
+//! nodes with their snapshots ([`volumes`]).
 //!
 //! It must not run workloads or proxy traffic (that is `verge-node` and
 //! `verge-ingress`), must not print to stdout (the binary decides what the
@@ -30,6 +31,7 @@ pub mod secrets;
 pub mod server;
 pub mod store;
 mod time;
+pub mod volumes;
 
 pub use config::Config;
 pub use server::{StartError, Started, start};

@@ -166,7 +166,8 @@ pub struct Ask<'a> {
     pub memory: i64,
     /// Labels the node must carry (the workload's `constraints`).
     pub constraints: &'a BTreeMap<String, String>,
-    /// The only node the instance may go to (its volume's), and why.
+    /// The only node the instance may go to, and what is there (`volume
+    /// data`: the workload mounts that volume).
     pub pin: Option<(&'a str, &'a str)>,
 }
 
@@ -265,7 +266,7 @@ fn unfit(n: &NodeView, ask: &Ask<'_>) -> Option<(Problem, String)> {
     if let Some((pin, why)) = ask.pin
         && pin != n.id
     {
-        return Some((Problem::Pinned, format!("not the node {why}")));
+        return Some((Problem::Pinned, format!("not the node of {why}")));
     }
     if let Some(since) = &n.offline_since {
         return Some((Problem::Offline, format!("offline since {since}")));
@@ -318,6 +319,9 @@ fn unfit(n: &NodeView, ask: &Ask<'_>) -> Option<(Problem, String)> {
 /// Every node's problem with `ask` (the first few by name, then counts),
 /// and the fix for the most common problem.
 fn explain(nodes: &Nodes, ask: &Ask<'_>) -> String {
+    if let Some((pin, what)) = ask.pin {
+        return explain_pinned(nodes, ask, pin, what);
+    }
     if nodes.is_empty() {
         return "no nodes have joined the cluster; to fix: join one with `verge nodes join-token`"
             .into();
@@ -357,6 +361,38 @@ fn explain(nodes: &Nodes, ask: &Ask<'_>) -> String {
         text.push_str(&fix(p, ask));
     }
     text
+}
+
+/// Why the one node the instance may go to cannot take it, and the two
+/// ways out: wait for that node, or move what pins the instance there.
+fn explain_pinned(nodes: &Nodes, ask: &Ask<'_>, pin: &str, what: &str) -> String {
+    let volume = what.strip_prefix("volume ").unwrap_or(what);
+    let moving = format!(
+        "or move it: `verge volumes snapshot {volume}`, then `verge volumes restore SNAPSHOT \
+         --to NEW --node OTHER`, and mount NEW instead of {volume}"
+    );
+    let Some(n) = nodes.get(pin) else {
+        return format!(
+            "{what} is on node {pin}, which has left the cluster, and the instance can run only there; to fix: restore a snapshot \
+             of it onto another node (`verge volumes restore SNAPSHOT --to NEW --node OTHER`) \
+             and mount that"
+        );
+    };
+    let (problem, why) = unfit(n, &Ask { pin: None, ..*ask })
+        .unwrap_or((Problem::Pinned, "not able to take it".into()));
+    let wait = match problem {
+        Problem::Offline => format!(
+            "bring node {} back (the instance starts there when it is)",
+            n.name
+        ),
+        Problem::Draining => format!("undrain node {} (`verge nodes undrain {}`)", n.name, n.name),
+        Problem::Memory | Problem::Cpu | Problem::Label => fix(problem, ask),
+        Problem::Pinned => format!("wait for node {}", n.name),
+    };
+    format!(
+        "{what} is on node {} ({why}), and the instance can run only there; to fix: {wait}, {moving}",
+        n.name
+    )
 }
 
 fn problem_name(p: Problem) -> &'static str {
@@ -569,7 +605,7 @@ mod tests {
             node("b", "", 2000, 1 << 30),
         ]);
         let ask = Ask {
-            pin: Some(("id-b", "volume data is on")),
+            pin: Some(("id-b", "volume data")),
             ..ASK
         };
         assert_eq!(
@@ -579,10 +615,19 @@ mod tests {
         nodes.views[1].offline_since = Some("t".into());
         let err = one(&mut nodes, &ask).unwrap_err();
         assert!(
-            err.contains("node a: not the node volume data is on"),
+            err.starts_with("volume data is on node b (offline since t)"),
             "{err}"
         );
-        assert!(err.contains("node b: offline since t"), "{err}");
+        assert!(err.contains("to fix: bring node b back"), "{err}");
+        assert!(err.contains("`verge volumes snapshot data`"), "{err}");
+        nodes.views[1].offline_since = None;
+        nodes.views[1].used_memory = 1 << 30;
+        let err = one(&mut nodes, &ask).unwrap_err();
+        assert!(err.contains("(insufficient memory"), "{err}");
+        assert!(
+            !err.contains("node a"),
+            "only the pinned node matters: {err}"
+        );
     }
 
     #[test]

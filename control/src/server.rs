@@ -143,8 +143,14 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Start
         reschedule_after: Duration::from_secs(config.reschedule_after_secs),
         addressing: config.addressing()?,
     };
-    let (cluster, cluster_tasks) =
-        Cluster::start(store.clone(), &keyring, cluster_config, shutdown.clone()).await?;
+    let keyring = Arc::new(keyring);
+    let (cluster, cluster_tasks) = Cluster::start(
+        store.clone(),
+        keyring.clone(),
+        cluster_config,
+        shutdown.clone(),
+    )
+    .await?;
     let admin_token = match crate::auth::bootstrap(&store).await? {
         None if config.new_admin_token => {
             tracing::warn!("minting a new cluster admin token (--new-admin-token)");
@@ -166,7 +172,7 @@ pub async fn start(config: &Config, shutdown: CancellationToken) -> Result<Start
         store: store.clone(),
         metrics: Metrics::new(),
         max_body_bytes: config.max_body_bytes,
-        keyring: Arc::new(keyring),
+        keyring,
         pinner: Pinner::new(config.insecure_registries.clone(), registry_auth),
         cluster: cluster.clone(),
         shutdown: shutdown.clone(),

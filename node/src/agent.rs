@@ -230,6 +230,25 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// Sends a heartbeat: the machine's usage and the volumes'.
+    async fn heartbeat(
+        &self,
+        host: &mut Host,
+        writer: &mut Writer<quinn::SendStream>,
+    ) -> Result<(), String> {
+        let mut usage = host.usage(self.reconciler.images_usage());
+        let (volumes, volumes_free) = self.streams.volumes.report().await;
+        usage.volumes_free = volumes_free;
+        writer
+            .send(&NodeMsg::Heartbeat {
+                capacity: self.capacity,
+                usage,
+                volumes,
+            })
+            .await
+            .map_err(|e| e.to_string())
+    }
+
     /// Runs sessions until `shutdown`, reconnecting as needed.
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut backoff = Backoff::default();
@@ -314,6 +333,7 @@ impl Agent {
             None => return Err("the control plane closed the session".into()),
         };
         let mut tick = tokio::time::interval(heartbeat);
+        let volumes = self.streams.volumes.clone();
         loop {
             tokio::select! {
                 msg = reader.next::<ControlMsg>() => match msg.map_err(|e| e.to_string())? {
@@ -327,13 +347,9 @@ impl Agent {
                 Some(report) = self.reports.recv() => {
                     writer.send(&NodeMsg::Report(report)).await.map_err(|e| e.to_string())?;
                 }
-                _ = tick.tick() => {
-                    let usage = host.usage(self.reconciler.images_usage());
-                    writer
-                        .send(&NodeMsg::Heartbeat { capacity: self.capacity, usage, volumes: Vec::new() })
-                        .await
-                        .map_err(|e| e.to_string())?;
-                }
+                _ = tick.tick() => self.heartbeat(host, &mut writer).await?,
+                // A volume operation changed sizes or use: report it now.
+                () = volumes.changed() => self.heartbeat(host, &mut writer).await?,
                 () = shutdown.cancelled() => {
                     conn.close(0u32.into(), b"node shutting down");
                     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;

@@ -59,6 +59,8 @@ pub struct NodeConfig {
     pub exec_max_sessions: usize,
     /// How much instance log is kept (`<data_dir>/logs`, see [`crate::logs`]).
     pub log_limits: crate::logs::LogLimits,
+    /// How new volumes are stored (`--volume-backend`, see [`crate::volumes`]).
+    pub volume_backend: crate::volumes::Backend,
 }
 
 /// Why the node daemon did not start.
@@ -77,6 +79,8 @@ pub enum NodeError {
     Runtime(#[from] crate::runtime::RuntimeError),
     #[error("networking: {0}")]
     Net(#[from] crate::net::NetError),
+    #[error("volumes: {0}")]
+    Volumes(#[from] crate::volumes::VolumeError),
     #[error("the instance prefix {0:?} assigned at join does not parse")]
     BadPrefix(String),
 }
@@ -154,7 +158,13 @@ pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> Result<Start
             None
         }
     };
-    let (reconciler, reports) = Reconciler::start(
+    // volumes: opened once, here, and mounted again (after a restart or a
+    // reboot) before the reconciler re-adopts or starts instances that
+    // mount them; the reconciler (claims) and the streams (operations)
+    // share this one `Volumes`.
+    let volumes = crate::volumes::Volumes::open(&cfg.data_dir, cfg.volume_backend)?;
+    volumes.recover().await;
+    let (reconciler, reports) = Reconciler::start_with_volumes(
         Parts {
             data_dir: cfg.data_dir.clone(),
             images,
@@ -165,6 +175,7 @@ pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> Result<Start
             stop_on_shutdown: cfg.stop_on_shutdown,
             logs: logs.clone(),
         },
+        Some(volumes.clone()),
         shutdown.clone(),
     )
     .await;
@@ -192,6 +203,7 @@ pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> Result<Start
             assigned.name.clone(),
             logs.clone(),
             exec.clone(),
+            volumes,
         ),
         reconciler,
         reports,

@@ -9,7 +9,9 @@
 //! their TCP health checks (`health`), the streams ingresses reach
 //! instances through, via the control plane (`tunnel`), and instances'
 //! logs: captured by each instance's shim, kept on disk with bounded
-//! retention, read back for `verge logs` (`logs`).
+//! retention, read back for `verge logs` (`logs`); and volumes: sized
+//! ext4 filesystems on loop devices (or plain directories), their
+//! snapshots, and which instance mounts which (`volumes`).
 //! [`daemon`] puts these together for `verge node` (and `verge dev`);
 //! [`identity`] keeps what the node got at join, [`host`] reads the
 //! machine's capacity and usage for heartbeats.
@@ -32,3 +34,4 @@ pub mod runtime;
 pub mod streams;
 mod tls;
 pub mod tunnel;
+pub mod volumes;

@@ -18,6 +18,18 @@
 //! restarted (with the address they had: the network's allocation, or the
 //! loopback `PORT` they were started with); leftovers no longer desired are
 //! stopped and cleaned up.
+//!
+//! Volumes: a supervisor claims its instance's volumes from the node's
+//! [`Volumes`] before each start (a failed claim is a failed start, category
+//! `start`), keeps them across restarts, and releases them once the
+//! instance will not run again (removed, or ended for good). Re-adopted
+//! instances claim theirs again (the runtime recorded them).
+//!
+//! Secret files: their contents live in memory only. The saved desired set
+//! has them blanked, so after a daemon restart an instance with secret
+//! files that must (re)start waits, `pending`, for the control plane to
+//! send its set again (it does on every session). Reports, messages and
+//! tracing name a secret file by bundle and path only.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -26,13 +38,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use verge_api::logs::Severity;
 use verge_api::manifest::{Restart, format_size};
 use verge_api::wire::{
-    DesiredSet, ErrorCategory, InstanceReport, InstanceSpec, InstanceState, Isolation,
+    DesiredSet, ErrorCategory, InstanceReport, InstanceSpec, InstanceState, Isolation, SecretFile,
 };
 
 use crate::health::{Check, Checker, Verdict};
@@ -40,7 +52,10 @@ use crate::logs::{Logs, Meta};
 use crate::net::Network;
 use crate::pull::{ImageStore, PulledImage};
 use crate::runtime::state::now_ms;
-use crate::runtime::{Adopted, Exit, Instance, LaunchSpec, ProcessRuntime};
+use crate::runtime::{
+    self, Adopted, Attachments, Exit, Instance, LaunchSpec, ProcessRuntime, VolumeMount,
+};
+use crate::volumes::Volumes;
 
 /// Failures in a row (each after less than [`HEALTHY_RUN`] of running) that make a crash loop.
 const CRASH_LOOP: u32 = 5;
@@ -76,6 +91,8 @@ pub struct Reconciler {
 #[derive(Debug)]
 struct Inner {
     parts: Parts,
+    /// The node's volumes; `None`: instances with volumes fail to start.
+    volumes: Option<Volumes>,
     reports: mpsc::Sender<InstanceReport>,
     state: Mutex<State>,
     /// Fires on daemon shutdown: supervisors end (stopping their instance
@@ -97,19 +114,33 @@ struct Slot {
     port: Option<u16>,
     /// Fires when the instance left the desired set.
     stop: CancellationToken,
+    /// The latest secret files the control plane sent for it; `None` while
+    /// unknown (its spec came from the saved set, which has no contents).
+    secrets: watch::Sender<Option<Vec<SecretFile>>>,
 }
 
-/// The desired set as saved on disk.
+/// The desired set as saved on disk, secret files without their contents.
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Saved {
     set: DesiredSet,
 }
 
 impl Reconciler {
-    /// Loads the saved desired set, re-adopts running instances, and starts
-    /// supervising. Reports go to the returned receiver.
+    /// [`start_with_volumes`](Self::start_with_volumes) without volumes:
+    /// instances that have some fail to start.
     pub async fn start(
         parts: Parts,
+        shutdown: CancellationToken,
+    ) -> (Reconciler, mpsc::Receiver<InstanceReport>) {
+        Self::start_with_volumes(parts, None, shutdown).await
+    }
+
+    /// Loads the saved desired set, re-adopts running instances (claiming
+    /// their volumes from `volumes` again), and starts supervising.
+    /// Reports go to the returned receiver.
+    pub async fn start_with_volumes(
+        parts: Parts,
+        volumes: Option<Volumes>,
         shutdown: CancellationToken,
     ) -> (Reconciler, mpsc::Receiver<InstanceReport>) {
         let (tx, rx) = mpsc::channel(1024);
@@ -124,6 +155,7 @@ impl Reconciler {
         let r = Reconciler {
             inner: Arc::new(Inner {
                 parts,
+                volumes,
                 reports: tx,
                 state: Mutex::new(State::default()),
                 shutdown,
@@ -134,6 +166,14 @@ impl Reconciler {
             .into_iter()
             .map(|a| (a.spec.instance_id.clone(), a))
             .collect();
+        // Running with their volumes mounted: theirs until they stop.
+        for (id, a) in &adopted {
+            for m in &a.mounts {
+                if let Err(e) = r.claim(&m.volume, id) {
+                    tracing::warn!(instance = %id, volume = %m.volume, error = %e, "claiming a re-adopted instance's volume failed");
+                }
+            }
+        }
         // Logs of instances that left while no daemon ran count as ended.
         r.inner.parts.logs.ended_except(
             saved
@@ -153,7 +193,9 @@ impl Reconciler {
             st.version = saved.set.version;
             for spec in saved.set.instances {
                 let running = adopted.remove(&spec.id);
-                r.spawn_supervisor(&mut st, spec, running);
+                // Saved without the contents of its secret files.
+                let secrets = spec.secrets.is_empty().then(Vec::new);
+                r.spawn_supervisor(&mut st, spec, running, secrets);
             }
         }
         let leftovers: Vec<String> = adopted.keys().cloned().collect();
@@ -170,6 +212,9 @@ impl Reconciler {
                 );
                 leftover.instance.stop(r2.inner.parts.stop_grace).await;
                 r2.cleanup(&id).await;
+                for m in &leftover.mounts {
+                    r2.release(&m.volume, &id);
+                }
                 logs.system(&id, Severity::Info, "stopped");
                 logs.instance_ended(&id);
             });
@@ -192,8 +237,21 @@ impl Reconciler {
             }
         }
         for spec in set.instances {
-            if !st.slots.contains_key(&spec.id) {
-                self.spawn_supervisor(&mut st, spec, None);
+            match st.slots.get(&spec.id) {
+                // The latest contents, for its next start (the saved set has none).
+                Some(slot) => {
+                    slot.secrets.send_if_modified(|known| {
+                        let changed = known.as_ref() != Some(&spec.secrets);
+                        if changed {
+                            *known = Some(spec.secrets.clone());
+                        }
+                        changed
+                    });
+                }
+                None => {
+                    let secrets = Some(spec.secrets.clone());
+                    self.spawn_supervisor(&mut st, spec, None, secrets);
+                }
             }
         }
     }
@@ -225,8 +283,17 @@ impl Reconciler {
         self.inner.parts.images.disk_usage()
     }
 
-    fn spawn_supervisor(&self, st: &mut State, spec: InstanceSpec, running: Option<Adopted>) {
+    /// `secrets`: the contents of the spec's secret files, `None` when
+    /// unknown (a spec from the saved set).
+    fn spawn_supervisor(
+        &self,
+        st: &mut State,
+        spec: InstanceSpec,
+        running: Option<Adopted>,
+        secrets: Option<Vec<SecretFile>>,
+    ) {
         let stop = CancellationToken::new();
+        let (secrets, secrets_rx) = watch::channel(secrets);
         let reach = running
             .as_ref()
             .and_then(|a| self.readopted_reach(&spec.id, &a.spec));
@@ -250,6 +317,7 @@ impl Reconciler {
                 report,
                 port: spec.port,
                 stop: stop.clone(),
+                secrets,
             },
         );
         self.inner.parts.logs.instance_started(Meta::of(&spec));
@@ -262,6 +330,7 @@ impl Reconciler {
             r: self.clone(),
             spec,
             stop,
+            secrets: secrets_rx,
             restarts: 0,
             reach,
             healthy: None,
@@ -304,6 +373,22 @@ impl Reconciler {
         drop(st);
         // A full queue means the agent is disconnected; the next Hello carries the state.
         let _ = self.inner.reports.try_send(r);
+    }
+
+    /// Claims volume `volume` for instance `id`: the host dir it is mounted
+    /// on. (Claims are bookkeeping in memory: nothing to wait for.)
+    fn claim(&self, volume: &str, id: &str) -> Result<PathBuf, String> {
+        match &self.inner.volumes {
+            Some(volumes) => volumes.claim(volume, id).map_err(|e| e.to_string()),
+            None => Err("this node daemon has no volume manager".into()),
+        }
+    }
+
+    /// Releases instance `id`'s claim on `volume` (if it has one).
+    fn release(&self, volume: &str, id: &str) {
+        if let Some(volumes) = &self.inner.volumes {
+            volumes.release(volume, id);
+        }
     }
 
     fn forget(&self, id: &str) {
@@ -415,6 +500,8 @@ struct Supervisor {
     r: Reconciler,
     spec: InstanceSpec,
     stop: CancellationToken,
+    /// The contents of its secret files (see [`Slot::secrets`]).
+    secrets: watch::Receiver<Option<Vec<SecretFile>>>,
     restarts: u32,
     /// Where the instance is reached, once known.
     reach: Option<Reach>,
@@ -757,9 +844,16 @@ impl Supervisor {
         }
     }
 
-    /// Pulls, prepares the network and starts the process.
+    /// Waits for its secret files' contents (when it has secret files and
+    /// they are unknown), pulls, claims its volumes, prepares the network
+    /// and starts the process.
     async fn launch(&mut self) -> Woke<Result<Instance, (ErrorCategory, String)>> {
         let parts = self.r.inner.parts.clone();
+        let secrets = match self.secrets().await {
+            Woke::Done(secrets) => secrets,
+            Woke::Stop => return Woke::Stop,
+            Woke::Shutdown => return Woke::Shutdown,
+        };
         self.report(InstanceState::Pulling, None, None);
         let image = match self.until(parts.images.pull(&self.spec.image)).await {
             Woke::Done(Ok(img)) => img,
@@ -770,6 +864,10 @@ impl Supervisor {
             Woke::Shutdown => return Woke::Shutdown,
         };
         self.report(InstanceState::Starting, None, None);
+        let volumes = match self.claim_volumes() {
+            Ok(v) => v,
+            Err(e) => return Woke::Done(Err((ErrorCategory::Start, e))),
+        };
         // Setting up the network and starting run to the end, never
         // cancelled half-way: a dropped start could leave a running shim
         // behind. A stop that came meanwhile is honoured right after.
@@ -793,9 +891,68 @@ impl Supervisor {
             Ok(l) => l,
             Err(e) => return Woke::Done(Err((ErrorCategory::Start, e))),
         };
-        match parts.runtime.start(launch).await {
+        let secrets = secrets
+            .into_iter()
+            .map(|s| runtime::SecretFile {
+                bundle: format!("{} (version {})", s.bundle, s.version),
+                path: s.path,
+                contents: s.contents,
+            })
+            .collect();
+        let attach = Attachments { volumes, secrets };
+        match parts.runtime.start_with(launch, attach).await {
             Ok(inst) => Woke::Done(Ok(inst)),
             Err(e) => Woke::Done(Err((ErrorCategory::Start, e.to_string()))),
+        }
+    }
+
+    /// The contents of the instance's secret files; while unknown (after a
+    /// daemon restart), reports `pending` and waits for the control plane.
+    async fn secrets(&mut self) -> Woke<Vec<SecretFile>> {
+        if self.spec.secrets.is_empty() {
+            return Woke::Done(Vec::new());
+        }
+        if self.secrets.borrow().is_none() {
+            self.report(
+                InstanceState::Pending,
+                None,
+                Some("waiting for the control plane to send the instance's secret files again (the node never stores them)".into()),
+            );
+        }
+        let mut rx = self.secrets.clone();
+        match self.until(rx.wait_for(Option::is_some)).await {
+            Woke::Done(Ok(known)) => Woke::Done(known.clone().unwrap_or_default()),
+            // The slot (the sender) is gone only when the supervisor ends.
+            Woke::Done(Err(_)) | Woke::Shutdown => Woke::Shutdown,
+            Woke::Stop => Woke::Stop,
+        }
+    }
+
+    /// Claims the instance's volumes (again, on a restart: claims are the
+    /// instance's until [`release_volumes`](Self::release_volumes)).
+    fn claim_volumes(&self) -> Result<Vec<VolumeMount>, String> {
+        self.spec
+            .volumes
+            .iter()
+            .map(|v| {
+                let source = self
+                    .r
+                    .claim(&v.volume, &self.spec.id)
+                    .map_err(|e| format!("volume {} at {}: {e}", v.name, v.path))?;
+                Ok(VolumeMount {
+                    volume: v.volume.clone(),
+                    name: v.name.clone(),
+                    source,
+                    target: v.path.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// Once the instance will not run again.
+    fn release_volumes(&self) {
+        for v in &self.spec.volumes {
+            self.r.release(&v.volume, &self.spec.id);
         }
     }
 
@@ -818,6 +975,7 @@ impl Supervisor {
             inst.stop(self.r.inner.parts.stop_grace).await;
         }
         self.r.cleanup(&self.spec.id).await;
+        self.release_volumes();
         self.report(InstanceState::Stopped, None, None);
         self.r.inner.parts.logs.instance_ended(&self.spec.id);
         self.r.forget(&self.spec.id);
@@ -827,6 +985,7 @@ impl Supervisor {
     /// A finished instance (exited without restart, or failed) stays
     /// visible until the control plane removes it from the set.
     async fn idle_until_removed(&self) {
+        self.release_volumes();
         match self.until(std::future::pending::<()>()).await {
             Woke::Stop => self.finish(None).await,
             Woke::Done(()) | Woke::Shutdown => {}
@@ -921,6 +1080,15 @@ fn humantime_short(d: Duration) -> String {
     format!("{:.1}s", d.as_secs_f64())
 }
 
+/// `set` with every secret file's contents blanked (they never go to disk).
+fn without_secret_contents(set: &DesiredSet) -> DesiredSet {
+    let mut set = set.clone();
+    for secret in set.instances.iter_mut().flat_map(|i| &mut i.secrets) {
+        secret.contents = String::new();
+    }
+    set
+}
+
 fn saved_path(data_dir: &Path) -> PathBuf {
     data_dir.join("desired.json")
 }
@@ -935,10 +1103,14 @@ async fn load_saved(data_dir: &Path) -> Saved {
     }
 }
 
-/// Saves the desired set durably (see `identity::write_durably`).
+/// Saves the desired set durably (see `identity::write_durably`), without
+/// the contents of secret files.
 async fn save(data_dir: &Path, set: &DesiredSet) -> std::io::Result<()> {
     let path = saved_path(data_dir);
-    let bytes = serde_json::to_vec(&Saved { set: set.clone() }).expect("desired set serialises");
+    let bytes = serde_json::to_vec(&Saved {
+        set: without_secret_contents(set),
+    })
+    .expect("desired set serialises");
     tokio::task::spawn_blocking(move || crate::identity::write_durably(&path, &bytes, 0o644))
         .await
         .expect("saving does not panic")
@@ -957,6 +1129,49 @@ mod tests {
             start_failed: false,
             at_ms: 0,
         }
+    }
+
+    #[test]
+    fn the_saved_set_has_no_secret_contents() {
+        let spec = |id: &str| InstanceSpec {
+            id: id.into(),
+            org: "o".into(),
+            app: "a".into(),
+            env: "e".into(),
+            release: "r1".into(),
+            workload: "web".into(),
+            image: "registry.example/app@sha256:00".into(),
+            command: None,
+            env_vars: Default::default(),
+            cpu: 0.5,
+            memory: 1 << 20,
+            restart: Restart::Always,
+            port: None,
+            health: None,
+            drain_ms: 0,
+            volumes: Vec::new(),
+            secrets: vec![SecretFile {
+                bundle: "db".into(),
+                version: 2,
+                path: "/run/secrets/db".into(),
+                contents: "hunter2-in-memory-only".into(),
+            }],
+        };
+        let set = DesiredSet {
+            version: 7,
+            instances: vec![spec("i1"), spec("i2")],
+        };
+        let saved = serde_json::to_string(&Saved {
+            set: without_secret_contents(&set),
+        })
+        .unwrap();
+        assert!(!saved.contains("hunter2"), "{saved}");
+        assert!(saved.contains("/run/secrets/db"), "{saved}");
+        // The set in memory keeps them.
+        assert_eq!(
+            set.instances[1].secrets[0].contents,
+            "hunter2-in-memory-only"
+        );
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //!
 //! - [`NodeStream::Tunnel`]: a client connection to an instance ([`crate::tunnel`]);
 //! - [`NodeStream::Logs`]: log records of instances ([`crate::logs`]);
-//! - [`NodeStream::Exec`]: a command run in an instance ([`crate::exec`]).
+//! - [`NodeStream::Exec`]: a command run in an instance ([`crate::exec`]);
+//! - [`NodeStream::Volume`]: an operation on the node's volumes ([`crate::volumes`]).
 
 use std::time::Duration;
 
@@ -33,6 +34,7 @@ pub struct Streams {
     pub exec: crate::exec::Exec,
     /// Places for logs streams ([`MAX_LOGS_STREAMS`]).
     pub logs_streams: std::sync::Arc<tokio::sync::Semaphore>,
+    pub volumes: crate::volumes::Volumes,
 }
 
 impl Streams {
@@ -41,6 +43,7 @@ impl Streams {
         node: String,
         logs: crate::logs::Logs,
         exec: crate::exec::Exec,
+        volumes: crate::volumes::Volumes,
     ) -> Streams {
         Streams {
             reconciler,
@@ -48,6 +51,7 @@ impl Streams {
             logs,
             exec,
             logs_streams: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_LOGS_STREAMS)),
+            volumes,
         }
     }
 }
@@ -94,9 +98,16 @@ async fn stream(mut send: SendStream, mut recv: RecvStream, ctx: &Streams) {
                 .await;
         }
         NodeStream::Volume(op) => {
-            // TODO(volumes): served by crate::volumes.
-            let _ = op;
-            let _ = send.reset(VarInt::from_u32(0));
+            // Its own span (op, volume, snapshot).
+            match crate::volumes::serve(op, &mut send, &mut recv, &ctx.volumes).await {
+                Ok(()) => {
+                    let _ = send.finish();
+                }
+                Err(e) => {
+                    tracing::info!(error = %e, "volume stream broken");
+                    let _ = send.reset(VarInt::from_u32(0));
+                }
+            }
         }
         NodeStream::Logs(open) => {
             let span = tracing::info_span!("logs", instances = open.instances.len());

@@ -355,6 +355,7 @@ impl Drop for NodeHost {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
+        release_volumes(self.data_dir.path());
         // Every network namespace the node made (also of instances that
         // failed or were still stopping), and its namespace directory.
         if let Some(dir) = self.netns_dir() {
@@ -376,6 +377,36 @@ impl Drop for NodeHost {
         let _ = std::process::Command::new("ip")
             .args(["link", "del", &self.host_if])
             .output();
+    }
+}
+
+/// Unmounts what is mounted under `dir` (a node's volumes), deepest first,
+/// and detaches the loop devices whose backing files are there, so a test
+/// leaves no mount or loop device behind.
+pub fn release_volumes(dir: &std::path::Path) {
+    let prefix = dir.to_string_lossy().into_owned();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut points: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| p.starts_with(prefix.as_str()))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for p in points {
+        let _ = nix_umount(std::path::Path::new(p));
+    }
+    for entry in std::fs::read_dir("/sys/block")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let backing = std::fs::read_to_string(entry.path().join("loop/backing_file"));
+        if name.starts_with("loop") && backing.is_ok_and(|b| b.starts_with(prefix.as_str())) {
+            let _ = std::process::Command::new("losetup")
+                .args(["-d", &format!("/dev/{name}")])
+                .output();
+        }
     }
 }
 

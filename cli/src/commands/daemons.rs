@@ -513,6 +513,7 @@ async fn dev_node(
         ipv4_range: "10.89.0.0/16".parse().expect("valid"),
         behind_nat: false,
         exec_max_sessions: args.exec_max_sessions,
+        volume_backend: args.volume_backend,
         log_retention: args.log_retention.clone(),
         log: LogArgs {
             log_format: args.log.log_format,
@@ -644,6 +645,11 @@ fn node_config(args: &crate::args::NodeArgs) -> Result<verge_node::daemon::NodeC
             files: args.log_retention.log_files,
             max_age: args.log_retention.log_max_age,
             keep_instances: args.log_retention.log_keep_instances,
+        },
+        volume_backend: match args.volume_backend {
+            crate::args::VolumeBackendArg::Auto => verge_node::volumes::Backend::Auto,
+            crate::args::VolumeBackendArg::Loop => verge_node::volumes::Backend::Loop,
+            crate::args::VolumeBackendArg::Directory => verge_node::volumes::Backend::Directory,
         },
     })
 }

@@ -238,6 +238,23 @@ pub fn render_receipt(r: &Receipt) -> String {
     if !r.diff.config.is_empty() {
         lines.push("config:".into());
         lines.extend(r.diff.config.iter().map(|c| format!("  {c}")));
+        // A bundle version reaches instances only through a release: say
+        // when, since `verge secrets set` alone changed nothing that runs.
+        for c in r
+            .diff
+            .config
+            .iter()
+            .filter(|c| c.field.starts_with("secrets."))
+        {
+            let bundle = &c.field["secrets.".len()..];
+            let version =
+                |v: &Option<String>| v.as_ref().map_or("none".into(), |v| format!("v{v}"));
+            lines.push(format!(
+                "  secret bundle {bundle}: {} takes effect with this release's instances (until they replace the running ones, those keep {})",
+                version(&c.new),
+                version(&c.old)
+            ));
+        }
     }
     if !r.desired.is_empty() {
         let desired: Vec<String> = r.desired.iter().map(|(w, n)| format!("{w}={n}")).collect();

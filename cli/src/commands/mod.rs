@@ -16,6 +16,7 @@ mod progress;
 mod releases;
 mod rollouts;
 mod tokens;
+mod volumes;
 mod wait;
 
 use verge_api::client::ClientError;
@@ -109,6 +110,7 @@ pub async fn run(cli: Cli, out: &Output) -> Result {
         Command::Wait(args) => wait::wait(&Context::new(target)?, args, out).await,
         Command::Logs(args) => logs::logs(&Context::new(target)?, args, out).await,
         Command::Exec(args) => exec::exec(&Context::new(target)?, args, out).await,
+        Command::Volumes(cmd) => volumes::run(&Context::new(target)?, cmd, out).await,
     }
 }
 

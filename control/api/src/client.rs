@@ -717,6 +717,148 @@ impl Client {
     }
 }
 
+/// How long a volume operation's answer may take: the control plane
+/// answers once the node did (it gives a node minutes to make a large
+/// filesystem, and a snapshot copied between nodes as long as its bytes
+/// keep flowing).
+const VOLUME_OP_WAIT: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Volumes of an env (SPEC §4 `verge volumes`).
+impl Client {
+    fn volumes_url(&self, scope: EnvScope<'_>, rest: &[&str]) -> Url {
+        let mut segments = vec!["volumes"];
+        segments.extend_from_slice(rest);
+        self.env_url(scope, &segments)
+    }
+
+    /// A call that waits for a node: like [`Client::call`], with a read
+    /// timeout of [`VOLUME_OP_WAIT`] instead of a minute.
+    async fn volume_op<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        url: Url,
+        body: Option<&(impl Serialize + ?Sized)>,
+    ) -> Result<T, ClientError> {
+        let http = http_client(
+            reqwest::Client::builder().read_timeout(VOLUME_OP_WAIT),
+            self.ca_cert_pem.as_deref(),
+        )?;
+        let mut req = http.request(method, url.clone());
+        if let Some(token) = &self.token {
+            req = req.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            req = req.json(body);
+        }
+        let resp = req.send().await.map_err(|e| self.connect_error(e))?;
+        if !resp.status().is_success() {
+            return Err(self.error_of(resp, &url).await);
+        }
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.map_err(|e| self.connect_error(e))?;
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode {
+            url: url.to_string(),
+            status,
+            detail: e.to_string(),
+        })
+    }
+
+    /// The env's volumes, by name.
+    pub async fn list_volumes(
+        &self,
+        scope: EnvScope<'_>,
+    ) -> Result<Vec<crate::volumes::Volume>, ClientError> {
+        self.get(self.volumes_url(scope, &[])).await
+    }
+
+    /// Creates a volume on a node (the one named, or the online one of the
+    /// region with the most free space); answers once the node made it.
+    pub async fn create_volume(
+        &self,
+        scope: EnvScope<'_>,
+        create: &crate::volumes::CreateVolume,
+    ) -> Result<crate::volumes::Volume, ClientError> {
+        let url = self.volumes_url(scope, &[]);
+        self.volume_op(Method::POST, url, Some(create)).await
+    }
+
+    /// One volume with its snapshots and the commands that act on it.
+    pub async fn describe_volume(
+        &self,
+        scope: EnvScope<'_>,
+        name: &str,
+    ) -> Result<crate::volumes::Volume, ClientError> {
+        self.get(self.volumes_url(scope, &[name])).await
+    }
+
+    /// Grows a volume.
+    pub async fn resize_volume(
+        &self,
+        scope: EnvScope<'_>,
+        name: &str,
+        resize: &crate::volumes::ResizeVolume,
+    ) -> Result<crate::volumes::Volume, ClientError> {
+        let url = self.volumes_url(scope, &[name, "resize"]);
+        self.volume_op(Method::POST, url, Some(resize)).await
+    }
+
+    /// Takes a snapshot of a volume.
+    pub async fn snapshot_volume(
+        &self,
+        scope: EnvScope<'_>,
+        name: &str,
+    ) -> Result<crate::volumes::Snapshot, ClientError> {
+        let url = self.volumes_url(scope, &[name, "snapshots"]);
+        self.volume_op(Method::POST, url, None::<&()>).await
+    }
+
+    /// Snapshots of the volume named `name` (also of an earlier, deleted
+    /// volume of that name), oldest first.
+    pub async fn list_snapshots(
+        &self,
+        scope: EnvScope<'_>,
+        name: &str,
+    ) -> Result<Vec<crate::volumes::Snapshot>, ClientError> {
+        self.get(self.volumes_url(scope, &[name, "snapshots"]))
+            .await
+    }
+
+    /// Restores a snapshot into its volume or into a new one: the volume.
+    pub async fn restore_snapshot(
+        &self,
+        scope: EnvScope<'_>,
+        restore: &crate::volumes::RestoreSnapshot,
+    ) -> Result<crate::volumes::Volume, ClientError> {
+        let url = self.volumes_url(scope, &["restore"]);
+        self.volume_op(Method::POST, url, Some(restore)).await
+    }
+
+    /// Deletes a volume (with `snapshots`, its snapshots too): the volume
+    /// as it was, with state `deleted`.
+    pub async fn delete_volume(
+        &self,
+        scope: EnvScope<'_>,
+        name: &str,
+        snapshots: bool,
+    ) -> Result<crate::volumes::Volume, ClientError> {
+        let mut url = self.volumes_url(scope, &[name]);
+        if snapshots {
+            url.set_query(Some("snapshots=true"));
+        }
+        self.volume_op(Method::DELETE, url, None::<&()>).await
+    }
+
+    /// Deletes one snapshot.
+    pub async fn delete_snapshot(
+        &self,
+        scope: EnvScope<'_>,
+        id: &str,
+    ) -> Result<crate::volumes::Snapshot, ClientError> {
+        let url = self.env_url(scope, &["snapshots", id]);
+        self.volume_op(Method::DELETE, url, None::<&()>).await
+    }
+}
+
 /// A started exec session: where it runs, and the connection that
 /// carries its frames.
 #[derive(Debug)]

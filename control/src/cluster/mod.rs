@@ -85,6 +85,8 @@ pub struct Cluster {
 #[derive(Debug)]
 struct Inner {
     store: Store,
+    /// Opens the secret bundle versions releases pin, for desired sets.
+    keyring: Arc<Keyring>,
     ca: ClusterCa,
     config: ClusterConfig,
     local_addr: SocketAddr,
@@ -106,11 +108,11 @@ impl Cluster {
     /// endpoint and starts the cluster's tasks; they end when `shutdown` fires.
     pub async fn start(
         store: Store,
-        keyring: &Keyring,
+        keyring: Arc<Keyring>,
         config: ClusterConfig,
         shutdown: CancellationToken,
     ) -> Result<(Cluster, tokio::task::JoinHandle<()>), ClusterError> {
-        let ca = ClusterCa::load_or_create(&store, keyring).await?;
+        let ca = ClusterCa::load_or_create(&store, &keyring).await?;
         let endpoint = endpoint(&ca, config.listen)?;
         let local_addr = endpoint.local_addr().map_err(|source| ClusterError::Bind {
             addr: config.listen,
@@ -119,6 +121,7 @@ impl Cluster {
         let cluster = Cluster {
             inner: Arc::new(Inner {
                 store,
+                keyring,
                 ca,
                 config,
                 local_addr,

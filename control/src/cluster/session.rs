@@ -128,7 +128,7 @@ impl Cluster {
             };
             match row {
                 Ok(Some(now)) if sent.is_none_or(|v| now.desired_version > v) => {
-                    let set = crate::reconcile::desired_set(store, &now)
+                    let set = crate::reconcile::desired_set(store, &self.inner.keyring, &now)
                         .await
                         .map_err(|e| e.to_string())?;
                     tracing::debug!(
@@ -148,7 +148,8 @@ impl Cluster {
             tokio::select! {
                 msg = reader.next::<NodeMsg>() => match msg.map_err(|e| e.to_string())? {
                     None => return Ok(()),
-                    Some(NodeMsg::Heartbeat { capacity, usage, volumes: _ }) => {
+                    Some(NodeMsg::Heartbeat { capacity, usage, volumes }) => {
+                        crate::volumes::record_usage(store, &node, &volumes).await;
                         let usage = serde_json::to_string(&usage).expect("usage serialises");
                         let back = store
                             .node_heartbeat(&node, (capacity.cpu * 1000.0).round() as i64, capacity.memory as i64, &usage)

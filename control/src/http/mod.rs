@@ -17,6 +17,7 @@ mod releases;
 mod rollouts;
 mod scope;
 mod tokens;
+mod volumes;
 
 use std::sync::Arc;
 
@@ -66,7 +67,8 @@ pub fn router(state: AppState) -> Router {
         .merge(endpoints::routes())
         .merge(ingress::routes())
         .merge(logs::routes())
-        .merge(exec::routes());
+        .merge(exec::routes())
+        .merge(volumes::routes());
     Router::new()
         .route("/healthz", get(health::healthz))
         .route("/metrics", get(health::metrics))

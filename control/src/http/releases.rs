@@ -24,7 +24,7 @@ use super::config::live_versions;
 use super::scope::{EnvCx, manifest_of, secrets_of};
 use super::{AppState, Json, Path};
 use crate::auth::Caller;
-use crate::desired::{apply_scale, bundles_used, carry_scale, fingerprint, gate};
+use crate::desired::{apply_scale, bundles_used, carry_scale, fingerprint, gate, volume_problems};
 use crate::error::ApiError;
 use crate::store::{ReleaseRow, ScaleRow, new_id};
 use crate::time::now_ms;
@@ -144,6 +144,22 @@ async fn deploy(
     let vars = st.store.config(&cx.env.id).await?.vars;
     let live = live_versions(&st.store.secret_versions(&cx.env.id, None).await?);
     refuse_missing(&cx, &m, &vars, &live)?;
+    let running = st.store.current_release(&cx.env.id).await?;
+    let carried = match &running {
+        Some(c) => carry_scale(
+            &manifest_of(c)?,
+            &m,
+            &st.store.scale_overrides(&cx.env.id).await?,
+        ),
+        None => BTreeMap::new(),
+    };
+    refuse_volumes(
+        &st,
+        &cx,
+        &format!("deploy to {}", cx.label()),
+        &apply_scale(&m, &carried),
+    )
+    .await?;
     // The release this deploy goes on top of: the client's, else the current one now.
     let base = match body.base.as_deref() {
         Some("") => None,
@@ -363,6 +379,41 @@ fn refuse_missing(
     Err(e)
 }
 
+/// Refuses `what` when manifest `m` (scale applied) cannot mount its
+/// volumes (see [`volume_problems`]); nothing is changed then.
+async fn refuse_volumes(
+    st: &AppState,
+    cx: &EnvCx,
+    what: &str,
+    m: &Manifest,
+) -> Result<(), ApiError> {
+    if m.workloads.values().all(|w| w.volumes.is_empty()) {
+        return Ok(());
+    }
+    let nodes = st.store.nodes().await?;
+    let volumes: BTreeMap<String, String> = st
+        .store
+        .volumes(&cx.env.id)
+        .await?
+        .into_iter()
+        .map(|v| {
+            let node = nodes
+                .iter()
+                .find(|n| n.id == v.node_id)
+                .map_or_else(|| v.node_id.clone(), |n| n.name.clone());
+            (v.name, node)
+        })
+        .collect();
+    let problems = volume_problems(m, &volumes);
+    let Some(first) = problems.first() else {
+        return Ok(());
+    };
+    let mut e = ApiError::bad_request(format!("{what} refused: {first}; nothing was changed"))
+        .next(format!("verge volumes list {}", cx.flags()));
+    e.0.details = problems.clone();
+    Err(e)
+}
+
 /// The release `name` (`v3`, `3` or an ID) of the env, or a 404.
 async fn find_release(st: &AppState, cx: &EnvCx, name: &str) -> Result<ReleaseRow, ApiError> {
     let number = name.strip_prefix('v').unwrap_or(name).parse::<i64>().ok();
@@ -383,6 +434,21 @@ async fn rollback(
 ) -> Result<axum::Json<Receipt>, ApiError> {
     let cx = EnvCx::resolve(&st, &caller, &path).await?;
     let target = find_release(&st, &cx, &body.release).await?;
+    if let Some(running) = st.store.current_release(&cx.env.id).await? {
+        let wanted = manifest_of(&target)?;
+        let carried = carry_scale(
+            &manifest_of(&running)?,
+            &wanted,
+            &st.store.scale_overrides(&cx.env.id).await?,
+        );
+        refuse_volumes(
+            &st,
+            &cx,
+            &format!("rollback of {} to v{}", cx.label(), target.number),
+            &apply_scale(&wanted, &carried),
+        )
+        .await?;
+    }
     let mut tx = st.store.mutation().await?;
     // Every secret version the release uses must still exist.
     let versions = tx.secret_versions(&cx.env.id, None).await?;
@@ -525,6 +591,17 @@ async fn scale(
                 .collect::<Vec<_>>()
                 .join(", ")
         )));
+    }
+    for (name, s) in &body.workloads {
+        let w = &snapshot.workloads[name];
+        if let (Some(c @ 2..), Some(v)) = (s.count, w.volumes.first()) {
+            return Err(ApiError::bad_request(format!(
+                "{name}: count {c} refused: {name} mounts volume {}, which one instance at a \
+                 time can use; nothing was changed",
+                v.name
+            ))
+            .next(format!("verge scale {name}=1 {}", cx.flags())));
+        }
     }
     let old_scale = tx.scale_overrides(&cx.env.id).await?;
     let mut new_scale = old_scale.clone();

@@ -19,6 +19,7 @@
 pub mod plan;
 pub mod rollout;
 mod spec;
+pub mod volumes;
 
 use std::collections::BTreeSet;
 
@@ -108,6 +109,8 @@ struct EnvState {
     manifest: Manifest,
     instances: Vec<InstanceRow>,
     rollout: Option<RolloutRow>,
+    /// The env's volumes (empty when the release mounts none).
+    volumes: plan::Volumes,
 }
 
 impl EnvState {
@@ -118,6 +121,7 @@ impl EnvState {
             instances: &self.instances,
             hold: self.own_rollout().is_some_and(RolloutRow::holds),
             since_ms: self.own_rollout().map_or(0, |r| r.created_at),
+            volumes: &self.volumes,
         }
     }
 
@@ -127,6 +131,7 @@ impl EnvState {
             && self.manifest == other.manifest
             && self.instances == other.instances
             && self.rollout == other.rollout
+            && self.volumes == other.volumes
     }
 
     /// The rollout the reconciler moves: the latest, when it is for the
@@ -155,26 +160,34 @@ async fn read_env(store: &Store, env_id: &str) -> Result<Option<EnvState>> {
     let Some(snapshot) = parse_manifest(&release) else {
         return Ok(None);
     };
+    let instances = store.env_instances(env_id).await?;
     Ok(Some(EnvState {
         manifest: apply_scale(&snapshot, &store.scale_overrides(env_id).await?),
+        volumes: volumes::facts(store, env_id, &snapshot, &instances).await?,
         snapshot,
-        instances: store.env_instances(env_id).await?,
+        instances,
         rollout: store.latest_rollout(env_id).await?,
         release,
     }))
 }
 
-async fn read_env_locked(tx: &mut Mutation<'_>, env_id: &str) -> Result<Option<EnvState>> {
+async fn read_env_locked(
+    store: &Store,
+    tx: &mut Mutation<'_>,
+    env_id: &str,
+) -> Result<Option<EnvState>> {
     let Some(release) = tx.current_release(env_id).await? else {
         return Ok(None);
     };
     let Some(snapshot) = parse_manifest(&release) else {
         return Ok(None);
     };
+    let instances = tx.env_instances(env_id).await?;
     Ok(Some(EnvState {
         manifest: apply_scale(&snapshot, &tx.scale_overrides(env_id).await?),
+        volumes: volumes::facts(store, env_id, &snapshot, &instances).await?,
         snapshot,
-        instances: tx.env_instances(env_id).await?,
+        instances,
         rollout: tx.latest_rollout(env_id).await?,
         release,
     }))
@@ -250,7 +263,7 @@ async fn locked(
     pools: &crate::endpoints::Addressing,
 ) -> Result<EnvOutcome> {
     let mut tx = store.mutation().await?;
-    let Some(env) = read_env_locked(&mut tx, env_id).await? else {
+    let Some(env) = read_env_locked(store, &mut tx, env_id).await? else {
         return Ok(EnvOutcome::default());
     };
     let Some(scope) = tx.env_scope(env_id).await? else {
@@ -635,6 +648,7 @@ pub async fn dry_run(
     let mut view = ClusterView::read(store).await?;
     let instances = store.env_instances(env_id).await?;
     let numbers = store.release_numbers(env_id).await?;
+    let volume_facts = volumes::facts(store, env_id, manifest, &instances).await?;
     // Unbounded surge: every slot now, beside what runs.
     let mut m = manifest.clone();
     for w in m.workloads.values_mut() {
@@ -647,6 +661,7 @@ pub async fn dry_run(
         instances: &instances,
         hold: false,
         since_ms: 0,
+        volumes: &volume_facts,
     };
     let clock = Clock {
         now_ms: now_ms(),

@@ -135,10 +135,30 @@ pub struct EnvInput<'a> {
     /// When the env's rollout started: instances of the release that
     /// failed before it are replaced (a new scale or deploy retries them).
     pub since_ms: i64,
+    /// The env's volumes, for the workloads that mount some.
+    pub volumes: &'a Volumes,
 }
 
 /// Liveness and drain of nodes, by ID.
 pub type Facts = BTreeMap<String, NodeFacts>;
+
+/// A volume of the env, as placement needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeFact {
+    /// The node that holds it.
+    pub node_id: String,
+    /// `ready` or `resizing` (instances may mount it), or `creating`,
+    /// `restoring`, `deleting`, `failed`.
+    pub state: String,
+    /// The instance it is attached to (see [`crate::volumes::attachments`]).
+    pub attached_to: Option<String>,
+}
+
+/// The env's volumes by name.
+pub type Volumes = BTreeMap<String, VolumeFact>;
+
+/// No volumes (an env without any, or a test).
+pub static NO_VOLUMES: Volumes = BTreeMap::new();
 
 pub fn cpu_millis(w: &Workload) -> i64 {
     (w.cpu * 1000.0).round() as i64
@@ -248,7 +268,16 @@ pub fn plan(input: &EnvInput<'_>, nodes: &mut Nodes, facts: &Facts, clock: Clock
         actions.push(stop_or_delete(i, StopWhy::ScaledDown));
     }
     for (name, w) in &input.manifest.workloads {
-        plan_workload(name, w, input, nodes, facts, clock, &mut actions);
+        if w.volumes.is_empty() {
+            plan_workload(name, w, input, nodes, facts, clock, &mut actions);
+        } else {
+            // One instance at a time mounts a volume: the old instance stops
+            // before the new one starts, whatever the rollout settings say.
+            let mut w = w.clone();
+            w.rollout.max_surge = 0;
+            w.rollout.max_unavailable = w.rollout.max_unavailable.max(1);
+            plan_workload(name, &w, input, nodes, facts, clock, &mut actions);
+        }
     }
     // Give back what stopped instances reserved in this snapshot.
     let rows = by_id(input.instances);
@@ -295,6 +324,74 @@ pub fn undo(input: &EnvInput<'_>, actions: &[Action], nodes: &mut Nodes) {
             _ => {}
         }
     }
+}
+
+/// Where a workload's volumes pin its instances.
+struct Pin {
+    node: String,
+    /// The first volume's name.
+    volume: String,
+    /// Why no new instance may mount the volumes yet: one is still
+    /// attached to an instance that is stopping.
+    busy: Option<String>,
+}
+
+/// The node the workload's volumes pin its instances to, `Ok(None)`
+/// without volumes, or why no instance of it can be placed: a volume is
+/// missing or not ready, or its volumes are on different nodes.
+fn volume_pin(
+    w: &Workload,
+    input: &EnvInput<'_>,
+    current: &BTreeMap<i64, &InstanceRow>,
+) -> Result<Option<Pin>, String> {
+    let mut pin: Option<Pin> = None;
+    let mut busy = None;
+    for m in &w.volumes {
+        let Some(v) = input.volumes.get(&m.name) else {
+            return Err(format!(
+                "volume {} does not exist in this env; to fix: create it with \
+                 `verge volumes create {} --size SIZE`",
+                m.name, m.name
+            ));
+        };
+        if !matches!(v.state.as_str(), "ready" | "resizing") {
+            return Err(format!(
+                "volume {} is {}; the instance starts when it is ready (see `verge volumes describe {}`)",
+                m.name, v.state, m.name
+            ));
+        }
+        if let Some(Pin {
+            node,
+            volume: first,
+            ..
+        }) = &pin
+            && *node != v.node_id
+        {
+            return Err(format!(
+                "volumes {first} and {} are on different nodes, and an instance runs on one; \
+                 to fix: snapshot one and restore it onto the other's node \
+                 (`verge volumes restore SNAPSHOT --to NEW --node NODE`), then mount NEW",
+                m.name
+            ));
+        }
+        if let Some(other) = &v.attached_to
+            && !current.values().any(|i| &i.id == other)
+        {
+            busy.get_or_insert_with(|| {
+                format!(
+                    "waiting for volume {} to be released: it is still attached to instance \
+                     {other}, which is stopping (one instance at a time mounts a volume)",
+                    m.name
+                )
+            });
+        }
+        pin.get_or_insert_with(|| Pin {
+            node: v.node_id.clone(),
+            volume: m.name.clone(),
+            busy: None,
+        });
+    }
+    Ok(pin.map(|p| Pin { busy, ..p }))
 }
 
 fn stop_or_delete(i: &InstanceRow, why: StopWhy) -> Action {
@@ -392,21 +489,41 @@ fn plan_workload(
         .chain(outgoing.iter().map(|o| &o.0))
         .filter_map(|i| i.node_id.as_deref())
         .collect();
-    let pinned_to = s.pinned.first().and_then(|i| i.node_id.clone());
+    let pin = volume_pin(w, input, &s.current);
+    let pin_label = match &pin {
+        Ok(Some(p)) => format!("volume {}", p.volume),
+        _ => String::new(),
+    };
     let ask = Ask {
         workload: name,
         cpu_millis: cpu_millis(w),
         memory: w.memory as i64,
         constraints: &w.constraints,
-        pin: pinned_to
-            .as_deref()
-            .map(|n| (n, "the workload's volumes are on")),
+        pin: match &pin {
+            Ok(Some(p)) => Some((p.node.as_str(), pin_label.as_str())),
+            _ => None,
+        },
     };
     let wasm = (w.runtime == Runtime::Wasm)
         .then_some("no node runs WebAssembly workloads yet: nodes run runtime = \"process\" only");
-    let mut placed = match wasm {
-        Some(why) => vec![Err(why.to_string()); unplaced.len() + missing.len()],
-        None => scheduler::place(nodes, &ask, &existing, unplaced.len() + missing.len()),
+    let n = unplaced.len() + missing.len();
+    let mut placed = match (wasm, &pin) {
+        (Some(why), _) => vec![Err(why.to_string()); n],
+        (None, Err(why)) => vec![Err(why.clone()); n],
+        (None, Ok(pin)) => {
+            let mut placed = scheduler::place(nodes, &ask, &existing, n);
+            // The node could take it, but the volume is still attached to
+            // another instance: wait (a node problem is said first).
+            if let Some(busy) = pin.as_ref().and_then(|p| p.busy.as_ref()) {
+                for p in placed.iter_mut() {
+                    if let Ok(node) = p {
+                        nodes.reserve(node, -ask.cpu_millis, -ask.memory);
+                        *p = Err(busy.clone());
+                    }
+                }
+            }
+            placed
+        }
     }
     .into_iter();
     for i in unplaced {
@@ -435,8 +552,7 @@ fn plan_workload(
             ..ask
         };
         // Where nothing fits, a held env runs short until its next rollout.
-        let Some(Ok(node)) = wasm
-            .is_none()
+        let Some(Ok(node)) = (wasm.is_none() && pin.is_ok())
             .then(|| scheduler::place(nodes, &ask, &existing, 1).pop())
             .flatten()
         else {

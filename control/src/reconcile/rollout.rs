@@ -120,6 +120,7 @@ pub fn progress_of(
         instances,
         hold: false,
         since_ms: row.created_at,
+        volumes: &super::plan::NO_VOLUMES,
     };
     progress(&input, facts, clock)
 }

@@ -4,9 +4,14 @@
 use std::collections::BTreeMap;
 
 use verge_api::manifest::Manifest;
-use verge_api::wire::{DesiredSet, InstanceSpec};
+use verge_api::wire::{DesiredSet, InstanceSpec, SecretFile, VolumeAttach};
 
+use crate::secrets::Keyring;
 use crate::store::{EnvScope, InstanceRow, NodeRow, Result, Store};
+
+/// A pinned bundle version opened: its number and values, or why it
+/// cannot be (never a value).
+type Opened = std::result::Result<(i64, BTreeMap<String, String>), String>;
 
 /// What instance specs take from their release.
 struct ReleaseParts {
@@ -15,10 +20,16 @@ struct ReleaseParts {
     images: BTreeMap<String, String>,
     /// The env vars of the config version the release pins.
     vars: BTreeMap<String, String>,
+    /// Bundle → (version, values) of the secret versions the release pins;
+    /// `Err` names a version that cannot be opened (never a value).
+    secrets: BTreeMap<String, Opened>,
+    /// The env's volumes: name → ID.
+    volumes: BTreeMap<String, String>,
 }
 
 async fn release_parts(
     store: &Store,
+    keyring: &Keyring,
     env_id: &str,
     release_id: &str,
 ) -> Result<Option<ReleaseParts>> {
@@ -28,15 +39,39 @@ async fn release_parts(
     let Ok(manifest) = serde_json::from_str::<Manifest>(&r.manifest) else {
         return Ok(None);
     };
+    let pinned: BTreeMap<String, i64> = serde_json::from_str(&r.secrets).unwrap_or_default();
+    let mut secrets = BTreeMap::new();
+    for (bundle, version) in pinned {
+        let rows = store.secret_versions(env_id, Some(&bundle)).await?;
+        let opened = match rows.iter().find(|row| row.version == version) {
+            None => Err(format!(
+                "secret bundle {bundle:?} v{version} does not exist"
+            )),
+            Some(row) => match keyring.open(env_id, row) {
+                Ok(Some(values)) => Ok((version, values)),
+                Ok(None) => Err(format!("secret bundle {bundle:?} v{version} was deleted")),
+                Err(e) => Err(e.to_string()),
+            },
+        };
+        secrets.insert(bundle, opened);
+    }
+    let volumes = store
+        .volumes(env_id)
+        .await?
+        .into_iter()
+        .map(|v| (v.name, v.id))
+        .collect();
     Ok(Some(ReleaseParts {
         manifest,
         images: serde_json::from_str(&r.images).unwrap_or_default(),
         vars: store.config_vars_at(env_id, r.config_version).await?,
+        secrets,
+        volumes,
     }))
 }
 
 /// The desired set of one node: every instance placed on it with goal `run`.
-pub async fn desired_set(store: &Store, node: &NodeRow) -> Result<DesiredSet> {
+pub async fn desired_set(store: &Store, keyring: &Keyring, node: &NodeRow) -> Result<DesiredSet> {
     let mut releases: BTreeMap<String, Option<ReleaseParts>> = BTreeMap::new();
     let mut scopes: BTreeMap<String, Option<EnvScope>> = BTreeMap::new();
     let mut specs = Vec::new();
@@ -45,7 +80,7 @@ pub async fn desired_set(store: &Store, node: &NodeRow) -> Result<DesiredSet> {
             continue;
         }
         if !releases.contains_key(&i.release_id) {
-            let parts = release_parts(store, &i.env_id, &i.release_id).await?;
+            let parts = release_parts(store, keyring, &i.env_id, &i.release_id).await?;
             releases.insert(i.release_id.clone(), parts);
         }
         if !scopes.contains_key(&i.env_id) {
@@ -56,8 +91,14 @@ pub async fn desired_set(store: &Store, node: &NodeRow) -> Result<DesiredSet> {
         else {
             continue;
         };
-        if let Some(spec) = instance_spec(&i, r, scope) {
-            specs.push(spec);
+        match instance_spec(&i, r, scope) {
+            Ok(Some(spec)) => specs.push(spec),
+            Ok(None) => {}
+            // Without its secrets or volumes the instance cannot run: it
+            // stays out of the set (the reason names no secret value).
+            Err(why) => {
+                tracing::error!(instance = %i.id, env = %i.env_id, "cannot send instance spec: {why}")
+            }
         }
     }
     Ok(DesiredSet {
@@ -66,9 +107,46 @@ pub async fn desired_set(store: &Store, node: &NodeRow) -> Result<DesiredSet> {
     })
 }
 
-/// What a node needs to run instance `i`.
-fn instance_spec(i: &InstanceRow, r: &ReleaseParts, scope: &EnvScope) -> Option<InstanceSpec> {
-    let w = r.manifest.workloads.get(&i.workload)?;
+/// What a node needs to run instance `i`: `Ok(None)` when its release has
+/// no such workload, `Err` when a secret or volume it mounts is missing.
+fn instance_spec(
+    i: &InstanceRow,
+    r: &ReleaseParts,
+    scope: &EnvScope,
+) -> std::result::Result<Option<InstanceSpec>, String> {
+    let Some(w) = r.manifest.workloads.get(&i.workload) else {
+        return Ok(None);
+    };
+    let mut secrets = Vec::new();
+    for m in &w.secrets {
+        let (version, values) = match r.secrets.get(&m.bundle) {
+            Some(Ok(opened)) => opened,
+            Some(Err(why)) => return Err(why.clone()),
+            None => {
+                return Err(format!(
+                    "the release pins no version of secret bundle {:?}",
+                    m.bundle
+                ));
+            }
+        };
+        secrets.push(SecretFile {
+            bundle: m.bundle.clone(),
+            version: *version,
+            path: m.path.clone(),
+            contents: m.format.render(values),
+        });
+    }
+    let mut volumes = Vec::new();
+    for m in &w.volumes {
+        let Some(id) = r.volumes.get(&m.name) else {
+            return Err(format!("volume {:?} does not exist in the env", m.name));
+        };
+        volumes.push(VolumeAttach {
+            volume: id.clone(),
+            name: m.name.clone(),
+            path: m.path.clone(),
+        });
+    }
     let fronts = || {
         r.manifest
             .endpoints
@@ -100,7 +178,7 @@ fn instance_spec(i: &InstanceRow, r: &ReleaseParts, scope: &EnvScope) -> Option<
         // Connections from the ingress start with a PROXY v2 header.
         env_vars.insert("VERGE_PROXY_PROTOCOL".into(), "v2".into());
     }
-    Some(InstanceSpec {
+    Ok(Some(InstanceSpec {
         id: i.id.clone(),
         org: scope.org.clone(),
         app: scope.app.clone(),
@@ -120,7 +198,7 @@ fn instance_spec(i: &InstanceRow, r: &ReleaseParts, scope: &EnvScope) -> Option<
         port,
         health: w.health,
         drain_ms,
-        volumes: Vec::new(),
-        secrets: Vec::new(),
-    })
+        volumes,
+        secrets,
+    }))
 }

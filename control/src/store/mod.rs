@@ -23,6 +23,7 @@ mod nouns;
 mod releases;
 mod rollouts;
 mod tokens;
+mod volumes;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -39,6 +40,7 @@ pub use nouns::{AppRow, EnvRow, OrgRow, ProjectRow};
 pub use releases::{ReleaseRow, ScaleRow};
 pub use rollouts::{NewRollout, RolloutRow};
 pub use tokens::{Revoke, TokenRow};
+pub use volumes::{NewVolume, OpEnd, SnapshotRow, VolumeRow, new_snapshot_id};
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");

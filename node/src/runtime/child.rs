@@ -23,6 +23,7 @@ use nix::unistd::{Gid, Uid, chdir, execve, setgid, setgroups, sethostname, setui
 
 use verge_api::wire::Isolation;
 
+use super::attach::{SecretFile, VolumeMount};
 use super::{LaunchSpec, layers, rootfs, state, user};
 
 /// `PATH` when the spec's environment has none.
@@ -52,6 +53,10 @@ pub struct Child<'a> {
     pub spec: &'a LaunchSpec,
     pub dir: &'a Path,
     pub isolation: Isolation,
+    /// Mounted into the rootfs (isolation `namespaces` only).
+    pub volumes: &'a [VolumeMount],
+    /// Delivered on a tmpfs (isolation `namespaces` only).
+    pub secrets: &'a [SecretFile],
     /// stdin, stdout, stderr of the workload.
     pub stdio: [OwnedFd; 3],
     /// One byte arrives here once the shim placed this process in its cgroup.
@@ -112,10 +117,13 @@ fn setup_and_exec(c: &Child<'_>) -> Result<std::convert::Infallible, String> {
                 | CloneFlags::CLONE_NEWIPC
                 | CloneFlags::CLONE_NEWCGROUP;
             unshare(flags).map_err(|e| format!("unshare: {e}"))?;
-            rootfs::enter(c.dir, &spec.layers, &spec.hostname)?;
+            let user = rootfs::enter(c.dir, spec, c.volumes, c.secrets)?;
             sethostname(&spec.hostname)
                 .map_err(|e| format!("sethostname {:?}: {e}", spec.hostname))?;
-            prepare_in_root(spec, argv0, &path_var)?
+            prepare_in_root_as(spec, user, argv0, &path_var)?
+        }
+        Isolation::None if !c.volumes.is_empty() || !c.secrets.is_empty() => {
+            return Err(super::NEEDS_NAMESPACES.into());
         }
         Isolation::None => prepare_on_host(spec, c.dir, argv0, &path_var)?,
     };
@@ -162,6 +170,17 @@ pub(crate) fn prepare_in_root(
         fs::read_to_string("/etc/passwd").ok().as_deref(),
         fs::read_to_string("/etc/group").ok().as_deref(),
     )?;
+    prepare_in_root_as(spec, user, argv0, path_var)
+}
+
+/// [`prepare_in_root`] with the user already resolved (the workload's, by
+/// [`rootfs::enter`]).
+fn prepare_in_root_as(
+    spec: &LaunchSpec,
+    user: user::User,
+    argv0: &str,
+    path_var: &str,
+) -> Result<Prepared, String> {
     let cwd = spec
         .working_dir
         .as_deref()

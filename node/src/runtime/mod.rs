@@ -14,20 +14,29 @@
 //! CPU, memory and pids limits. With isolation `none` it is a plain host
 //! process (see [`RuntimeConfig::isolation`]).
 //!
+//! [`ProcessRuntime::start_with`] also mounts volumes into the instance and
+//! delivers secret files on a tmpfs ([`Attachments`], isolation
+//! `namespaces` only): volumes are recorded in `launch.json`; secret files
+//! go to the shim through a memfd and are never written to the instance's
+//! files, its logs or any message (see `attach` and `mounts`).
+//!
 //! Each instance has a directory `<root>/<id>/`: `spec.json`,
-//! `launch.json`, `shim.pid`, `pid`, `shim.log`, `exit.json`, and the
-//! overlay's `upper/`, `work/`, `rootfs/`. Its logs dir is
-//! `<root>/../logs/<id>/` ([`ProcessRuntime::logs_dir`]): the shim reads
-//! the workload's stdout and stderr from pipes and writes them there as
-//! app records in `app.log`, rotated by size ([`crate::logs`]), from the
-//! start and whether or not the daemon runs. [`ProcessRuntime::remove`]
+//! `launch.json`, `shim.pid`, `pid`, `shim.log`, `exit.json`, the
+//! overlay's `upper/`, `work/`, `rootfs/`, and `secrets/` (empty on the
+//! host: the workload's process stages secret files on a tmpfs there).
+//! Its logs dir is `<root>/../logs/<id>/` ([`ProcessRuntime::logs_dir`]):
+//! the shim reads the workload's stdout and stderr from pipes and writes
+//! them there as app records in `app.log`, rotated by size
+//! ([`crate::logs`]), from the start and whether or not the daemon runs. [`ProcessRuntime::remove`]
 //! keeps the last `exit.json` and `shim.log` there too and removes the
 //! instance dir.
 
+mod attach;
 pub(crate) mod cgroup;
 pub(crate) mod child;
 mod instance;
 mod layers;
+mod mounts;
 mod rootfs;
 mod shim;
 mod spec;
@@ -46,6 +55,7 @@ use verge_api::wire::Isolation;
 
 use crate::logs::LogLimits;
 
+pub use attach::{Attachments, SecretFile, VolumeMount};
 pub use cgroup::CPU_PERIOD_US;
 pub use instance::Instance;
 pub use shim::shim_main;
@@ -63,6 +73,10 @@ pub const DEFAULT_PIDS: u64 = 1024;
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long `adopt` waits for a live shim to write the workload's PID.
 const ADOPT_PID_WAIT: Duration = Duration::from_secs(2);
+/// Why an instance with volumes or secret files does not start with
+/// isolation `none`.
+const NEEDS_NAMESPACES: &str =
+    "volumes and secret files need isolation = namespaces: run the node as root";
 
 /// Where and how instances run.
 #[derive(Debug, Clone)]
@@ -107,6 +121,8 @@ impl RuntimeConfig {
 pub struct Adopted {
     pub instance: Instance,
     pub spec: LaunchSpec,
+    /// Its volumes, as it was started with them.
+    pub mounts: Vec<VolumeMount>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -121,6 +137,8 @@ pub enum RuntimeError {
     Exists(String),
     #[error("instance {0} is still running; stop it first")]
     Running(String),
+    #[error("instance {0}: {msg}", msg = NEEDS_NAMESPACES)]
+    NeedsNamespaces(String),
     #[error("instance {id}: {source}")]
     Cgroup {
         id: String,
@@ -201,7 +219,25 @@ impl ProcessRuntime {
     /// failed to be (then [`Instance::wait`] returns a start failure at
     /// once). An `Err` means nothing was started and nothing is left.
     pub async fn start(&self, spec: LaunchSpec) -> Result<Instance, RuntimeError> {
+        self.start_with(spec, Attachments::default()).await
+    }
+
+    /// [`start`](Self::start) with volumes and secret files. A volume's
+    /// or secret file's path that cannot be made in the image (a link on
+    /// the way, a file where a directory should be) is a start failure
+    /// naming it.
+    pub async fn start_with(
+        &self,
+        spec: LaunchSpec,
+        attach: Attachments,
+    ) -> Result<Instance, RuntimeError> {
         spec.validate().map_err(RuntimeError::InvalidSpec)?;
+        attach.validate().map_err(|e| {
+            RuntimeError::InvalidSpec(format!("instance {}: {e}", spec.instance_id))
+        })?;
+        if self.cfg.isolation == Isolation::None && !attach.is_empty() {
+            return Err(RuntimeError::NeedsNamespaces(spec.instance_id));
+        }
         let id = spec.instance_id.clone();
         let dir = self.instance_dir(&id);
         match fs::create_dir(&dir) {
@@ -211,7 +247,7 @@ impl ProcessRuntime {
             }
             Err(e) => return Err(io_err(format!("creating {}", dir.display()))(e)),
         }
-        match self.launch(&spec, &dir).await {
+        match self.launch(&spec, attach, &dir).await {
             Ok(instance) => Ok(instance),
             Err(e) => {
                 self.discard(&id).await;
@@ -220,7 +256,12 @@ impl ProcessRuntime {
         }
     }
 
-    async fn launch(&self, spec: &LaunchSpec, dir: &Path) -> Result<Instance, RuntimeError> {
+    async fn launch(
+        &self,
+        spec: &LaunchSpec,
+        attach: Attachments,
+        dir: &Path,
+    ) -> Result<Instance, RuntimeError> {
         let id = &spec.instance_id;
         state::write_json(&dir.join(state::SPEC), spec)
             .map_err(io_err(format!("writing {id}'s spec")))?;
@@ -250,16 +291,25 @@ impl ProcessRuntime {
             cgroup,
             logs: Some(logs),
             log_limits: self.log_limits,
+            mounts: attach.volumes,
         };
         state::write_json(&dir.join(state::LAUNCH), &launch)
             .map_err(io_err(format!("writing {id}'s launch")))?;
 
         let shim_log =
             fs::File::create(dir.join(state::SHIM_LOG)).map_err(io_err("creating shim.log"))?;
+        let stdin = if attach.secrets.is_empty() {
+            Stdio::null()
+        } else {
+            let fd = attach::secrets_memfd(&attach.secrets)
+                .map_err(io_err(format!("handing {id}'s secret files to its shim")))?;
+            Stdio::from(fd)
+        };
+        drop(attach.secrets);
         let mut child = tokio::process::Command::new(&self.cfg.shim_exe)
             .arg(SHIM_ARG)
             .arg(dir)
-            .stdin(Stdio::null())
+            .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(shim_log)
             .spawn()
@@ -354,7 +404,11 @@ impl ProcessRuntime {
                 "adopted a running instance"
             );
             let instance = Instance::watch(id, &dir, launch.isolation, shim, workload);
-            return Some(Adopted { instance, spec });
+            return Some(Adopted {
+                instance,
+                spec,
+                mounts: launch.mounts,
+            });
         }
         if !dir.join(state::EXIT).exists() {
             // The shim died without recording an exit (or never ran): make
@@ -377,7 +431,11 @@ impl ProcessRuntime {
             }
         }
         let instance = Instance::watch(id, &dir, launch.isolation, None, workload);
-        Some(Adopted { instance, spec })
+        Some(Adopted {
+            instance,
+            spec,
+            mounts: launch.mounts,
+        })
     }
 
     /// Removes an exited instance: its cgroup (if still there), its dir.

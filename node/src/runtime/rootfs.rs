@@ -2,7 +2,8 @@
 //! own mount namespace (so none of these mounts exists on the host, and they
 //! all vanish with the namespace): overlayfs of the image layers with an
 //! upper dir in the instance dir, a minimal `/dev`, `/proc` of the new PID
-//! namespace, tmpfs `/tmp`, then `pivot_root`.
+//! namespace, tmpfs `/tmp`, the instance's volumes and secret files
+//! ([`super::mounts`]), then `pivot_root`.
 
 use std::fs;
 use std::os::unix::fs::{PermissionsExt, symlink};
@@ -12,7 +13,9 @@ use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sys::stat::{Mode, SFlag, makedev, mknod};
 use nix::unistd::{chdir, pivot_root};
 
-use super::state;
+use super::attach::{SecretFile, VolumeMount};
+use super::user::User;
+use super::{LaunchSpec, mounts, state};
 
 /// The longest mount option string `mount(2)` takes (one page).
 const MAX_MOUNT_DATA: usize = 4095;
@@ -66,11 +69,20 @@ fn mount_fs(fstype: &str, target: &Path, flags: MsFlags, data: &str) -> Result<(
         .map_err(|e| err(format!("mounting {fstype} on {}", target.display()), e))
 }
 
-/// Builds the rootfs of the instance in `dir` from `layers` (bottom first)
-/// and makes it the root, with `/etc/hostname` saying `hostname` (and an
-/// `/etc/hosts` naming it when the image has none). Must run in a fresh
-/// mount namespace, in the new PID namespace (for `/proc`).
-pub fn enter(dir: &Path, layers: &[PathBuf], hostname: &str) -> Result<(), String> {
+/// Builds the rootfs of the instance in `dir` from the spec's layers
+/// (bottom first) and makes it the root, with `/etc/hostname` saying the
+/// spec's hostname (and an `/etc/hosts` naming it when the image has none),
+/// `volumes` mounted and `secrets` delivered. Returns the workload's user,
+/// resolved from the image before the volumes and secrets are given to it.
+/// Must run in a fresh mount namespace, in the new PID namespace (for
+/// `/proc`).
+pub fn enter(
+    dir: &Path,
+    spec: &LaunchSpec,
+    volumes: &[VolumeMount],
+    secrets: &[SecretFile],
+) -> Result<User, String> {
+    let (layers, hostname) = (&spec.layers, spec.hostname.as_str());
     mount(
         None::<&str>,
         "/",
@@ -130,6 +142,10 @@ pub fn enter(dir: &Path, layers: &[PathBuf], hostname: &str) -> Result<(), Strin
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
         "mode=1777",
     )?;
+    let root_fd = mounts::open_root(&root)?;
+    let user = mounts::resolve_user(&root_fd, spec.user.as_deref())?;
+    mounts::attach(dir, &root_fd, volumes, secrets, &user)?;
+    drop(root_fd);
 
     chdir(&root).map_err(|e| err(format!("chdir {}", root.display()), e))?;
     // Stack the old root under the new one, then detach it: no directory
@@ -137,7 +153,8 @@ pub fn enter(dir: &Path, layers: &[PathBuf], hostname: &str) -> Result<(), Strin
     pivot_root(".", ".").map_err(|e| err("pivot_root", e))?;
     umount2(".", MntFlags::MNT_DETACH).map_err(|e| err("detaching the host's root", e))?;
     chdir("/").map_err(|e| err("chdir /", e))?;
-    protect_proc()
+    protect_proc()?;
+    Ok(user)
 }
 
 /// `/etc/hostname` (the instance's, whatever the image had) and, when the

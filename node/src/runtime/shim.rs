@@ -4,7 +4,10 @@
 //!
 //! 1. It calls `setsid` and forks; the first process exits (the daemon
 //!    reaps it), the second, the shim proper, is re-parented to init.
-//! 2. The shim writes `shim.pid`, opens `app.log` in the instance's logs
+//! 2. The shim writes `shim.pid`, reads the instance's secret files from
+//!    its stdin (a memfd the daemon filled, see [`super::attach`]; they stay
+//!    in its memory only, for the workload's process to write to a tmpfs),
+//!    opens `app.log` in the instance's logs
 //!    dir ([`Launch::logs_dir`]), makes a pipe for the workload's stdout
 //!    and one for its stderr (stdin is `/dev/null`), and (isolation
 //!    `namespaces`) unshares a PID namespace, then forks the workload's
@@ -42,6 +45,7 @@ use verge_api::wire::Isolation;
 
 use crate::logs::Capture;
 
+use super::attach;
 use super::cgroup::InstanceCgroup;
 use super::child::{self, Child};
 use super::state::{self, Launch, ProcId};
@@ -95,6 +99,10 @@ fn supervise(dir: &Path) -> Result<(), String> {
     let me = ProcId::of(getpid().as_raw()).ok_or("cannot read my own /proc/<pid>/stat")?;
     me.write(&dir.join(state::SHIM_PID))
         .map_err(|e| format!("writing {}: {e}", state::SHIM_PID))?;
+    let secrets = match attach::read_secrets() {
+        Ok(secrets) => secrets,
+        Err(e) => return fail(dir, me, None, e),
+    };
     let loaded = state::read_json::<LaunchSpec>(&dir.join(state::SPEC)).and_then(|spec| {
         state::read_json::<Launch>(&dir.join(state::LAUNCH)).map(|launch| (spec, launch))
     });
@@ -134,6 +142,8 @@ fn supervise(dir: &Path) -> Result<(), String> {
                 spec: &spec,
                 dir,
                 isolation: launch.isolation,
+                volumes: &launch.mounts,
+                secrets: &secrets,
                 stdio,
                 go: go_read,
                 errors: err_write,
@@ -142,7 +152,8 @@ fn supervise(dir: &Path) -> Result<(), String> {
         Ok(ForkResult::Parent { child }) => child,
         Err(e) => return fail(dir, me, cgroup.as_ref(), format!("fork: {e}")),
     };
-    drop((go_read, err_write, stdio));
+    // The workload's process has its own copy of the secret files.
+    drop((go_read, err_write, stdio, secrets));
     // Readable once the workload exited. The shim is its parent and has not
     // reaped it, so the PID is its own.
     let pidfd = state::pidfd_open(pid.as_raw())

@@ -32,6 +32,9 @@ pub const WORK: &str = "work";
 pub const ROOTFS: &str = "rootfs";
 /// The working directory of an instance run with isolation `none`.
 pub const CWD: &str = "cwd";
+/// Where the workload's process stages its secret files, on a tmpfs of its
+/// own mount namespace (see `super::mounts`); an empty dir on the host.
+pub const SECRETS: &str = "secrets";
 
 /// How the daemon prepared an instance, for its shim and for adoption.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -47,6 +50,10 @@ pub struct Launch {
     /// How the shim rotates `app.log`.
     #[serde(default)]
     pub log_limits: crate::logs::LogLimits,
+    /// The volumes mounted into the instance (their IDs are how a restarted
+    /// daemon claims them again). Its secret files are never here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<super::attach::VolumeMount>,
 }
 
 impl Launch {

@@ -13,6 +13,17 @@ use super::{
     Runtime, SecretFormat, SecretMount, VolumeMount, Workload, defaults,
 };
 
+/// Paths Verge mounts in every instance: no volume or secret goes there.
+const RESERVED: &[&str] = &["/proc", "/sys", "/dev"];
+
+/// `path` is `dir` or below it (both without a trailing `/`).
+fn under(path: &str, dir: &str) -> bool {
+    path == dir
+        || path
+            .strip_prefix(dir)
+            .is_some_and(|rest| rest.starts_with('/'))
+}
+
 impl Cx<'_> {
     pub(super) fn manifest(&mut self, doc: &DeTable<'_>, span: Range<usize>) -> Option<Manifest> {
         self.known_keys(
@@ -103,6 +114,26 @@ impl Cx<'_> {
             }
             match self.workload(&path, value) {
                 Some(w) => {
+                    for v in &w.volumes {
+                        let other = out
+                            .iter()
+                            .find(|(_, o): &(&String, &Workload)| {
+                                o.volumes.iter().any(|ov| ov.name == v.name)
+                            })
+                            .map(|(n, _)| n.clone());
+                        if let Some(other) = other {
+                            self.error(
+                                key.span(),
+                                format!(
+                                    "{path}.volumes: volume {:?} is also mounted by workload \
+                                     {other}; a volume is attached to one instance at a time: \
+                                     give each workload its own volume",
+                                    v.name
+                                ),
+                            );
+                            ok = false;
+                        }
+                    }
                     out.insert(name.to_string(), w);
                 }
                 None => ok = false,
@@ -240,6 +271,9 @@ impl Cx<'_> {
         let rollout = opt(t.get("rollout"), default_rollout(), |v| {
             self.rollout(&p("rollout"), v)
         });
+        if let (Some(vols), Some(secs)) = (&volumes, &secrets) {
+            self.check_mounts(path, t, vols, secs);
+        }
         Some(Workload {
             runtime: runtime?,
             image: image?,
@@ -255,6 +289,51 @@ impl Cx<'_> {
             constraints: constraints?,
             rollout: rollout?,
         })
+    }
+
+    /// Mount paths that do not collide. (A count above 1 with volumes is
+    /// refused at deploy time, with the env's volumes at hand.)
+    fn check_mounts(
+        &mut self,
+        path: &str,
+        t: &DeTable<'_>,
+        volumes: &[VolumeMount],
+        secrets: &[SecretMount],
+    ) {
+        let span = |key: &str| t.get(key).map_or(0..0, |v| v.span());
+        let mut seen: Vec<(&str, &str)> = Vec::new();
+        let mounts = volumes
+            .iter()
+            .map(|v| ("volumes", v.path.as_str()))
+            .chain(secrets.iter().map(|s| ("secrets", s.path.as_str())));
+        for (key, p) in mounts {
+            let norm = p.trim_end_matches('/');
+            if norm.is_empty() || RESERVED.iter().any(|r| under(norm, r)) {
+                self.error(
+                    span(key),
+                    format!(
+                        "{path}.{key}: path {p:?} is the root or under /proc, /sys or /dev, \
+                         which Verge mounts itself; choose another path like \"/data\""
+                    ),
+                );
+                continue;
+            }
+            for (other_key, other) in &seen {
+                if norm == *other
+                    || (key == "secrets" && *other_key == "volumes" && under(norm, other))
+                    || (key == "volumes" && *other_key == "secrets" && under(other, norm))
+                {
+                    self.error(
+                        span(key),
+                        format!(
+                            "{path}.{key}: path {p:?} collides with {other:?} of {other_key}: \
+                             each mount needs its own path, and secret files cannot live on a volume"
+                        ),
+                    );
+                }
+            }
+            seen.push((key, norm));
+        }
     }
 
     fn health(&mut self, path: &str, v: &Value<'_>) -> Option<Health> {

@@ -210,3 +210,55 @@ fn env_names_and_required_items_are_checked() {
         "{e:?}"
     );
 }
+
+#[test]
+fn mounts_need_their_own_paths_and_volumes_their_own_workload() {
+    let base = "app = \"a\"\n[workloads.db]\nimage = \"i\"\n";
+    let e = errors(&format!(
+        "{base}volumes = [{{ name = \"data\", path = \"/data\" }}]\n\
+         secrets = [{{ bundle = \"s\", path = \"/data/s\" }}]\n"
+    ));
+    assert!(
+        e[0].contains("secret files cannot live on a volume"),
+        "{e:?}"
+    );
+    let e = errors(&format!(
+        "{base}volumes = [{{ name = \"data\", path = \"/proc/x\" }}]\n"
+    ));
+    assert!(e[0].contains("under /proc, /sys or /dev"), "{e:?}");
+    let e = errors(&format!(
+        "{base}secrets = [{{ bundle = \"s\", path = \"/run/s\" }}, {{ bundle = \"t\", path = \"/run/s/\" }}]\n"
+    ));
+    assert!(e[0].contains("collides with"), "{e:?}");
+    let e = errors(&format!(
+        "{base}volumes = [{{ name = \"data\", path = \"/data\" }}]\n\
+         [workloads.web]\nimage = \"i\"\nvolumes = [{{ name = \"data\", path = \"/d\" }}]\n"
+    ));
+    assert!(e[0].contains("also mounted by workload db"), "{e:?}");
+    let e = errors(&format!(
+        "{base}secrets = [{{ bundle = \"s\", path = \"/run/s\", format = \"yaml\" }}]\n"
+    ));
+    assert!(e[0].contains("format"), "{e:?}");
+    let m = parse(
+        "verge.toml",
+        &format!("{base}secrets = [{{ bundle = \"s\", path = \"/run/s\", format = \"json\" }}]\n"),
+    )
+    .unwrap();
+    assert_eq!(m.workloads["db"].secrets[0].format, SecretFormat::Json);
+}
+
+#[test]
+fn secret_files_render_as_env_lines_or_json() {
+    let values = BTreeMap::from([
+        ("B".to_string(), "two words".to_string()),
+        ("A".to_string(), "line1\nline2 \"q\" \\".to_string()),
+        ("C".to_string(), "\"quoted\"".to_string()),
+    ]);
+    assert_eq!(
+        SecretFormat::Env.render(&values),
+        "A=\"line1\\nline2 \\\"q\\\" \\\\\"\nB=two words\nC=\"\\\"quoted\\\"\"\n"
+    );
+    let json: BTreeMap<String, String> =
+        serde_json::from_str(&SecretFormat::Json.render(&values)).unwrap();
+    assert_eq!(json, values);
+}

@@ -109,6 +109,7 @@ fn run_since(
         instances,
         hold,
         since_ms,
+        volumes: &NO_VOLUMES,
     };
     plan(&input, nodes, facts, CLOCK)
 }
@@ -336,4 +337,124 @@ fn instances_that_failed_before_the_rollout_are_replaced() {
     let actions = run_since(&m, &now, &mut n, &f, false, NOW - 1_000);
     assert_eq!(stops(&actions), [("f0".into(), StopWhy::Failed)]);
     assert_eq!(creates(&actions).len(), 1, "{actions:?}");
+}
+
+fn with_volumes(
+    m: &Manifest,
+    instances: &[InstanceRow],
+    nodes: &mut Nodes,
+    facts: &Facts,
+    volumes: &Volumes,
+) -> Vec<Action> {
+    let input = EnvInput {
+        release_id: "r2",
+        manifest: m,
+        instances,
+        hold: false,
+        since_ms: 0,
+        volumes,
+    };
+    plan(&input, nodes, facts, CLOCK)
+}
+
+fn data_on(node: &str, attached_to: Option<&str>) -> Volumes {
+    BTreeMap::from([(
+        "data".to_string(),
+        VolumeFact {
+            node_id: node.into(),
+            state: "ready".into(),
+            attached_to: attached_to.map(Into::into),
+        },
+    )])
+}
+
+fn db() -> Manifest {
+    manifest("volumes = [{ name = \"data\", path = \"/data\" }]\n[workloads.web.rollout]\nmax_surge = 1\nmax_unavailable = 0\n")
+        .tap_count(1)
+}
+
+trait TapCount {
+    fn tap_count(self, n: u32) -> Self;
+}
+
+impl TapCount for Manifest {
+    fn tap_count(mut self, n: u32) -> Self {
+        self.workloads.get_mut("web").unwrap().count = n;
+        self
+    }
+}
+
+/// The node-or-reason of every placement in `actions`.
+fn placements(actions: &[Action]) -> Vec<Result<String, String>> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Create { node, .. } | Action::Place { node, .. } => Some(node.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_volume_pins_its_instance_to_its_node() {
+    let (mut n, f) = nodes(&["a", "b", "c"]);
+    let actions = with_volumes(&db(), &[], &mut n, &f, &data_on("c", None));
+    assert_eq!(placements(&actions), [Ok("c".to_string())]);
+    // A missing volume: pending, with the fix.
+    let (mut n, f) = nodes(&["a"]);
+    let actions = with_volumes(&db(), &[], &mut n, &f, &NO_VOLUMES);
+    let why = placements(&actions).pop().unwrap().unwrap_err();
+    assert!(
+        why.contains("verge volumes create data --size SIZE"),
+        "{why}"
+    );
+}
+
+#[test]
+fn a_new_release_stops_the_old_instance_before_the_new_one_mounts_the_volume() {
+    let (mut n, f) = nodes(&["a", "b"]);
+    // v1's instance runs on a with the volume; max_surge = 1 is overridden.
+    let old = vec![inst("i1", "r1", 0, "a", "running")];
+    let vols = data_on("a", Some("i1"));
+    let actions = with_volumes(&db(), &old, &mut n, &f, &vols);
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::Stop { instance, .. } if instance == "i1")),
+        "the old instance stops at once: {actions:?}"
+    );
+    let why = placements(&actions).pop().unwrap().unwrap_err();
+    assert!(
+        why.contains("waiting for volume data to be released") && why.contains("i1"),
+        "{why}"
+    );
+    // Once it is gone (detached), the new one goes to the volume's node.
+    let (mut n, f) = nodes(&["a", "b"]);
+    let mut pending = inst("i2", "r2", 0, "a", "pending");
+    pending.node_id = None;
+    pending.message = Some(why);
+    let actions = with_volumes(&db(), &[pending], &mut n, &f, &data_on("a", None));
+    assert_eq!(placements(&actions), [Ok("a".to_string())]);
+}
+
+#[test]
+fn an_offline_volume_node_is_explained_before_the_attachment() {
+    let (mut n, f) = cluster(&["a", "b"], &[("a", NOW - 1_000)], &[]);
+    let old = vec![{
+        let mut i = inst("i1", "r1", 0, "a", "running");
+        i.goal = "stop".into();
+        i
+    }];
+    let actions = with_volumes(&db(), &old, &mut n, &f, &data_on("a", Some("i1")));
+    let why = placements(&actions).pop().unwrap().unwrap_err();
+    assert!(
+        why.starts_with("volume data is on node a (offline since"),
+        "{why}"
+    );
+    assert!(why.contains("verge volumes snapshot data"), "{why}");
+    // Lost past the reschedule grace: still pinned, never moved.
+    let (mut n, f) = cluster(&["a", "b"], &[("a", NOW - 60_000)], &[]);
+    let running = vec![inst("i1", "r2", 0, "a", "running")];
+    let actions = with_volumes(&db(), &running, &mut n, &f, &data_on("a", Some("i1")));
+    assert!(actions.is_empty(), "{actions:?}");
 }

@@ -326,27 +326,34 @@ fn explain(nodes: &Nodes, ask: &Ask<'_>) -> String {
         return "no nodes have joined the cluster; to fix: join one with `verge nodes join-token`"
             .into();
     }
-    let problems: Vec<(&NodeView, Problem, String)> = nodes
+    let problems: Vec<(&str, Problem, String)> = nodes
         .iter()
-        .filter_map(|n| unfit(n, ask).map(|(p, why)| (n, p, why)))
+        .filter_map(|n| unfit(n, ask).map(|(p, why)| (n.name.as_str(), p, why)))
         .collect();
+    summarise(&problems, problem_name, |p| fix(p, ask))
+}
+
+/// `node NAME: why` for each of the first few `problems` (in order), the
+/// rest counted by kind, then the fix for the most common kind (ties: the
+/// first kind). Shared by instance and volume placement.
+pub(crate) fn summarise<P: Copy + Ord>(
+    problems: &[(&str, P, String)],
+    name: impl Fn(P) -> &'static str,
+    fix: impl Fn(P) -> String,
+) -> String {
     let mut parts: Vec<String> = problems
         .iter()
         .take(NAMED)
-        .map(|(n, _, why)| format!("node {}: {why}", n.name))
+        .map(|(n, _, why)| format!("node {n}: {why}"))
         .collect();
-    let mut counts: BTreeMap<Problem, usize> = BTreeMap::new();
-    for (_, p, _) in &problems {
-        *counts.entry(*p).or_default() += 1;
-    }
     if problems.len() > NAMED {
-        let mut rest: BTreeMap<Problem, usize> = BTreeMap::new();
+        let mut rest: BTreeMap<P, usize> = BTreeMap::new();
         for (_, p, _) in &problems[NAMED..] {
             *rest.entry(*p).or_default() += 1;
         }
         let summary: Vec<String> = rest
             .iter()
-            .map(|(p, c)| format!("{c} {}", problem_name(*p)))
+            .map(|(p, c)| format!("{c} {}", name(*p)))
             .collect();
         parts.push(format!(
             "and {} more nodes ({})",
@@ -354,11 +361,14 @@ fn explain(nodes: &Nodes, ask: &Ask<'_>) -> String {
             summary.join(", ")
         ));
     }
+    let mut counts: BTreeMap<P, usize> = BTreeMap::new();
+    for (_, p, _) in problems {
+        *counts.entry(*p).or_default() += 1;
+    }
     let mut text = parts.join("; ");
-    // The fix for what stands in the way most often (ties: the first kind).
     if let Some((&p, _)) = counts.iter().max_by_key(|(p, c)| (**c, Reverse(**p))) {
         text.push_str("; to fix: ");
-        text.push_str(&fix(p, ask));
+        text.push_str(&fix(p));
     }
     text
 }

@@ -53,7 +53,7 @@ use crate::net::Network;
 use crate::pull::{ImageStore, PulledImage};
 use crate::runtime::state::now_ms;
 use crate::runtime::{
-    self, Adopted, Attachments, Exit, Instance, LaunchSpec, ProcessRuntime, VolumeMount,
+    Adopted, Attachments, Exit, Instance, LaunchSpec, ProcessRuntime, VolumeMount,
 };
 use crate::volumes::Volumes;
 
@@ -891,14 +891,6 @@ impl Supervisor {
             Ok(l) => l,
             Err(e) => return Woke::Done(Err((ErrorCategory::Start, e))),
         };
-        let secrets = secrets
-            .into_iter()
-            .map(|s| runtime::SecretFile {
-                bundle: format!("{} (version {})", s.bundle, s.version),
-                path: s.path,
-                contents: s.contents,
-            })
-            .collect();
         let attach = Attachments { volumes, secrets };
         match parts.runtime.start_with(launch, attach).await {
             Ok(inst) => Woke::Done(Ok(inst)),

@@ -232,6 +232,7 @@ async fn a_target_through_an_image_link_is_refused() {
                 volumes: vec![],
                 secrets: vec![SecretFile {
                     bundle: "db".into(),
+                    version: 1,
                     path: format!("/escape/{escaped}"),
                     contents: "nothing".into(),
                 }],
@@ -278,11 +279,13 @@ async fn secret_files_are_exact_private_and_never_on_disk() {
             secrets: vec![
                 SecretFile {
                     bundle: "db".into(),
+                    version: 1,
                     path: "/run/secrets/app".into(),
                     contents: contents.clone(),
                 },
                 SecretFile {
                     bundle: "tls".into(),
+                    version: 1,
                     path: "/etc/app/key.pem".into(),
                     contents: "-----BEGIN KEY-----\n".into(),
                 },
@@ -335,6 +338,7 @@ async fn a_running_instance_keeps_its_secret_off_the_host() {
         volumes: vec![],
         secrets: vec![SecretFile {
             bundle: "api".into(),
+            version: 1,
             path: "/run/secrets/token".into(),
             contents: value.clone(),
         }],

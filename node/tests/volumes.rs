@@ -475,7 +475,7 @@ async fn export_then_import_makes_the_same_volume() {
         .await
         .unwrap();
     assert!(
-        matches!(reply, VolumeReply::Failed { ref message } if message.contains("snap_nope")),
+        matches!(reply, VolumeReply::Failed { ref message, damaged: false } if message.contains("snap_nope")),
         "{reply:?}"
     );
 }
@@ -615,4 +615,223 @@ async fn the_directory_backend_records_sizes_and_snapshots_trees() {
     v.delete("vol_d").await.unwrap();
     assert!(!fx.path().join("volumes/vol_d").exists());
     v.delete_snapshot("snap_d").await.unwrap();
+}
+
+#[tokio::test]
+async fn a_directory_volume_is_snapshotted_only_detached_and_never_through_symlinks() {
+    let fx = Fixture::new();
+    let v = fx.open(Backend::Directory);
+    v.create("vol_l", MIB).await.unwrap();
+    let mnt = v.mount_dir("vol_l");
+    std::fs::write(mnt.join("data"), "v1").unwrap();
+    // What a workload may leave: links out of its volume.
+    std::os::unix::fs::symlink("/etc", mnt.join("etc")).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", mnt.join("passwd")).unwrap();
+    std::os::unix::fs::symlink("data", mnt.join("link")).unwrap();
+
+    // Mounted by an instance: refused, saying what to do, through the
+    // stream too (nothing changed).
+    v.claim("vol_l", "inst_1").unwrap();
+    let err = v.snapshot("vol_l", "snap_l").await.unwrap_err();
+    assert!(
+        matches!(err, VolumeError::DirectoryClaimed { ref instance, .. } if instance == "inst_1"),
+        "{err}"
+    );
+    assert!(!err.damaged());
+    let message = err.to_string();
+    assert!(
+        message.contains("stored as a directory") && message.contains("stop the instance"),
+        "{message}"
+    );
+    let mut answer = Vec::new();
+    let op = VolumeOp::Snapshot {
+        volume: "vol_l".into(),
+        snapshot: "snap_l".into(),
+    };
+    verge_node::volumes::serve(op, &mut answer, &mut tokio::io::empty(), &v)
+        .await
+        .unwrap();
+    let reply: VolumeReply = verge_api::wire::io::read_one(&mut &answer[..], 1 << 16)
+        .await
+        .unwrap();
+    assert!(
+        matches!(reply, VolumeReply::Failed { ref message, damaged: false } if message.contains("inst_1")),
+        "{reply:?}"
+    );
+    let snapshots = fx.path().join("volumes/snapshots");
+    assert_eq!(std::fs::read_dir(&snapshots).unwrap().count(), 0);
+    v.release("vol_l", "inst_1");
+
+    // Detached: the links are copied as links, nothing of /etc.
+    let usage = v.snapshot("vol_l", "snap_l").await.unwrap();
+    assert!(usage.used < MIB, "{usage:?}");
+    let tree = snapshots.join("snap_l.tree");
+    let names = |dir: &Path| {
+        let mut n: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        n.sort();
+        n
+    };
+    assert_eq!(names(&tree), ["data", "etc", "link", "passwd"]);
+    for (link, target) in [("etc", "/etc"), ("passwd", "/etc/passwd"), ("link", "data")] {
+        let meta = std::fs::symlink_metadata(tree.join(link)).unwrap();
+        assert!(meta.file_type().is_symlink(), "{link}: {meta:?}");
+        assert_eq!(
+            std::fs::read_link(tree.join(link)).unwrap(),
+            Path::new(target)
+        );
+    }
+    // Its use does not count /etc either.
+    assert!(v.usage().await[0].used < MIB);
+
+    std::fs::remove_file(mnt.join("etc")).unwrap();
+    std::fs::write(mnt.join("data"), "v2").unwrap();
+    v.restore("vol_l", "snap_l").await.unwrap();
+    assert_eq!(names(&mnt), ["data", "etc", "link", "passwd"]);
+    assert_eq!(std::fs::read_to_string(mnt.join("data")).unwrap(), "v1");
+    assert!(
+        std::fs::symlink_metadata(mnt.join("etc"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert_eq!(
+        std::fs::read_link(mnt.join("etc")).unwrap(),
+        Path::new("/etc")
+    );
+    // And into a new volume.
+    v.restore("vol_l2", "snap_l").await.unwrap();
+    assert_eq!(
+        names(&v.mount_dir("vol_l2")),
+        ["data", "etc", "link", "passwd"]
+    );
+    // Claimable after the restores.
+    v.claim("vol_l", "inst_1").unwrap();
+    v.claim("vol_l2", "inst_2").unwrap();
+}
+
+#[tokio::test]
+async fn a_restore_that_cannot_mount_the_new_data_says_the_volume_is_damaged() {
+    let fx = Fixture::new();
+    let v = fx.open(Backend::Loop);
+    v.create("vol_m", 32 * MIB).await.unwrap();
+    std::fs::write(v.mount_dir("vol_m").join("data"), "v1").unwrap();
+    v.snapshot("vol_m", "snap_good").await.unwrap();
+    v.snapshot("vol_m", "snap_bad").await.unwrap();
+    // Its image holds no filesystem any more.
+    let img = fx.path().join("volumes/snapshots/snap_bad.img");
+    std::fs::remove_file(&img).unwrap();
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(32 * MIB)
+        .unwrap();
+
+    let mut answer = Vec::new();
+    let op = VolumeOp::Restore {
+        volume: "vol_m".into(),
+        snapshot: "snap_bad".into(),
+    };
+    verge_node::volumes::serve(op, &mut answer, &mut tokio::io::empty(), &v)
+        .await
+        .unwrap();
+    let reply: VolumeReply = verge_api::wire::io::read_one(&mut &answer[..], 1 << 16)
+        .await
+        .unwrap();
+    let VolumeReply::Failed { message, damaged } = reply else {
+        panic!("{reply:?}");
+    };
+    assert!(damaged, "{message}");
+    assert!(
+        message.contains("replaced by snapshot snap_bad")
+            && message.contains("could not be mounted")
+            && message.contains("delete the volume"),
+        "{message}"
+    );
+    let err = v.claim("vol_m", "inst_1").unwrap_err();
+    assert!(matches!(err, VolumeError::Unavailable { .. }), "{err}");
+    assert!(err.to_string().contains("snap_bad"), "{err}");
+
+    // Restoring a good snapshot repairs it.
+    v.restore("vol_m", "snap_good").await.unwrap();
+    let mnt = v.claim("vol_m", "inst_1").unwrap();
+    assert_eq!(std::fs::read_to_string(mnt.join("data")).unwrap(), "v1");
+}
+
+/// Sets or clears the immutable attribute of `path`; `false` when this
+/// host cannot (no chattr, or a filesystem without it).
+fn immutable(path: &Path, on: bool) -> bool {
+    std::process::Command::new("chattr")
+        .arg(if on { "+i" } else { "-i" })
+        .arg(path)
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Clears the immutable attribute on drop (so the data dir can go).
+struct Mutable(PathBuf);
+
+impl Drop for Mutable {
+    fn drop(&mut self) {
+        immutable(&self.0, false);
+    }
+}
+
+#[tokio::test]
+async fn a_failed_resize_keeps_a_mounted_volume_claimable() {
+    let fx = Fixture::new();
+    let v = fx.open(Backend::Loop);
+    v.create("vol_f", 32 * MIB).await.unwrap();
+    let mnt = v.mount_dir("vol_f");
+    std::fs::write(mnt.join("data"), "v1").unwrap();
+    let disk = fx.path().join("volumes/vol_f/disk.img");
+
+    if !can_grow_online() {
+        // Grown unmounted, and a host process keeps it busy: refused,
+        // still mounted, still claimable.
+        let held = std::fs::File::open(mnt.join("data")).unwrap();
+        let err = v.resize("vol_f", 64 * MIB).await.unwrap_err();
+        assert!(err.to_string().contains("still in use"), "{err}");
+        assert!(!err.damaged());
+        assert!(mounted(&mnt).is_some());
+        v.claim("vol_f", "inst_1").unwrap();
+        v.release("vol_f", "inst_1");
+        drop(held);
+    }
+
+    // The disk image cannot grow (nor be written: the volume's data is
+    // on it first).
+    nix::unistd::syncfs(std::fs::File::open(&mnt).unwrap()).unwrap();
+    if !immutable(&disk, true) {
+        eprintln!("chattr +i unavailable: not testing a resize that fails on the image");
+        return;
+    }
+    let guard = Mutable(disk.clone());
+    let err = v.resize("vol_f", 64 * MIB).await.unwrap_err();
+    if can_grow_online() {
+        // Online: it never stopped being mounted.
+        assert!(!err.damaged(), "{err}");
+        assert!(mounted(&mnt).is_some());
+        v.claim("vol_f", "inst_1").unwrap();
+        v.release("vol_f", "inst_1");
+    } else {
+        // Unmounted to grow, and it cannot be attached again (the image
+        // is immutable): unusable, and said to be.
+        assert!(
+            err.damaged() && err.to_string().contains("left it unmounted"),
+            "{err}"
+        );
+        let refused = v.claim("vol_f", "inst_1").unwrap_err();
+        assert!(
+            matches!(refused, VolumeError::Unavailable { .. }),
+            "{refused}"
+        );
+    }
+    drop(guard);
+    // Resizing again repairs it.
+    let usage = v.resize("vol_f", 64 * MIB).await.unwrap();
+    assert_eq!(usage.size, 64 * MIB);
+    let mnt = v.claim("vol_f", "inst_1").unwrap();
+    assert_eq!(std::fs::read_to_string(mnt.join("data")).unwrap(), "v1");
 }

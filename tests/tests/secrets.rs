@@ -200,6 +200,21 @@ async fn secrets_arrive_as_tmpfs_files_pinned_per_release_and_are_never_shown() 
             .contains(&format!("TOKEN={v1}"))
     );
     assert!(w.sh(&id3, "env").await.contains("GREETING=hi\n"));
+    // The version the running release mounts cannot be deleted under it.
+    let run = w
+        .verge(&["secrets", "unset", "app", "--version", "1"])
+        .await;
+    assert!(!run.success());
+    assert!(
+        run.stderr().contains(&format!("release v{first} pins v1")),
+        "{}",
+        run.stderr()
+    );
+    let listed = w.json(&["secrets", "list"]).await;
+    assert_eq!(
+        listed[0]["versions"][0]["deleted"], false,
+        "nothing deleted"
+    );
 
     // Nowhere else: API answers, events, logs, the daemons' logs, the
     // node's disk, the control plane's database.

@@ -17,7 +17,7 @@ use verge_api::config::{ConfigReceipt, EnvConfig, SecretBundle, SecretReceipt, S
 use verge_api::names;
 use verge_api::requests::{ChangeConfig, ChangeSecrets};
 
-use super::scope::EnvCx;
+use super::scope::{EnvCx, manifest_of, secrets_of};
 use super::{AppState, Json, Path, Query};
 use crate::auth::Caller;
 use crate::error::ApiError;
@@ -356,6 +356,45 @@ async fn delete_secrets(
             }
         },
     };
+    // A version that a running release pins and mounts must stay: its
+    // instances get their secret files from it at every start. (One only
+    // required by `[require] secrets` reaches no instance.)
+    let mut in_use: BTreeMap<String, i64> = BTreeMap::new();
+    let current = m.current_release(&cx.env.id).await?;
+    let mut releases: Vec<String> = current.iter().map(|r| r.id.clone()).collect();
+    for i in m.env_instances(&cx.env.id).await? {
+        if i.goal == "run" && !releases.contains(&i.release_id) {
+            releases.push(i.release_id);
+        }
+    }
+    for id in &releases {
+        if let Some(r) = m.release_by_id(&cx.env.id, id).await?
+            && secrets_of(&r)?
+                .get(&bundle)
+                .is_some_and(|v| doomed.contains(v))
+            && manifest_of(&r)?
+                .workloads
+                .values()
+                .any(|w| w.secrets.iter().any(|s| s.bundle == bundle))
+        {
+            in_use.insert(format!("v{}", r.number), secrets_of(&r)?[&bundle]);
+        }
+    }
+    if !in_use.is_empty() {
+        let uses: Vec<String> = in_use
+            .iter()
+            .map(|(release, v)| format!("release {release} pins v{v}"))
+            .collect();
+        return Err(ApiError::conflict(format!(
+            "secret bundle {bundle:?} is in use: {}, and its instances read it at every \
+             start; nothing was deleted",
+            uses.join(", ")
+        ))
+        .next(format!(
+            "verge secrets set {bundle} KEY=VALUE {}  (a new version), then verge deploy, then delete",
+            cx.flags()
+        )));
+    }
     for v in &doomed {
         m.delete_secret_version(&cx.env.id, &bundle, *v).await?;
     }
@@ -364,7 +403,7 @@ async fn delete_secrets(
         .map(|v| format!("v{v}"))
         .collect::<Vec<_>>()
         .join(", ");
-    let running = m.current_release(&cx.env.id).await?.map(|r| r.id);
+    let running = current.map(|r| r.id);
     m.emit(cx.event(
         "secrets.deleted",
         running.as_deref(),

@@ -97,7 +97,8 @@ pub fn progress(input: &EnvInput<'_>, facts: &Facts, clock: Clock) -> Progress {
         p.category = cat;
     } else if waiting_slots > 0 {
         p.step = Some(format!(
-            "waiting to start {waiting_slots} more instance(s) (bounded by max_surge)"
+            "waiting to start {waiting_slots} more instance(s) (bounded by max_surge, \
+             or by a volume one instance at a time mounts)"
         ));
     } else if p.outgoing > 0 {
         p.step = Some(format!("stopping {} old instance(s)", p.outgoing));

@@ -64,7 +64,12 @@ async fn answer(node: &str, recv: &mut RecvStream) -> Outcome {
         )),
         Ok(Err(e)) => Outcome::Unknown(format!("node {node}'s answer was lost: {e}")),
         Ok(Ok(VolumeReply::Done { usage })) => Outcome::Done(usage),
-        Ok(Ok(VolumeReply::Failed { message })) => {
+        // Changed, then failed: not "nothing changed".
+        Ok(Ok(VolumeReply::Failed {
+            message,
+            damaged: true,
+        })) => Outcome::Unknown(format!("node {node}: {message}")),
+        Ok(Ok(VolumeReply::Failed { message, .. })) => {
             Outcome::Failed(format!("node {node}: {message}"))
         }
         Ok(Ok(VolumeReply::Exporting { .. })) => Outcome::Unknown(format!(
@@ -97,7 +102,7 @@ pub async fn copy_snapshot(
     let read = read_one::<VolumeReply, _>(&mut xrecv, MAX_REPLY);
     let size = match tokio::time::timeout(OP_TIMEOUT, read).await {
         Ok(Ok(VolumeReply::Exporting { size })) => size,
-        Ok(Ok(VolumeReply::Failed { message })) => {
+        Ok(Ok(VolumeReply::Failed { message, .. })) => {
             return Outcome::Failed(format!("node {}: {message}", from.name));
         }
         Ok(Ok(VolumeReply::Done { .. })) => {

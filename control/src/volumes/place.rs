@@ -14,9 +14,6 @@ use crate::scheduler::REGION;
 use crate::store::NodeRow;
 use crate::time::rfc3339;
 
-/// Nodes listed by name in an explanation before the rest are counted.
-const NAMED: usize = 6;
-
 /// A node as volume placement sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Candidate {
@@ -118,40 +115,11 @@ fn explain(nodes: &[Candidate], size: u64, region: Option<&str>) -> String {
     }
     let mut sorted: Vec<&Candidate> = nodes.iter().collect();
     sorted.sort_by(|a, b| a.name.cmp(&b.name));
-    let problems: Vec<(&Candidate, Problem, String)> = sorted
+    let problems: Vec<(&str, Problem, String)> = sorted
         .into_iter()
-        .filter_map(|n| unfit(n, size, region).map(|(p, why)| (n, p, why)))
+        .filter_map(|n| unfit(n, size, region).map(|(p, why)| (n.name.as_str(), p, why)))
         .collect();
-    let mut parts: Vec<String> = problems
-        .iter()
-        .take(NAMED)
-        .map(|(n, _, why)| format!("node {}: {why}", n.name))
-        .collect();
-    if problems.len() > NAMED {
-        let mut rest: BTreeMap<Problem, usize> = BTreeMap::new();
-        for (_, p, _) in &problems[NAMED..] {
-            *rest.entry(*p).or_default() += 1;
-        }
-        let summary: Vec<String> = rest
-            .iter()
-            .map(|(p, c)| format!("{c} {}", problem_name(*p)))
-            .collect();
-        parts.push(format!(
-            "and {} more nodes ({})",
-            problems.len() - NAMED,
-            summary.join(", ")
-        ));
-    }
-    let mut counts: BTreeMap<Problem, usize> = BTreeMap::new();
-    for (_, p, _) in &problems {
-        *counts.entry(*p).or_default() += 1;
-    }
-    let mut text = parts.join("; ");
-    if let Some((&p, _)) = counts.iter().max_by_key(|(p, c)| (**c, Reverse(**p))) {
-        text.push_str("; to fix: ");
-        text.push_str(&fix(p, size, region));
-    }
-    text
+    crate::scheduler::summarise(&problems, problem_name, |p| fix(p, size, region))
 }
 
 fn problem_name(p: Problem) -> &'static str {

@@ -253,13 +253,23 @@ impl EnvVolumes {
             volume = %row.id, snapshot = %snap.id, from = %source.name, to = %target.name,
             "restoring a snapshot into a new volume"
         );
-        let outcome = node::copy_snapshot(
-            &self.cluster,
-            &self.store,
-            (&source, &snap.id),
-            (&target, &row.id),
-        )
-        .await;
+        // On the snapshot's own node the node copies it locally (the only
+        // way for directory-backed volumes); elsewhere the data is relayed.
+        let outcome = if source.id == target.id {
+            let op = VolumeOp::Restore {
+                volume: row.id.clone(),
+                snapshot: snap.id.clone(),
+            };
+            node::ask(&self.cluster, &target, op).await
+        } else {
+            node::copy_snapshot(
+                &self.cluster,
+                &self.store,
+                (&source, &snap.id),
+                (&target, &row.id),
+            )
+            .await
+        };
         log_outcome("copy_snapshot", &target, &outcome);
         match outcome {
             Outcome::Done(u) => {

@@ -10,7 +10,6 @@
 //! mount namespace (`super::mounts`). Every start of an instance is a new
 //! shim, so every start is handed them again.
 
-use std::fmt;
 use std::fs::File;
 use std::io::{self, Read, Seek, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -45,29 +44,9 @@ pub struct VolumeMount {
 }
 
 /// A secret file: read-only, mode `0400`, owned by the workload's user,
-/// on a tmpfs. Its `Debug` never shows the contents, and it is never
-/// written to the instance's files.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SecretFile {
-    /// The secret bundle it renders, for messages.
-    pub bundle: String,
-    /// Absolute path of the file in the instance.
-    pub path: String,
-    pub contents: String,
-}
-
-impl fmt::Debug for SecretFile {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SecretFile")
-            .field("bundle", &self.bundle)
-            .field("path", &self.path)
-            .field(
-                "contents",
-                &format_args!("<{} bytes redacted>", self.contents.len()),
-            )
-            .finish()
-    }
-}
+/// on a tmpfs. The contract's type: its `Debug` never shows the contents,
+/// and it is never written to the instance's files.
+pub use verge_api::wire::SecretFile;
 
 impl Attachments {
     pub fn is_empty(&self) -> bool {
@@ -188,6 +167,7 @@ mod tests {
     fn secret(path: &str) -> SecretFile {
         SecretFile {
             bundle: "db".into(),
+            version: 1,
             path: path.into(),
             contents: "{\"password\": \"hunter2\"}\n".into(),
         }

@@ -25,6 +25,11 @@ pub enum VolumeError {
         "volume {volume} is mounted by instance {instance} on this node: stop that instance first (one instance mounts a volume at a time)"
     )]
     Claimed { volume: String, instance: String },
+    #[error(
+        "volume {volume} is stored as a directory (no loop devices on this node) and is mounted by instance {instance}: \
+         stop the instance (scale to 0) and snapshot again; directory snapshots need the volume detached"
+    )]
+    DirectoryClaimed { volume: String, instance: String },
     #[error("volume {volume} is being {doing}: try again once that is done")]
     Busy { volume: String, doing: &'static str },
     #[error("volume {volume} already exists on this node with {size} bytes, not {requested}")]
@@ -68,6 +73,26 @@ pub enum VolumeError {
     },
     #[error("{0}")]
     Unsupported(String),
+    #[error(
+        "volume {volume}: its data was replaced by snapshot {snapshot}'s, but {failed}: {source}; {then}"
+    )]
+    RestoreIncomplete {
+        volume: String,
+        snapshot: String,
+        /// What failed after the data was replaced.
+        failed: &'static str,
+        /// What that leaves, and what to do.
+        then: &'static str,
+        source: Box<VolumeError>,
+    },
+    #[error(
+        "volume {volume}: growing it failed and left it unmounted: {source}; \
+         the volume is unusable until repaired: check the node's log, then resize it again"
+    )]
+    ResizeUnmounted {
+        volume: String,
+        source: Box<VolumeError>,
+    },
     #[error("volume {volume}: import failed: {reason}; nothing was kept, send it again")]
     Import { volume: String, reason: String },
     #[error("{subject}: `{command}` failed: {detail}")]
@@ -99,6 +124,16 @@ pub enum VolumeError {
 }
 
 impl VolumeError {
+    /// Whether the operation failed after it had changed the volume,
+    /// leaving it unusable until repaired (not unchanged):
+    /// [`verge_api::wire::VolumeReply::Failed::damaged`].
+    pub fn damaged(&self) -> bool {
+        matches!(
+            self,
+            VolumeError::RestoreIncomplete { .. } | VolumeError::ResizeUnmounted { .. }
+        )
+    }
+
     /// An I/O error on `path` while doing `action` for `subject` (a volume
     /// or snapshot, as "volume vol_x").
     pub(crate) fn io(

@@ -129,6 +129,15 @@ impl Inner {
         Ok(())
     }
 
+    /// Whether `volume`'s filesystem is mounted at its `mnt`, as
+    /// `/proc/self/mountinfo` says (unreadable: not).
+    pub(super) fn mounted(&self, volume: &str) -> bool {
+        matches!(
+            mounts::find(&self.layout.mnt(volume)),
+            Ok(Some(m)) if m.fstype == "ext4"
+        )
+    }
+
     /// Grows `volume` to `size` bytes: the file, the loop device, then the
     /// filesystem, online; or, where this daemon cannot grow a mounted
     /// filesystem ([`Inner::online_grow`]), unmounted (the caller made sure
@@ -140,10 +149,12 @@ impl Inner {
         let disk = self.layout.disk(volume);
         if !self.online_grow {
             self.bring_down(volume)?;
-            set_len_at_least(&subject, &disk, size)?;
-            ext4.check(&subject, &disk)?;
-            ext4.grow(&subject, &disk)?;
-            return self.bring_up(volume);
+            let grown = set_len_at_least(&subject, &disk, size)
+                .and_then(|()| ext4.check(&subject, &disk))
+                .and_then(|()| ext4.grow(&subject, &disk));
+            // Mounted again also when growing failed: as it was.
+            let up = self.bring_up(volume);
+            return grown.and(up);
         }
         set_len_at_least(&subject, &disk, size)?;
         self.bring_up(volume)?;

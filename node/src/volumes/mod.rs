@@ -34,7 +34,9 @@ mod transfer;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use tokio::sync::OwnedMutexGuard;
 use verge_api::wire::VolumeUsage;
@@ -80,7 +82,15 @@ struct Inner {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Woken after each operation that changed a volume (for a heartbeat).
     changed: tokio::sync::Notify,
+    /// Directory volumes' bytes as last measured (walking a tree takes
+    /// time), and when.
+    dir_sizes: Mutex<HashMap<String, (u64, Instant)>>,
+    /// Whether directory volumes are being measured again.
+    measuring: AtomicBool,
 }
+
+/// How often a directory volume's tree is walked again for reports.
+const REMEASURE: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Default)]
 struct State {
@@ -147,6 +157,8 @@ impl Volumes {
                 state: Mutex::default(),
                 locks: Mutex::default(),
                 changed: tokio::sync::Notify::new(),
+                dir_sizes: Mutex::default(),
+                measuring: AtomicBool::new(false),
             }),
         })
     }
@@ -246,10 +258,15 @@ impl Volumes {
         self.report().await.1
     }
 
-    /// [`Volumes::usage`] and [`Volumes::free_bytes`] from one look.
+    /// [`Volumes::usage`] and [`Volumes::free_bytes`] from one look. A
+    /// directory volume's use is as last measured (walking its tree takes
+    /// time): measured again in the background once that is older than
+    /// [`REMEASURE`].
     pub async fn report(&self) -> (Vec<VolumeUsage>, u64) {
         let inner = self.inner.clone();
-        match tokio::task::spawn_blocking(move || inner.report()).await {
+        let report = tokio::task::spawn_blocking(move || inner.report()).await;
+        self.remeasure();
+        match report {
             Ok(Ok(report)) => report,
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "reading volume usage");
@@ -260,6 +277,33 @@ impl Volumes {
                 (Vec::new(), 0)
             }
         }
+    }
+
+    /// Measures again, on a blocking thread, the directory volumes
+    /// measured longer than [`REMEASURE`] ago (one such walk at a time).
+    fn remeasure(&self) {
+        let stale = self.inner.measured_before(REMEASURE);
+        if stale.is_empty() || self.inner.measuring.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let inner = self.inner.clone();
+        let span = tracing::Span::current();
+        tokio::task::spawn_blocking(move || {
+            /// Done measuring, also on a panic.
+            struct Done<'a>(&'a AtomicBool);
+            impl Drop for Done<'_> {
+                fn drop(&mut self) {
+                    self.0.store(false, Ordering::Release);
+                }
+            }
+            let _done = Done(&inner.measuring);
+            for id in stale {
+                // Deleted meanwhile, or mid-restore: measured when next seen.
+                if let Err(e) = span.in_scope(|| inner.measure(&id, true)) {
+                    tracing::debug!(volume = %id, error = %e, "measuring a directory volume");
+                }
+            }
+        });
     }
 
     /// Completes after an operation changed a volume since the last call
@@ -327,6 +371,12 @@ impl Inner {
         let mut state = self.state();
         state.ready.remove(volume);
         state.unusable.remove(volume);
+        drop(state);
+        self.dir_sizes().remove(volume);
+    }
+
+    fn dir_sizes(&self) -> MutexGuard<'_, HashMap<String, (u64, Instant)>> {
+        self.dir_sizes.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// What loop volumes need, or why this host has none.

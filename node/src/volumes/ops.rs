@@ -4,6 +4,7 @@
 
 use std::os::unix::fs::MetadataExt as _;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use verge_api::wire::VolumeUsage;
 
@@ -155,9 +156,24 @@ impl Inner {
         };
         match kind {
             Kind::Loop => {
-                let grown = self.grow_disk(id, size);
-                self.set_ready(id, grown.as_ref().map(drop));
-                grown?;
+                let was_mounted = self.mounted(id);
+                if let Err(e) = self.grow_disk(id, size) {
+                    // Still mounted: as usable as before, claims and all.
+                    if self.mounted(id) {
+                        return Err(e);
+                    }
+                    let e = if was_mounted {
+                        VolumeError::ResizeUnmounted {
+                            volume: id.into(),
+                            source: Box::new(e),
+                        }
+                    } else {
+                        e
+                    };
+                    self.set_ready(id, Err(&e));
+                    return Err(e);
+                }
+                self.set_ready(id, Ok(()));
             }
             Kind::Directory => write_json(&self.layout.dir_meta(id), &DirMeta { size }).map_err(
                 VolumeError::io(&format!("volume {id}"), "writing", self.layout.dir_meta(id)),
@@ -204,6 +220,12 @@ impl Inner {
     /// A volume's use, and the bytes it may still take on the host disk
     /// (its size less what it takes now).
     pub(super) fn usage_of(&self, id: &str) -> Result<(VolumeUsage, u64), VolumeError> {
+        self.usage(id, false)
+    }
+
+    /// [`Inner::usage_of`]; with `cached`, a directory volume's use as last
+    /// measured for a report (measured now, and kept, if never).
+    fn usage(&self, id: &str, cached: bool) -> Result<(VolumeUsage, u64), VolumeError> {
         let subject = format!("volume {id}");
         let mnt = self.layout.mnt(id);
         let (kind, size, used, taken) = match self.layout.kind(id) {
@@ -229,8 +251,11 @@ impl Inner {
                 let path = self.layout.dir_meta(id);
                 let meta: DirMeta =
                     read_json(&path).map_err(VolumeError::io(&subject, "reading", &path))?;
-                let used =
-                    dir::tree_size(&mnt).map_err(VolumeError::io(&subject, "measuring", &mnt))?;
+                let last = cached.then(|| self.measured(id)).flatten();
+                let used = match last {
+                    Some(used) => used,
+                    None => self.measure(id, cached)?,
+                };
                 (Kind::Directory, meta.size, used, used)
             }
         };
@@ -241,6 +266,43 @@ impl Inner {
             backend: kind.name().into(),
         };
         Ok((usage, size.saturating_sub(taken)))
+    }
+
+    /// Walks directory volume `id`'s tree for the bytes it takes, and
+    /// keeps them for [`Inner::report`]: with `keep`, or when reports
+    /// have them already (older).
+    pub(super) fn measure(&self, id: &str, keep: bool) -> Result<u64, VolumeError> {
+        let mnt = self.layout.mnt(id);
+        let measured = dir::tree_size(&mnt);
+        let mut sizes = self.dir_sizes();
+        match measured {
+            Ok(used) => {
+                if keep || sizes.contains_key(id) {
+                    sizes.insert(id.to_string(), (used, Instant::now()));
+                }
+                Ok(used)
+            }
+            Err(e) => {
+                sizes.remove(id);
+                Err(VolumeError::io(&format!("volume {id}"), "measuring", mnt)(
+                    e,
+                ))
+            }
+        }
+    }
+
+    /// Directory volume `id`'s bytes as last measured.
+    fn measured(&self, id: &str) -> Option<u64> {
+        self.dir_sizes().get(id).map(|(used, _)| *used)
+    }
+
+    /// The directory volumes measured longer than `age` ago.
+    pub(super) fn measured_before(&self, age: Duration) -> Vec<String> {
+        self.dir_sizes()
+            .iter()
+            .filter(|(_, (_, at))| at.elapsed() > age)
+            .map(|(id, _)| id.clone())
+            .collect()
     }
 
     /// Whether something is mounted on the volume's `mnt` (a cheap check:
@@ -255,7 +317,8 @@ impl Inner {
         }
     }
 
-    /// Every volume's use, and the bytes free for new volumes.
+    /// Every volume's use, and the bytes free for new volumes; directory
+    /// volumes' use as last measured (see [`Volumes::report`]).
     pub(super) fn report(&self) -> Result<(Vec<VolumeUsage>, u64), VolumeError> {
         let root = &self.layout.root;
         let ids = self
@@ -269,7 +332,7 @@ impl Inner {
         let mut free = fs.blocks_available() as u64 * fs.fragment_size() as u64;
         let mut usage = Vec::with_capacity(ids.len());
         for id in ids {
-            match self.usage_of(&id) {
+            match self.usage(&id, true) {
                 Ok((u, may_take)) => {
                     free = free.saturating_sub(may_take);
                     usage.push(u);

@@ -58,6 +58,7 @@ where
                 tracing::warn!(error = %e, "volume operation refused or failed");
                 VolumeReply::Failed {
                     message: e.to_string(),
+                    damaged: e.damaged(),
                 }
             }
         };

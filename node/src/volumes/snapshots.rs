@@ -1,9 +1,12 @@
 //! Snapshots: point-in-time copies of a volume kept on this node, restored
 //! into their volume (or a new one), deleted. A loop volume's snapshot is a
 //! sparse copy of its `disk.img` taken with the filesystem frozen; a
-//! directory volume's, a copy of its tree (not frozen: files written
-//! during the copy may be caught half-way).
+//! directory volume's, a copy of its tree, taken only while no instance
+//! mounts it (nothing freezes a directory, and the copy, done as root,
+//! must not race a workload changing the tree).
 
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use verge_api::wire::VolumeUsage;
@@ -14,8 +17,10 @@ use super::ops::check_id;
 use super::{Busy, Inner, VolumeError, Volumes, copy, dir};
 
 impl Volumes {
-    /// Snapshot `snapshot` of `volume`, consistent while it is written. The
-    /// same snapshot of the same volume again is success.
+    /// Snapshot `snapshot` of `volume`, consistent while it is written (a
+    /// directory volume: refused while an instance claims it, and claims
+    /// wait meanwhile). The same snapshot of the same volume again is
+    /// success.
     #[tracing::instrument(name = "volume_snapshot", skip(self), fields(volume = %volume, snapshot = %snapshot))]
     pub async fn snapshot(&self, volume: &str, snapshot: &str) -> Result<VolumeUsage, VolumeError> {
         check_id("volume", volume)?;
@@ -82,7 +87,7 @@ impl Inner {
         }
     }
 
-    fn snapshot(&self, id: &str, snap: &str) -> Result<VolumeUsage, VolumeError> {
+    fn snapshot(self: &Arc<Self>, id: &str, snap: &str) -> Result<VolumeUsage, VolumeError> {
         let subject = format!("snapshot {snap}");
         match self.snapshot_meta(snap) {
             Ok(meta) if meta.volume == id => return Ok(meta_usage(&meta)),
@@ -98,6 +103,19 @@ impl Inner {
         }
         let Some(kind) = self.layout.kind(id) else {
             return Err(VolumeError::NotHere { volume: id.into() });
+        };
+        // A directory is copied as it is, not frozen, and its tree is the
+        // workload's to change: only while no instance mounts it, and no
+        // instance may claim it until copied.
+        let _busy = match kind {
+            Kind::Loop => None,
+            Kind::Directory => match Busy::take(self, id, "snapshotted") {
+                Ok(busy) => Some(busy),
+                Err(VolumeError::Claimed { volume, instance }) => {
+                    return Err(VolumeError::DirectoryClaimed { volume, instance });
+                }
+                Err(e) => return Err(e),
+            },
         };
         let (usage, may_take) = self.usage_of(id)?;
         // The copy takes what the volume takes now: its allocated blocks
@@ -182,7 +200,10 @@ impl Inner {
         }
         let (usage, _) = self.usage_of(id)?;
         let size = usage.size.max(meta.size);
-        self.need_space(id, size - usage.size)?;
+        // The growth, and the copy made beside the volume's data until it
+        // replaces it.
+        let copy = self.snapshot_bytes(snap, &meta)?;
+        self.need_space(id, (size - usage.size).saturating_add(copy))?;
         match meta.backend {
             Kind::Loop => {
                 let disk = self.layout.disk(id);
@@ -203,21 +224,44 @@ impl Inner {
                 }
                 if let Err(e) = self.bring_down(id) {
                     let _ = std::fs::remove_file(&new);
-                    let _ = self.bring_up(id);
+                    self.bring_back(id);
                     return Err(e);
                 }
                 if let Err(e) = std::fs::rename(&new, &disk) {
                     let _ = std::fs::remove_file(&new);
-                    let _ = self.bring_up(id);
+                    self.bring_back(id);
                     return Err(VolumeError::io(&subject, "moving into place", &disk)(e));
                 }
+                // The data is the snapshot's now: a failure from here on
+                // leaves the volume changed.
                 let up = if size > meta.size {
                     self.grow_disk(id, size)
                 } else {
                     self.bring_up(id)
                 };
-                self.set_ready(id, up.as_ref().map(drop));
-                up?;
+                if let Err(e) = up {
+                    let mounted = self.mounted(id);
+                    let e = VolumeError::RestoreIncomplete {
+                        volume: id.into(),
+                        snapshot: snap.into(),
+                        failed: if mounted {
+                            "its filesystem could not be grown back to the volume's size"
+                        } else {
+                            "it could not be mounted again"
+                        },
+                        then: if mounted {
+                            "it is mounted, with the snapshot's size: check the node's log, then resize the volume again \
+                             (to its size), or restore the snapshot again"
+                        } else {
+                            UNUSABLE
+                        },
+                        source: Box::new(e),
+                    };
+                    tracing::error!(error = %e, "restore failed after replacing the volume's data");
+                    self.set_ready(id, if mounted { Ok(()) } else { Err(&e) });
+                    return Err(e);
+                }
+                self.set_ready(id, Ok(()));
             }
             Kind::Directory => {
                 let vol = self.layout.volume(id);
@@ -230,20 +274,36 @@ impl Inner {
                     ));
                 }
                 let (mnt, old) = (self.layout.mnt(id), vol.join("mnt.old"));
-                std::fs::rename(&mnt, &old).map_err(VolumeError::io(
-                    &subject,
-                    "moving aside",
-                    &mnt,
-                ))?;
-                std::fs::rename(&new, &mnt).map_err(VolumeError::io(
-                    &subject,
-                    "moving into place",
-                    &mnt,
-                ))?;
-                write_json(&self.layout.dir_meta(id), &DirMeta { size }).map_err(
-                    VolumeError::io(&subject, "writing", self.layout.dir_meta(id)),
-                )?;
+                if let Err(e) = swap_in(&subject, &mnt, &new, &old) {
+                    let _ = std::fs::remove_dir_all(&new);
+                    if !mnt.is_dir() {
+                        // Not even moved back: recovery will.
+                        self.set_ready(id, Err(&e));
+                    }
+                    return Err(e);
+                }
+                // The data is the snapshot's now.
+                let recorded = if size == usage.size {
+                    Ok(())
+                } else {
+                    let path = self.layout.dir_meta(id);
+                    write_json(&path, &DirMeta { size })
+                        .map_err(VolumeError::io(&subject, "writing", path))
+                };
                 self.finish_dir_restore(id);
+                if let Err(e) = recorded {
+                    let e = VolumeError::RestoreIncomplete {
+                        volume: id.into(),
+                        snapshot: snap.into(),
+                        failed: "its new size could not be recorded",
+                        then: UNUSABLE,
+                        source: Box::new(e),
+                    };
+                    tracing::error!(error = %e, "restore failed after replacing the volume's data");
+                    self.set_ready(id, Err(&e));
+                    return Err(e);
+                }
+                self.set_ready(id, Ok(()));
             }
         }
         tracing::info!(size, "volume restored");
@@ -258,7 +318,8 @@ impl Inner {
         meta: &SnapshotMeta,
     ) -> Result<VolumeUsage, VolumeError> {
         let subject = format!("volume {id}");
-        self.need_space(id, meta.size)?;
+        // A tree may take more than its size.
+        self.need_space(id, meta.size.max(self.snapshot_bytes(snap, meta)?))?;
         let final_dir = self.layout.volume(id);
         let _ = std::fs::remove_dir_all(&final_dir);
         let staging = self
@@ -293,6 +354,32 @@ impl Inner {
         self.set_ready(id, Ok(()));
         tracing::info!(size = meta.size, "volume made from the snapshot");
         Ok(self.usage_of(id)?.0)
+    }
+
+    /// Bytes of disk a copy of `snap` takes.
+    fn snapshot_bytes(&self, snap: &str, meta: &SnapshotMeta) -> Result<u64, VolumeError> {
+        let subject = format!("snapshot {snap}");
+        match meta.backend {
+            Kind::Loop => {
+                let img = self.layout.snapshot_img(snap);
+                std::fs::metadata(&img)
+                    .map(|m| copy::allocated(&m))
+                    .map_err(VolumeError::io(&subject, "reading", img))
+            }
+            Kind::Directory => {
+                let tree = self.layout.snapshot_tree(snap);
+                dir::tree_size(&tree).map_err(VolumeError::io(&subject, "measuring", tree))
+            }
+        }
+    }
+
+    /// After a failed restore had brought `id` down, with its data
+    /// unchanged: mounted again, or marked unusable with why.
+    fn bring_back(&self, id: &str) {
+        if let Err(e) = self.bring_up(id) {
+            tracing::error!(error = %e, "volume cannot be mounted again after a failed restore");
+            self.set_ready(id, Err(&e));
+        }
     }
 
     /// Completes or undoes a directory restore interrupted between its
@@ -353,7 +440,57 @@ fn meta_usage(meta: &SnapshotMeta) -> VolumeUsage {
     }
 }
 
+/// What to do about a volume left unusable by a restore.
+const UNUSABLE: &str = "the volume is unusable until repaired: check the node's log, \
+     then restore the snapshot again, or delete the volume";
+
+/// Puts the tree `new` in place of `mnt`, which moves to `old`; `mnt` is
+/// moved back if `new` cannot take its place.
+fn swap_in(subject: &str, mnt: &Path, new: &Path, old: &Path) -> Result<(), VolumeError> {
+    std::fs::rename(mnt, old).map_err(VolumeError::io(subject, "moving aside", mnt))?;
+    if let Err(e) = std::fs::rename(new, mnt) {
+        if let Err(back) = std::fs::rename(old, mnt) {
+            tracing::error!(
+                error = %back,
+                from = %old.display(),
+                "moving the volume's data back after a failed restore"
+            );
+        }
+        return Err(VolumeError::io(subject, "moving into place", mnt)(e));
+    }
+    Ok(())
+}
+
 /// Removes a file or a tree, if there.
 fn remove_any(path: &std::path::Path) {
     let _ = std::fs::remove_file(path).or_else(|_| std::fs::remove_dir_all(path));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::swap_in;
+
+    #[test]
+    fn a_failed_swap_puts_the_data_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mnt, new, old) = (
+            dir.path().join("mnt"),
+            dir.path().join("mnt.restore"),
+            dir.path().join("mnt.old"),
+        );
+        std::fs::create_dir(&mnt).unwrap();
+        std::fs::write(mnt.join("data"), "v1").unwrap();
+        // No new tree: the second rename fails.
+        let err = swap_in("volume v", &mnt, &new, &old).unwrap_err();
+        assert!(err.to_string().contains("moving into place"), "{err}");
+        assert_eq!(std::fs::read_to_string(mnt.join("data")).unwrap(), "v1");
+        assert!(!old.exists());
+
+        std::fs::create_dir(&new).unwrap();
+        std::fs::write(new.join("data"), "v2").unwrap();
+        swap_in("volume v", &mnt, &new, &old).unwrap();
+        assert_eq!(std::fs::read_to_string(mnt.join("data")).unwrap(), "v2");
+        assert_eq!(std::fs::read_to_string(old.join("data")).unwrap(), "v1");
+        assert!(!new.exists());
+    }
 }

@@ -386,15 +386,16 @@ pub enum VolumeOp {
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum VolumeReply {
     /// Done; the volume (or snapshot) as it is now.
-    Done {
-        usage: VolumeUsage,
-    },
+    Done { usage: VolumeUsage },
     /// An `Export` starts: `size` bytes of volume, then data chunks.
-    Exporting {
-        size: u64,
-    },
+    Exporting { size: u64 },
     Failed {
         message: String,
+        /// The operation failed after it had changed the volume (a restore
+        /// that replaced the data but could not mount it again): the
+        /// volume is unusable until repaired, not unchanged.
+        #[serde(default)]
+        damaged: bool,
     },
 }
 

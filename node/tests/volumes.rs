@@ -166,6 +166,21 @@ fn is_enospc(e: &std::io::Error) -> bool {
     e.raw_os_error() == Some(libc::ENOSPC)
 }
 
+/// The one reply `serve` gives to `op`, with `input` as the stream's data.
+async fn answer(
+    op: VolumeOp,
+    input: &mut (impl tokio::io::AsyncRead + Unpin),
+    v: &verge_node::volumes::Volumes,
+) -> VolumeReply {
+    let mut out = Vec::new();
+    verge_node::volumes::serve(op, &mut out, input, v)
+        .await
+        .unwrap();
+    verge_api::wire::io::read_one(&mut &out[..], 1 << 16)
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn a_loop_volume_is_an_ext4_of_its_size_and_enforces_it() {
     let fx = Fixture::new();
@@ -405,17 +420,11 @@ async fn export_then_import_makes_the_same_volume() {
     assert_eq!(volume_data::parse(&tail), (64 * MIB, 0));
     let chunks = data.to_vec();
 
-    let mut answer = Vec::new();
     let op = VolumeOp::Import {
         volume: "vol_i".into(),
         size: 64 * MIB,
     };
-    verge_node::volumes::serve(op, &mut answer, &mut &chunks[..], &v)
-        .await
-        .unwrap();
-    let reply: VolumeReply = verge_api::wire::io::read_one(&mut &answer[..], 1 << 16)
-        .await
-        .unwrap();
+    let reply = answer(op, &mut &chunks[..], &v).await;
     assert!(
         matches!(reply, VolumeReply::Done { ref usage } if usage.size == 64 * MIB),
         "{reply:?}"
@@ -464,16 +473,10 @@ async fn export_then_import_makes_the_same_volume() {
     assert_eq!(std::fs::read_dir(&staging).unwrap().count(), 0);
 
     // A failed operation on the stream is a Failed reply.
-    let mut answer = Vec::new();
     let op = VolumeOp::Export {
         snapshot: "snap_nope".into(),
     };
-    verge_node::volumes::serve(op, &mut answer, &mut tokio::io::empty(), &v)
-        .await
-        .unwrap();
-    let reply: VolumeReply = verge_api::wire::io::read_one(&mut &answer[..], 1 << 16)
-        .await
-        .unwrap();
+    let reply = answer(op, &mut tokio::io::empty(), &v).await;
     assert!(
         matches!(reply, VolumeReply::Failed { ref message, damaged: false } if message.contains("snap_nope")),
         "{reply:?}"
@@ -643,17 +646,11 @@ async fn a_directory_volume_is_snapshotted_only_detached_and_never_through_symli
         message.contains("stored as a directory") && message.contains("stop the instance"),
         "{message}"
     );
-    let mut answer = Vec::new();
     let op = VolumeOp::Snapshot {
         volume: "vol_l".into(),
         snapshot: "snap_l".into(),
     };
-    verge_node::volumes::serve(op, &mut answer, &mut tokio::io::empty(), &v)
-        .await
-        .unwrap();
-    let reply: VolumeReply = verge_api::wire::io::read_one(&mut &answer[..], 1 << 16)
-        .await
-        .unwrap();
+    let reply = answer(op, &mut tokio::io::empty(), &v).await;
     assert!(
         matches!(reply, VolumeReply::Failed { ref message, damaged: false } if message.contains("inst_1")),
         "{reply:?}"
@@ -728,17 +725,11 @@ async fn a_restore_that_cannot_mount_the_new_data_says_the_volume_is_damaged() {
         .set_len(32 * MIB)
         .unwrap();
 
-    let mut answer = Vec::new();
     let op = VolumeOp::Restore {
         volume: "vol_m".into(),
         snapshot: "snap_bad".into(),
     };
-    verge_node::volumes::serve(op, &mut answer, &mut tokio::io::empty(), &v)
-        .await
-        .unwrap();
-    let reply: VolumeReply = verge_api::wire::io::read_one(&mut &answer[..], 1 << 16)
-        .await
-        .unwrap();
+    let reply = answer(op, &mut tokio::io::empty(), &v).await;
     let VolumeReply::Failed { message, damaged } = reply else {
         panic!("{reply:?}");
     };

@@ -58,18 +58,8 @@ pub async fn run(ctx: &Context, cmd: VolumesCmd, out: &Output) -> Result {
                 .resize_volume(scope, &name, &ResizeVolume { size })
                 .await?;
             out.one(&v, |v| {
-                format!(
-                    "volume {} of {} is now {} on node {}{}",
-                    v.name,
-                    names.label(),
-                    human_size(v.size),
-                    v.node,
-                    next_lines(&[format!(
-                        "verge volumes describe {} {}",
-                        v.name,
-                        flags(&names)
-                    )])
-                )
+                let lead = format!("volume {} of {} is now", v.name, names.label());
+                on_node(&lead, &names, v)
             });
         }
         VolumesCmd::Snapshot { name } => {
@@ -113,18 +103,12 @@ pub async fn run(ctx: &Context, cmd: VolumesCmd, out: &Output) -> Result {
             };
             let v = client.restore_snapshot(scope, &restore).await?;
             out.one(&v, |v| {
-                format!(
-                    "snapshot {snapshot} restored into volume {} of {}: {} on node {}{}",
+                let lead = format!(
+                    "snapshot {snapshot} restored into volume {} of {}:",
                     v.name,
-                    names.label(),
-                    human_size(v.size),
-                    v.node,
-                    next_lines(&[format!(
-                        "verge volumes describe {} {}",
-                        v.name,
-                        flags(&names)
-                    )])
-                )
+                    names.label()
+                );
+                on_node(&lead, &names, v)
             });
         }
         VolumesCmd::Delete { name, snapshots } => {
@@ -210,6 +194,20 @@ fn check(cmd: &VolumesCmd) -> Result {
 /// `--app A --env E`, for suggested commands.
 fn flags(names: &EnvNames) -> String {
     format!("--app {} --env {}", names.app, names.env)
+}
+
+/// `LEAD SIZE on node N`, then how to look at the volume.
+fn on_node(lead: &str, names: &EnvNames, v: &Volume) -> String {
+    format!(
+        "{lead} {} on node {}{}",
+        human_size(v.size),
+        v.node,
+        next_lines(&[format!(
+            "verge volumes describe {} {}",
+            v.name,
+            flags(names)
+        )])
+    )
 }
 
 fn created(names: &EnvNames, v: &Volume) -> String {

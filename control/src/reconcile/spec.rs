@@ -55,12 +55,17 @@ async fn release_parts(
         };
         secrets.insert(bundle, opened);
     }
-    let volumes = store
-        .volumes(env_id)
-        .await?
-        .into_iter()
-        .map(|v| (v.name, v.id))
-        .collect();
+    // Most releases mount none: no query for them.
+    let volumes = if manifest.workloads.values().any(|w| !w.volumes.is_empty()) {
+        store
+            .volumes(env_id)
+            .await?
+            .into_iter()
+            .map(|v| (v.name, v.id))
+            .collect()
+    } else {
+        BTreeMap::new()
+    };
     Ok(Some(ReleaseParts {
         manifest,
         images: serde_json::from_str(&r.images).unwrap_or_default(),

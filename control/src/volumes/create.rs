@@ -199,8 +199,12 @@ impl EnvVolumes {
             }
             Outcome::Failed(why) => {
                 let message = format!("resizing volume {name} to {to} failed: {why}");
-                self.finish(&v, kept(&message), Some(("volume.failed", message)))
-                    .await?;
+                self.finish(
+                    &v,
+                    kept("ready", &message),
+                    Some(("volume.failed", message)),
+                )
+                .await?;
                 return Err(VolumeError::conflict(format!(
                     "{why}; the volume is unchanged"
                 )));
@@ -210,8 +214,12 @@ impl EnvVolumes {
                     "resizing volume {name} to {to} was not confirmed: {why}; its size shows \
                      what the node reports next"
                 );
-                self.finish(&v, kept(&message), Some(("volume.failed", message.clone())))
-                    .await?;
+                self.finish(
+                    &v,
+                    kept("ready", &message),
+                    Some(("volume.failed", message.clone())),
+                )
+                .await?;
                 return Err(VolumeError::unavailable(message)
                     .next(format!("verge volumes describe {name} {}", self.flags())));
             }

@@ -4,9 +4,9 @@ use verge_api::volumes::{Snapshot, Volume};
 use verge_api::wire::VolumeOp;
 
 use super::node::Outcome;
-use super::ops::{failed, not_asked, unchanged};
+use super::ops::{failed, kept, not_asked, unchanged};
 use super::{EnvVolumes, Result, VolumeError, attached_instances, size_text, snapshot_api};
-use crate::store::{OpEnd, SnapshotRow};
+use crate::store::SnapshotRow;
 
 impl EnvVolumes {
     /// Deletes a volume from its node, and then, with `snapshots`, every
@@ -49,13 +49,12 @@ impl EnvVolumes {
             }
             Outcome::Failed(why) => {
                 let message = format!("deleting volume {name} failed: {why}");
-                let end = OpEnd {
-                    state: &v.state,
-                    message: Some(message.clone()),
-                    ..OpEnd::default()
-                };
-                self.finish(&v, end, Some(("volume.failed", message)))
-                    .await?;
+                self.finish(
+                    &v,
+                    kept(&v.state, &message),
+                    Some(("volume.failed", message)),
+                )
+                .await?;
                 return Err(VolumeError::conflict(why));
             }
             Outcome::Unknown(why) => {

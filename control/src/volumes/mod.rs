@@ -39,7 +39,6 @@ use std::collections::HashMap;
 use verge_api::ErrorKind;
 use verge_api::manifest::{format_size, human_size};
 use verge_api::names;
-use verge_api::wire::VolumeOp;
 
 use crate::cluster::Cluster;
 use crate::scheduler::REGION;
@@ -297,20 +296,6 @@ fn bytes(n: u64) -> i64 {
 /// `1Gi` / `23.5Gi`, for messages.
 fn size_text(bytes: i64) -> String {
     human_size(bytes.max(0) as u64)
-}
-
-/// The op a `VolumeOp` is, for logs.
-fn op_name(op: &VolumeOp) -> &'static str {
-    match op {
-        VolumeOp::Create { .. } => "create",
-        VolumeOp::Resize { .. } => "resize",
-        VolumeOp::Snapshot { .. } => "snapshot",
-        VolumeOp::Restore { .. } => "restore",
-        VolumeOp::Delete { .. } => "delete",
-        VolumeOp::DeleteSnapshot { .. } => "delete_snapshot",
-        VolumeOp::Export { .. } => "export",
-        VolumeOp::Import { .. } => "import",
-    }
 }
 
 #[cfg(test)]

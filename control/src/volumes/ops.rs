@@ -10,14 +10,14 @@ use verge_api::wire::VolumeOp;
 
 use super::node::{self, Outcome};
 use super::place::Candidate;
-use super::{EnvVolumes, Result, VolumeError, bytes, doing, op_name, running_op, size_text};
+use super::{EnvVolumes, Result, VolumeError, bytes, doing, running_op, size_text};
 use crate::store::{NewVolume, NodeRow, OpEnd, StoreError, VolumeRow};
 use crate::time::now_ms;
 
 impl EnvVolumes {
     /// Asks the node, with a log line of the outcome.
     pub(super) async fn ask(&self, node: &NodeRow, op: VolumeOp) -> Outcome {
-        let name = op_name(&op);
+        let name = op.name();
         let outcome = node::ask(&self.cluster, node, op).await;
         log_outcome(name, node, &outcome);
         outcome
@@ -243,10 +243,10 @@ pub(super) fn unchanged(v: &VolumeRow) -> OpEnd<'_> {
     }
 }
 
-/// The end of an operation that left the volume as it was, saying why.
-pub(super) fn kept(message: &str) -> OpEnd<'static> {
+/// The end of an operation that left the volume in `state`, saying why.
+pub(super) fn kept<'a>(state: &'a str, message: &str) -> OpEnd<'a> {
     OpEnd {
-        state: "ready",
+        state,
         message: Some(message.to_string()),
         ..OpEnd::default()
     }

@@ -66,16 +66,24 @@ impl EnvVolumes {
             }
             Outcome::Failed(why) => {
                 let message = format!("snapshot of volume {name} failed: {why}");
-                self.finish(&v, kept(&message), Some(("volume.failed", message)))
-                    .await?;
+                self.finish(
+                    &v,
+                    kept("ready", &message),
+                    Some(("volume.failed", message)),
+                )
+                .await?;
                 Err(VolumeError::conflict(why))
             }
             Outcome::Unknown(why) => {
                 let message = format!(
                     "snapshot {id} of volume {name} was not confirmed: {why}; take another"
                 );
-                self.finish(&v, kept(&message), Some(("volume.failed", message.clone())))
-                    .await?;
+                self.finish(
+                    &v,
+                    kept("ready", &message),
+                    Some(("volume.failed", message.clone())),
+                )
+                .await?;
                 Err(VolumeError::unavailable(message)
                     .next(format!("verge volumes snapshot {name} {}", self.flags())))
             }
@@ -176,13 +184,12 @@ impl EnvVolumes {
                     "restoring volume {name} from snapshot {} failed: {why}",
                     snap.id
                 );
-                let end = OpEnd {
-                    state: &v.state,
-                    message: Some(message.clone()),
-                    ..OpEnd::default()
-                };
-                self.finish(&v, end, Some(("volume.failed", message)))
-                    .await?;
+                self.finish(
+                    &v,
+                    kept(&v.state, &message),
+                    Some(("volume.failed", message)),
+                )
+                .await?;
                 Err(VolumeError::conflict(format!(
                     "{why}; the volume is unchanged"
                 )))

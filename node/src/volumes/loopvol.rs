@@ -2,13 +2,26 @@
 //! mounted, grown, unmounted and detached. Blocking; called with the
 //! volume's operation lock held.
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::path::Path;
 
 use nix::errno::Errno;
 
 use super::loopdev::{self, LoopDevice};
 use super::{Inner, VolumeError, mounts};
+
+/// Creates `disk` (which must not exist) as a sparse file of `size` bytes,
+/// open for writing.
+pub(super) fn sparse_file(subject: &str, disk: &Path, size: u64) -> Result<File, VolumeError> {
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(disk)
+        .map_err(VolumeError::io(subject, "creating", disk))?;
+    file.set_len(size)
+        .map_err(VolumeError::io(subject, "sizing", disk))?;
+    Ok(file)
+}
 
 impl Inner {
     /// Makes `dir/disk.img`: a sparse file of `size` bytes holding an
@@ -17,14 +30,7 @@ impl Inner {
         let subject = format!("volume {volume}");
         let ext4 = self.ext4(volume)?;
         let disk = dir.join("disk.img");
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&disk)
-            .map_err(VolumeError::io(&subject, "creating", &disk))?;
-        file.set_len(size)
-            .map_err(VolumeError::io(&subject, "sizing", &disk))?;
-        drop(file);
+        drop(sparse_file(&subject, &disk, size)?);
         ext4.mkfs(&subject, &disk)
     }
 

@@ -81,32 +81,19 @@ fn broken(subject: &str, e: verge_api::wire::io::FrameError) -> VolumeError {
 fn span(op: &VolumeOp) -> tracing::Span {
     match op {
         VolumeOp::Create { volume, size } | VolumeOp::Resize { volume, size } => {
-            tracing::info_span!("volume_stream", op = op_name(op), volume = %volume, size)
+            tracing::info_span!("volume_stream", op = op.name(), volume = %volume, size)
         }
         VolumeOp::Import { volume, size } => {
-            tracing::info_span!("volume_stream", op = op_name(op), volume = %volume, size)
+            tracing::info_span!("volume_stream", op = op.name(), volume = %volume, size)
         }
         VolumeOp::Snapshot { volume, snapshot } | VolumeOp::Restore { volume, snapshot } => {
-            tracing::info_span!("volume_stream", op = op_name(op), volume = %volume, snapshot = %snapshot)
+            tracing::info_span!("volume_stream", op = op.name(), volume = %volume, snapshot = %snapshot)
         }
         VolumeOp::Delete { volume } => {
-            tracing::info_span!("volume_stream", op = op_name(op), volume = %volume)
+            tracing::info_span!("volume_stream", op = op.name(), volume = %volume)
         }
         VolumeOp::DeleteSnapshot { snapshot } | VolumeOp::Export { snapshot } => {
-            tracing::info_span!("volume_stream", op = op_name(op), snapshot = %snapshot)
+            tracing::info_span!("volume_stream", op = op.name(), snapshot = %snapshot)
         }
-    }
-}
-
-fn op_name(op: &VolumeOp) -> &'static str {
-    match op {
-        VolumeOp::Create { .. } => "create",
-        VolumeOp::Resize { .. } => "resize",
-        VolumeOp::Snapshot { .. } => "snapshot",
-        VolumeOp::Restore { .. } => "restore",
-        VolumeOp::Delete { .. } => "delete",
-        VolumeOp::DeleteSnapshot { .. } => "delete_snapshot",
-        VolumeOp::Export { .. } => "export",
-        VolumeOp::Import { .. } => "import",
     }
 }

@@ -3,7 +3,7 @@
 //! volume made of such chunks. The file work runs on a blocking thread,
 //! fed through a small channel, so a slow peer holds little memory.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::FileExt as _;
 use std::path::PathBuf;
 
@@ -13,6 +13,7 @@ use verge_api::wire::{VolumeUsage, volume_data};
 
 use super::copy::{self, DataRegions};
 use super::layout::Kind;
+use super::loopvol::sparse_file;
 use super::ops::check_id;
 use super::{Inner, VolumeError, Volumes};
 
@@ -283,13 +284,7 @@ impl Inner {
         let written = (|| {
             std::fs::create_dir(&staging)
                 .map_err(VolumeError::io(&subject, "creating", &staging))?;
-            let file = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&disk)
-                .map_err(VolumeError::io(&subject, "creating", &disk))?;
-            file.set_len(size)
-                .map_err(VolumeError::io(&subject, "sizing", &disk))?;
+            let file = sparse_file(&subject, &disk, size)?;
             let mut chunks = 0u64;
             loop {
                 match rx.blocking_recv() {

@@ -381,6 +381,22 @@ pub enum VolumeOp {
     },
 }
 
+impl VolumeOp {
+    /// What the operation is, for logs and spans: `create`, `resize`, ...
+    pub fn name(&self) -> &'static str {
+        match self {
+            VolumeOp::Create { .. } => "create",
+            VolumeOp::Resize { .. } => "resize",
+            VolumeOp::Snapshot { .. } => "snapshot",
+            VolumeOp::Restore { .. } => "restore",
+            VolumeOp::Delete { .. } => "delete",
+            VolumeOp::DeleteSnapshot { .. } => "delete_snapshot",
+            VolumeOp::Export { .. } => "export",
+            VolumeOp::Import { .. } => "import",
+        }
+    }
+}
+
 /// The node's answer to a [`VolumeOp`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]

@@ -220,6 +220,7 @@ async fn a_volume_keeps_its_data_enforces_its_size_and_restores_its_snapshots() 
     let snap = snap["id"].as_str().expect("snapshot id").to_string();
     let snaps = w.c.json(&["volumes", "snapshots", "data"]).await;
     assert_eq!(snaps[0]["id"], snap.as_str());
+    assert_eq!(w.volume("data").await["snapshots"][0]["id"], snap.as_str());
     w.sh(&id2, "echo changed > /data/f && sync").await.ok();
     let run = w.verge(&["volumes", "restore", &snap]).await;
     assert!(!run.success(), "restoring an attached volume is refused");
@@ -297,6 +298,39 @@ async fn a_volume_keeps_its_data_enforces_its_size_and_restores_its_snapshots() 
     let (id6, node) = w.running(v4).await;
     assert_eq!(node, "n1");
     assert_eq!(w.sh(&id6, "cat /data/f").await.ok(), "kept\n");
+
+    // Without --node, the control plane chooses among the nodes that fit,
+    // and explains each node when none does.
+    let run = w
+        .verge(&[
+            "volumes", "create", "scratch", "--size", "32Mi", "-o", "json",
+        ])
+        .await;
+    let placed = run.json();
+    assert!(placed["node"] == "n1" || placed["node"] == "n2", "{placed}");
+    assert_eq!(placed["state"], "ready");
+    let run = w
+        .verge(&[
+            "volumes", "create", "far", "--size", "32Mi", "--region", "mars",
+        ])
+        .await;
+    assert!(!run.success());
+    for node in ["node n1: no region label", "node n2: no region label"] {
+        assert!(run.stderr().contains(node), "{}", run.stderr());
+    }
+    let run = w
+        .verge(&["volumes", "create", "huge", "--size", "16Ti"])
+        .await;
+    assert!(!run.success());
+    for node in ["node n1: only", "node n2: only"] {
+        assert!(run.stderr().contains(node), "{}", run.stderr());
+    }
+    assert!(
+        run.stderr().contains("free of 16Ti asked"),
+        "{}",
+        run.stderr()
+    );
+    w.verge(&["volumes", "delete", "scratch"]).await.ok();
 
     // Detached, it can go.
     let run = w.verge(&["volumes", "delete", "data2"]).await;

@@ -35,3 +35,4 @@ pub mod streams;
 mod tls;
 pub mod tunnel;
 pub mod volumes;
+pub mod wasm;

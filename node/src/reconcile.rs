@@ -1148,10 +1148,13 @@ mod tests {
                 path: "/run/secrets/db".into(),
                 contents: "hunter2-in-memory-only".into(),
             }],
+            runtime: Default::default(),
+            max_cpu_time_ms: 10_000,
         };
         let set = DesiredSet {
             version: 7,
             instances: vec![spec("i1"), spec("i2")],
+            listeners: Vec::new(),
         };
         let saved = serde_json::to_string(&Saved {
             set: without_secret_contents(&set),

@@ -143,6 +143,8 @@ impl Node {
             drain_ms: 0,
             volumes: Vec::new(),
             secrets: Vec::new(),
+            runtime: Default::default(),
+            max_cpu_time_ms: 10_000,
         }
     }
 
@@ -233,6 +235,7 @@ async fn instances_that_accept_turn_healthy() {
             ),
             node.spec("side", "exec /bin/busybox sleep 1000", None, other_port),
         ],
+        listeners: Vec::new(),
     };
     node.reconciler.apply(set).await;
 
@@ -278,6 +281,7 @@ async fn instances_that_never_accept_are_stopped_as_unhealthy() {
         .apply(DesiredSet {
             version: 1,
             instances: vec![silent, never],
+            listeners: Vec::new(),
         })
         .await;
 
@@ -349,6 +353,7 @@ async fn a_readopted_instance_keeps_its_address_and_its_health_check() {
         .apply(DesiredSet {
             version: 1,
             instances: vec![web],
+            listeners: Vec::new(),
         })
         .await;
     let before = node

@@ -622,6 +622,8 @@ async fn out_of_memory_and_failing_health_are_system_records() {
         drain_ms: 0,
         volumes: Vec::new(),
         secrets: Vec::new(),
+        runtime: Default::default(),
+        max_cpu_time_ms: 10_000,
     };
     // A string that doubles until the 32 MiB limit kills it.
     let hog = spec("hog", "x=0123456789abcdef; while :; do x=$x$x; done");
@@ -639,6 +641,7 @@ async fn out_of_memory_and_failing_health_are_system_records() {
     r.apply(DesiredSet {
         version: 1,
         instances: vec![hog, sick],
+        listeners: Vec::new(),
     })
     .await;
     let mut failed = std::collections::BTreeSet::new();
@@ -720,12 +723,15 @@ async fn system_records_of_the_lifecycle() {
         drain_ms: 0,
         volumes: Vec::new(),
         secrets: Vec::new(),
+        runtime: Default::default(),
+        max_cpu_time_ms: 10_000,
     };
     let shutdown = CancellationToken::new();
     let (r, mut reports, logs) = reconciler(tmp.path(), &cgroup_parent, &shutdown).await;
     r.apply(DesiredSet {
         version: 1,
         instances: vec![spec.clone()],
+        listeners: Vec::new(),
     })
     .await;
     // Running after one restart.
@@ -747,6 +753,7 @@ async fn system_records_of_the_lifecycle() {
     r.apply(DesiredSet {
         version: 2,
         instances: Vec::new(),
+        listeners: Vec::new(),
     })
     .await;
     wait_report(&mut reports, "stopped", |r| {

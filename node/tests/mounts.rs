@@ -441,10 +441,13 @@ async fn the_reconciler_claims_volumes_and_redelivers_secrets() {
             path: "/run/secrets/app".into(),
             contents: contents.clone(),
         }],
+        runtime: Default::default(),
+        max_cpu_time_ms: 10_000,
     };
     let set = |version, ids: &[&str]| DesiredSet {
         version,
         instances: ids.iter().map(|id| spec(id)).collect(),
+        listeners: Vec::new(),
     };
     let lines = |seen: &Path| -> Vec<String> {
         fs::read_to_string(seen)

@@ -163,6 +163,7 @@ impl Cluster {
                     Some(NodeMsg::Report(r)) => {
                         self.apply_report(&node, &r).await.map_err(|e| e.to_string())?;
                     }
+                    Some(NodeMsg::Listeners { .. }) => {}
                     Some(NodeMsg::Hello { .. }) => return Err("hello sent twice".into()),
                 },
                 _ = desired.changed() => recheck = true,

@@ -109,6 +109,7 @@ pub async fn desired_set(store: &Store, keyring: &Keyring, node: &NodeRow) -> Re
     Ok(DesiredSet {
         version: node.desired_version as u64,
         instances: specs,
+        listeners: Vec::new(),
     })
 }
 
@@ -205,5 +206,7 @@ fn instance_spec(
         drain_ms,
         volumes,
         secrets,
+        runtime: w.runtime,
+        max_cpu_time_ms: w.max_cpu_time_ms,
     }))
 }

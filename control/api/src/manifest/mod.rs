@@ -68,11 +68,20 @@ pub struct Workload {
     /// Node labels an instance's node must carry.
     pub constraints: BTreeMap<String, String>,
     pub rollout: Rollout,
+    /// Per-connection workloads: the most connections each node serves at
+    /// once (each with its own instance); more wait in the listen queue.
+    #[serde(default = "defaults::concurrency")]
+    pub concurrency: u32,
+    /// Wasm workloads: the most CPU time an instance may use without
+    /// waiting for input or output (a runaway loop is stopped after it).
+    #[serde(default = "defaults::max_cpu_time_ms")]
+    pub max_cpu_time_ms: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Runtime {
+    #[default]
     Process,
     Wasm,
 }
@@ -252,6 +261,19 @@ pub mod defaults {
     pub const MAX_CONNECTIONS: u32 = 10_000;
     pub const RATE_LIMIT: u32 = 100;
     pub const DRAIN_TIMEOUT_MS: u64 = 30 * 1000;
+    /// Per-connection workloads: connections served at once per node.
+    pub const CONCURRENCY: u32 = 100;
+    /// Wasm workloads: CPU time without waiting for I/O before an instance
+    /// counts as a runaway loop and is stopped.
+    pub const MAX_CPU_TIME_MS: u64 = 10_000;
+
+    pub(crate) fn concurrency() -> u32 {
+        CONCURRENCY
+    }
+
+    pub(crate) fn max_cpu_time_ms() -> u64 {
+        MAX_CPU_TIME_MS
+    }
 
     pub(crate) fn rollout_deadline_ms() -> u64 {
         ROLLOUT_DEADLINE_MS

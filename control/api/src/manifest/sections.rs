@@ -157,6 +157,8 @@ impl Cx<'_> {
             "secrets",
             "constraints",
             "rollout",
+            "concurrency",
+            "max_cpu_time",
         ];
         let t = self.table(path, v)?;
         self.known_keys(path, t, KEYS);
@@ -188,10 +190,6 @@ impl Cx<'_> {
             None => Some(None),
             Some(v) => self.strings(&p("command"), v, no_check).map(Some),
         };
-        let count = opt(t.get("count"), defaults::COUNT, |v| {
-            self.integer(&p("count"), v, 0..10_001, "a count from 0 to 10000")
-                .map(|n| n as u32)
-        });
         let cpu = opt(t.get("cpu"), defaults::CPU, |v| self.cpu(&p("cpu"), v));
         let memory = opt(t.get("memory"), defaults::MEMORY, |v| {
             let s = self.string(&p("memory"), v)?;
@@ -234,7 +232,92 @@ impl Cx<'_> {
             );
             mode = None;
         }
+        let per_connection = mode == Some(Mode::PerConnection);
+        // Per-connection workloads keep no instances: each connection gets
+        // its own, on every node that matches.
+        let count = match t.get("count") {
+            Some(v) if per_connection => {
+                let n = self.integer(&p("count"), v, 0..10_001, "a count from 0 to 10000");
+                if n.is_some_and(|n| n != 0) {
+                    self.error(
+                        v.span(),
+                        format!(
+                            "{}: a per-connection workload keeps no instances running: every \
+                             matching node starts a fresh instance for each connection; remove \
+                             count (or set count = 0)",
+                            p("count")
+                        ),
+                    );
+                    None
+                } else {
+                    Some(0)
+                }
+            }
+            None if per_connection => Some(0),
+            _ => opt(t.get("count"), defaults::COUNT, |v| {
+                self.integer(&p("count"), v, 0..10_001, "a count from 0 to 10000")
+                    .map(|n| n as u32)
+            }),
+        };
+        let concurrency = match t.get("concurrency") {
+            Some(v) if !per_connection => {
+                self.error(
+                    v.span(),
+                    format!(
+                        "{}: only per-connection workloads have a concurrency limit; set \
+                         mode = \"per-connection\" or remove it",
+                        p("concurrency")
+                    ),
+                );
+                None
+            }
+            v => opt(v, defaults::CONCURRENCY, |v| {
+                self.integer(
+                    &p("concurrency"),
+                    v,
+                    1..100_001,
+                    "a number of connections from 1 to 100000",
+                )
+                .map(|n| n as u32)
+            }),
+        };
+        let max_cpu_time = match t.get("max_cpu_time") {
+            Some(v) if runtime == Some(Runtime::Process) => {
+                self.error(
+                    v.span(),
+                    format!(
+                        "{}: only wasm workloads have a CPU time limit (processes get cpu = \
+                         cores); remove it or set runtime = \"wasm\"",
+                        p("max_cpu_time")
+                    ),
+                );
+                None
+            }
+            v => opt(v, defaults::MAX_CPU_TIME_MS, |v| {
+                let ms = self.duration_ms(&p("max_cpu_time"), v)?;
+                if (10..=3_600_000).contains(&ms) {
+                    Some(ms)
+                } else {
+                    self.error(
+                        v.span(),
+                        format!("{}: expected a duration from 10ms to 1h", p("max_cpu_time")),
+                    );
+                    None
+                }
+            }),
+        };
         let health = match t.get("health") {
+            Some(v) if per_connection => {
+                self.error(
+                    v.span(),
+                    format!(
+                        "{}: a per-connection workload has no standing instance to check: \
+                         the node watches its listener itself; remove health",
+                        p("health")
+                    ),
+                );
+                None
+            }
             None => Some(None),
             Some(v) => self.health(&p("health"), v).map(Some),
         };
@@ -271,6 +354,18 @@ impl Cx<'_> {
         let rollout = opt(t.get("rollout"), default_rollout(), |v| {
             self.rollout(&p("rollout"), v)
         });
+        if let (true, Some(v), Some(vols)) = (per_connection, t.get("volumes"), &volumes)
+            && !vols.is_empty()
+        {
+            self.error(
+                v.span(),
+                format!(
+                    "{}: a per-connection workload runs many instances at once, and a volume \
+                     has one writer: use a long-running workload for the volume",
+                    p("volumes")
+                ),
+            );
+        }
         if let (Some(vols), Some(secs)) = (&volumes, &secrets) {
             self.check_mounts(path, t, vols, secs);
         }
@@ -288,6 +383,8 @@ impl Cx<'_> {
             secrets: secrets?,
             constraints: constraints?,
             rollout: rollout?,
+            concurrency: concurrency?,
+            max_cpu_time_ms: max_cpu_time?,
         })
     }
 

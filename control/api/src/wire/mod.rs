@@ -25,7 +25,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::manifest::Restart;
+use crate::manifest::{Restart, Runtime};
 
 #[cfg(feature = "wire-io")]
 pub mod io;
@@ -218,6 +218,9 @@ pub enum NodeMsg {
     },
     /// An instance changed state.
     Report(InstanceReport),
+    /// Every listener of the node with its counters: sent when one changes
+    /// state, and with every heartbeat.
+    Listeners { listeners: Vec<ListenerReport> },
 }
 
 /// Control plane → node, on the session stream.
@@ -240,6 +243,9 @@ pub struct DesiredSet {
     /// Increases with every change of this node's set.
     pub version: u64,
     pub instances: Vec<InstanceSpec>,
+    /// The per-connection wasm workloads this node answers.
+    #[serde(default)]
+    pub listeners: Vec<ListenerSpec>,
 }
 
 /// One instance a node should run.
@@ -281,6 +287,104 @@ pub struct InstanceSpec {
     /// Secret files to deliver on a tmpfs in the instance (never to disk).
     #[serde(default)]
     pub secrets: Vec<SecretFile>,
+    /// How the instance runs: a process from an OCI image, or a
+    /// WebAssembly module or component from an OCI wasm artifact (then
+    /// `command` is its arguments and volumes and secret files are
+    /// preopened directories).
+    #[serde(default)]
+    pub runtime: Runtime,
+    /// Wasm: the most CPU time the instance may use without waiting for
+    /// input or output before it is stopped as a runaway loop.
+    #[serde(default = "default_max_cpu_time_ms")]
+    pub max_cpu_time_ms: u64,
+}
+
+fn default_max_cpu_time_ms() -> u64 {
+    crate::manifest::defaults::MAX_CPU_TIME_MS
+}
+
+/// A per-connection wasm workload the node answers (`mode =
+/// "per-connection"`): the node listens on the workload's internal ports
+/// and starts a fresh instance of the module or component for every
+/// connection it accepts, with the connection as its stdin and stdout (its
+/// stderr goes to the listener's logs). Nothing runs between connections.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ListenerSpec {
+    /// Unique on the node, stable for a release's workload; also the name
+    /// of its logs (like an instance ID).
+    pub id: String,
+    pub org: String,
+    pub app: String,
+    pub env: String,
+    pub release: String,
+    pub workload: String,
+    /// Digest-pinned OCI wasm artifact reference.
+    pub image: String,
+    /// The instances' arguments (after the program name).
+    pub command: Option<Vec<String>>,
+    pub env_vars: BTreeMap<String, String>,
+    /// Cores, for each instance's CPU share.
+    pub cpu: f64,
+    /// Bytes: each instance's memory limit.
+    pub memory: u64,
+    pub max_cpu_time_ms: u64,
+    /// Most connections served at once (more wait to be accepted).
+    pub concurrency: u32,
+    /// The internal ports of the endpoints in front of the workload.
+    pub ports: Vec<u16>,
+    /// Milliseconds open connections may still take once the listener left
+    /// the desired set (it accepts nothing new meanwhile).
+    #[serde(default)]
+    pub drain_ms: u64,
+    /// Secret files, preopened read-only in every instance.
+    #[serde(default)]
+    pub secrets: Vec<SecretFile>,
+}
+
+/// Where a node's listener is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ListenerState {
+    /// Pulling and compiling, or binding.
+    Starting,
+    /// Accepting connections.
+    Listening,
+    /// It could not start (`message` says why); the node retries.
+    Failed,
+}
+
+impl fmt::Display for ListenerState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ListenerState::Starting => "starting",
+            ListenerState::Listening => "listening",
+            ListenerState::Failed => "failed",
+        })
+    }
+}
+
+/// A listener as its node reports it, with its connection counters since
+/// it started on this node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListenerReport {
+    pub id: String,
+    pub state: ListenerState,
+    pub message: Option<String>,
+    /// Where it listens: an IP address (ports are the spec's), or
+    /// `127.0.0.1:port` on a node without networking (its first port).
+    pub address: Option<String>,
+    /// Connections being served now (each by its own instance).
+    pub active: u32,
+    /// Connections served to the end.
+    pub served: u64,
+    /// Connections whose instance failed (trap, memory limit, CPU limit).
+    pub failed: u64,
+    /// The latest failure, for people: `trap: ...`.
+    pub last_failure: Option<String>,
+    /// Its category (`crash`, `oom`).
+    pub last_failure_category: Option<ErrorCategory>,
+    /// Milliseconds since the epoch, on the node's clock.
+    pub at_ms: i64,
 }
 
 /// A volume mounted into an instance.

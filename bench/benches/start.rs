@@ -17,6 +17,10 @@
 //! namespace until `hello` accepts on the instance's private IPv6 address;
 //! and `stop` + `remove` + `Network::remove`. Needs root and Debian's `runc`.
 //!
+//! A fourth series starts a wasm instance as the node does (compiled code
+//! from its cache, a pooled instance, the `tcp-echo` component's
+//! `wasi:cli/run` on a task) until it accepts on `[::1]:PORT`, then stops it.
+//!
 //! Run: `cargo bench -p verge-bench --bench start` (release build). This
 //! binary is also the shim (`/proc/self/exe __verge-shim <dir>`), as the
 //! `verge` binary is in production.
@@ -24,13 +28,17 @@
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
 use verge_api::wire::Isolation;
+use verge_node::logs::{Capture, LogLimits};
 use verge_node::net::{NetConfig, Network};
 use verge_node::runtime::{LaunchSpec, ProcessRuntime, RuntimeConfig, SHIM_ARG, shim_main};
+use verge_node::wasm::{Guest, LogSink, Outcome, WasmConfig, WasmRuntime};
 
 const RUNS: usize = 20;
 const MEMORY: u64 = 256 * 1024 * 1024;
@@ -98,18 +106,39 @@ async fn run() -> anyhow::Result<()> {
     })
     .await?;
 
+    let wasm = WasmRuntime::new(WasmConfig {
+        cache_dir: tmp.path().join("wasm-cache"),
+        max_instances: 100,
+        max_memory: 1 << 30,
+    })?;
+    let component = verge_images::wasm_example("tcp-echo")?;
+    let component_path = tmp.path().join("tcp-echo.wasm");
+    std::fs::write(&component_path, &component)?;
+    let digest = verge_images::sha256_digest(&component);
+    let compile = Instant::now();
+    wasm.load(&digest, &component_path).await?;
+    let compiled = compile.elapsed();
+    std::fs::create_dir_all(tmp.path().join("wasm-logs"))?;
+    let logs = Arc::new(Mutex::new(Capture::open(
+        &tmp.path().join("wasm-logs"),
+        LogLimits::default(),
+    )?));
+
     let mut verge = Samples::default();
     let mut runc = Samples::default();
     let mut networked = Samples::default();
+    let mut wasm_runs = Samples::default();
     // One warm-up of each, not counted.
     for i in 0..=RUNS {
         let v = verge_once(&rt, &layer, i, None).await?;
         let r = runc_once(&runc_root, &layer, i)?;
         let n = verge_once(&rt, &layer, i + RUNS + 1, Some(&net)).await?;
+        let w = wasm_once(&wasm, &digest, &component_path, &logs).await?;
         if i > 0 {
             verge.push(v);
             runc.push(r);
             networked.push(n);
+            wasm_runs.push(w);
         }
     }
     // The parents of both sides' cgroups, in every hierarchy.
@@ -143,7 +172,63 @@ async fn run() -> anyhow::Result<()> {
         "verge + netns/veth: stop + remove all",
         &mut networked.stopped,
     );
+    row(
+        "wasm: load (cached) + instantiate returned",
+        &mut wasm_runs.returned,
+    );
+    row(
+        "wasm: start until tcp-echo accepts",
+        &mut wasm_runs.accepting,
+    );
+    row("wasm: stop (interrupt) + teardown", &mut wasm_runs.stopped);
+    println!(
+        "\nwasm: compiling tcp-echo the first time (a cache miss) took {:.1} ms",
+        compiled.as_secs_f64() * 1e3
+    );
     Ok(())
+}
+
+/// A wasm instance of `tcp-echo` (a WASI preview 2 component serving with
+/// WASI sockets on the host's network here), as the node starts one: the
+/// compiled code from the cache, a pooled instance, `wasi:cli/run` on a
+/// task, until it accepts on `[::1]:PORT`; then stopped.
+async fn wasm_once(
+    wasm: &WasmRuntime,
+    digest: &str,
+    path: &Path,
+    logs: &LogSink,
+) -> anyhow::Result<Sample> {
+    let port = free_port()?;
+    let start = Instant::now();
+    let (program, _) = wasm.load(digest, path).await?;
+    let stop = CancellationToken::new();
+    let guest = Guest {
+        args: vec!["tcp-echo".into()],
+        env: vec![("PORT".into(), port.to_string())],
+        preopens: Vec::new(),
+        memory: MEMORY,
+        cpu: CPU,
+        max_cpu_time: Duration::from_secs(10),
+        network: true,
+        stdin: None,
+        stdout: None,
+        logs: logs.clone(),
+        stop: stop.clone(),
+    };
+    let run = tokio::spawn(async move { program.run(guest).await });
+    let returned = start.elapsed();
+    let addr = std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port));
+    tokio::task::spawn_blocking(move || wait_for(addr)).await??;
+    let accepting = start.elapsed();
+    let t = Instant::now();
+    stop.cancel();
+    let outcome = run.await?;
+    anyhow::ensure!(outcome == Outcome::Stopped, "tcp-echo ended {outcome:?}");
+    Ok(Sample {
+        returned,
+        accepting,
+        stopped: t.elapsed(),
+    })
 }
 
 /// One run: when the start call returned, when the port accepted, and how

@@ -164,6 +164,12 @@ pub struct DevArgs {
     /// How volumes are stored: loop (ext4 on loop devices, sizes enforced), directory (plain directories, sizes NOT enforced), auto (loop when the host can)
     #[arg(long, value_enum, default_value_t = VolumeBackendArg::Auto)]
     pub volume_backend: VolumeBackendArg,
+    /// The most wasm instances alive at once, long-running and per-connection together (the wasm engine's instance pool)
+    #[arg(long, default_value_t = verge_node::daemon::DEFAULT_WASM_MAX_INSTANCES, value_parser = clap::value_parser!(u32).range(1..))]
+    pub wasm_max_instances: u32,
+    /// The largest memory one wasm instance may have (each pool slot reserves this much address space)
+    #[arg(long, default_value = "4Gi", value_parser = parse_size)]
+    pub wasm_max_memory: u64,
     #[command(flatten)]
     pub log_retention: LogRetentionArgs,
     #[command(flatten)]
@@ -305,6 +311,12 @@ pub struct NodeArgs {
     /// How volumes are stored: loop (ext4 on loop devices, sizes enforced), directory (plain directories, sizes NOT enforced), auto (loop when the host can)
     #[arg(long, value_enum, default_value_t = VolumeBackendArg::Auto)]
     pub volume_backend: VolumeBackendArg,
+    /// The most wasm instances alive at once, long-running and per-connection together (the wasm engine's instance pool)
+    #[arg(long, default_value_t = verge_node::daemon::DEFAULT_WASM_MAX_INSTANCES, value_parser = clap::value_parser!(u32).range(1..))]
+    pub wasm_max_instances: u32,
+    /// The largest memory one wasm instance may have (each pool slot reserves this much address space)
+    #[arg(long, default_value = "4Gi", value_parser = parse_size)]
+    pub wasm_max_memory: u64,
     #[command(flatten)]
     pub log_retention: LogRetentionArgs,
     #[command(flatten)]

@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use sha2::{Digest as _, Sha256};
-use verge_api::manifest::Manifest;
+use verge_api::manifest::{Manifest, Mode};
 
 use crate::store::ScaleRow;
 
@@ -162,7 +162,8 @@ pub fn apply_scale(m: &Manifest, overrides: &BTreeMap<String, ScaleRow>) -> Mani
     let mut m = m.clone();
     for (name, s) in overrides {
         if let Some(w) = m.workloads.get_mut(name) {
-            if let Some(c) = s.count {
+            // Per-connection workloads keep no instances: their count stays 0.
+            if let Some(c) = s.count.filter(|_| w.mode != Mode::PerConnection) {
                 w.count = c as u32;
             }
             if let Some(c) = s.cpu_millis {

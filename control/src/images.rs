@@ -6,6 +6,11 @@
 //! Docker does; others over HTTPS unless listed in `insecure_registries`.
 //! Access is anonymous, except to registries given credentials
 //! (`registry_auth_file`, see docs/operations.md).
+//!
+//! [`Pinner::artifact_kind`] tells a container image from an OCI wasm
+//! artifact (by its manifest's config media type), so that a deploy can
+//! refuse `runtime = "wasm"` on a container image and `runtime = "process"`
+//! on a wasm artifact before any node tries to run it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -13,6 +18,10 @@ use std::time::Duration;
 
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::errors::{OciDistributionError, OciErrorCode};
+use oci_client::manifest::{
+    IMAGE_MANIFEST_LIST_MEDIA_TYPE, IMAGE_MANIFEST_MEDIA_TYPE, OCI_IMAGE_INDEX_MEDIA_TYPE,
+    OCI_IMAGE_MEDIA_TYPE,
+};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use verge_api::error::cause_chain;
@@ -61,6 +70,98 @@ impl PinError {
             ],
             PinError::Registry { .. } => vec!["retry; if it persists, check the registry's log".into()],
         }
+    }
+}
+
+/// Config media type of an OCI wasm artifact (the CNCF TAG Runtime layout
+/// that `verge-images wasm push` writes and nodes run): its one layer is
+/// the `.wasm` (`application/wasm`).
+pub const WASM_CONFIG_MEDIA_TYPE: &str = "application/vnd.wasm.config.v0+json";
+
+/// Config media types of container images (OCI, Docker).
+const CONTAINER_CONFIG_MEDIA_TYPES: &[&str] = &[
+    "application/vnd.oci.image.config.v1+json",
+    "application/vnd.docker.container.image.v1+json",
+];
+
+/// Manifest media types asked for when classifying a reference.
+const MANIFEST_MEDIA_TYPES: &[&str] = &[
+    OCI_IMAGE_MEDIA_TYPE,
+    IMAGE_MANIFEST_MEDIA_TYPE,
+    OCI_IMAGE_INDEX_MEDIA_TYPE,
+    IMAGE_MANIFEST_LIST_MEDIA_TYPE,
+];
+
+/// What an image reference points at, by its manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ArtifactKind {
+    /// A container image: an image manifest whose config is an OCI or
+    /// Docker image config, or an image index (a multi-platform image).
+    /// Runs with `runtime = "process"`.
+    Container,
+    /// An OCI wasm artifact: an image manifest whose config media type is
+    /// [`WASM_CONFIG_MEDIA_TYPE`]. Runs with `runtime = "wasm"`.
+    Wasm,
+    /// Any other artifact (a Helm chart, another wasm packaging, ...): runs
+    /// with neither runtime. Carries the config media type.
+    Other { config_media_type: String },
+}
+
+impl ArtifactKind {
+    /// Classifies the manifest `bytes` (as a registry serves them). `None`
+    /// if they are not a JSON image manifest or index.
+    pub fn of_manifest(bytes: &[u8]) -> Option<ArtifactKind> {
+        let manifest: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+        let media_type = manifest.get("mediaType").and_then(|m| m.as_str());
+        let is_index = matches!(
+            media_type,
+            Some(OCI_IMAGE_INDEX_MEDIA_TYPE | IMAGE_MANIFEST_LIST_MEDIA_TYPE)
+        ) || (media_type.is_none() && manifest.get("manifests").is_some());
+        if is_index {
+            return Some(ArtifactKind::Container);
+        }
+        let config_media_type = manifest.get("config")?.get("mediaType")?.as_str()?;
+        Some(if config_media_type == WASM_CONFIG_MEDIA_TYPE {
+            ArtifactKind::Wasm
+        } else if CONTAINER_CONFIG_MEDIA_TYPES.contains(&config_media_type) {
+            ArtifactKind::Container
+        } else {
+            ArtifactKind::Other {
+                config_media_type: config_media_type.to_string(),
+            }
+        })
+    }
+
+    /// The workload runtime that runs this kind: `process` or `wasm`.
+    pub fn runtime(&self) -> Option<&'static str> {
+        match self {
+            ArtifactKind::Container => Some("process"),
+            ArtifactKind::Wasm => Some("wasm"),
+            ArtifactKind::Other { .. } => None,
+        }
+    }
+
+    /// Why `reference` (of this kind) cannot run with workload runtime
+    /// `runtime` (`"process"` or `"wasm"`), or `None` if it can.
+    pub fn runtime_mismatch(&self, runtime: &str, reference: &str) -> Option<String> {
+        if self.runtime() == Some(runtime) {
+            return None;
+        }
+        Some(match self {
+            ArtifactKind::Container => format!(
+                "image {reference} is a container image, but the workload has runtime = \"{runtime}\": \
+                 use runtime = \"process\", or push the program as an OCI wasm artifact \
+                 (config media type {WASM_CONFIG_MEDIA_TYPE})"
+            ),
+            ArtifactKind::Wasm => format!(
+                "image {reference} is a wasm artifact, but the workload has runtime = \"{runtime}\": \
+                 use runtime = \"wasm\", or give a container image"
+            ),
+            ArtifactKind::Other { config_media_type } => format!(
+                "image {reference} is neither a container image nor a wasm artifact \
+                 (its config media type is {config_media_type}): runtime = \"{runtime}\" cannot run it"
+            ),
+        })
     }
 }
 
@@ -164,6 +265,32 @@ impl Pinner {
         };
         Ok(pinned.whole())
     }
+
+    /// What `pinned_ref` (best a digest-pinned reference from [`Pinner::pin`],
+    /// though a tag works too) points at: fetches its manifest and looks at
+    /// the config media type ([`ArtifactKind::of_manifest`]). Errors as
+    /// [`Pinner::pin`]'s; a manifest that is not a JSON image manifest or
+    /// index is a [`PinError::Registry`].
+    pub async fn artifact_kind(&self, pinned_ref: &str) -> Result<ArtifactKind, PinError> {
+        let parsed: Reference =
+            pinned_ref
+                .parse()
+                .map_err(|e: oci_client::ParseError| PinError::Invalid {
+                    reference: pinned_ref.into(),
+                    reason: e.to_string(),
+                })?;
+        let registry = parsed.resolve_registry().to_string();
+        let client = self.client(&registry);
+        let (manifest, _digest) = client
+            .pull_manifest_raw(&parsed, &self.auth_for(&registry), MANIFEST_MEDIA_TYPES)
+            .await
+            .map_err(|e| classify(e, pinned_ref, &registry))?;
+        ArtifactKind::of_manifest(&manifest).ok_or_else(|| PinError::Registry {
+            reference: pinned_ref.into(),
+            registry,
+            cause: "its manifest is not a JSON OCI image manifest or index".into(),
+        })
+    }
 }
 
 fn classify(e: OciDistributionError, reference: &str, registry: &str) -> PinError {
@@ -206,5 +333,86 @@ fn classify(e: OciDistributionError, reference: &str, registry: &str) -> PinErro
             registry,
             cause: other.to_string(),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(media_type: Option<&str>, config_media_type: &str) -> Vec<u8> {
+        let mut m = serde_json::json!({
+            "schemaVersion": 2,
+            "config": {"mediaType": config_media_type, "digest": "sha256:00", "size": 2},
+            "layers": [],
+        });
+        if let Some(t) = media_type {
+            m["mediaType"] = t.into();
+        }
+        serde_json::to_vec(&m).unwrap()
+    }
+
+    #[test]
+    fn classifies_manifests_by_config_media_type() {
+        let of = |m: Vec<u8>| ArtifactKind::of_manifest(&m);
+        assert_eq!(
+            of(manifest(Some(OCI_IMAGE_MEDIA_TYPE), WASM_CONFIG_MEDIA_TYPE)),
+            Some(ArtifactKind::Wasm)
+        );
+        assert_eq!(
+            of(manifest(None, WASM_CONFIG_MEDIA_TYPE)),
+            Some(ArtifactKind::Wasm)
+        );
+        assert_eq!(
+            of(manifest(
+                Some(OCI_IMAGE_MEDIA_TYPE),
+                "application/vnd.oci.image.config.v1+json"
+            )),
+            Some(ArtifactKind::Container)
+        );
+        assert_eq!(
+            of(manifest(
+                Some(IMAGE_MANIFEST_MEDIA_TYPE),
+                "application/vnd.docker.container.image.v1+json"
+            )),
+            Some(ArtifactKind::Container)
+        );
+        // wasm-to-oci's older packaging is not what nodes run.
+        assert_eq!(
+            of(manifest(
+                Some(OCI_IMAGE_MEDIA_TYPE),
+                "application/vnd.wasm.config.v1+json"
+            )),
+            Some(ArtifactKind::Other {
+                config_media_type: "application/vnd.wasm.config.v1+json".into()
+            })
+        );
+        let index = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_IMAGE_INDEX_MEDIA_TYPE,
+            "manifests": [],
+        });
+        assert_eq!(
+            of(serde_json::to_vec(&index).unwrap()),
+            Some(ArtifactKind::Container)
+        );
+        assert_eq!(ArtifactKind::of_manifest(b"not json"), None);
+        assert_eq!(ArtifactKind::of_manifest(b"{}"), None);
+    }
+
+    #[test]
+    fn runtime_mismatch_explains_both_directions() {
+        let r = "127.0.0.1:5000/x:1@sha256:ab";
+        assert_eq!(ArtifactKind::Wasm.runtime_mismatch("wasm", r), None);
+        assert_eq!(ArtifactKind::Container.runtime_mismatch("process", r), None);
+        let why = ArtifactKind::Container.runtime_mismatch("wasm", r).unwrap();
+        assert!(why.contains("is a container image"), "{why}");
+        let why = ArtifactKind::Wasm.runtime_mismatch("process", r).unwrap();
+        assert!(why.contains("is a wasm artifact"), "{why}");
+        let other = ArtifactKind::Other {
+            config_media_type: "application/x-helm".into(),
+        };
+        assert!(other.runtime_mismatch("process", r).is_some());
+        assert!(other.runtime_mismatch("wasm", r).is_some());
     }
 }

@@ -4,8 +4,11 @@
 //! show, from the same facts.
 //!
 //! An instance is in rotation when it is wanted (goal `run`), `running`,
-//! healthy (or has no health check) and on an online node. Everything
-//! else is listed by `describe` with the reason it is out.
+//! healthy (or has no health check) and on an online node. An endpoint of
+//! a per-connection workload has no instances: its backends are the
+//! listeners its nodes report for the current release, `listening`, on
+//! online nodes (the ingress connects to a listener as to an instance).
+//! Everything else is listed by `describe` with the reason it is out.
 //!
 //! It reads the store and must not change it.
 
@@ -13,14 +16,16 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use sha2::{Digest, Sha256};
-use verge_api::manifest::{Endpoint, Manifest};
+use verge_api::manifest::{Endpoint, Manifest, Mode};
 use verge_api::routing::{
     Backend, BackendState, ExposedEndpoint, IngressListener, IngressState, Reach, Route,
     RoutingTable,
 };
 
 use crate::endpoints::Addressing;
-use crate::store::{EndpointAddressRow, EnvScope, InstanceRow, NodeRow, Result, Store};
+use crate::store::{
+    EndpointAddressRow, EnvScope, InstanceRow, ListenerRow, NodeRow, Result, Store,
+};
 
 /// One endpoint with everything needed to route to it.
 struct Facts {
@@ -34,6 +39,13 @@ struct Facts {
     has_check: bool,
     /// The env's instances of the endpoint's workload (when asked for).
     instances: Vec<InstanceRow>,
+    /// The env's current release.
+    release_id: String,
+    /// The workload is per-connection: `listeners` are its backends.
+    per_connection: bool,
+    /// The listeners nodes report for the endpoint's workload, of any
+    /// release (when asked for).
+    listeners: Vec<ListenerRow>,
 }
 
 /// Reads the endpoints of `envs` (every env when `None`), with their
@@ -68,6 +80,22 @@ async fn facts(store: &Store, envs: Option<&[String]>, with_instances: bool) -> 
         } else {
             Vec::new()
         };
+        let per_connection = |w: &str| {
+            manifest
+                .workloads
+                .get(w)
+                .is_some_and(|w| w.mode == Mode::PerConnection)
+        };
+        let listeners = if with_instances
+            && manifest
+                .endpoints
+                .iter()
+                .any(|e| per_connection(&e.workload))
+        {
+            store.env_listeners(&env_id).await?
+        } else {
+            Vec::new()
+        };
         for row in rows {
             let Some(endpoint) = manifest.endpoints.iter().find(|e| e.name == row.name) else {
                 continue;
@@ -94,6 +122,13 @@ async fn facts(store: &Store, envs: Option<&[String]>, with_instances: bool) -> 
                     .filter(|i| i.workload == endpoint.workload)
                     .cloned()
                     .collect(),
+                release_id: release.id.clone(),
+                per_connection: per_connection(&endpoint.workload),
+                listeners: listeners
+                    .iter()
+                    .filter(|l| l.workload == endpoint.workload)
+                    .cloned()
+                    .collect(),
                 row,
             });
         }
@@ -118,11 +153,34 @@ fn out_of_rotation(i: &InstanceRow, has_check: bool, node: Option<&NodeRow>) -> 
     }
 }
 
+/// Why a listener takes no new connections (`None`: it does).
+fn listener_out(l: &ListenerRow, current: &str, node: Option<&NodeRow>) -> Option<String> {
+    if l.release_id != current {
+        return Some("leaving: an earlier release; open connections drain, no new ones".into());
+    }
+    match (l.state.as_str(), node) {
+        ("listening", Some(n)) if n.state == "online" => None,
+        ("listening", Some(n)) => Some(format!("node {} is {}", n.name, n.state)),
+        ("listening", None) => Some("its node is gone".into()),
+        ("failed", _) => Some(format!(
+            "could not start: {}",
+            l.message.as_deref().unwrap_or("no details")
+        )),
+        (state, _) => Some(format!("{state}, not listening yet")),
+    }
+}
+
 /// Where the ingress connects for `i`: its private address and the
 /// endpoint's internal port; a loopback address (a node without
 /// namespaces) keeps the port the node gave the instance.
 fn backend_address(i: &InstanceRow, internal_port: u16) -> Option<SocketAddr> {
-    let a = i.address.as_deref()?;
+    address_with_port(i.address.as_deref(), internal_port)
+}
+
+/// An instance's or listener's reported address with the endpoint's
+/// internal port, or as it is when it is a loopback `ip:port`.
+fn address_with_port(address: Option<&str>, internal_port: u16) -> Option<SocketAddr> {
+    let a = address?;
     if let Ok(sa) = a.parse::<SocketAddr>() {
         return Some(if sa.ip().is_loopback() {
             sa
@@ -151,7 +209,7 @@ pub async fn table(store: &Store, pools: &Addressing) -> Result<RoutingTable> {
         .collect();
     let mut endpoints = Vec::new();
     for f in facts(store, None, true).await? {
-        let backends = f
+        let mut backends: Vec<Backend> = f
             .instances
             .iter()
             .filter_map(|i| {
@@ -169,6 +227,22 @@ pub async fn table(store: &Store, pools: &Addressing) -> Result<RoutingTable> {
                 })
             })
             .collect();
+        if f.per_connection {
+            backends.extend(f.listeners.iter().filter_map(|l| {
+                let node = nodes.get(&l.node_id);
+                if listener_out(l, &f.release_id, node).is_some() {
+                    return None;
+                }
+                let node = node?;
+                Some(Backend {
+                    instance: l.id.clone(),
+                    node: node.id.clone(),
+                    node_name: node.name.clone(),
+                    address: address_with_port(l.address.as_deref(), f.endpoint.internal_port)?,
+                    reach: reach(Some(node)),
+                })
+            }));
+        }
         endpoints.push(Route {
             id: f.row.id.clone(),
             name: f.endpoint.name.clone(),
@@ -238,7 +312,7 @@ pub async fn exposed(
     let mut out = Vec::new();
     for f in facts(store, Some(envs), detail).await? {
         // Empty without `detail`: no instances were read.
-        let backends = f
+        let mut backends: Vec<BackendState> = f
             .instances
             .iter()
             .map(|i| {
@@ -258,9 +332,29 @@ pub async fn exposed(
                     in_rotation: reason.is_none(),
                     reason,
                     reach: reach(node),
+                    listener: false,
                 }
             })
             .collect();
+        if f.per_connection {
+            backends.extend(f.listeners.iter().map(|l| {
+                let node = nodes.get(&l.node_id);
+                let reason = listener_out(l, &f.release_id, node);
+                BackendState {
+                    instance: l.id.clone(),
+                    node: l.node_name.clone(),
+                    address: address_with_port(l.address.as_deref(), f.endpoint.internal_port)
+                        .map(|a| a.to_string()),
+                    state: l.state.clone(),
+                    // The node watches its listener; there is no check.
+                    health: "unchecked".into(),
+                    in_rotation: reason.is_none(),
+                    reason,
+                    reach: reach(node),
+                    listener: true,
+                }
+            }));
+        }
         let listeners = ingresses
             .iter()
             .flat_map(|g| {

@@ -37,24 +37,47 @@ pub fn host_triple() -> Result<String> {
 /// with [`Error::NotStatic`] if the result still needs a dynamic loader.
 pub fn build_static(workspace_root: &Path, package: &str, bin: &str) -> Result<PathBuf> {
     let triple = host_triple()?;
+    let path = cargo_build(
+        workspace_root,
+        package,
+        bin,
+        &triple,
+        Some("-C target-feature=+crt-static"),
+    )?;
+    ensure_static(&path)?;
+    Ok(path)
+}
+
+/// Runs `cargo build --release -p PACKAGE --bin BIN --target TARGET` in
+/// `workspace_root` (with `RUSTFLAGS=rustflags` if given) and returns the
+/// executable cargo reports (for wasm targets, the `.wasm`).
+pub(crate) fn cargo_build(
+    workspace_root: &Path,
+    package: &str,
+    bin: &str,
+    target: &str,
+    rustflags: Option<&str>,
+) -> Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = Command::new(&cargo)
+    let mut command = Command::new(&cargo);
+    command
         .current_dir(workspace_root)
         .args([
             "build",
             "--release",
             "--message-format=json-render-diagnostics",
         ])
-        .args(["-p", package, "--bin", bin, "--target", &triple])
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .args(["-p", package, "--bin", bin, "--target", target])
         // Would override RUSTFLAGS if inherited from an outer cargo.
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|source| Error::Spawn {
-            program: cargo,
-            source,
-        })?;
+        .stdin(Stdio::null());
+    if let Some(flags) = rustflags {
+        command.env("RUSTFLAGS", flags);
+    }
+    let out = command.output().map_err(|source| Error::Spawn {
+        program: cargo,
+        source,
+    })?;
     if !out.status.success() {
         return Err(Error::BuildFailed {
             package: package.into(),
@@ -62,12 +85,10 @@ pub fn build_static(workspace_root: &Path, package: &str, bin: &str) -> Result<P
             stderr_tail: tail(&String::from_utf8_lossy(&out.stderr), STDERR_TAIL_LINES),
         });
     }
-    let path = executable_from_messages(&out.stdout, bin).ok_or_else(|| Error::NoExecutable {
+    executable_from_messages(&out.stdout, bin).ok_or_else(|| Error::NoExecutable {
         package: package.into(),
         bin: bin.into(),
-    })?;
-    ensure_static(&path)?;
-    Ok(path)
+    })
 }
 
 /// Finds the executable of `bin` in cargo's JSON messages (one per line).

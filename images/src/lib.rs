@@ -9,7 +9,10 @@
 //!   ([`Layer`]), the image config and the image manifest ([`Image`]);
 //! - pushing an image to a registry with `oci-client` ([`push`]), reaching
 //!   loopback registries over plain HTTP ([`client_for`]);
-//! - unpacking a layer ([`unpack_layer`]), for tests and tools.
+//! - unpacking a layer ([`unpack_layer`]), for tests and tools;
+//! - the WebAssembly examples under `images/wasm/` ([`wasm_example`]), the
+//!   Rust one built for `wasm32-wasip1` ([`build_rust_wasm`]), and packaging
+//!   wasm as an OCI wasm artifact ([`WasmArtifact`], [`push_wasm`]).
 //!
 //! It must not: run workloads, pull images for nodes (that is the node's
 //! job), hold registry credentials, or talk to the control plane. It is a
@@ -21,6 +24,7 @@ mod hello;
 mod layer;
 mod oci;
 mod push;
+mod wasm;
 
 pub use build::{build_static, host_triple};
 pub use elf::ensure_static;
@@ -28,6 +32,11 @@ pub use hello::{HELLO_BIN, HELLO_PACKAGE, HELLO_PORT, build_hello, debug_image, 
 pub use layer::{File, Layer, diff_id, unpack_layer};
 pub use oci::{Image, ImageConfig};
 pub use push::{client_for, install_crypto_provider, is_loopback_registry, push, push_with_auth};
+pub use wasm::{
+    RUST_WASM_EXAMPLE, RUST_WASM_PACKAGE, WASM_AUTHOR, WASM_CONFIG_MEDIA_TYPE, WASM_CREATED,
+    WASM_EXAMPLES, WASM_LAYER_MEDIA_TYPE, WASM_TARGET, WasmArtifact, WasmKind, build_rust_wasm,
+    push_wasm, wasm_example, wasm_example_source, wasm_from_wat, wasm_target_installed,
+};
 
 use std::path::PathBuf;
 
@@ -86,6 +95,15 @@ pub enum Error {
         reference: String,
         source: oci_client::errors::OciDistributionError,
     },
+    /// WebAssembly text that does not compile.
+    #[error("invalid WebAssembly text: {message}")]
+    Wat { message: String },
+    /// Bytes that are not a valid wasm module or component.
+    #[error("invalid wasm: {reason}")]
+    InvalidWasm { reason: String },
+    /// [`wasm_example`] was asked for an example it does not have.
+    #[error("no wasm example named {name:?} (there are: {})", WASM_EXAMPLES.join(", "))]
+    UnknownWasmExample { name: String },
     /// The registry stored the manifest under another digest than ours.
     #[error(
         "push to {reference}: registry stored the manifest as {location}, expected digest {expected}"

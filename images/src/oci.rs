@@ -80,7 +80,7 @@ impl Image {
 /// Serializes `value` as JSON with object keys sorted at every level (sets
 /// such as `ExposedPorts` are hash sets in `oci-client`, so their order would
 /// otherwise vary between runs).
-fn canonical_json(value: &impl serde::Serialize, what: &'static str) -> Result<Vec<u8>> {
+pub(crate) fn canonical_json(value: &impl serde::Serialize, what: &'static str) -> Result<Vec<u8>> {
     let json = |source| Error::Json { what, source };
     let value = serde_json::to_value(value).map_err(json)?;
     serde_json::to_vec(&sorted(value)).map_err(json)

@@ -43,6 +43,25 @@ pub async fn push(image: &Image, reference: &str) -> Result<String> {
 
 /// [`push`] to a registry that wants credentials.
 pub async fn push_with_auth(image: &Image, reference: &str, auth: &RegistryAuth) -> Result<String> {
+    let mut blobs: Vec<(&str, Vec<u8>)> = image
+        .layers
+        .iter()
+        .map(|l| (l.digest.as_str(), l.data.clone()))
+        .collect();
+    blobs.push((&image.manifest.config.digest, image.config.data.to_vec()));
+    push_blobs_and_manifest(reference, auth, &blobs, &image.manifest_json, &image.digest).await
+}
+
+/// Pushes `blobs` (`(digest, data)`, skipping those the registry has), then
+/// the OCI image manifest `manifest_json` whose sha256 is `digest`, to
+/// `reference`. Returns `digest`.
+pub(crate) async fn push_blobs_and_manifest(
+    reference: &str,
+    auth: &RegistryAuth,
+    blobs: &[(&str, Vec<u8>)],
+    manifest_json: &[u8],
+    digest: &str,
+) -> Result<String> {
     let parsed: Reference = reference
         .parse()
         .map_err(|source| Error::InvalidReference {
@@ -58,12 +77,14 @@ pub async fn push_with_auth(image: &Image, reference: &str, auth: &RegistryAuth)
         .store_auth_if_needed(parsed.resolve_registry(), auth)
         .await;
 
-    let layers = image.layers.iter().map(|l| (&l.digest, l.data.clone()));
-    let config = (&image.manifest.config.digest, image.config.data.to_vec());
-    for (digest, data) in layers.chain([config]) {
-        if !client.blob_exists(&parsed, digest).await.map_err(failed)? {
+    for (blob_digest, data) in blobs {
+        if !client
+            .blob_exists(&parsed, blob_digest)
+            .await
+            .map_err(failed)?
+        {
             client
-                .push_blob(&parsed, data, digest)
+                .push_blob(&parsed, data.clone(), blob_digest)
                 .await
                 .map_err(failed)?;
         }
@@ -71,21 +92,21 @@ pub async fn push_with_auth(image: &Image, reference: &str, auth: &RegistryAuth)
 
     let content_type = http::HeaderValue::from_static(OCI_IMAGE_MEDIA_TYPE);
     let location = client
-        .push_manifest_raw(&parsed, image.manifest_json.clone(), content_type)
+        .push_manifest_raw(&parsed, manifest_json.to_vec(), content_type)
         .await
         .map_err(failed)?;
     // Registries answer with the manifest's URL by digest: it must be ours.
     if let Some(at) = location.rfind("sha256:") {
         let stored = location[at..].split(['?', '#']).next().unwrap_or_default();
-        if stored != image.digest {
+        if stored != digest {
             return Err(Error::DigestMismatch {
                 reference: reference.into(),
                 location,
-                expected: image.digest.clone(),
+                expected: digest.into(),
             });
         }
     }
-    Ok(image.digest.clone())
+    Ok(digest.into())
 }
 
 #[cfg(test)]

@@ -2,7 +2,8 @@
 //! session (mutual TLS) alive for as long as the daemon runs.
 //!
 //! A session sends `Hello` with every instance's current state, then
-//! heartbeats and instance reports; it receives desired sets and hands them
+//! heartbeats (each followed by the listeners' reports), instance reports
+//! and listener reports whenever a listener changes state; it receives desired sets and hands them
 //! to the reconciler. Alongside, the control plane may open a stream per
 //! client connection of an ingress ([`crate::tunnel`]), served while the
 //! session lasts. When the connection drops, the agent reconnects with
@@ -230,7 +231,8 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Sends a heartbeat: the machine's usage and the volumes'.
+    /// Sends a heartbeat: the machine's usage and the volumes'; then the
+    /// listeners with their counters.
     async fn heartbeat(
         &self,
         host: &mut Host,
@@ -245,6 +247,16 @@ impl Agent {
                 usage,
                 volumes,
             })
+            .await
+            .map_err(|e| e.to_string())?;
+        self.send_listeners(writer).await
+    }
+
+    /// Sends every listener's report (per-connection wasm workloads).
+    async fn send_listeners(&self, writer: &mut Writer<quinn::SendStream>) -> Result<(), String> {
+        let listeners = self.reconciler.listeners();
+        writer
+            .send(&NodeMsg::Listeners { listeners })
             .await
             .map_err(|e| e.to_string())
     }
@@ -334,6 +346,7 @@ impl Agent {
         };
         let mut tick = tokio::time::interval(heartbeat);
         let volumes = self.streams.volumes.clone();
+        let mut listeners = self.reconciler.listener_changes();
         loop {
             tokio::select! {
                 msg = reader.next::<ControlMsg>() => match msg.map_err(|e| e.to_string())? {
@@ -347,6 +360,8 @@ impl Agent {
                 Some(report) = self.reports.recv() => {
                     writer.send(&NodeMsg::Report(report)).await.map_err(|e| e.to_string())?;
                 }
+                // A listener changed state: all of them, now.
+                Ok(()) = listeners.changed() => self.send_listeners(&mut writer).await?,
                 _ = tick.tick() => self.heartbeat(host, &mut writer).await?,
                 // A volume operation changed sizes or use: report it now.
                 () = volumes.changed() => self.heartbeat(host, &mut writer).await?,

@@ -61,7 +61,17 @@ pub struct NodeConfig {
     pub log_limits: crate::logs::LogLimits,
     /// How new volumes are stored (`--volume-backend`, see [`crate::volumes`]).
     pub volume_backend: crate::volumes::Backend,
+    /// Most wasm instances alive at once, long-running and per-connection
+    /// together (`--wasm-max-instances`, see [`crate::wasm::WasmConfig`]).
+    pub wasm_max_instances: u32,
+    /// The largest memory one wasm instance may have (`--wasm-max-memory`).
+    pub wasm_max_memory: u64,
 }
+
+/// Default of [`NodeConfig::wasm_max_instances`].
+pub const DEFAULT_WASM_MAX_INSTANCES: u32 = 1000;
+/// Default of [`NodeConfig::wasm_max_memory`]: 4 GiB.
+pub const DEFAULT_WASM_MAX_MEMORY: u64 = 4 << 30;
 
 /// Why the node daemon did not start.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +91,8 @@ pub enum NodeError {
     Net(#[from] crate::net::NetError),
     #[error("volumes: {0}")]
     Volumes(#[from] crate::volumes::VolumeError),
+    #[error("wasm: {0}")]
+    Wasm(#[from] crate::wasm::WasmError),
     #[error("the instance prefix {0:?} assigned at join does not parse")]
     BadPrefix(String),
 }
@@ -164,6 +176,12 @@ pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> Result<Start
     // share this one `Volumes`.
     let volumes = crate::volumes::Volumes::open(&cfg.data_dir, cfg.volume_backend)?;
     volumes.recover().await;
+    // One engine and compiled-code cache for every wasm instance and listener.
+    let wasm = crate::wasm::WasmRuntime::new(crate::wasm::WasmConfig {
+        cache_dir: crate::wasm::cache_dir(&cfg.data_dir),
+        max_instances: cfg.wasm_max_instances,
+        max_memory: cfg.wasm_max_memory,
+    })?;
     let (reconciler, reports) = Reconciler::start_with_volumes(
         Parts {
             data_dir: cfg.data_dir.clone(),
@@ -174,6 +192,7 @@ pub async fn start(cfg: NodeConfig, shutdown: CancellationToken) -> Result<Start
             stop_grace: cfg.stop_grace,
             stop_on_shutdown: cfg.stop_on_shutdown,
             logs: logs.clone(),
+            wasm: Some(wasm),
         },
         Some(volumes.clone()),
         shutdown.clone(),

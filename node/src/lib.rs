@@ -11,7 +11,11 @@
 //! logs: captured by each instance's shim, kept on disk with bounded
 //! retention, read back for `verge logs` (`logs`); and volumes: sized
 //! ext4 filesystems on loop devices (or plain directories), their
-//! snapshots, and which instance mounts which (`volumes`).
+//! snapshots, and which instance mounts which (`volumes`); and
+//! WebAssembly workloads in wasmtime inside the daemon: compiled-code
+//! cache, limits, long-running instances in their own network namespace,
+//! and per-connection listeners that start an instance per connection
+//! (`wasm`).
 //! [`daemon`] puts these together for `verge node` (and `verge dev`);
 //! [`identity`] keeps what the node got at join, [`host`] reads the
 //! machine's capacity and usage for heartbeats.

@@ -25,6 +25,14 @@
 //! instance will not run again (removed, or ended for good). Re-adopted
 //! instances claim theirs again (the runtime recorded them).
 //!
+//! Wasm (`runtime = "wasm"`): a supervisor pulls the artifact and loads
+//! its program instead ([`crate::wasm::instance`]); the instance runs on a
+//! thread of the daemon, behind the same [`Instance`] handle, so restarts,
+//! health checks and reports are the same. Wasm instances cannot outlive
+//! the daemon: they stop when it shuts down and a restarted daemon starts
+//! them again. Per-connection listeners of the set are handed to
+//! [`crate::wasm::listener`].
+//!
 //! Secret files: their contents live in memory only. The saved desired set
 //! has them blanked, so after a daemon restart an instance with secret
 //! files that must (re)start waits, `pending`, for the control plane to
@@ -42,9 +50,10 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use verge_api::logs::Severity;
-use verge_api::manifest::{Restart, format_size};
+use verge_api::manifest::{Restart, Runtime, format_size};
 use verge_api::wire::{
-    DesiredSet, ErrorCategory, InstanceReport, InstanceSpec, InstanceState, Isolation, SecretFile,
+    DesiredSet, ErrorCategory, InstanceReport, InstanceSpec, InstanceState, Isolation,
+    ListenerReport, SecretFile,
 };
 
 use crate::health::{Check, Checker, Verdict};
@@ -56,6 +65,8 @@ use crate::runtime::{
     Adopted, Attachments, Exit, Instance, LaunchSpec, ProcessRuntime, VolumeMount,
 };
 use crate::volumes::Volumes;
+use crate::wasm::listener::{self, Listeners};
+use crate::wasm::{Program, WasmRuntime, instance as wasm_instance};
 
 /// Failures in a row (each after less than [`HEALTHY_RUN`] of running) that make a crash loop.
 const CRASH_LOOP: u32 = 5;
@@ -80,6 +91,8 @@ pub struct Parts {
     /// Instance logs: each instance's `meta.json` and system records
     /// (every state change, see [`Supervisor::report`]).
     pub logs: Logs,
+    /// Runs wasm instances and listeners; `None`: they fail to start.
+    pub wasm: Option<WasmRuntime>,
 }
 
 /// A handle on the reconciler; cheap to clone.
@@ -99,6 +112,8 @@ struct Inner {
     /// only with `stop_on_shutdown`).
     shutdown: CancellationToken,
     supervisors: tokio_util::task::TaskTracker,
+    /// The per-connection wasm listeners (their tasks are supervisors too).
+    listeners: Listeners,
 }
 
 #[derive(Debug, Default)]
@@ -112,6 +127,8 @@ struct Slot {
     report: InstanceReport,
     /// The port its spec serves (what a tunnel may connect to).
     port: Option<u16>,
+    /// A wasm instance (no exec).
+    wasm: bool,
     /// Fires when the instance left the desired set.
     stop: CancellationToken,
     /// The latest secret files the control plane sent for it; `None` while
@@ -152,6 +169,12 @@ impl Reconciler {
                 Vec::new()
             }
         };
+        // Wasm instances and listeners of an earlier daemon ended with it.
+        let data_dir = parts.data_dir.clone();
+        let _ =
+            tokio::task::spawn_blocking(move || wasm_instance::clean_leftovers(&data_dir)).await;
+        let supervisors = tokio_util::task::TaskTracker::new();
+        let listeners = Listeners::new(listener::Ctx::of(&parts, &shutdown, &supervisors));
         let r = Reconciler {
             inner: Arc::new(Inner {
                 parts,
@@ -159,7 +182,8 @@ impl Reconciler {
                 reports: tx,
                 state: Mutex::new(State::default()),
                 shutdown,
-                supervisors: tokio_util::task::TaskTracker::new(),
+                supervisors,
+                listeners,
             }),
         };
         let mut adopted: HashMap<String, Adopted> = adopted
@@ -181,13 +205,17 @@ impl Reconciler {
                 .instances
                 .iter()
                 .map(|s| s.id.clone())
+                .chain(saved.set.listeners.iter().map(|l| l.id.clone()))
                 .chain(adopted.keys().cloned()),
         );
         tracing::info!(
             adopted = adopted.len(),
             desired = saved.set.instances.len(),
+            listeners = saved.set.listeners.len(),
             "reconciler starting"
         );
+        // Saved without the contents of their secret files.
+        r.inner.listeners.apply(saved.set.listeners, false);
         {
             let mut st = r.inner.state.lock().expect("not poisoned");
             st.version = saved.set.version;
@@ -223,10 +251,13 @@ impl Reconciler {
     }
 
     /// Converges on `set`: starts what is new, stops what left.
-    pub async fn apply(&self, set: DesiredSet) {
+    pub async fn apply(&self, mut set: DesiredSet) {
         if let Err(e) = save(&self.inner.parts.data_dir, &set).await {
             tracing::error!(error = %e, "saving the desired set failed");
         }
+        self.inner
+            .listeners
+            .apply(std::mem::take(&mut set.listeners), true);
         let mut st = self.inner.state.lock().expect("not poisoned");
         st.version = set.version;
         let wanted: std::collections::HashSet<&str> =
@@ -274,6 +305,17 @@ impl Reconciler {
         st.slots.values().map(|s| s.report.clone()).collect()
     }
 
+    /// Every listener's report, with its counters (for
+    /// `NodeMsg::Listeners`).
+    pub fn listeners(&self) -> Vec<ListenerReport> {
+        self.inner.listeners.reports()
+    }
+
+    /// Changes whenever a listener changes state.
+    pub fn listener_changes(&self) -> watch::Receiver<()> {
+        self.inner.listeners.subscribe()
+    }
+
     pub fn applied_version(&self) -> u64 {
         self.inner.state.lock().expect("not poisoned").version
     }
@@ -316,6 +358,7 @@ impl Reconciler {
             Slot {
                 report,
                 port: spec.port,
+                wasm: spec.runtime == Runtime::Wasm,
                 stop: stop.clone(),
                 secrets,
             },
@@ -428,26 +471,12 @@ impl Reconciler {
             .collect();
         // Running, about to be stopped (and cleaned up) by their own task.
         known.extend(leftovers.iter().cloned());
+        known.extend(self.inner.listeners.ids());
         if let Ok(ids) = net.list().await {
             for id in ids.into_iter().filter(|i| !known.contains(i)) {
                 tracing::info!(instance = %id, "removing a leftover instance network");
                 let _ = net.remove(&id).await;
             }
-        }
-    }
-
-    /// Drops images no instance uses, down to the store's budget.
-    async fn collect_images(&self) {
-        // Images are named by the digest their pinned reference carries.
-        let saved = load_saved(&self.inner.parts.data_dir).await;
-        let in_use: Vec<String> = saved
-            .set
-            .instances
-            .iter()
-            .filter_map(|s| s.image.rsplit_once('@').map(|(_, d)| d.to_string()))
-            .collect();
-        if let Err(e) = self.inner.parts.images.gc(&in_use).await {
-            tracing::warn!(error = %e, "image garbage collection failed");
         }
     }
 
@@ -463,14 +492,21 @@ impl Reconciler {
         if slot.report.state != InstanceState::Running {
             return Err(format!("is {}, not running", slot.report.state));
         }
+        if slot.wasm {
+            return Err("is a wasm instance: exec runs commands in process instances only".into());
+        }
         Ok(self.inner.parts.runtime.instance_dir(id))
     }
 
     /// Where a tunnel to `port` of instance `id` connects: the running
     /// instance's address, and only for its own port (the spec's `port`;
     /// on loopback the node's port stands in for it). `Err` says why not,
-    /// after "instance ID ", e.g. `is pulling, not running`.
+    /// after "instance ID ", e.g. `is pulling, not running`. A listener's
+    /// ID is the listener's address on `port`, one of its spec's ports.
     pub fn tunnel_target(&self, id: &str, port: u16) -> Result<SocketAddr, String> {
+        if let Some(target) = self.inner.listeners.target(id, port) {
+            return target;
+        }
         let (report, serves) = {
             let st = self.inner.state.lock().expect("not poisoned");
             let slot = st.slots.get(id).ok_or("does not run on this node")?;
@@ -543,6 +579,12 @@ impl Reach {
             }
         }
     }
+}
+
+/// What an instance runs.
+enum Artifact {
+    Image(PulledImage),
+    Wasm(Program),
 }
 
 /// How a wait ended.
@@ -685,6 +727,12 @@ impl Supervisor {
                 Woke::Stop => return self.finish(Some(inst)).await,
                 Woke::Shutdown if self.r.inner.parts.stop_on_shutdown => {
                     return self.finish(Some(inst)).await;
+                }
+                // It runs inside the daemon: it cannot be left running.
+                Woke::Shutdown if self.spec.runtime == Runtime::Wasm => {
+                    inst.stop(self.r.inner.parts.stop_grace).await;
+                    self.system(Severity::Info, "stopped: the node daemon is shutting down (a wasm instance runs inside it; the next daemon starts it again)");
+                    return;
                 }
                 Woke::Shutdown => return,
             };
@@ -855,11 +903,9 @@ impl Supervisor {
             Woke::Shutdown => return Woke::Shutdown,
         };
         self.report(InstanceState::Pulling, None, None);
-        let image = match self.until(parts.images.pull(&self.spec.image)).await {
-            Woke::Done(Ok(img)) => img,
-            Woke::Done(Err(e)) => {
-                return Woke::Done(Err((ErrorCategory::ImagePull, e.to_string())));
-            }
+        let artifact = match self.until(self.pull()).await {
+            Woke::Done(Ok(artifact)) => artifact,
+            Woke::Done(Err(e)) => return Woke::Done(Err(e)),
             Woke::Stop => return Woke::Stop,
             Woke::Shutdown => return Woke::Shutdown,
         };
@@ -887,6 +933,21 @@ impl Supervisor {
             },
         };
         self.reach = Some(reach);
+        let image = match artifact {
+            Artifact::Image(image) => image,
+            Artifact::Wasm(program) => {
+                let start = wasm_instance::Start {
+                    data_dir: &parts.data_dir,
+                    logs: &parts.logs,
+                    netns,
+                    port,
+                    volumes: &volumes,
+                    secrets: &secrets,
+                };
+                let started = wasm_instance::start(&self.spec, program, start);
+                return Woke::Done(started.map_err(|e| (ErrorCategory::Start, e)));
+            }
+        };
         let launch = match launch_spec(&self.spec, &image, netns, port) {
             Ok(l) => l,
             Err(e) => return Woke::Done(Err((ErrorCategory::Start, e))),
@@ -895,6 +956,22 @@ impl Supervisor {
         match parts.runtime.start_with(launch, attach).await {
             Ok(inst) => Woke::Done(Ok(inst)),
             Err(e) => Woke::Done(Err((ErrorCategory::Start, e.to_string()))),
+        }
+    }
+
+    /// The image, or the wasm program (pulled and loaded).
+    async fn pull(&self) -> Result<Artifact, (ErrorCategory, String)> {
+        let (p, id, image) = (&self.r.inner.parts, &self.spec.id, &self.spec.image);
+        match self.spec.runtime {
+            Runtime::Process => p
+                .images
+                .pull(image)
+                .await
+                .map(Artifact::Image)
+                .map_err(|e| (ErrorCategory::ImagePull, e.to_string())),
+            Runtime::Wasm => wasm_instance::load(&p.images, p.wasm.as_ref(), &p.logs, id, image)
+                .await
+                .map(Artifact::Wasm),
         }
     }
 
@@ -971,7 +1048,7 @@ impl Supervisor {
         self.report(InstanceState::Stopped, None, None);
         self.r.inner.parts.logs.instance_ended(&self.spec.id);
         self.r.forget(&self.spec.id);
-        self.r.collect_images().await;
+        collect_images(&self.r.inner.parts.data_dir, &self.r.inner.parts.images).await;
     }
 
     /// A finished instance (exited without restart, or failed) stays
@@ -1054,7 +1131,7 @@ fn exit_severity(category: Option<ErrorCategory>) -> Severity {
 
 /// The category and message of an exit: `None` category for a clean exit.
 fn classify(exit: &Exit, memory: u64) -> (Option<ErrorCategory>, String) {
-    let message = if exit.oom {
+    let message = if exit.oom && exit.message.is_none() {
         format!("killed: out of memory (limit {})", format_size(memory))
     } else {
         exit.describe()
@@ -1075,10 +1152,30 @@ fn humantime_short(d: Duration) -> String {
 /// `set` with every secret file's contents blanked (they never go to disk).
 fn without_secret_contents(set: &DesiredSet) -> DesiredSet {
     let mut set = set.clone();
-    for secret in set.instances.iter_mut().flat_map(|i| &mut i.secrets) {
+    let instances = set.instances.iter_mut().flat_map(|i| &mut i.secrets);
+    let listeners = set.listeners.iter_mut().flat_map(|l| &mut l.secrets);
+    for secret in instances.chain(listeners) {
         secret.contents = String::new();
     }
     set
+}
+
+/// Drops images no instance or listener of the saved desired set uses,
+/// down to the store's budget.
+pub(crate) async fn collect_images(data_dir: &Path, images: &ImageStore) {
+    // Images are named by the digest their pinned reference carries.
+    let saved = load_saved(data_dir).await;
+    let in_use: Vec<String> = saved
+        .set
+        .instances
+        .iter()
+        .map(|s| &s.image)
+        .chain(saved.set.listeners.iter().map(|l| &l.image))
+        .filter_map(|image| image.rsplit_once('@').map(|(_, d)| d.to_string()))
+        .collect();
+    if let Err(e) = images.gc(&in_use).await {
+        tracing::warn!(error = %e, "image garbage collection failed");
+    }
 }
 
 fn saved_path(data_dir: &Path) -> PathBuf {

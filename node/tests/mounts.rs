@@ -576,6 +576,7 @@ async fn reconciler(
         stop_grace: Duration::from_secs(1),
         stop_on_shutdown: false,
         logs: Logs::new(data.join("logs"), LogLimits::default(), "n1"),
+        wasm: None,
     };
     Reconciler::start_with_volumes(parts, Some(volumes.clone()), shutdown.clone()).await
 }

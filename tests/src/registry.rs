@@ -127,6 +127,19 @@ impl Registry {
         self.push_as(&image, "hello-debug:1").await
     }
 
+    /// Pushes the wasm example `name` of images/ (`echo`, `tcp-echo`,
+    /// `memhog`, `spin`, `crash`) as the OCI wasm artifact `NAME-wasm:1`;
+    /// returns the reference.
+    pub async fn push_wasm(&self, name: &str) -> String {
+        let wasm =
+            verge_images::wasm_example(name).unwrap_or_else(|e| panic!("wasm example {name}: {e}"));
+        let reference = format!("{}/{name}-wasm:1", self.host());
+        verge_images::push_wasm(&wasm, &reference)
+            .await
+            .unwrap_or_else(|e| panic!("push {reference}: {e}"));
+        reference
+    }
+
     async fn push_as(&self, image: &verge_images::Image, name: &str) -> String {
         let reference = format!("{}/{name}", self.host());
         verge_images::push(image, &reference)

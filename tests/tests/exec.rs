@@ -294,11 +294,12 @@ async fn an_interactive_session_through_tmux_runs_commands_and_restores_the_term
 async fn exec_into_a_wasm_workload_is_refused() {
     let w = World::new().await;
     let image = &w.image;
+    let wasm = w.c.registry.push_wasm("tcp-echo").await;
     let run = w
         .c
         .deploy_raw(&format!(
             "[workloads.web]\nimage = \"{image}\"\ncount = 2\ncpu = 0.1\nmemory = \"64Mi\"\n\
-             [workloads.edge]\nruntime = \"wasm\"\nimage = \"{image}\"\ncount = 1\ncpu = 0.1\nmemory = \"64Mi\"\n\
+             [workloads.edge]\nruntime = \"wasm\"\nimage = \"{wasm}\"\ncount = 1\ncpu = 0.1\nmemory = \"64Mi\"\n\
              [[endpoints]]\nname = \"public\"\nworkload = \"web\"\nport = 80\ninternal_port = 8080\n"
         ))
         .await;

@@ -514,6 +514,8 @@ async fn dev_node(
         behind_nat: false,
         exec_max_sessions: args.exec_max_sessions,
         volume_backend: args.volume_backend,
+        wasm_max_instances: args.wasm_max_instances,
+        wasm_max_memory: args.wasm_max_memory,
         log_retention: args.log_retention.clone(),
         log: LogArgs {
             log_format: args.log.log_format,
@@ -651,6 +653,8 @@ fn node_config(args: &crate::args::NodeArgs) -> Result<verge_node::daemon::NodeC
             crate::args::VolumeBackendArg::Loop => verge_node::volumes::Backend::Loop,
             crate::args::VolumeBackendArg::Directory => verge_node::volumes::Backend::Directory,
         },
+        wasm_max_instances: args.wasm_max_instances,
+        wasm_max_memory: args.wasm_max_memory,
     })
 }
 

@@ -104,7 +104,11 @@ fn text(e: &ExposedEndpoint) -> String {
             b.node.as_deref().unwrap_or("-"),
             b.address.as_deref().unwrap_or("-"),
             b.state,
-            b.health,
+            if b.listener {
+                "per-connection listener"
+            } else {
+                &b.health
+            },
             why,
             if b.reach == verge_api::routing::Reach::Tunnel {
                 " (through the node's QUIC connection: behind NAT)"

@@ -3,6 +3,7 @@
 
 use tokio::time::Instant;
 use verge_api::client::{EventQuery, EventScope};
+use verge_api::manifest::{Mode, Runtime};
 use verge_api::status::{Event, InstanceStatus, Status, WorkloadStatus};
 
 use super::follow::Reconnect;
@@ -30,18 +31,114 @@ fn status_text(s: &Status) -> String {
         ],
     };
     if !s.workloads.is_empty() {
-        let rows = s
-            .workloads
-            .iter()
-            .map(|w| vec![w.name.clone(), w.desired.to_string(), w.running.to_string()]);
+        // The runtime column only when some workload is not a process.
+        let wasm = s.workloads.iter().any(|w| w.runtime == Runtime::Wasm);
+        let rows = s.workloads.iter().map(|w| {
+            let mut row = vec![w.name.clone(), w.desired.to_string(), w.running.to_string()];
+            if wasm {
+                row.insert(1, runtime(w));
+            }
+            row
+        });
+        let headers: &[&str] = if wasm {
+            &["workload", "runtime", "desired", "running"]
+        } else {
+            &["workload", "desired", "running"]
+        };
         parts.push(String::new());
-        parts.push(table(&["workload", "desired", "running"], rows));
+        parts.push(table(headers, rows));
+    }
+    let per_connection: Vec<&WorkloadStatus> = s
+        .workloads
+        .iter()
+        .filter(|w| w.mode == Mode::PerConnection)
+        .collect();
+    if !per_connection.is_empty() {
+        parts.push(String::new());
+        parts.extend(per_connection.iter().map(|w| per_connection_line(w)));
     }
     if s.workloads.iter().any(|w| !w.instances.is_empty()) {
         parts.push(String::new());
         parts.push(instance_table(&s.workloads));
     }
+    if s.workloads.iter().any(|w| !w.listeners.is_empty()) {
+        parts.push(String::new());
+        parts.push(listener_table(&s.workloads));
+    }
     parts.join("\n")
+}
+
+/// `process`, `wasm`, or `wasm, per-connection`.
+fn runtime(w: &WorkloadStatus) -> String {
+    let r = match w.runtime {
+        Runtime::Process => "process",
+        Runtime::Wasm => "wasm",
+    };
+    match w.mode {
+        Mode::PerConnection => format!("{r}, per-connection"),
+        Mode::LongRunning => r.to_string(),
+    }
+}
+
+/// `echo  wasm, per-connection: 0 running; answering on 2 nodes (n1, n2);
+/// 3 active, 120 served, 1 failed (last: trap: ...)`.
+pub fn per_connection_line(w: &WorkloadStatus) -> String {
+    let nodes: Vec<&str> = w.answering().filter_map(|l| l.node.as_deref()).collect();
+    let answering = match nodes.len() {
+        0 => "answering on no node yet".to_string(),
+        1 => format!("answering on 1 node ({})", nodes[0]),
+        n => format!("answering on {n} nodes ({})", nodes.join(", ")),
+    };
+    let sum = |f: fn(&verge_api::status::ListenerStatus) -> u64| -> u64 {
+        w.listeners.iter().map(f).sum()
+    };
+    let failed = sum(|l| l.failed);
+    let last = match w.last_failure() {
+        Some(l) if failed > 0 => format!(
+            " (last: {}{})",
+            l.last_failure.as_deref().unwrap_or("no details"),
+            l.node
+                .as_deref()
+                .map(|n| format!(", on {n}"))
+                .unwrap_or_default()
+        ),
+        _ => String::new(),
+    };
+    format!(
+        "{}  {}: {} running; {answering}; {} active, {} served, {failed} failed{last}",
+        w.name,
+        runtime(w),
+        w.running,
+        sum(|l| l.active),
+        sum(|l| l.served),
+    )
+}
+
+/// LISTENER WORKLOAD RELEASE NODE STATE ADDRESS ACTIVE SERVED FAILED REASON.
+pub fn listener_table(workloads: &[WorkloadStatus]) -> String {
+    let rows = workloads.iter().flat_map(|w| {
+        w.listeners.iter().map(|l| {
+            vec![
+                l.id.clone(),
+                w.name.clone(),
+                l.release.map_or_else(|| "-".into(), |n| format!("v{n}")),
+                or_dash(l.node.as_deref()),
+                l.state.clone(),
+                or_dash(l.address.as_deref()),
+                l.active.to_string(),
+                l.served.to_string(),
+                l.failed.to_string(),
+                or_dash(l.reason.as_deref()),
+            ]
+        })
+    });
+    table(
+        &[
+            "listener", "workload", "release", "node", "state", "address", "active", "served",
+            "failed", "reason",
+        ],
+        rows,
+    )
 }
 
 /// INSTANCE WORKLOAD RELEASE NODE STATE ADDRESS REASON, `-` where there
@@ -181,6 +278,8 @@ mod tests {
             reason: None,
             health: None,
             release: Some(3),
+            category: None,
+            message: None,
         };
         assert_eq!(instance_state(&i), "running");
         i.health = Some("healthy".into());
@@ -190,12 +289,59 @@ mod tests {
             desired: 1,
             running: 1,
             instances: vec![i],
+            runtime: Runtime::Process,
+            mode: Mode::LongRunning,
+            listeners: Vec::new(),
         }]);
         let row = table.lines().nth(1).unwrap();
         let cells: Vec<&str> = row.split("  ").filter(|c| !c.trim().is_empty()).collect();
         assert_eq!(
             cells.iter().map(|c| c.trim()).collect::<Vec<_>>(),
             ["i_1", "web", "v3", "dev", "running (healthy)", "-", "-"]
+        );
+    }
+
+    #[test]
+    fn per_connection_workloads_show_their_listeners() {
+        use verge_api::status::ListenerStatus;
+        let l = |node: &str, answering: bool, failed: u64, at: Option<&str>| ListenerStatus {
+            id: format!("lst-rel_1-echo-{node}"),
+            node: Some(node.into()),
+            state: if answering { "listening" } else { "starting" }.into(),
+            address: Some("fd00::2".into()),
+            answering,
+            reason: None,
+            release: Some(3),
+            active: 1,
+            served: 60,
+            failed,
+            last_failure: at.map(|_| "trap: unreachable".to_string()),
+            last_failure_category: at.map(|_| "crash".into()),
+            last_failure_at: at.map(String::from),
+        };
+        let mut w = WorkloadStatus {
+            name: "echo".into(),
+            desired: 0,
+            running: 0,
+            instances: Vec::new(),
+            runtime: Runtime::Wasm,
+            mode: Mode::PerConnection,
+            listeners: vec![
+                l("n1", true, 1, Some("2026-01-01T00:00:02Z")),
+                l("n2", true, 0, Some("2026-01-01T00:00:01Z")),
+                l("n3", false, 0, None),
+            ],
+        };
+        assert_eq!(
+            per_connection_line(&w),
+            "echo  wasm, per-connection: 0 running; answering on 2 nodes (n1, n2); \
+             3 active, 180 served, 1 failed (last: trap: unreachable, on n1)"
+        );
+        w.listeners.clear();
+        assert_eq!(
+            per_connection_line(&w),
+            "echo  wasm, per-connection: 0 running; answering on no node yet; \
+             0 active, 0 served, 0 failed"
         );
     }
 }

@@ -1,6 +1,6 @@
 //! `verge releases` and `verge describe release|env|workload`.
 
-use verge_api::manifest::format_size;
+use verge_api::manifest::{Mode, Runtime, format_size};
 use verge_api::names;
 use verge_api::release::Release;
 use verge_api::status::{EnvDetail, ScaleOverride, WorkloadDetail};
@@ -176,6 +176,20 @@ fn workload_text(w: &WorkloadDetail) -> String {
         ),
         format!("runtime: {}", json(&s.runtime)),
         format!("mode: {}", json(&s.mode)),
+    ];
+    if s.runtime == Runtime::Wasm {
+        lines.push(format!(
+            "max cpu time: {} without waiting for input or output",
+            humantime::format_duration(std::time::Duration::from_millis(s.max_cpu_time_ms))
+        ));
+    }
+    if s.mode == Mode::PerConnection {
+        lines.push(format!(
+            "concurrency: {} connections at once per node, each with its own instance",
+            s.concurrency
+        ));
+    }
+    lines.extend([
         format!("image: {}", s.image),
         format!(
             "command: {}",
@@ -201,7 +215,7 @@ fn workload_text(w: &WorkloadDetail) -> String {
             "rollout: max_surge {}, max_unavailable {}, auto_rollback {}",
             s.rollout.max_surge, s.rollout.max_unavailable, s.rollout.auto_rollback
         ),
-    ];
+    ]);
     let volumes: Vec<String> = s
         .volumes
         .iter()
@@ -251,6 +265,13 @@ fn workload_text(w: &WorkloadDetail) -> String {
     if !w.status.instances.is_empty() {
         lines.push(String::new());
         lines.push(observe::instance_table(std::slice::from_ref(&w.status)));
+    }
+    if s.mode == Mode::PerConnection {
+        lines.push(observe::per_connection_line(&w.status));
+    }
+    if !w.status.listeners.is_empty() {
+        lines.push(String::new());
+        lines.push(observe::listener_table(std::slice::from_ref(&w.status)));
     }
     lines.join("\n")
 }

@@ -167,7 +167,8 @@ pub struct ExposedEndpoint {
     pub listeners: Vec<IngressListener>,
 }
 
-/// An instance behind an endpoint as `verge describe endpoint` shows it.
+/// An instance (or a per-connection workload's listener) behind an
+/// endpoint as `verge describe endpoint` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackendState {
     pub instance: String,
@@ -180,6 +181,11 @@ pub struct BackendState {
     pub in_rotation: bool,
     pub reason: Option<String>,
     pub reach: Reach,
+    /// A per-connection workload's listener on its node (`instance` is the
+    /// listener's ID, `state` its state; each connection it accepts gets a
+    /// fresh instance), not an instance.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub listener: bool,
 }
 
 /// One ingress's socket for an endpoint.

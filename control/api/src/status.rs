@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::config::SecretBundle;
-use crate::manifest::{Endpoint, Workload};
+use crate::manifest::{Endpoint, Mode, Runtime, Workload};
 use crate::release::{ReleaseRef, Target};
 
 /// `GET .../envs/{env}/status`.
@@ -110,6 +110,70 @@ pub struct WorkloadStatus {
     pub desired: u32,
     pub running: u32,
     pub instances: Vec<InstanceStatus>,
+    /// `process` or `wasm`.
+    #[serde(default)]
+    pub runtime: Runtime,
+    /// `long-running`, or `per-connection`: no instances (`desired` and
+    /// `running` are 0); every matching node answers its connections with
+    /// a listener, which starts a fresh instance per connection.
+    #[serde(default = "long_running")]
+    pub mode: Mode,
+    /// Per-connection workloads: the listener of each node that reported
+    /// one, of the current release or an earlier one still draining.
+    #[serde(default)]
+    pub listeners: Vec<ListenerStatus>,
+}
+
+fn long_running() -> Mode {
+    Mode::LongRunning
+}
+
+impl WorkloadStatus {
+    /// Per-connection: the listeners that take connections now.
+    pub fn answering(&self) -> impl Iterator<Item = &ListenerStatus> {
+        self.listeners.iter().filter(|l| l.answering)
+    }
+
+    /// Per-connection: the listener whose connection failed last, if any did.
+    pub fn last_failure(&self) -> Option<&ListenerStatus> {
+        self.listeners
+            .iter()
+            .filter(|l| l.last_failure.is_some())
+            .max_by(|a, b| a.last_failure_at.cmp(&b.last_failure_at))
+    }
+}
+
+/// A node's listener for a per-connection workload, with its connection
+/// counters since it started on that node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListenerStatus {
+    /// `lst-<release id>-<workload>`: also the name of its logs.
+    pub id: String,
+    /// The node's name.
+    pub node: Option<String>,
+    /// `starting`, `listening` or `failed` (could not start; the node retries).
+    pub state: String,
+    /// Where it listens: an IP address (on the endpoints' internal
+    /// ports), or `127.0.0.1:port` on a node without networking.
+    pub address: Option<String>,
+    /// Whether the ingress sends it new connections: the current release,
+    /// listening, on an online node.
+    pub answering: bool,
+    /// Why not, when it does not (or what the node said).
+    pub reason: Option<String>,
+    /// The number of the release it answers for.
+    pub release: Option<i64>,
+    /// Connections being served now, each by its own instance.
+    pub active: u64,
+    /// Connections served to the end.
+    pub served: u64,
+    /// Connections whose instance failed (trap, memory or CPU time limit).
+    pub failed: u64,
+    /// The latest of those failures, for people, and its category (`crash`, `oom`).
+    pub last_failure: Option<String>,
+    pub last_failure_category: Option<String>,
+    /// When the control plane learnt of it (RFC 3339).
+    pub last_failure_at: Option<String>,
 }
 
 /// An instance of the env: `node` is `None` while it is `pending` without a
@@ -129,6 +193,13 @@ pub struct InstanceStatus {
     /// The number of the release it runs.
     #[serde(default)]
     pub release: Option<i64>,
+    /// The error category its node last reported (`crash`, `oom`,
+    /// `image_pull`, ...), also at the start of `reason`.
+    #[serde(default)]
+    pub category: Option<String>,
+    /// What its node (or the scheduler) last said about it, alone.
+    #[serde(default)]
+    pub message: Option<String>,
 }
 
 /// `verge describe env`.

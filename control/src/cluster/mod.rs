@@ -16,6 +16,7 @@
 
 pub mod ca;
 mod join;
+mod listeners;
 mod session;
 mod tunnel;
 

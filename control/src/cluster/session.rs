@@ -1,6 +1,7 @@
 //! A joined node's session: mutual TLS identifies the node, then one
-//! bidirectional stream carries its heartbeats and instance reports in, and
-//! its desired sets out (whenever its version moves past the last one sent).
+//! bidirectional stream carries its heartbeats, instance reports and
+//! listener reports ([`super::listeners`]) in, and its desired sets out
+//! (whenever its version moves past the last one sent).
 //! While it lasts, the connection is in the registry of sessions, where
 //! ingresses' tunnels find it ([`super::tunnel`]).
 
@@ -134,6 +135,7 @@ impl Cluster {
                     tracing::debug!(
                         version = set.version,
                         instances = set.instances.len(),
+                        listeners = set.listeners.len(),
                         "sending desired set"
                     );
                     writer
@@ -163,7 +165,9 @@ impl Cluster {
                     Some(NodeMsg::Report(r)) => {
                         self.apply_report(&node, &r).await.map_err(|e| e.to_string())?;
                     }
-                    Some(NodeMsg::Listeners { .. }) => {}
+                    Some(NodeMsg::Listeners { listeners }) => {
+                        self.apply_listeners(&node, &listeners).await.map_err(|e| e.to_string())?;
+                    }
                     Some(NodeMsg::Hello { .. }) => return Err("hello sent twice".into()),
                 },
                 _ = desired.changed() => recheck = true,

@@ -2,7 +2,9 @@
 //! of [`LogItem`]s (SPEC §4 `verge logs`).
 //!
 //! The control plane keeps no logs: it finds which instances the query is
-//! about (the env's instances, and with `previous` the earlier ones its
+//! about (the env's instances, the listeners of its per-connection
+//! workloads on each node that reported one — a listener's logs are its
+//! connections' instances' — and with `previous` the earlier instances its
 //! `instance.placed` events name), asks each of their nodes over a QUIC
 //! stream of the node's session ([`LogsOpen`]), and merges what the nodes
 //! send in time order. A node it cannot ask (offline, or connected to
@@ -14,7 +16,7 @@
 //! answer's body is a bounded channel too, and a node's stream is read only
 //! as fast as the client reads the answer (QUIC flow control does the rest).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
 use axum::Router;
@@ -34,7 +36,7 @@ use super::scope::{EnvCx, manifest_of};
 use super::{AppState, Path, Query};
 use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::store::InstanceRow;
+use crate::store::{InstanceRow, ListenerRow};
 use crate::time::rfc3339;
 
 /// How many earlier instances of an env `previous` looks for.
@@ -75,8 +77,9 @@ struct Plan {
     workload: Option<String>,
     nodes: Vec<Target>,
     notices: Vec<LogNotice>,
-    /// Every instance asked about so far (a follow adds new ones).
-    known: std::collections::BTreeSet<String>,
+    /// Every instance (or listener) and node asked about so far (a follow
+    /// adds new ones).
+    known: BTreeSet<(String, String)>,
 }
 
 /// One node and the instances it is asked about.
@@ -105,12 +108,16 @@ async fn plan(st: &AppState, cx: &EnvCx, q: &LogQuery) -> Result<Plan, ApiError>
         )));
     }
     let rows = st.store.env_instances(&cx.env.id).await?;
+    let listeners = st.store.env_listeners(&cx.env.id).await?;
     if let Some(w) = &q.workload {
         let current = match st.store.current_release(&cx.env.id).await? {
             Some(row) => manifest_of(&row)?.workloads.contains_key(w),
             None => false,
         };
-        if !current && !rows.iter().any(|i| &i.workload == w) {
+        if !current
+            && !rows.iter().any(|i| &i.workload == w)
+            && !listeners.iter().any(|l| &l.workload == w)
+        {
             return Err(ApiError::not_found("workload", w).next(format!(
                 "verge status {}  (the workloads of the env)",
                 cx.flags()
@@ -119,19 +126,23 @@ async fn plan(st: &AppState, cx: &EnvCx, q: &LogQuery) -> Result<Plan, ApiError>
     }
     let known = rows
         .iter()
-        .any(|i| q.instance.as_ref().is_some_and(|id| &i.id == id));
+        .map(|i| &i.id)
+        .chain(listeners.iter().map(|l| &l.id))
+        .any(|i| q.instance.as_ref() == Some(i));
     let mut wanted = started(&rows, q);
+    wanted.extend(listened(&listeners, q));
+    let has = |wanted: &BTreeSet<(String, String)>, id: &str| wanted.iter().any(|(i, _)| i == id);
     if q.previous || (q.instance.is_some() && !known) {
         for p in st.store.placed_history(&cx.env.id, HISTORY).await? {
             let current = rows.iter().any(|i| i.id == p.instance_id);
             let chosen = q.instance.as_ref().is_none_or(|id| id == &p.instance_id);
-            if !current && chosen {
-                wanted.entry(p.instance_id).or_insert(p.node_id);
+            if !current && chosen && !has(&wanted, &p.instance_id) {
+                wanted.insert((p.instance_id, p.node_id));
             }
         }
     }
     if let Some(id) = &q.instance
-        && !wanted.contains_key(id)
+        && !has(&wanted, id)
         && !known
     {
         return Err(ApiError::not_found("instance", id).next(format!(
@@ -148,7 +159,7 @@ async fn plan(st: &AppState, cx: &EnvCx, q: &LogQuery) -> Result<Plan, ApiError>
                 row.id, row.workload
             )));
         }
-        if !wanted.contains_key(&row.id) {
+        if !has(&wanted, &row.id) {
             notices.push(LogNotice {
                 notice: format!(
                     "instance {} has no logs yet: it is {} and has not started on a node",
@@ -171,7 +182,7 @@ async fn plan(st: &AppState, cx: &EnvCx, q: &LogQuery) -> Result<Plan, ApiError>
         workload: q.workload.clone(),
         nodes: Vec::new(),
         notices,
-        known: wanted.keys().cloned().collect(),
+        known: wanted.clone(),
     };
     targets(st, wanted, &mut plan).await?;
     Ok(plan)
@@ -180,7 +191,7 @@ async fn plan(st: &AppState, cx: &EnvCx, q: &LogQuery) -> Result<Plan, ApiError>
 /// The env's current instances that match `q` and have started on a node
 /// (an instance still waiting for its first start has no logs yet: a
 /// follow picks it up once it has), by ID, with their node.
-fn started(rows: &[InstanceRow], q: &LogQuery) -> BTreeMap<String, String> {
+fn started(rows: &[InstanceRow], q: &LogQuery) -> BTreeSet<(String, String)> {
     rows.iter()
         .filter(|i| q.workload.as_ref().is_none_or(|w| &i.workload == w))
         .filter(|i| q.instance.as_ref().is_none_or(|id| &i.id == id))
@@ -189,11 +200,21 @@ fn started(rows: &[InstanceRow], q: &LogQuery) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// Groups `wanted` (instance → node) by node into `plan`: a target per
+/// The listeners nodes reported that match `q`, by ID, with their node
+/// (one listener ID runs on every node that answers its workload).
+fn listened(rows: &[ListenerRow], q: &LogQuery) -> BTreeSet<(String, String)> {
+    rows.iter()
+        .filter(|l| q.workload.as_ref().is_none_or(|w| &l.workload == w))
+        .filter(|l| q.instance.as_ref().is_none_or(|id| &l.id == id))
+        .map(|l| (l.id.clone(), l.node_id.clone()))
+        .collect()
+}
+
+/// Groups `wanted` (instance, node) by node into `plan`: a target per
 /// reachable node, a notice per offline one.
 async fn targets(
     st: &AppState,
-    wanted: BTreeMap<String, String>,
+    wanted: BTreeSet<(String, String)>,
     plan: &mut Plan,
 ) -> Result<(), ApiError> {
     let mut by_node: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -453,9 +474,11 @@ async fn follow(st: &AppState, follow: Follow, sources: Vec<Source>, mut out: Ou
             () = st.shutdown.cancelled() => return,
             _ = replan.tick() => {
                 let Ok(rows) = st.store.env_instances(&cx.env.id).await else { continue };
-                let new: BTreeMap<String, String> = started(&rows, &query)
+                let Ok(listeners) = st.store.env_listeners(&cx.env.id).await else { continue };
+                let new: BTreeSet<(String, String)> = started(&rows, &query)
                     .into_iter()
-                    .filter(|(id, _)| known.insert(id.clone()))
+                    .chain(listened(&listeners, &query))
+                    .filter(|pair| known.insert(pair.clone()))
                     .collect();
                 if new.is_empty() {
                     continue;
@@ -522,7 +545,7 @@ struct Follow {
     cx: EnvCx,
     query: LogQuery,
     open: LogsOpen,
-    known: std::collections::BTreeSet<String>,
+    known: BTreeSet<(String, String)>,
 }
 
 /// Passes one node's items on to the follow's channel, until either side

@@ -17,10 +17,11 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::Deserialize;
+use verge_api::manifest::Mode;
 use verge_api::release::ReleaseRef;
 use verge_api::status::{
-    EnvDetail, Event, InstanceStatus, Rollout, ScaleOverride, Status, WorkloadDetail,
-    WorkloadStatus,
+    EnvDetail, Event, InstanceStatus, ListenerStatus, Rollout, ScaleOverride, Status,
+    WorkloadDetail, WorkloadStatus,
 };
 
 use super::scope::{EnvCx, manifest_of};
@@ -30,7 +31,7 @@ use crate::desired::apply_scale;
 use crate::error::ApiError;
 use crate::reconcile::plan::Clock;
 use crate::reconcile::{ClusterView, rollout};
-use crate::store::{EventFilter, EventRow, InstanceRow, ScaleRow};
+use crate::store::{EventFilter, EventRow, InstanceRow, ListenerRow, ScaleRow};
 use crate::time::{now_ms, rfc3339};
 
 /// Longest silence on a followed event stream.
@@ -89,6 +90,11 @@ async fn observe(st: &AppState, cx: &EnvCx) -> Result<Observed, ApiError> {
         .collect();
     let reschedule = st.cluster.settings().reschedule_after_ms;
     let latest = st.store.latest_rollout(&cx.env.id).await?;
+    let listeners = if m.workloads.values().any(|w| w.mode == Mode::PerConnection) {
+        st.store.env_listeners(&cx.env.id).await?
+    } else {
+        Vec::new()
+    };
     let workloads: Vec<WorkloadStatus> = m
         .workloads
         .iter()
@@ -106,6 +112,13 @@ async fn observe(st: &AppState, cx: &EnvCx) -> Result<Observed, ApiError> {
                 instances: mine
                     .iter()
                     .map(|i| instance_status(i, &offline, &numbers, pinned, reschedule))
+                    .collect(),
+                runtime: w.runtime,
+                mode: w.mode,
+                listeners: listeners
+                    .iter()
+                    .filter(|l| &l.workload == name)
+                    .map(|l| listener_status(l, &row.id, &offline, &numbers))
                     .collect(),
             }
         })
@@ -199,6 +212,47 @@ fn instance_status(
         reason,
         health,
         release: numbers.get(&i.release_id).copied(),
+        category: i.category.clone(),
+        message: i.message.clone(),
+    }
+}
+
+/// A node's listener of a per-connection workload (`current`: the env's
+/// current release).
+fn listener_status(
+    l: &ListenerRow,
+    current: &str,
+    offline: &BTreeMap<String, String>,
+    numbers: &BTreeMap<String, i64>,
+) -> ListenerStatus {
+    let node = l.node_name.clone().unwrap_or_else(|| l.node_id.clone());
+    let reason = if let Some(since) = offline.get(&l.node_id) {
+        Some(format!(
+            "node {node} offline since {since}; last reported {}",
+            l.state
+        ))
+    } else if l.release_id != current {
+        Some("leaving: an earlier release; open connections drain, no new ones".into())
+    } else {
+        l.message.clone()
+    };
+    let answering =
+        l.release_id == current && l.state == "listening" && !offline.contains_key(&l.node_id);
+    let count = |n: i64| n.max(0) as u64;
+    ListenerStatus {
+        id: l.id.clone(),
+        node: Some(node),
+        state: l.state.clone(),
+        address: l.address.clone(),
+        answering,
+        reason,
+        release: numbers.get(&l.release_id).copied(),
+        active: count(l.active),
+        served: count(l.served),
+        failed: count(l.failed),
+        last_failure: l.last_failure.clone(),
+        last_failure_category: l.last_failure_category.clone(),
+        last_failure_at: l.last_failure_at.map(rfc3339),
     }
 }
 

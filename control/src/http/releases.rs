@@ -16,7 +16,7 @@ use axum::extract::State;
 use axum::routing::{get, post};
 use futures_util::future::join_all;
 use verge_api::ErrorKind;
-use verge_api::manifest::{self, Manifest};
+use verge_api::manifest::{self, Manifest, Mode, Runtime};
 use verge_api::release::{self, Action, DesiredState, Diff, Receipt, Release};
 use verge_api::requests::{Deploy, Rollback, Scale};
 
@@ -194,6 +194,7 @@ async fn deploy(
             .collect();
         return Err(e);
     }
+    refuse_runtime_mismatches(&st, &body.file, &m, &images).await?;
 
     let mut tx = st.store.mutation().await?;
     let config = tx.config(&cx.env.id).await?;
@@ -320,6 +321,69 @@ async fn deploy(
     let mut r = receipt(&cx, Action::Deploy, false, &row, current.as_ref(), d, &now);
     r.follow_ups.extend(try_endpoints(&st, &cx, &m).await?);
     Ok(axum::Json(r))
+}
+
+/// Refuses a release whose pinned images do not suit their workloads'
+/// runtimes (a container image with `runtime = "wasm"`, a wasm artifact
+/// with `runtime = "process"`), before it is created: a node could not run
+/// it. Every mismatch is listed, each with its fix.
+async fn refuse_runtime_mismatches(
+    st: &AppState,
+    file: &str,
+    m: &Manifest,
+    images: &BTreeMap<String, String>,
+) -> Result<(), ApiError> {
+    let kinds = join_all(images.values().map(|r| st.pinner.artifact_kind(r))).await;
+    let mut problems = Vec::new();
+    let mut next = Vec::new();
+    for ((name, pinned), kind) in images.iter().zip(kinds) {
+        let Some(w) = m.workloads.get(name) else {
+            continue;
+        };
+        let runtime = match w.runtime {
+            Runtime::Process => "process",
+            Runtime::Wasm => "wasm",
+        };
+        match kind {
+            Ok(kind) => {
+                if let Some(why) = kind.runtime_mismatch(runtime, pinned) {
+                    problems.push(format!("workload {name}: {why}"));
+                    next.push(format!(
+                        "fix runtime or image of [workloads.{name}] in {file}, or deploy with \
+                         --image {name}=IMAGE"
+                    ));
+                }
+            }
+            Err(e) => {
+                problems.push(format!(
+                    "workload {name}: cannot tell whether {pinned} is a container image or a \
+                     wasm artifact: {e}"
+                ));
+                next.extend(e.next());
+            }
+        }
+    }
+    if problems.is_empty() {
+        return Ok(());
+    }
+    let mut e = ApiError::new(
+        ErrorKind::Image,
+        format!(
+            "{}: no release was created",
+            if problems.len() == 1 {
+                problems[0].clone()
+            } else {
+                format!(
+                    "{} workloads cannot run the images they name",
+                    problems.len()
+                )
+            }
+        ),
+    );
+    next.dedup();
+    e.0.next = next;
+    e.0.details = problems;
+    Err(e)
 }
 
 /// `endpoint public: nc fd65:6e64:7074::1 80`: what to try once the
@@ -594,6 +658,21 @@ async fn scale(
     }
     for (name, s) in &body.workloads {
         let w = &snapshot.workloads[name];
+        if let (Some(c @ 1..), Mode::PerConnection) = (s.count, w.mode) {
+            return Err(ApiError::bad_request(format!(
+                "{name}: count {c} refused: {name} is a per-connection workload, which keeps no \
+                 instances: every matching node starts a fresh one for each connection; \
+                 nothing was changed"
+            ))
+            .next(format!(
+                "to change what each connection's instance gets: verge scale {name} --cpu CORES \
+                 --memory SIZE {}",
+                cx.flags()
+            ))
+            .next(format!(
+                "to bound connections per node: set concurrency in [workloads.{name}] and deploy"
+            )));
+        }
         if let (Some(c @ 2..), Some(v)) = (s.count, w.volumes.first()) {
             return Err(ApiError::bad_request(format!(
                 "{name}: count {c} refused: {name} mounts volume {}, which one instance at a \

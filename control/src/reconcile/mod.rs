@@ -11,11 +11,16 @@
 //! it twice changes nothing the second time. The plan is first made
 //! without the mutation lock: most runs find nothing to do and take no lock.
 //!
+//! Per-connection workloads have no instances: [`listeners`] decides which
+//! nodes answer them, and [`reconcile_all`] bumps the desired-set version
+//! of every node whose listeners changed.
+//!
 //! The cluster's reconciler task runs it for envs that changed (deploys,
 //! instance reports) as they change, for envs with an active rollout every
 //! tick, and for every env periodically (which also covers changes made
 //! through another replica, drain deadlines and reschedule graces).
 
+pub mod listeners;
 pub mod plan;
 pub mod rollout;
 mod spec;
@@ -538,12 +543,19 @@ async fn rollout_events(
     Ok(())
 }
 
-/// Reconciles every env that has a release, then finishes drains.
+/// Reconciles every env that has a release, then finishes drains and
+/// brings every node's listeners up to date ([`listeners::sync`]).
 pub async fn reconcile_all(store: &Store, settings: Settings) -> Result<PassOutcome> {
     let mut view = ClusterView::read(store).await?;
     let envs = store.envs_with_release().await?;
     let mut out = reconcile_envs(store, &envs, &mut view, settings).await?;
     out.drained = finish_drains(store, &view).await?;
+    // Listeners follow current releases and node facts, not plans.
+    for node in listeners::sync(store).await? {
+        if !out.changed.contains(&node) {
+            out.changed.push(node);
+        }
+    }
     Ok(out)
 }
 

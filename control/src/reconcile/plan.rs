@@ -23,11 +23,16 @@
 //! stopped, and a drain's deadline still stops what is left on the node;
 //! each is refilled elsewhere as it was (its release, slot and resources),
 //! so the env keeps its capacity.
+//!
+//! Long-running wasm workloads are planned like processes (the scheduler
+//! reserves their cpu and memory). Per-connection workloads have no
+//! instances to plan: nodes answer them with listeners
+//! ([`super::listeners`]), which reserve nothing.
 
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 
-use verge_api::manifest::{Manifest, Runtime, Workload};
+use verge_api::manifest::{Manifest, Mode, Workload};
 
 use crate::scheduler::{self, Ask, Nodes};
 use crate::store::InstanceRow;
@@ -268,7 +273,14 @@ pub fn plan(input: &EnvInput<'_>, nodes: &mut Nodes, facts: &Facts, clock: Clock
         actions.push(stop_or_delete(i, StopWhy::ScaledDown));
     }
     for (name, w) in &input.manifest.workloads {
-        if w.volumes.is_empty() {
+        if w.mode == Mode::PerConnection && w.count > 0 {
+            // Per-connection workloads keep no instances (nodes answer
+            // their connections with listeners, `listeners.rs`); the
+            // manifest and `verge scale` keep their count 0 anyway.
+            let mut w = w.clone();
+            w.count = 0;
+            plan_workload(name, &w, input, nodes, facts, clock, &mut actions);
+        } else if w.volumes.is_empty() {
             plan_workload(name, w, input, nodes, facts, clock, &mut actions);
         } else {
             // One instance at a time mounts a volume: the old instance stops
@@ -504,13 +516,10 @@ fn plan_workload(
             _ => None,
         },
     };
-    let wasm = (w.runtime == Runtime::Wasm)
-        .then_some("no node runs WebAssembly workloads yet: nodes run runtime = \"process\" only");
     let n = unplaced.len() + missing.len();
-    let mut placed = match (wasm, &pin) {
-        (Some(why), _) => vec![Err(why.to_string()); n],
-        (None, Err(why)) => vec![Err(why.clone()); n],
-        (None, Ok(pin)) => {
+    let mut placed = match &pin {
+        Err(why) => vec![Err(why.clone()); n],
+        Ok(pin) => {
             let mut placed = scheduler::place(nodes, &ask, &existing, n);
             // The node could take it, but the volume is still attached to
             // another instance: wait (a node problem is said first).
@@ -552,7 +561,8 @@ fn plan_workload(
             ..ask
         };
         // Where nothing fits, a held env runs short until its next rollout.
-        let Some(Ok(node)) = (wasm.is_none() && pin.is_ok())
+        let Some(Ok(node)) = pin
+            .is_ok()
             .then(|| scheduler::place(nodes, &ask, &existing, 1).pop())
             .flatten()
         else {

@@ -83,6 +83,20 @@ impl Store {
         current_release(&self.pool, env_id).await
     }
 
+    /// The current release of every env that has one, by env ID.
+    pub async fn current_releases(&self) -> Result<Vec<ReleaseRow>> {
+        let columns = RELEASE_COLUMNS
+            .split(", ")
+            .map(|c| format!("r.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "SELECT {columns} FROM releases r JOIN envs e ON e.current_release = r.id \
+             ORDER BY r.env_id"
+        );
+        Ok(sqlx::query_as(&sql).fetch_all(&self.pool).await?)
+    }
+
     /// Releases of an env, newest first.
     pub async fn list_releases(&self, env_id: &str) -> Result<Vec<ReleaseRow>> {
         let sql = format!(

@@ -102,6 +102,17 @@ pub enum PullError {
         what: String,
         reason: String,
     },
+    #[error(
+        "{reference} is {found}, not a wasm artifact: runtime = \"wasm\" needs an OCI wasm artifact \
+         (config application/vnd.wasm.config.v0+json, one application/wasm layer); \
+         push one with verge-images wasm push"
+    )]
+    NotWasm { reference: String, found: String },
+    #[error(
+        "{reference} is a wasm artifact, not a container image: runtime = \"process\" needs an OCI \
+         container image; deploy the artifact with runtime = \"wasm\""
+    )]
+    NotImage { reference: String },
     #[error("image {reference}: layer {layer} cannot be unpacked: {reason}")]
     Layer {
         reference: String,
@@ -142,6 +153,8 @@ impl PullError {
             | NoPlatform { .. }
             | WrongPlatform { .. }
             | InvalidImage { .. }
+            | NotWasm { .. }
+            | NotImage { .. }
             | Layer { .. } => PullErrorKind::Image,
             Io { .. } | Locked { .. } => PullErrorKind::Local,
         }
@@ -185,6 +198,12 @@ impl PullError {
             NoPlatform { .. } | WrongPlatform { .. } => {
                 vec!["build and push the image for linux/amd64".into()]
             }
+            NotWasm { .. } => vec![
+                "push the module or component as an OCI wasm artifact (verge-images wasm push), or deploy the image with runtime = \"process\"".into(),
+            ],
+            NotImage { .. } => vec![
+                "set runtime = \"wasm\" on the workload, or deploy a container image".into(),
+            ],
             InvalidImage { .. } | Layer { .. } => {
                 vec!["rebuild the image with a standard tool (docker, buildah) and push it again".into()]
             }

@@ -7,7 +7,9 @@
 //! overlayfs lowerdirs by the runtime. Content is shared by all images: a
 //! layer is downloaded and unpacked once, also when two pulls want it at
 //! the same time, and a pull whose content is all local makes no request.
-//! [`ImageStore::gc`] keeps the store under its disk budget. The layout on
+//! [`ImageStore::gc`] keeps the store under its disk budget.
+//! [`ImageStore::pull_wasm`] pulls OCI wasm artifacts into the same store
+//! (their one layer kept as a blob, see `wasm.rs`). The layout on
 //! disk is described in `store.rs`, unpacking (whiteouts) in `unpack.rs`,
 //! registries and credentials in `registry.rs`.
 
@@ -19,6 +21,7 @@ mod store;
 mod unpack;
 #[cfg(test)]
 mod unpack_tests;
+mod wasm;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -30,6 +33,7 @@ use tracing::Instrument;
 
 pub use error::{PullError, PullErrorKind};
 pub use manifest::ImageConfig;
+pub use wasm::{PulledWasm, WASM_CONFIG, WASM_LAYER};
 
 use manifest::{Descriptor, Manifest, digest_hex, node_platform};
 use registry::{Registries, Target};
@@ -235,6 +239,11 @@ impl ImageStore {
                     }
                 }
             };
+        if wasm::is_wasm(&config_desc, &layers) {
+            return Err(PullError::NotImage {
+                reference: t.reference.clone(),
+            });
+        }
         check_digest(&config_desc.digest).map_err(invalid("the manifest's config"))?;
         let mut compressions = Vec::with_capacity(layers.len());
         for layer in &layers {

@@ -13,6 +13,7 @@ use std::time::Duration;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use verge_api::wire::Isolation;
 
@@ -30,6 +31,9 @@ struct Inner {
     isolation: Isolation,
     workload: Option<ProcId>,
     exit: watch::Receiver<Option<Exit>>,
+    /// An instance that runs inside the daemon (wasm): stopped by this
+    /// token, not by signals.
+    stop: Option<CancellationToken>,
 }
 
 impl std::fmt::Debug for Instance {
@@ -83,6 +87,26 @@ impl Instance {
                 isolation,
                 workload,
                 exit: rx,
+                stop: None,
+            }),
+        }
+    }
+
+    /// An instance that runs inside the daemon (a wasm instance on a
+    /// thread of its own): its exit arrives on `exit`, and [`stop`](Self::stop)
+    /// fires `stop`. It has no PID.
+    pub fn in_daemon(
+        id: &str,
+        exit: watch::Receiver<Option<Exit>>,
+        stop: CancellationToken,
+    ) -> Instance {
+        Instance {
+            inner: Arc::new(Inner {
+                id: id.to_owned(),
+                isolation: Isolation::None,
+                workload: None,
+                exit,
+                stop: Some(stop),
             }),
         }
     }
@@ -114,7 +138,8 @@ impl Instance {
         }
     }
 
-    /// Stops the instance: SIGTERM, then SIGKILL after `grace`.
+    /// Stops the instance: SIGTERM, then SIGKILL after `grace` (an
+    /// instance inside the daemon: its stop token, at once).
     ///
     /// With isolation `namespaces` the workload is PID 1 of its PID
     /// namespace, and the kernel does not deliver to it signals it has no
@@ -124,6 +149,11 @@ impl Instance {
     pub async fn stop(&self, grace: Duration) -> Exit {
         if let Some(exit) = self.try_exit() {
             return exit;
+        }
+        if let Some(stop) = &self.inner.stop {
+            // Interrupted at once: there is no signal to catch.
+            stop.cancel();
+            return self.wait().await;
         }
         let pidfd = self
             .inner

@@ -147,13 +147,18 @@ impl Exit {
         }
     }
 
-    /// For people: `exited with code 3`, `killed: out of memory`, ...
+    /// For people: `exited with code 3`, `killed: out of memory`, ...; a
+    /// wasm instance's `message` when it has no code (`trapped: ...`).
     pub fn describe(&self) -> String {
         if let (true, Some(m)) = (self.start_failed, &self.message) {
             return format!("failed to start: {m}");
         }
         if self.oom {
-            return "killed: out of memory".into();
+            // A wasm instance's limiter says what it was refused.
+            return match &self.message {
+                Some(m) => m.clone(),
+                None => "killed: out of memory".into(),
+            };
         }
         match (self.code, self.signal, &self.message) {
             (Some(c), _, _) => format!("exited with code {c}"),

@@ -22,7 +22,17 @@
 //!   [`verge_api::wire::ListenerSpec`] that runs a fresh instance for
 //!   every connection, the connection as its stdin and stdout.
 //!
+//! Runs need a Tokio runtime with its timer enabled (throttling sleeps,
+//! the log flush of unfinished lines); wasm runs on the thread that polls
+//! [`Program::run`], yielding to the runtime every epoch tick (10 ms).
+//!
 //! It must not decide what runs: the reconciler does.
+
+mod cache;
+mod engine;
+mod limits;
+mod program;
+mod wasi;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -31,6 +41,9 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::logs::Capture;
+
+pub(crate) mod instance;
+pub(crate) mod listener;
 
 /// How the node runs wasm.
 #[derive(Debug, Clone)]
@@ -61,7 +74,7 @@ pub enum WasmError {
 /// The node's wasm engine and compiled-code cache. Cheap to clone.
 #[derive(Clone)]
 pub struct WasmRuntime {
-    // implementation detail (engine, cache, ticker)
+    shared: Arc<program::Shared>,
 }
 
 impl std::fmt::Debug for WasmRuntime {
@@ -90,25 +103,43 @@ pub enum Kind {
 
 impl WasmRuntime {
     /// Starts the engine and its epoch ticker (a thread).
+    ///
+    /// The pool of [`WasmConfig::max_instances`] slots of up to
+    /// [`WasmConfig::max_memory`] each is reserved (address space, not
+    /// memory) now. The ticker ends when the last clone of this runtime
+    /// and the last [`Program`] loaded by it are dropped.
     pub fn new(cfg: WasmConfig) -> Result<WasmRuntime, WasmError> {
-        let _ = cfg;
-        todo!()
+        Ok(WasmRuntime {
+            shared: Arc::new(program::Shared::new(&cfg)?),
+        })
     }
 
     /// Loads the artifact `wasm` (its bytes at that path) whose content
     /// digest is `digest` (`sha256:...`): from the cache when it holds code
     /// compiled for this digest by this engine, else compiled (off the
-    /// runtime threads) and cached.
+    /// runtime threads) and cached. The file may also be WebAssembly text.
+    ///
+    /// Imports are resolved now: a program importing anything the node
+    /// does not provide is a [`WasmError::Link`].
     pub async fn load(&self, digest: &str, wasm: &Path) -> Result<(Program, Compiled), WasmError> {
-        let _ = (digest, wasm);
-        todo!()
+        let (loaded, compiled) = program::load(&self.shared, digest, wasm).await?;
+        let program = Program {
+            inner: Arc::new(loaded),
+        };
+        Ok((program, compiled))
+    }
+
+    /// Where compiled code of the artifact `digest` is (or would be)
+    /// cached by this runtime.
+    pub fn cache_path(&self, digest: &str) -> Result<PathBuf, WasmError> {
+        self.shared.cache.path(digest)
     }
 }
 
 /// A compiled, pre-instantiated module or component. Cheap to clone.
 #[derive(Clone)]
 pub struct Program {
-    // implementation detail
+    inner: Arc<program::Loaded>,
 }
 
 impl std::fmt::Debug for Program {
@@ -144,7 +175,8 @@ pub struct Guest {
     pub memory: u64,
     /// Cores: the guest yields whenever it used its share.
     pub cpu: f64,
-    /// CPU time without waiting for I/O after which it is stopped.
+    /// CPU time without waiting for I/O after which it is stopped
+    /// (checked every epoch tick); `Duration::ZERO`: no limit.
     pub max_cpu_time: Duration,
     /// May it use WASI sockets (long-running instances: bind, listen,
     /// accept and connect in the thread's network namespace)?
@@ -181,13 +213,15 @@ pub enum Outcome {
 impl Program {
     /// The program's kind.
     pub fn kind(&self) -> Kind {
-        todo!()
+        self.inner.kind()
     }
 
     /// Runs one instance to its end, on the calling task.
+    ///
+    /// Unfinished lines of the guest's output are written to its logs at
+    /// the end (and, while it runs, after [`crate::logs::QUIET`]).
     pub async fn run(&self, guest: Guest) -> Outcome {
-        let _ = guest;
-        todo!()
+        program::run(&self.inner, guest).await
     }
 }
 

@@ -159,6 +159,7 @@ pub async fn reconciler(
         stop_grace,
         stop_on_shutdown,
         logs: logs.clone(),
+        wasm: None,
     };
     let (r, reports) = Reconciler::start(parts, shutdown.clone()).await;
     (r, reports, logs)

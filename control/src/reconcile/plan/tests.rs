@@ -458,3 +458,61 @@ fn an_offline_volume_node_is_explained_before_the_attachment() {
     let actions = with_volumes(&db(), &running, &mut n, &f, &data_on("a", Some("i1")));
     assert!(actions.is_empty(), "{actions:?}");
 }
+
+#[test]
+fn long_running_wasm_workloads_are_placed_and_reserve_like_processes() {
+    let m = manifest("runtime = \"wasm\"\nmax_cpu_time = \"2s\"");
+    assert_eq!(
+        m.workloads["web"].runtime,
+        verge_api::manifest::Runtime::Wasm
+    );
+    let (mut n, f) = nodes(&["a", "b"]);
+    let actions = run_with(&m, &[], &mut n, &f, false);
+    assert_eq!(creates(&actions), [(0, "a".into()), (1, "b".into())]);
+    for node in ["a", "b"] {
+        let v = n.get(node).unwrap();
+        assert_eq!(
+            (v.used_cpu_millis, v.used_memory),
+            (250, 64 << 20),
+            "{node}"
+        );
+    }
+}
+
+#[test]
+fn per_connection_workloads_get_no_instances_and_reserve_nothing() {
+    let m = verge_api::manifest::parse(
+        "verge.toml",
+        "app = \"a\"\n[workloads.echo]\nruntime = \"wasm\"\nimage = \"r/echo:1\"\n\
+         mode = \"per-connection\"\nmemory = \"32Mi\"\n\
+         [[endpoints]]\nname = \"e\"\nworkload = \"echo\"\nport = 7\ninternal_port = 7000\n",
+    )
+    .unwrap();
+    assert_eq!(m.workloads["echo"].count, 0);
+    let (mut n, f) = nodes(&["a", "b"]);
+    assert!(run_with(&m, &[], &mut n, &f, false).is_empty());
+    assert!(
+        n.iter()
+            .all(|v| v.used_cpu_millis == 0 && v.used_memory == 0)
+    );
+    // A `verge scale echo=3` stored somehow changes nothing.
+    let scaled = crate::desired::apply_scale(
+        &m,
+        &BTreeMap::from([(
+            "echo".to_string(),
+            crate::store::ScaleRow {
+                count: Some(3),
+                ..Default::default()
+            },
+        )]),
+    );
+    assert_eq!(scaled.workloads["echo"].count, 0);
+    // Even a count slipped past both: no instance; a stray one is stopped.
+    let mut forced = m.clone();
+    forced.workloads.get_mut("echo").unwrap().count = 2;
+    let mut stray = inst("s0", "r2", 0, "a", "running");
+    stray.workload = "echo".into();
+    let actions = run_with(&forced, &[stray], &mut n, &f, false);
+    assert!(creates(&actions).is_empty(), "{actions:?}");
+    assert_eq!(stops(&actions), [("s0".to_string(), StopWhy::ScaledDown)]);
+}

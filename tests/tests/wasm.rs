@@ -15,6 +15,9 @@
 //!   infinite loop is stopped at its `max_cpu_time` (`crash`), a trap is a
 //!   `crash` with the trap in the system logs; a per-connection instance
 //!   over its memory is counted and reported as an event.
+//! - A release's arguments, env vars (the manifest's and the env's), a
+//!   volume preopened writable at its path (kept across restarts) and a
+//!   secret file preopened read-only reach a wasm instance (`probe.wat`).
 //! - Rollback from a wasm release to a process release and back, through
 //!   the ingress; compiled code comes from the node's cache after a
 //!   rollback and after a node restart (its system log says so).
@@ -149,6 +152,10 @@ async fn wasm_serves_through_the_ingress_and_per_connection_scales_to_zero() {
     assert_eq!(greeting, "hello from wasm\n");
     assert!(echoes(&mut s, b"ping through the ingress\n").await);
     drop(s);
+    let events = c.cli.run(&["events"]).await.ok();
+    for kind in ["instance.placed", "instance.running", "instance.healthy"] {
+        assert!(events.contains(kind), "{kind}: {events}");
+    }
     let app = logs(&c, "tcp", "app").await;
     assert!(app.contains("tcp-echo: listening on [::]:8080"), "{app}");
     let exec = c
@@ -267,6 +274,13 @@ async fn wasm_limits_stop_memory_hogs_runaway_loops_and_traps_and_say_so() {
     assert!(app.contains("about to trap"), "{app}");
     let system = logs(&c, "hog", "system").await;
     assert!(system.contains("memory limit"), "{system}");
+    // Events as for processes: the failures, with their categories.
+    let events = c.cli.run(&["events"]).await.ok();
+    assert!(events.contains("instance.failed"), "{events}");
+    assert!(
+        events.contains("memory limit of 16 MiB reached"),
+        "{events}"
+    );
 
     // Per connection: the instance is stopped, the connection closed, the
     // failure counted and an event says so.
@@ -361,5 +375,57 @@ async fn rollback_between_wasm_and_process_and_compiled_code_from_the_cache() {
         system.matches("compiled sha256:").count(),
         1,
         "compiled once, then always from the cache: {system}"
+    );
+}
+
+/// A release's arguments, env vars, a volume and a secret file reach a
+/// wasm instance: `probe` prints its args and env, reads the secret file
+/// from the preopened `/run/secrets` and appends to a file of the volume
+/// preopened at `/data`, so a restart (restart = "always" after its clean
+/// exit) shows the volume kept what the previous run wrote.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wasm_instance_gets_its_release_args_env_volume_and_secret_files() {
+    let c = Cluster::new(Backend::Sqlite, &[]).await;
+    let _n1 = c.node(1, "n1", &[], true).await;
+    let wasm = verge_images::wasm_from_wat(include_str!("wasm/probe.wat")).expect("probe.wat");
+    let probe = format!("{}/probe-wasm:1", c.registry.host());
+    verge_images::push_wasm(&wasm, &probe)
+        .await
+        .expect("push probe");
+    c.cli
+        .run(&["secrets", "set", "app", "TOKEN=wasm-token-1"])
+        .await
+        .ok();
+    c.cli.run(&["env", "set", "GREETING=hi"]).await.ok();
+    c.cli
+        .run(&[
+            "volumes", "create", "data", "--size", "64Mi", "--node", "n1",
+        ])
+        .await
+        .ok();
+    c.deploy_raw(&format!(
+        "[env]\nFROM_MANIFEST = \"m1\"\n\
+         [workloads.probe]\nruntime = \"wasm\"\nimage = \"{probe}\"\ncommand = [\"one\", \"two\"]\n\
+         count = 1\nmemory = \"16Mi\"\nrestart = \"always\"\n\
+         volumes = [{{ name = \"data\", path = \"/data\" }}]\n\
+         secrets = [{{ bundle = \"app\", path = \"/run/secrets/app\" }}]\n"
+    ))
+    .await
+    .ok();
+
+    let app = eventually(DEADLINE, "two runs of probe in its logs", || async {
+        let app = logs(&c, "probe", "app").await;
+        app.contains("runs: xx").then_some(app)
+    })
+    .await;
+    assert!(app.contains("args: probe one two"), "{app}");
+    for var in ["GREETING=hi", "FROM_MANIFEST=m1", "VERGE_WORKLOAD=probe"] {
+        assert!(app.contains(var), "{var}: {app}");
+    }
+    assert!(app.contains("secret: TOKEN=wasm-token-1"), "{app}");
+    // The first run wrote one x, the second found it and added another.
+    assert!(
+        app.contains("runs: x\n") || app.contains("runs: x "),
+        "{app}"
     );
 }

@@ -26,7 +26,7 @@
 mod error;
 mod ipam;
 mod link;
-mod ns;
+pub(crate) mod ns;
 mod wiring;
 
 use std::net::{Ipv4Addr, Ipv6Addr};

@@ -36,7 +36,7 @@ pub(crate) mod cgroup;
 pub(crate) mod child;
 mod instance;
 mod layers;
-mod mounts;
+pub(crate) mod mounts;
 mod rootfs;
 mod shim;
 mod spec;

@@ -166,9 +166,10 @@ fn deliver_secrets(
     delivered.and(detached)
 }
 
-/// A tmpfs of `size` bytes on `staging`; not swapped where the kernel
-/// allows (`noswap`, Linux 6.4).
-fn mount_staging(staging: &Path, size: usize) -> Result<(), String> {
+/// A tmpfs of `size` bytes on `staging`, mode 0700, `nosuid,nodev,noexec`;
+/// not swapped where the kernel allows (`noswap`, Linux 6.4). Also the
+/// tmpfs of a wasm instance's secret files.
+pub(crate) fn mount_staging(staging: &Path, size: usize) -> Result<(), String> {
     let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     let data = format!("size={size},mode=0700");
     let tmpfs = |data: &str| mount(Some("tmpfs"), staging, Some("tmpfs"), flags, Some(data));

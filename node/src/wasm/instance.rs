@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use verge_api::logs::{LogStream, Severity};
+use verge_api::logs::Severity;
 use verge_api::wire::{ErrorCategory, InstanceSpec, SecretFile};
 
 use super::{Compiled, Guest, Outcome, Preopen, Program, WasmRuntime};
@@ -25,7 +25,7 @@ use crate::logs::{Capture, LogLimits, Logs};
 use crate::pull::ImageStore;
 use crate::runtime::state::now_ms;
 use crate::runtime::{Exit, Instance, VolumeMount};
-pub(crate) use host::{SecretsTmpfs, clean_leftovers, enter_netns, run_dir};
+pub(crate) use host::{SecretsTmpfs, clean_leftovers, run_dir};
 
 /// Pulls the wasm artifact `image` and loads it, writing to the system
 /// log of `id` (an instance or a listener) whether its compiled code came
@@ -194,7 +194,7 @@ impl Job {
             Err(e) => return failed(e),
         };
         if let Some(netns) = &self.netns
-            && let Err(e) = enter_netns(netns)
+            && let Err(e) = crate::net::ns::enter(netns)
         {
             return failed(format!(
                 "entering the network namespace {}: {e}",
@@ -223,7 +223,6 @@ impl Job {
             stop,
         }));
         drop(rt);
-        flush(&sink);
         tracing::info!(instance = %self.id, ?outcome, "wasm instance ended");
         exit_of(outcome)
     }
@@ -235,14 +234,6 @@ pub(crate) fn open_capture(dir: &Path, limits: LogLimits) -> Result<super::LogSi
         .and_then(|()| Capture::open(dir, limits))
         .map(|c| Arc::new(Mutex::new(c)))
         .map_err(|e| format!("opening the logs in {}: {e}", dir.display()))
-}
-
-/// Writes what a guest left unfinished in `sink`.
-pub(crate) fn flush(sink: &super::LogSink) {
-    let mut c = sink.lock().unwrap_or_else(|p| p.into_inner());
-    c.flush_partial(LogStream::Stdout);
-    c.flush_partial(LogStream::Stderr);
-    c.flush();
 }
 
 /// How a run ended, as the supervisor sees exits.

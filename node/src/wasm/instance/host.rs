@@ -8,18 +8,10 @@ use std::io::{self, Write as _};
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
 use std::path::{Component, Path, PathBuf};
 
-use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use nix::mount::{MntFlags, umount2};
 use verge_api::wire::SecretFile;
 
 use crate::wasm::Preopen;
-
-/// Moves the calling thread into the network namespace mounted on `path`.
-/// Only on threads made for it (an instance's, a listener's binder).
-pub(crate) fn enter_netns(path: &Path) -> io::Result<()> {
-    let file = fs::File::open(path)?;
-    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)?;
-    Ok(())
-}
 
 /// `<data>/wasm/run/<id>`: where an instance's or listener's secret
 /// files are mounted.
@@ -121,26 +113,8 @@ impl SecretsTmpfs {
     fn mount_tmpfs(&self, bytes: usize) -> io::Result<()> {
         // Room for the files and their directories, at least 1 MiB.
         let size = (bytes * 2).max(1 << 20);
-        let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-        let with = |extra: &str| {
-            let data = format!("mode=0700,size={size}{extra}");
-            mount(
-                Some("tmpfs"),
-                &self.mounted,
-                Some("tmpfs"),
-                flags,
-                Some(data.as_str()),
-            )
-        };
-        match with(",noswap") {
-            Ok(()) => Ok(()),
-            // Kernels before 6.4 know no `noswap`.
-            Err(nix::errno::Errno::EINVAL) => with("").map_err(Into::into),
-            Err(e) => Err(io::Error::other(format!(
-                "mounting a tmpfs on {}: {e} (secret files need root)",
-                self.mounted.display()
-            ))),
-        }
+        crate::runtime::mounts::mount_staging(&self.mounted, size)
+            .map_err(|e| io::Error::other(format!("{e} (secret files need root)")))
     }
 }
 

@@ -11,11 +11,12 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
-use verge_api::logs::{LogStream, Severity};
+use verge_api::logs::Severity;
 use verge_api::wire::ListenerSpec;
 
 use super::{Status, lock};
 use crate::logs::Logs;
+use crate::net::ns;
 use crate::wasm::instance;
 use crate::wasm::{Guest, LogSink, Outcome, Preopen, Program};
 
@@ -39,10 +40,9 @@ pub(super) async fn bind(
     netns: Option<PathBuf>,
     binds: Vec<(u16, SocketAddr)>,
 ) -> Result<Vec<(u16, TcpListener, SocketAddr)>, String> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
     let bind_all = move || -> Result<Vec<(u16, std::net::TcpListener)>, String> {
         if let Some(ns) = &netns {
-            instance::enter_netns(ns)
+            ns::enter(ns)
                 .map_err(|e| format!("entering the network namespace {}: {e}", ns.display()))?;
         }
         let bind_one = |addr: SocketAddr| {
@@ -60,15 +60,9 @@ pub(super) async fn bind(
             .collect()
     };
     // Namespace changes only on a thread made for it, which ends here.
-    std::thread::Builder::new()
-        .name("verge-bind".into())
-        .spawn(move || {
-            let _ = tx.send(bind_all());
-        })
-        .map_err(|e| format!("cannot start a thread to bind the listener: {e}"))?;
-    let bound = rx
+    let bound = ns::on_thread(bind_all)
         .await
-        .map_err(|_| "the listener's bind thread panicked".to_string())??;
+        .map_err(|e| format!("binding the listener on a thread of its own: {e}"))??;
     bound
         .into_iter()
         .map(|(port, l)| {
@@ -142,11 +136,6 @@ async fn connection(
         })
         .await;
     drop(permit);
-    {
-        let mut sink = lock(&c.sink);
-        sink.flush_partial(LogStream::Stderr);
-        sink.flush();
-    }
     let mut st = lock(&c.status);
     st.report.active = st.report.active.saturating_sub(1);
     match outcome {

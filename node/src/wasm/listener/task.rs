@@ -318,7 +318,6 @@ async fn drain_then_stop(
     }
     conn.stop.cancel();
     conns.wait().await;
-    instance::flush(&conn.sink);
     if let Some(tmpfs) = tmpfs {
         let _ = tokio::task::spawn_blocking(move || drop(tmpfs)).await;
     }
